@@ -1,0 +1,498 @@
+//! Control messages of protocol v1 and their byte encoding.
+//!
+//! Every message is a frame: a big-endian `u32` body length, then the body: a version
+//! byte, a type byte and the fields. Strings and lists are `u32`-counted. Decoding
+//! checks every count against the limits before allocating, so a hostile peer can not
+//! make the receiver allocate more than [`MAX_MESSAGE`] bytes per frame.
+
+use super::blocks::{listed_blocks, Digest, FileHashes};
+use super::limits::*;
+
+/// Protocol version carried in every frame.
+pub const VERSION: u8 = 1;
+/// ALPN identifier of protocol v1.
+pub const ALPN: &[u8] = b"barge/1";
+
+/// Wire error codes carried by `Reject` and `Failed` (named, stable numbers).
+pub mod code {
+    pub const BAD_MESSAGE: u16 = 1;
+    pub const UNKNOWN_TARGET: u16 = 2;
+    pub const NOT_ALLOWED: u16 = 3;
+    pub const BAD_NAME: u16 = 4;
+    pub const LIMIT: u16 = 5;
+    pub const NO_SPACE: u16 = 6;
+    pub const EXISTS: u16 = 7;
+    pub const BUSY: u16 = 8;
+    pub const BAD_TREE: u16 = 9;
+    pub const BAD_BLOCK: u16 = 10;
+    pub const INCOMPLETE: u16 = 11;
+    pub const HOOK_FAILED: u16 = 12;
+    pub const IO: u16 = 13;
+    pub const NOT_FOUND: u16 = 14;
+    pub const ABORTED: u16 = 15;
+    pub const SOURCE_CHANGED: u16 = 16;
+}
+
+/// A job's identity: derived from its target and files, never trusted from the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub [u8; 16]);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One file of an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferFile {
+    pub path: String,
+    pub hashes: FileHashes,
+}
+
+/// The sender's description of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub target: String,
+    pub files: Vec<OfferFile>,
+    /// Engine metadata (for example a region's key range), passed to the import hook.
+    pub meta: Vec<(String, String)>,
+}
+
+impl Offer {
+    /// The job id both sides derive from the offer's target, names, sizes and roots.
+    pub fn job_id(&self) -> JobId {
+        let mut h = blake3::Hasher::new();
+        h.update(b"barge job v1\0");
+        put_str(&mut h, &self.target);
+        for f in &self.files {
+            put_str(&mut h, &f.path);
+            h.update(&f.hashes.size.to_be_bytes());
+            h.update(&f.hashes.root);
+        }
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        JobId(id)
+    }
+
+    /// Total bytes of the job's files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.hashes.size).sum()
+    }
+}
+
+fn put_str(h: &mut blake3::Hasher, s: &str) {
+    h.update(&(s.len() as u64).to_be_bytes());
+    h.update(s.as_bytes());
+}
+
+/// A refusal or failure with a wire code and a short reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// Control messages on a job's bidirectional stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Sender → receiver: the job.
+    Offer(Offer),
+    /// Puller → exporter: which files of which export to send (empty: all).
+    Fetch { export: String, files: Vec<String> },
+    /// Receiver → sender: per file, a bitmap of the blocks already held verified.
+    Accept { have: Vec<Vec<u8>> },
+    /// Receiver → sender: the job is refused before any data moved.
+    Reject(Refusal),
+    /// Sender → receiver: all data is sent on `streams` data streams; commit.
+    Commit { streams: u32 },
+    /// Sender → receiver: give up and remove what was staged.
+    Abort,
+    /// Receiver → sender: committed; the import hook's report.
+    Committed { report: String },
+    /// Receiver → sender: the job failed after it was accepted.
+    Failed(Refusal),
+}
+
+/// Why bytes did not decode into a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message truncated")]
+    Truncated,
+    #[error("message of {0} bytes is over the {MAX_MESSAGE}-byte limit")]
+    TooLarge(u64),
+    #[error("unknown protocol version {0}")]
+    Version(u8),
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("string is not UTF-8")]
+    BadUtf8,
+    #[error("{what}: {got} is over the limit of {max}")]
+    Limit { what: &'static str, got: u64, max: u64 },
+    #[error("{0} trailing bytes after message")]
+    Trailing(usize),
+    #[error("block list of {got} entries for a file of {size} bytes")]
+    BlockList { size: u64, got: u64 },
+}
+
+const T_OFFER: u8 = 1;
+const T_FETCH: u8 = 2;
+const T_ACCEPT: u8 = 3;
+const T_REJECT: u8 = 4;
+const T_COMMIT: u8 = 5;
+const T_ABORT: u8 = 6;
+const T_COMMITTED: u8 = 7;
+const T_FAILED: u8 = 8;
+
+impl Message {
+    /// Encodes the message as one frame (length prefix included).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = vec![0, 0, 0, 0, VERSION, self.type_byte()];
+        self.encode_fields(&mut w);
+        let len = (w.len() - 4) as u32;
+        w[..4].copy_from_slice(&len.to_be_bytes());
+        w
+    }
+
+    fn type_byte(&self) -> u8 {
+        match self {
+            Message::Offer(_) => T_OFFER,
+            Message::Fetch { .. } => T_FETCH,
+            Message::Accept { .. } => T_ACCEPT,
+            Message::Reject(_) => T_REJECT,
+            Message::Commit { .. } => T_COMMIT,
+            Message::Abort => T_ABORT,
+            Message::Committed { .. } => T_COMMITTED,
+            Message::Failed(_) => T_FAILED,
+        }
+    }
+
+    fn encode_fields(&self, w: &mut Vec<u8>) {
+        match self {
+            Message::Offer(o) => encode_offer(o, w),
+            Message::Fetch { export, files } => {
+                put_string(w, export);
+                put_u32(w, files.len() as u32);
+                files.iter().for_each(|f| put_string(w, f));
+            }
+            Message::Accept { have } => {
+                put_u32(w, have.len() as u32);
+                have.iter().for_each(|bits| put_bytes(w, bits));
+            }
+            Message::Reject(r) | Message::Failed(r) => {
+                w.extend_from_slice(&r.code.to_be_bytes());
+                put_string(w, &r.reason);
+            }
+            Message::Commit { streams } => put_u32(w, *streams),
+            Message::Abort => {}
+            Message::Committed { report } => put_string(w, report),
+        }
+    }
+
+    /// Decodes a frame body (the bytes after the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Message, WireError> {
+        if body.len() as u64 > MAX_MESSAGE {
+            return Err(WireError::TooLarge(body.len() as u64));
+        }
+        let mut r = Reader(body);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(WireError::Version(version));
+        }
+        let msg = match r.u8()? {
+            T_OFFER => Message::Offer(decode_offer(&mut r)?),
+            T_FETCH => decode_fetch(&mut r)?,
+            T_ACCEPT => decode_accept(&mut r)?,
+            T_REJECT => Message::Reject(decode_refusal(&mut r)?),
+            T_COMMIT => Message::Commit { streams: r.u32()? },
+            T_ABORT => Message::Abort,
+            T_COMMITTED => Message::Committed { report: r.string(MAX_REASON_LEN)? },
+            T_FAILED => Message::Failed(decode_refusal(&mut r)?),
+            t => return Err(WireError::UnknownType(t)),
+        };
+        if !r.0.is_empty() {
+            return Err(WireError::Trailing(r.0.len()));
+        }
+        Ok(msg)
+    }
+
+    /// Checks a frame's length prefix before its body is read.
+    pub fn check_frame_len(len: u32) -> Result<usize, WireError> {
+        if len as u64 > MAX_MESSAGE {
+            return Err(WireError::TooLarge(len as u64));
+        }
+        Ok(len as usize)
+    }
+}
+
+fn encode_offer(o: &Offer, w: &mut Vec<u8>) {
+    put_string(w, &o.target);
+    put_u32(w, o.files.len() as u32);
+    for f in &o.files {
+        put_string(w, &f.path);
+        w.extend_from_slice(&f.hashes.size.to_be_bytes());
+        w.extend_from_slice(&f.hashes.root);
+        put_u32(w, f.hashes.blocks.len() as u32);
+        f.hashes.blocks.iter().for_each(|b| w.extend_from_slice(b));
+    }
+    put_u32(w, o.meta.len() as u32);
+    for (k, v) in &o.meta {
+        put_string(w, k);
+        put_string(w, v);
+    }
+}
+
+fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
+    let target = r.string(MAX_NAME_LEN)?;
+    let n = r.count("files per job", MAX_FILES)?;
+    let mut files = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let path = r.string(MAX_PATH_LEN)?;
+        let size = r.u64()?;
+        if size > MAX_FILE_SIZE {
+            return Err(WireError::Limit { what: "file size", got: size, max: MAX_FILE_SIZE });
+        }
+        let root = r.digest()?;
+        let nb = r.u32()? as u64;
+        if nb != listed_blocks(size) as u64 {
+            return Err(WireError::BlockList { size, got: nb });
+        }
+        let blocks = (0..nb).map(|_| r.digest()).collect::<Result<_, _>>()?;
+        files.push(OfferFile { path, hashes: FileHashes { size, root, blocks } });
+    }
+    let nm = r.count("metadata entries", MAX_META)?;
+    let mut meta = Vec::with_capacity(nm);
+    for _ in 0..nm {
+        meta.push((r.string(MAX_NAME_LEN)?, r.string(MAX_META_VALUE)?));
+    }
+    Ok(Offer { target, files, meta })
+}
+
+fn decode_fetch(r: &mut Reader) -> Result<Message, WireError> {
+    let export = r.string(MAX_NAME_LEN)?;
+    let n = r.count("files per job", MAX_FILES)?;
+    let files = (0..n).map(|_| r.string(MAX_PATH_LEN)).collect::<Result<_, _>>()?;
+    Ok(Message::Fetch { export, files })
+}
+
+fn decode_accept(r: &mut Reader) -> Result<Message, WireError> {
+    let n = r.count("files per job", MAX_FILES)?;
+    let have = (0..n)
+        .map(|_| r.bytes(MAX_MESSAGE as usize).map(<[u8]>::to_vec))
+        .collect::<Result<_, _>>()?;
+    Ok(Message::Accept { have })
+}
+
+fn decode_refusal(r: &mut Reader) -> Result<Refusal, WireError> {
+    let code = u16::from_be_bytes(r.take(2)?.try_into().expect("2 bytes"));
+    Ok(Refusal { code, reason: r.string(MAX_REASON_LEN)? })
+}
+
+fn put_u32(w: &mut Vec<u8>, v: u32) {
+    w.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+    put_u32(w, b.len() as u32);
+    w.extend_from_slice(b);
+}
+
+fn put_string(w: &mut Vec<u8>, s: &str) {
+    put_bytes(w, s.as_bytes());
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn digest(&mut self) -> Result<Digest, WireError> {
+        Ok(self.take(32)?.try_into().expect("32 bytes"))
+    }
+    fn count(&mut self, what: &'static str, max: usize) -> Result<usize, WireError> {
+        let n = self.u32()? as u64;
+        if n > max as u64 {
+            return Err(WireError::Limit { what, got: n, max: max as u64 });
+        }
+        Ok(n as usize)
+    }
+    fn bytes(&mut self, max: usize) -> Result<&'a [u8], WireError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(WireError::Limit { what: "field length", got: n as u64, max: max as u64 });
+        }
+        self.take(n)
+    }
+    fn string(&mut self, max: usize) -> Result<String, WireError> {
+        let b = self.bytes(max)?;
+        String::from_utf8(b.to_vec()).map_err(|_| WireError::BadUtf8)
+    }
+}
+
+/// First bytes of every data stream: the version and the job the blocks belong to.
+pub fn data_stream_header(job: JobId) -> [u8; 17] {
+    let mut h = [0u8; 17];
+    h[0] = VERSION;
+    h[1..].copy_from_slice(&job.0);
+    h
+}
+
+/// Parses a data stream's first bytes.
+pub fn parse_data_stream_header(h: &[u8; 17]) -> Result<JobId, WireError> {
+    if h[0] != VERSION {
+        return Err(WireError::Version(h[0]));
+    }
+    Ok(JobId(h[1..].try_into().expect("16 bytes")))
+}
+
+/// Header before each block on a data stream: file index, block index, length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockHeader {
+    pub file: u32,
+    pub block: u32,
+    pub len: u32,
+}
+
+impl BlockHeader {
+    pub const LEN: usize = 12;
+
+    pub fn encode(&self) -> [u8; 12] {
+        let mut b = [0u8; 12];
+        b[..4].copy_from_slice(&self.file.to_be_bytes());
+        b[4..8].copy_from_slice(&self.block.to_be_bytes());
+        b[8..].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; 12]) -> BlockHeader {
+        let word = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        BlockHeader { file: word(0), block: word(4), len: word(8) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_offer() -> Offer {
+        Offer {
+            target: "t".into(),
+            files: vec![OfferFile {
+                path: "a".into(),
+                hashes: FileHashes { size: 1, root: [7; 32], blocks: vec![] },
+            }],
+            meta: vec![("k".into(), "v".into())],
+        }
+    }
+
+    #[test]
+    fn golden_bytes_of_commit_and_reject() {
+        assert_eq!(Message::Commit { streams: 3 }.encode(), [0, 0, 0, 6, 1, 5, 0, 0, 0, 3]);
+        let r = Message::Reject(Refusal { code: code::NOT_ALLOWED, reason: "no".into() });
+        assert_eq!(r.encode(), [0, 0, 0, 10, 1, 4, 0, 3, 0, 0, 0, 2, b'n', b'o']);
+        assert_eq!(Message::Abort.encode(), [0, 0, 0, 2, 1, 6]);
+    }
+
+    #[test]
+    fn golden_bytes_of_a_small_offer() {
+        let mut want = vec![0, 0, 0, 74, 1, 1];
+        want.extend([0, 0, 0, 1, b't', 0, 0, 0, 1, 0, 0, 0, 1, b'a']);
+        want.extend([0, 0, 0, 0, 0, 0, 0, 1]);
+        want.extend([7; 32]);
+        want.extend([0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, b'k', 0, 0, 0, 1, b'v']);
+        assert_eq!(Message::Offer(small_offer()).encode(), want);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let msgs = vec![
+            Message::Offer(small_offer()),
+            Message::Fetch { export: "e".into(), files: vec!["x/y".into()] },
+            Message::Accept { have: vec![vec![0b101], vec![]] },
+            Message::Reject(Refusal { code: 2, reason: "unknown".into() }),
+            Message::Commit { streams: 8 },
+            Message::Abort,
+            Message::Committed { report: "ok".into() },
+            Message::Failed(Refusal { code: 10, reason: "bad".into() }),
+        ];
+        for m in msgs {
+            let frame = m.encode();
+            assert_eq!(Message::decode(&frame[4..]).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let frame = Message::Offer(small_offer()).encode();
+        for cut in 0..frame.len() - 4 {
+            assert!(Message::decode(&frame[4..4 + cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn unknown_version_type_and_trailing_bytes_are_named() {
+        assert_eq!(Message::decode(&[2, 5, 0, 0, 0, 1]), Err(WireError::Version(2)));
+        assert_eq!(Message::decode(&[1, 99]), Err(WireError::UnknownType(99)));
+        assert_eq!(Message::decode(&[1, 6, 0]), Err(WireError::Trailing(1)));
+    }
+
+    #[test]
+    fn oversize_frames_and_counts_are_refused_before_allocating() {
+        assert!(matches!(Message::check_frame_len(u32::MAX), Err(WireError::TooLarge(_))));
+        // An offer that claims u32::MAX files.
+        let body = [1, T_OFFER, 0, 0, 0, 1, b't', 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(Message::decode(&body), Err(WireError::Limit { .. })));
+        // A string that claims to be longer than the frame.
+        let body = [1, T_COMMITTED, 0, 0, 0, 9, b'x'];
+        assert_eq!(Message::decode(&body), Err(WireError::Truncated));
+    }
+
+    #[test]
+    fn block_list_must_fit_the_file_size() {
+        let mut o = small_offer();
+        o.files[0].hashes.size = 3 << 20;
+        let frame = Message::Offer(o).encode();
+        assert!(matches!(Message::decode(&frame[4..]), Err(WireError::BlockList { .. })));
+    }
+
+    #[test]
+    fn golden_bytes_of_data_stream_framing() {
+        let h = BlockHeader { file: 1, block: 2, len: 0x10_0000 };
+        assert_eq!(h.encode(), [0, 0, 0, 1, 0, 0, 0, 2, 0, 0x10, 0, 0]);
+        assert_eq!(BlockHeader::decode(&h.encode()), h);
+        let id = JobId([9; 16]);
+        let head = data_stream_header(id);
+        assert_eq!(head[0], 1);
+        assert_eq!(parse_data_stream_header(&head), Ok(id));
+        let mut bad = head;
+        bad[0] = 7;
+        assert_eq!(parse_data_stream_header(&bad), Err(WireError::Version(7)));
+    }
+
+    #[test]
+    fn job_id_depends_on_content() {
+        let a = small_offer();
+        let mut b = small_offer();
+        b.files[0].hashes.root[0] = 8;
+        assert_ne!(a.job_id(), b.job_id());
+        assert_eq!(a.job_id(), small_offer().job_id());
+    }
+}
