@@ -1,1 +1,4 @@
 pub mod proto;
+pub mod certs;
+pub mod tls;
+pub mod config;

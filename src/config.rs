@@ -1,0 +1,404 @@
+//! Agent configuration: a TOML file parsed into raw structs, then validated in one
+//! place into a [`Config`] whose paths exist, whose TLS material loads and whose
+//! targets do not overlap. Every refusal names the key and the problem.
+
+use crate::tls::{TlsFiles, TlsMaterial};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Port the agent listens on when the config does not say.
+pub const DEFAULT_PORT: u16 = 7878;
+/// How long an interrupted job's staged blocks are kept for a resume.
+pub const DEFAULT_STAGING_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Jobs one agent runs at once.
+pub const DEFAULT_MAX_JOBS: usize = 64;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    staging_ttl_secs: Option<u64>,
+    max_jobs: Option<usize>,
+    tls: RawTls,
+    #[serde(default)]
+    export: Vec<RawTarget>,
+    #[serde(default)]
+    import: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    path: PathBuf,
+    #[serde(default)]
+    allow: Vec<String>,
+    hook: Option<String>,
+    exec: Option<Vec<String>>,
+}
+
+/// Peer identities allowed on a target; `*` allows every peer the CA vouches for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowList(pub Vec<String>);
+
+impl AllowList {
+    pub fn allows(&self, identity: &str) -> bool {
+        self.0.iter().any(|a| a == "*" || a == identity)
+    }
+}
+
+/// What runs when an import job has been received and verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookSpec {
+    /// Rename the files into the target folder under their relative names.
+    Move,
+    /// Run a command with the staged files (see `hook::ExecHook`).
+    Exec(Vec<String>),
+    /// A Rust `ImportHook` registered by the program that embeds the agent.
+    Custom,
+}
+
+/// A folder peers may read from.
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub name: String,
+    pub path: PathBuf,
+    pub allow: AllowList,
+}
+
+/// A folder peers may write to, and the hook that hands their files to the engine.
+#[derive(Debug, Clone)]
+pub struct Import {
+    pub name: String,
+    pub path: PathBuf,
+    pub allow: AllowList,
+    pub hook: HookSpec,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub exports: Vec<Export>,
+    pub imports: Vec<Import>,
+    pub staging_ttl: Duration,
+    pub max_jobs: usize,
+}
+
+impl Config {
+    /// Reads and validates a TOML file. Relative paths are taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base)
+            .map_err(|e| match e {
+                ConfigError::Parse { message, .. } => {
+                    ConfigError::Parse { path: path.to_path_buf(), message }
+                }
+                other => other,
+            })
+    }
+
+    /// Parses and validates TOML text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("config"),
+            message: e.message().to_string(),
+        })?;
+        validate(raw, base)
+    }
+
+    /// The local default: listen on 127.0.0.1, data under `base` (`./barge-data`),
+    /// development certificates made there on first start, one import target `inbox`
+    /// and one export `outbox` open to any peer the dev CA vouches for.
+    /// Returns the config and whether certificates were made.
+    pub fn local_default(base: &Path) -> Result<(Config, bool), ConfigError> {
+        let certs = base.join("certs");
+        let made = crate::certs::ensure_dev_certs(&certs, &["localhost", "client"])
+            .map_err(|e| invalid("tls", e.to_string()))?;
+        for dir in ["inbox", "outbox"] {
+            let p = base.join(dir);
+            std::fs::create_dir_all(&p).map_err(|e| invalid("data_dir", format!("{}: {e}", p.display())))?;
+        }
+        let text = format!(
+            r#"listen = "127.0.0.1:{DEFAULT_PORT}"
+data_dir = "."
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/localhost.pem"
+key = "certs/localhost.key"
+[[import]]
+name = "inbox"
+path = "inbox"
+allow = ["*"]
+[[export]]
+name = "outbox"
+path = "outbox"
+allow = ["*"]
+"#
+        );
+        Ok((Config::parse(&text, base)?, made))
+    }
+
+    pub fn import(&self, name: &str) -> Option<&Import> {
+        self.imports.iter().find(|t| t.name == name)
+    }
+
+    pub fn export(&self, name: &str) -> Option<&Export> {
+        self.exports.iter().find(|t| t.name == name)
+    }
+}
+
+fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    let listen = match raw.listen.as_deref() {
+        None => SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+        Some(s) => s.parse().map_err(|_| invalid("listen", format!("{s:?} is not ADDR:PORT")))?,
+    };
+    let data_dir = base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("barge-data")));
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| invalid("data_dir", format!("{}: {e}", data_dir.display())))?;
+    let tls = TlsFiles {
+        ca: existing_file("tls.ca", &base.join(raw.tls.ca))?,
+        cert: existing_file("tls.cert", &base.join(raw.tls.cert))?,
+        key: existing_file("tls.key", &base.join(raw.tls.key))?,
+    };
+    TlsMaterial::load(&tls).map_err(|e| invalid(tls_key(&tls, &e), e.to_string()))?;
+    let exports = raw
+        .export
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| target(&format!("export[{i}]"), t, base, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    let imports = raw
+        .import
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| target(&format!("import[{i}]"), t, base, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_unique("export", exports.iter().map(|e| &e.0.name))?;
+    check_unique("import", imports.iter().map(|e| &e.0.name))?;
+    check_no_overlap(&imports)?;
+    let staging_ttl = raw.staging_ttl_secs.map(Duration::from_secs).unwrap_or(DEFAULT_STAGING_TTL);
+    let max_jobs = raw.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
+    if max_jobs == 0 {
+        return Err(invalid("max_jobs", "must be at least 1"));
+    }
+    Ok(Config {
+        listen,
+        data_dir,
+        tls,
+        exports: exports.into_iter().map(|(t, _)| Export { name: t.name, path: t.path, allow: t.allow }).collect(),
+        imports: imports.into_iter().map(|(t, hook)| Import { name: t.name, path: t.path, allow: t.allow, hook }).collect(),
+        staging_ttl,
+        max_jobs,
+    })
+}
+
+fn tls_key(tls: &TlsFiles, e: &crate::tls::TlsError) -> &'static str {
+    let msg = e.to_string();
+    if msg.contains(&*tls.key.to_string_lossy()) {
+        "tls.key"
+    } else if msg.contains(&*tls.ca.to_string_lossy()) {
+        "tls.ca"
+    } else {
+        "tls.cert"
+    }
+}
+
+struct Target {
+    name: String,
+    path: PathBuf,
+    allow: AllowList,
+}
+
+fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target, HookSpec), ConfigError> {
+    check_name(&format!("{key}.name"), &t.name)?;
+    let key = format!("{key} ({})", t.name);
+    let path = base.join(&t.path);
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| invalid(format!("{key}.path"), format!("{}: {e}", path.display())))?;
+    if !meta.is_dir() {
+        return Err(invalid(format!("{key}.path"), format!("{} is not a folder", path.display())));
+    }
+    let path = path
+        .canonicalize()
+        .map_err(|e| invalid(format!("{key}.path"), format!("{}: {e}", path.display())))?;
+    if t.allow.is_empty() {
+        return Err(invalid(format!("{key}.allow"), "is empty: nobody could use this target"));
+    }
+    let hook = if import {
+        hook_spec(&key, t.hook.as_deref(), t.exec)?
+    } else if t.hook.is_some() || t.exec.is_some() {
+        return Err(invalid(format!("{key}.hook"), "exports have no hook"));
+    } else {
+        HookSpec::Move
+    };
+    Ok((Target { name: t.name, path, allow: AllowList(t.allow) }, hook))
+}
+
+fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result<HookSpec, ConfigError> {
+    match (hook.unwrap_or("move"), exec) {
+        ("move", None) => Ok(HookSpec::Move),
+        ("custom", None) => Ok(HookSpec::Custom),
+        ("exec", Some(cmd)) if !cmd.is_empty() && !cmd[0].is_empty() => Ok(HookSpec::Exec(cmd)),
+        ("exec", _) => Err(invalid(format!("{key}.exec"), "hook = \"exec\" needs exec = [\"/path/to/command\", ...]")),
+        ("move" | "custom", Some(_)) => Err(invalid(format!("{key}.exec"), "only used with hook = \"exec\"")),
+        (other, _) => Err(invalid(format!("{key}.hook"), format!("{other:?} is not one of move, exec, custom"))),
+    }
+}
+
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= crate::proto::limits::MAX_NAME_LEN
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{name:?} must be 1-255 of A-Z a-z 0-9 - _ .")))
+    }
+}
+
+fn existing_file(key: &str, path: &Path) -> Result<PathBuf, ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(path.to_path_buf()),
+        Ok(_) => Err(invalid(key, format!("{} is not a file", path.display()))),
+        Err(e) => Err(invalid(key, format!("{}: {e}", path.display()))),
+    }
+}
+
+fn check_unique<'a>(kind: &str, names: impl Iterator<Item = &'a String>) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for n in names {
+        if !seen.insert(n) {
+            return Err(invalid(format!("{kind}.name"), format!("{n:?} is defined twice")));
+        }
+    }
+    Ok(())
+}
+
+fn check_no_overlap(imports: &[(Target, HookSpec)]) -> Result<(), ConfigError> {
+    for (i, (a, _)) in imports.iter().enumerate() {
+        for (b, _) in &imports[i + 1..] {
+            if a.path.starts_with(&b.path) || b.path.starts_with(&a.path) {
+                return Err(invalid(
+                    format!("import ({}).path", b.name),
+                    format!("{} overlaps import {:?} at {}", b.path.display(), a.name, a.path.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::init_ca(&dir.path().join("certs")).unwrap();
+        crate::certs::issue(&dir.path().join("certs"), "a", &[]).unwrap();
+        for d in ["in1", "in2", "in1/sub", "out"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        dir
+    }
+
+    const TLS: &str = "[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/a.pem\"\nkey = \"certs/a.key\"\n";
+
+    fn parse(dir: &tempfile::TempDir, rest: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!("listen = \"127.0.0.1:0\"\n{TLS}{rest}"), dir.path())
+    }
+
+    #[test]
+    fn a_full_config_validates() {
+        let dir = setup();
+        let c = parse(
+            &dir,
+            "[[import]]\nname = \"in1\"\npath = \"in1\"\nallow = [\"b\"]\nhook = \"exec\"\nexec = [\"/bin/true\"]\n\
+             [[export]]\nname = \"out\"\npath = \"out\"\nallow = [\"*\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.imports[0].hook, HookSpec::Exec(vec!["/bin/true".into()]));
+        assert!(c.imports[0].allow.allows("b") && !c.imports[0].allow.allows("c"));
+        assert!(c.exports[0].allow.allows("anyone"));
+        assert_eq!(c.staging_ttl, DEFAULT_STAGING_TTL);
+    }
+
+    fn refused(dir: &tempfile::TempDir, rest: &str, key: &str) {
+        let err = parse(dir, rest).unwrap_err().to_string();
+        assert!(err.contains(key), "expected key {key} in: {err}");
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let dir = setup();
+        refused(&dir, "[[import]]\nname = \"x\"\npath = \"missing\"\nallow = [\"a\"]\n", "import[0] (x).path");
+        refused(&dir, "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = []\n", "allow");
+        refused(
+            &dir,
+            "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\n[[import]]\nname = \"y\"\npath = \"in1/sub\"\nallow = [\"a\"]\n",
+            "overlaps",
+        );
+        refused(&dir, "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\nhook = \"exec\"\n", "exec");
+        refused(&dir, "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\nhook = \"nope\"\n", "hook");
+        refused(&dir, "[[import]]\nname = \"../x\"\npath = \"in1\"\nallow = [\"a\"]\n", "name");
+        refused(&dir, "bogus = 1\n", "bogus");
+        let err = Config::parse("listen = \"nowhere\"\n[tls]\nca=\"certs/ca.pem\"\ncert=\"certs/a.pem\"\nkey=\"certs/a.key\"\n", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn missing_or_unreadable_key_is_refused() {
+        let dir = setup();
+        let text = "[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/a.pem\"\nkey = \"certs/none.key\"\n";
+        let err = Config::parse(text, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tls.key"), "{err}");
+        std::fs::write(dir.path().join("certs/junk.key"), "junk").unwrap();
+        let text = text.replace("none.key", "junk.key");
+        let err = Config::parse(&text, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tls.key"), "{err}");
+    }
+
+    #[test]
+    fn local_default_makes_dev_certs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, made) = Config::local_default(dir.path()).unwrap();
+        assert!(made);
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert!(c.import("inbox").is_some() && c.export("outbox").is_some());
+        let (_, made) = Config::local_default(dir.path()).unwrap();
+        assert!(!made);
+    }
+}

@@ -1,0 +1,187 @@
+//! TLS for QUIC: mutual authentication against one CA, and the peer's identity.
+//!
+//! Both ends present a certificate signed by the configured CA, always: there is no
+//! anonymous mode. The identity of a peer is the first DNS name in its certificate;
+//! allow lists are checked against it by the agent.
+
+use crate::certs::{ca_paths, host_paths};
+use crate::proto::wire::ALPN;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why TLS material could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read {what}: {reason}")]
+    Read { path: PathBuf, what: &'static str, reason: String },
+    #[error("{path}: no {what} found in the file")]
+    Empty { path: PathBuf, what: &'static str },
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("TLS setup: {0}")]
+    Quic(String),
+}
+
+/// A CA, a certificate chain and its key: everything one end needs.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files of identity `name` in a folder made by `barge certs`.
+    pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
+        let (cert, key) = host_paths(dir, name);
+        TlsFiles { ca: ca_paths(dir).0, cert, key }
+    }
+}
+
+/// Loaded TLS material.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    roots: Arc<rustls::RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsMaterial {
+    fn clone(&self) -> Self {
+        TlsMaterial { roots: self.roots.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
+    }
+}
+
+impl TlsMaterial {
+    /// Reads and checks the CA, the certificate chain and the private key.
+    pub fn load(files: &TlsFiles) -> Result<TlsMaterial, TlsError> {
+        let roots = read_certs(&files.ca, "CA certificate")?;
+        let mut store = rustls::RootCertStore::empty();
+        for c in roots {
+            store.add(c).map_err(|e| read_err(&files.ca, "CA certificate", e))?;
+        }
+        let chain = read_certs(&files.cert, "certificate")?;
+        let key = std::fs::read(&files.key)
+            .map_err(|e| read_err(&files.key, "private key", e))
+            .and_then(|pem| {
+                PrivateKeyDer::from_pem_slice(&pem).map_err(|e| read_err(&files.key, "private key", e))
+            })?;
+        Ok(TlsMaterial { roots: Arc::new(store), chain, key })
+    }
+
+    /// QUIC server configuration that requires a client certificate from the CA.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let provider = provider();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        cfg.transport_config(transport());
+        Ok(cfg)
+    }
+
+    /// QUIC client configuration that presents our certificate and trusts only the CA.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(transport());
+        Ok(cfg)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Transport settings shared by both ends: windows large enough for bulk data on a
+/// LAN, keep-alives so a long import hook does not time the connection out.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000))));
+    Arc::new(t)
+}
+
+fn read_err(path: &Path, what: &'static str, e: impl std::fmt::Display) -> TlsError {
+    TlsError::Read { path: path.to_path_buf(), what, reason: e.to_string() }
+}
+
+fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|e| read_err(path, what, e))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read_err(path, what, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty { path: path.to_path_buf(), what });
+    }
+    Ok(certs)
+}
+
+/// The identity (first DNS name) of the peer of an authenticated connection.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    identity_of(certs.first()?)
+}
+
+/// The first DNS name in a certificate's subject alternative names.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_the_certificates_dns_name() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::init_ca(dir.path()).unwrap();
+        crate::certs::issue(dir.path(), "store-7.example", &["10.0.0.7".into()]).unwrap();
+        let files = TlsFiles::in_dir(dir.path(), "store-7.example");
+        let m = TlsMaterial::load(&files).unwrap();
+        assert_eq!(identity_of(&m.chain[0]).as_deref(), Some("store-7.example"));
+        m.server_config().unwrap();
+        m.client_config().unwrap();
+    }
+
+    #[test]
+    fn missing_or_garbage_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::init_ca(dir.path()).unwrap();
+        crate::certs::issue(dir.path(), "a", &[]).unwrap();
+        let mut files = TlsFiles::in_dir(dir.path(), "a");
+        std::fs::write(dir.path().join("bad.key"), "not a key").unwrap();
+        files.key = dir.path().join("bad.key");
+        let err = TlsMaterial::load(&files).unwrap_err().to_string();
+        assert!(err.contains("bad.key") && err.contains("private key"), "{err}");
+        files.ca = dir.path().join("nope.pem");
+        let err = TlsMaterial::load(&files).unwrap_err().to_string();
+        assert!(err.contains("nope.pem"), "{err}");
+    }
+}
