@@ -5,3 +5,7 @@ pub mod config;
 pub mod disk;
 pub mod stage;
 pub mod hook;
+pub mod source;
+pub mod transfer;
+pub mod agent;
+pub mod client;

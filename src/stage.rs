@@ -10,6 +10,7 @@ use crate::disk::Disk;
 use crate::proto::blocks::{block_count, block_len, BLOCK_SIZE};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::{RelPath, STAGING_DIR};
+use crate::proto::wire::Offer;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -85,10 +86,10 @@ impl Stage {
     }
 
     /// Syncs every staged file (creating empty ones) and every staged folder.
-    pub async fn seal(&self, job: &ReceiveJob, disk: &Disk) -> Result<(), StageError> {
+    pub async fn seal(&self, offer: &Offer, paths: &[RelPath], disk: &Disk) -> Result<(), StageError> {
         let mut syncs = tokio::task::JoinSet::new();
-        for (i, f) in job.offer.files.iter().enumerate() {
-            let path = self.file(&job.paths[i]);
+        for (i, f) in offer.files.iter().enumerate() {
+            let path = self.file(&paths[i]);
             let (disk, size) = (disk.clone(), f.hashes.size);
             syncs.spawn(async move { disk.sync(path.clone(), size).await.map_err(|e| (path, e)) });
         }
@@ -96,7 +97,7 @@ impl Stage {
             r.expect("sync task").map_err(|(path, source)| StageError::Io { path, source })?;
         }
         let mut dirs: Vec<PathBuf> =
-            job.paths.iter().filter_map(|p| self.file(p).parent().map(Path::to_path_buf)).collect();
+            paths.iter().filter_map(|p| self.file(p).parent().map(Path::to_path_buf)).collect();
         dirs.sort();
         dirs.dedup();
         let files_dir = self.files_dir.clone();

@@ -1,0 +1,348 @@
+//! The sidecar agent: a QUIC endpoint that accepts pushes into its import targets and
+//! serves pulls from its exports, each checked against the target's allow list.
+//!
+//! One task per connection (span `conn` with the peer's identity), one per job (span
+//! `job`). Staged jobs that are never resumed are swept after `staging_ttl`.
+
+use crate::config::{Config, Export, HookSpec, Import};
+use crate::disk::Disk;
+use crate::hook::{ExecHook, ImportFile, ImportHook, ImportJob, MoveHook};
+use crate::proto::blocks::hex;
+use crate::proto::job::ReceiveJob;
+use crate::proto::path::RelPath;
+use crate::proto::wire::{code, Message, Offer, Refusal};
+use crate::stage::{check_space, sweep_expired, Stage};
+use crate::tls::{peer_identity, TlsError, TlsMaterial};
+use crate::transfer::{self, JobTable, Received, TransferError};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+use tracing::{info, info_span, warn, Instrument};
+
+/// Why an agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("io_uring: {0}")]
+    Disk(std::io::Error),
+    #[error("import target {0:?} has hook = \"custom\" but no ImportHook was registered for it")]
+    MissingHook(String),
+}
+
+/// Import hooks registered by a program that embeds the agent, by target name.
+pub type Hooks = HashMap<String, Arc<dyn ImportHook>>;
+
+struct Shared {
+    config: Config,
+    hooks: Hooks,
+    disk: Disk,
+    active: Mutex<HashSet<crate::proto::wire::JobId>>,
+    jobs: Semaphore,
+}
+
+/// A running agent.
+pub struct Agent {
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts an agent with the built-in hooks (`move`, `exec`).
+    pub async fn start(config: Config) -> Result<Agent, AgentError> {
+        Agent::start_with_hooks(config, Hooks::new()).await
+    }
+
+    /// Starts an agent; `hooks` serve the import targets configured with `hook = "custom"`.
+    pub async fn start_with_hooks(config: Config, hooks: Hooks) -> Result<Agent, AgentError> {
+        let hooks = resolve_hooks(&config, hooks)?;
+        let tls = TlsMaterial::load(&config.tls)?;
+        let endpoint = quinn::Endpoint::server(tls.server_config()?, config.listen)
+            .map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+        let addr = endpoint.local_addr().map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+        let disk = Disk::start().map_err(AgentError::Disk)?;
+        let jobs = Semaphore::new(config.max_jobs);
+        let shared = Arc::new(Shared { config, hooks, disk, active: Mutex::new(HashSet::new()), jobs });
+        info!(%addr, imports = shared.config.imports.len(), exports = shared.config.exports.len(), "agent listening");
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        let sweep = tokio::spawn(sweep_loop(shared));
+        Ok(Agent { endpoint, addr, tasks: vec![accept, sweep] })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs until the endpoint is closed.
+    pub async fn wait(&self) {
+        self.endpoint.wait_idle().await;
+    }
+
+    /// Closes every connection and stops the agent.
+    pub async fn shutdown(self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"agent shutting down");
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn resolve_hooks(config: &Config, mut custom: Hooks) -> Result<Hooks, AgentError> {
+    let mut out = Hooks::new();
+    for t in &config.imports {
+        let hook: Arc<dyn ImportHook> = match &t.hook {
+            HookSpec::Move => Arc::new(MoveHook),
+            HookSpec::Exec(argv) => Arc::new(ExecHook { argv: argv.clone() }),
+            HookSpec::Custom => custom.remove(&t.name).ok_or_else(|| AgentError::MissingHook(t.name.clone()))?,
+        };
+        out.insert(t.name.clone(), hook);
+    }
+    Ok(out)
+}
+
+async fn sweep_loop(shared: Arc<Shared>) {
+    let period = (shared.config.staging_ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(600));
+    loop {
+        for t in &shared.config.imports {
+            sweep_expired(&t.path, shared.config.staging_ttl);
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => serve_conn(conn, shared).await,
+                Err(e) => warn!(%remote, error = %e, "handshake failed"),
+            }
+        });
+    }
+}
+
+async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
+    let Some(peer) = peer_identity(&conn) else {
+        warn!(remote = %conn.remote_address(), "peer certificate names no DNS identity");
+        conn.close(quinn::VarInt::from_u32(code::NOT_ALLOWED as u32), b"no identity");
+        return;
+    };
+    let span = info_span!("conn", %peer, remote = %conn.remote_address());
+    async {
+        info!("connected");
+        let table = JobTable::default();
+        let router = transfer::spawn_data_router(conn.clone(), table.clone());
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let ctx = JobCtx { conn: conn.clone(), shared: shared.clone(), peer: peer.clone(), table: table.clone() };
+            tokio::spawn(ctx.run(send, recv).instrument(tracing::Span::current()));
+        }
+        router.abort();
+        info!("disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+struct JobCtx {
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    peer: String,
+    table: JobTable,
+}
+
+fn refuse(code: u16, reason: impl Into<String>) -> Refusal {
+    Refusal { code, reason: reason.into() }
+}
+
+impl JobCtx {
+    async fn run(self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let result = match transfer::expect_msg(&mut recv).await {
+            Ok(Message::Offer(offer)) => self.push(offer, &mut send, &mut recv).await,
+            Ok(Message::Fetch { export, files }) => self.pull(export, files, &mut send, &mut recv).await,
+            Ok(other) => Err(refuse(code::BAD_MESSAGE, format!("a job starts with an offer or a fetch, not {other:?}"))),
+            Err(e) => Err(refuse(code::BAD_MESSAGE, e.to_string())),
+        };
+        if let Err(r) = result {
+            warn!(code = r.code, reason = %r.reason, "job refused");
+            let _ = transfer::write_msg(&mut send, &Message::Reject(r)).await;
+            let _ = send.finish();
+            let _ = send.stopped().await;
+        }
+    }
+
+    /// A push into one of our import targets. `Err` means refused before accepting.
+    async fn push(&self, offer: Offer, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), Refusal> {
+        let target = self.import_target(&offer.target)?;
+        let hook = self.shared.hooks[&target.name].clone();
+        let job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
+        let span = info_span!("job", id = %job.id, target = %target.name, files = job.paths.len());
+        let _permit = self.shared.jobs.try_acquire().map_err(|_| refuse(code::BUSY, "agent is at its job limit"))?;
+        let _guard = ActiveGuard::claim(&self.shared, job.id)?;
+        let (job, stage) = async { self.prepare(job, &target, hook.as_ref()).await }.instrument(span.clone()).await?;
+        let run = self.receive(job, stage, target, hook, send, recv);
+        if let Err(e) = run.instrument(span.clone()).await {
+            span.in_scope(|| warn!(error = %e, "job failed"));
+        }
+        Ok(())
+    }
+
+    fn import_target(&self, name: &str) -> Result<Import, Refusal> {
+        let t = self.shared.config.import(name).ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no import target named {name:?}")))?;
+        if !t.allow.allows(&self.peer) {
+            return Err(refuse(code::NOT_ALLOWED, format!("{} may not write to import target {:?}", self.peer, name)));
+        }
+        Ok(t.clone())
+    }
+
+    async fn prepare(&self, mut job: ReceiveJob, target: &Import, hook: &dyn ImportHook) -> Result<(ReceiveJob, Stage), Refusal> {
+        hook.check(&target.path, &job.paths).map_err(|e| refuse(hook_code(&e), e.to_string()))?;
+        let stage = Stage::open(&target.path, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
+        let found = stage.scan(&mut job, &self.shared.disk).await;
+        let need = missing_bytes(&job);
+        check_space(&target.path, need).map_err(|e| refuse(code::NO_SPACE, e.to_string()))?;
+        info!(resumed_blocks = found, missing = job.missing(), "offer accepted");
+        Ok((job, stage))
+    }
+
+    async fn receive(
+        &self,
+        job: ReceiveJob,
+        stage: Stage,
+        target: Import,
+        hook: Arc<dyn ImportHook>,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), TransferError> {
+        let (peer, job_id) = (self.peer.clone(), job.id.to_string());
+        let stage2 = stage.clone();
+        let run_hook = move |offer: Arc<Offer>, paths: Vec<RelPath>| {
+            let import = import_job(&offer, paths, &stage2, &target, peer, job_id);
+            async move {
+                let res = tokio::task::spawn_blocking(move || hook.import(&import).map(|r| (r, import)))
+                    .await
+                    .map_err(|e| refuse(code::HOOK_FAILED, format!("hook panicked: {e}")))?;
+                match res {
+                    Ok((report, import)) => {
+                        if let Some(s) = &import.stage {
+                            s.remove();
+                        }
+                        Ok(report)
+                    }
+                    Err(e) => Err(refuse(hook_code(&e), format!("import hook failed: {e}"))),
+                }
+            }
+        };
+        let started = std::time::Instant::now();
+        let out = transfer::receive_job(send, recv, job, stage, &self.shared.disk, &self.table, run_hook).await?;
+        let _ = send.stopped().await;
+        match out {
+            Received::Committed(report) => info!(elapsed_ms = started.elapsed().as_millis() as u64, %report, "committed"),
+            Received::Aborted => info!("aborted by sender; staging removed"),
+        }
+        Ok(())
+    }
+
+    /// A pull from one of our exports: we are the sender.
+    async fn pull(&self, export: String, files: Vec<String>, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), Refusal> {
+        let ex = self.export_target(&export)?;
+        let list = crate::source::collect_export(&ex.path, &files).map_err(|e| refuse(source_code(&e), e.to_string()))?;
+        let offer = crate::source::make_offer(&ex.name, &list, vec![]).await.map_err(|e| refuse(code::IO, e.to_string()))?;
+        let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
+        let sources = list.into_iter().map(|f| f.path).collect();
+        let fault = transfer::Fault::default();
+        let res = transfer::send_job(&self.conn, send, recv, offer, sources, &self.shared.disk, &fault)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| match res {
+            Ok(r) => info!(blocks = r.blocks_sent, bytes = r.bytes_sent, "pull served"),
+            Err(e) => warn!(error = %e, "pull failed"),
+        });
+        Ok(())
+    }
+
+    fn export_target(&self, name: &str) -> Result<Export, Refusal> {
+        let t = self.shared.config.export(name).ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no export named {name:?}")))?;
+        if !t.allow.allows(&self.peer) {
+            return Err(refuse(code::NOT_ALLOWED, format!("{} may not read export {:?}", self.peer, name)));
+        }
+        Ok(t.clone())
+    }
+}
+
+fn missing_bytes(job: &ReceiveJob) -> u64 {
+    let mut need = 0;
+    for (i, f) in job.offer.files.iter().enumerate() {
+        for b in 0..crate::proto::blocks::block_count(f.hashes.size) {
+            if !job.is_held(i as u32, b as u32) {
+                need += crate::proto::blocks::block_len(f.hashes.size, b) as u64;
+            }
+        }
+    }
+    need
+}
+
+fn import_job(offer: &Offer, paths: Vec<RelPath>, stage: &Stage, target: &Import, peer: String, job: String) -> ImportJob {
+    let files = offer
+        .files
+        .iter()
+        .zip(&paths)
+        .map(|(f, p)| ImportFile { name: p.to_string(), path: stage.file(p), size: f.hashes.size, blake3: hex(&f.hashes.root) })
+        .collect();
+    ImportJob {
+        job,
+        target: target.name.clone(),
+        target_dir: target.path.clone(),
+        staged_dir: stage.files_dir.clone(),
+        peer,
+        files,
+        meta: offer.meta.iter().cloned().collect(),
+        stage: Some(stage.clone()),
+        paths,
+    }
+}
+
+fn hook_code(e: &crate::hook::HookError) -> u16 {
+    match e {
+        crate::hook::HookError::Stage(crate::stage::StageError::Exists(_)) => code::EXISTS,
+        crate::hook::HookError::Stage(crate::stage::StageError::Escape(_)) => code::BAD_NAME,
+        _ => code::HOOK_FAILED,
+    }
+}
+
+fn source_code(e: &crate::source::SourceError) -> u16 {
+    use crate::source::SourceError as S;
+    match e {
+        S::NotFound(_) => code::NOT_FOUND,
+        S::BadName(_) | S::Symlink(_) => code::BAD_NAME,
+        S::TooMany { .. } => code::LIMIT,
+        _ => code::IO,
+    }
+}
+
+/// Marks a job id as running so a second sender of the same job is refused.
+struct ActiveGuard<'a> {
+    shared: &'a Shared,
+    id: crate::proto::wire::JobId,
+}
+
+impl<'a> ActiveGuard<'a> {
+    fn claim(shared: &'a Shared, id: crate::proto::wire::JobId) -> Result<Self, Refusal> {
+        if !shared.active.lock().expect("active jobs").insert(id) {
+            return Err(refuse(code::BUSY, format!("job {id} is already running")));
+        }
+        Ok(ActiveGuard { shared, id })
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.active.lock().expect("active jobs").remove(&self.id);
+    }
+}

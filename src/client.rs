@@ -1,0 +1,202 @@
+//! The client side: push files to an agent's import target, pull from its export.
+//!
+//! A client has its own identity (a certificate from the same CA) and checks that the
+//! agent's certificate names the peer it meant to reach. A pull is a push in reverse:
+//! the client receives into a staging folder inside `--into`, verifies every block and
+//! moves the files into place only when all of them arrived.
+
+use crate::disk::Disk;
+use crate::hook::{ImportHook, MoveHook};
+use crate::proto::job::ReceiveJob;
+use crate::proto::wire::{Message, Refusal};
+use crate::stage::{check_space, move_into_place, Stage};
+use crate::tls::{TlsFiles, TlsMaterial};
+use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// An agent to talk to: the name its certificate must carry and where to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub addr: String,
+}
+
+/// Why a peer string did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("peer {0:?} is not HOST:PORT or NAME@ADDR:PORT")]
+pub struct BadPeer(String);
+
+impl FromStr for Peer {
+    type Err = BadPeer;
+
+    /// `HOST:PORT` (HOST is also the expected name) or `NAME@ADDR:PORT`.
+    fn from_str(s: &str) -> Result<Peer, BadPeer> {
+        let bad = || BadPeer(s.to_string());
+        let (name, addr) = match s.split_once('@') {
+            Some((n, a)) => (n.to_string(), a.to_string()),
+            None => {
+                let (host, _) = s.rsplit_once(':').ok_or_else(bad)?;
+                (host.trim_matches(['[', ']']).to_string(), s.to_string())
+            }
+        };
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        if name.is_empty() || host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(bad());
+        }
+        Ok(Peer { name, addr })
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.addr)
+    }
+}
+
+/// Options of a push.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Engine metadata passed to the receiving import hook.
+    pub meta: Vec<(String, String)>,
+    #[doc(hidden)]
+    pub fault: Fault,
+}
+
+/// What a pull received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullReport {
+    pub files: usize,
+    pub bytes: u64,
+    pub blocks_received: u64,
+    pub blocks_resumed: u64,
+}
+
+/// A client endpoint with one identity; reusable for many jobs.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    disk: Disk,
+}
+
+impl Client {
+    /// Loads the identity and opens a local UDP endpoint.
+    pub fn new(tls: &TlsFiles) -> Result<Client, TransferError> {
+        let material = TlsMaterial::load(tls).map_err(|e| connect_err("local identity", e))?;
+        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransferError::Io { path: "udp socket".into(), source: e })?;
+        endpoint.set_default_client_config(material.client_config().map_err(|e| connect_err("local identity", e))?);
+        let disk = Disk::start().map_err(|e| TransferError::Io { path: "io_uring".into(), source: e })?;
+        Ok(Client { endpoint, disk })
+    }
+
+    /// Opens an authenticated connection to `peer`.
+    pub async fn connect(&self, peer: &Peer) -> Result<quinn::Connection, TransferError> {
+        let addr = tokio::net::lookup_host(&peer.addr)
+            .await
+            .map_err(|e| connect_err(peer, e))?
+            .next()
+            .ok_or_else(|| connect_err(peer, "no address"))?;
+        let connecting = self.endpoint.connect(addr, &peer.name).map_err(|e| connect_err(peer, e))?;
+        connecting.await.map_err(|e| connect_err(peer, e))
+    }
+
+    /// Pushes files and folders into `target` on `peer` and waits for the commit.
+    pub async fn push(&self, peer: &Peer, target: &str, paths: &[PathBuf], opts: &PushOptions) -> Result<SendReport, TransferError> {
+        let files = crate::source::collect_push(paths)?;
+        let offer = crate::source::make_offer(target, &files, opts.meta.clone()).await?;
+        let sources = files.into_iter().map(|f| f.path).collect();
+        let conn = self.connect(peer).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let result = transfer::send_job(&conn, &mut send, &mut recv, offer, sources, &self.disk, &opts.fault).await;
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        result
+    }
+
+    /// Pulls `files` (all if empty) of `export` on `peer` into `into`.
+    pub async fn pull(&self, peer: &Peer, export: &str, files: &[String], into: &Path) -> Result<PullReport, TransferError> {
+        std::fs::create_dir_all(into).map_err(|source| TransferError::Io { path: into.to_path_buf(), source })?;
+        let into = into.canonicalize().map_err(|source| TransferError::Io { path: into.to_path_buf(), source })?;
+        let conn = self.connect(peer).await?;
+        let table = JobTable::default();
+        let router = transfer::spawn_data_router(conn.clone(), table.clone());
+        let (mut send, mut recv) = conn.open_bi().await?;
+        transfer::write_msg(&mut send, &Message::Fetch { export: export.to_string(), files: files.to_vec() }).await?;
+        let result = self.receive_pull(&into, &table, &mut send, &mut recv).await;
+        router.abort();
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        result
+    }
+
+    async fn receive_pull(
+        &self,
+        into: &Path,
+        table: &JobTable,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<PullReport, TransferError> {
+        let offer = match transfer::expect_msg(recv).await? {
+            Message::Offer(o) => o,
+            Message::Reject(r) => return Err(TransferError::Rejected(r)),
+            other => return Err(TransferError::Protocol(format!("expected offer, got {other:?}"))),
+        };
+        let (job, stage) = match prepare_pull(offer, into, &self.disk).await {
+            Ok(x) => x,
+            Err(r) => {
+                transfer::write_msg(send, &Message::Reject(r.clone())).await?;
+                let _ = send.finish();
+                return Err(TransferError::Rejected(r));
+            }
+        };
+        let mut report = PullReport {
+            files: job.paths.len(),
+            bytes: job.offer.total_bytes(),
+            blocks_received: job.missing(),
+            blocks_resumed: 0,
+        };
+        let total: u64 = job.offer.files.iter().map(|f| crate::proto::blocks::block_count(f.hashes.size)).sum();
+        report.blocks_resumed = total - job.missing();
+        let st = stage.clone();
+        let into2 = into.to_path_buf();
+        let hook = move |_offer, paths: Vec<crate::proto::path::RelPath>| async move {
+            let res = tokio::task::spawn_blocking(move || move_into_place(&st, &into2, &paths).map(|_| st.remove()))
+                .await
+                .expect("move task");
+            res.map(|_| "pulled".to_string()).map_err(|e| Refusal { code: crate::proto::wire::code::EXISTS, reason: e.to_string() })
+        };
+        match transfer::receive_job(send, recv, job, stage, &self.disk, table, hook).await? {
+            Received::Committed(_) => Ok(report),
+            Received::Aborted => Err(TransferError::Protocol("the exporter aborted the pull".into())),
+        }
+    }
+}
+
+async fn prepare_pull(offer: crate::proto::wire::Offer, into: &Path, disk: &Disk) -> Result<(ReceiveJob, Stage), Refusal> {
+    let mut job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
+    MoveHook.check(into, &job.paths).map_err(|e| Refusal { code: crate::proto::wire::code::EXISTS, reason: e.to_string() })?;
+    let io = |e: crate::stage::StageError| Refusal { code: crate::proto::wire::code::IO, reason: e.to_string() };
+    let stage = Stage::open(into, &job).map_err(io)?;
+    stage.scan(&mut job, disk).await;
+    check_space(into, job.offer.total_bytes()).map_err(|e| Refusal { code: crate::proto::wire::code::NO_SPACE, reason: e.to_string() })?;
+    Ok((job, stage))
+}
+
+fn connect_err(peer: impl std::fmt::Display, e: impl std::fmt::Display) -> TransferError {
+    TransferError::Connect { peer: peer.to_string(), reason: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_in_both_forms() {
+        let p: Peer = "store-b:7878".parse().unwrap();
+        assert_eq!(p, Peer { name: "store-b".into(), addr: "store-b:7878".into() });
+        let p: Peer = "store-b@127.0.0.1:9000".parse().unwrap();
+        assert_eq!(p, Peer { name: "store-b".into(), addr: "127.0.0.1:9000".into() });
+        for bad in ["nohost", "a@b", "x:notaport", "@1.2.3.4:5", ":80"] {
+            assert!(bad.parse::<Peer>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The sending side's files: what a push or an export contains, and their hashes.
+//!
+//! Names follow `cp -r`: a pushed file keeps its own name, a pushed folder `data`
+//! arrives as `data/...`. The list is sorted so the same files always make the same
+//! offer, and so the same job id, which is what lets an interrupted push resume.
+
+use crate::proto::blocks::FileHashes;
+use crate::proto::limits::MAX_FILES;
+use crate::proto::path::{PathError, RelPath, STAGING_DIR};
+use crate::proto::wire::{Offer, OfferFile};
+use std::path::{Path, PathBuf};
+
+/// Why the files to send could not be listed or hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}: symlinks are not sent")]
+    Symlink(PathBuf),
+    #[error("{0}: not a regular file or folder")]
+    NotFile(PathBuf),
+    #[error("{0}: no such file in the export")]
+    NotFound(String),
+    #[error("{0}: name is not UTF-8")]
+    NotUtf8(PathBuf),
+    #[error(transparent)]
+    BadName(#[from] PathError),
+    #[error("two sources are both named {0:?}")]
+    Duplicate(String),
+    #[error("{got} files is over the limit of {MAX_FILES} per job")]
+    TooMany { got: usize },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io { path: path.to_path_buf(), source }
+}
+
+/// A file to send: its name in the job and where it is on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub name: RelPath,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// Lists the files of a push: each path under its own name, folders recursively.
+pub fn collect_push(paths: &[PathBuf]) -> Result<Vec<SourceFile>, SourceError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let abs = p.canonicalize().map_err(io_at(p))?;
+        let name = abs.file_name().ok_or_else(|| SourceError::NotFile(p.clone()))?;
+        let name = name.to_str().ok_or_else(|| SourceError::NotUtf8(p.clone()))?;
+        add_entry(&abs, name, &mut out)?;
+    }
+    finish(out)
+}
+
+/// Lists an export's files: all of them, or the named ones.
+pub fn collect_export(root: &Path, names: &[String]) -> Result<Vec<SourceFile>, SourceError> {
+    let mut out = Vec::new();
+    if names.is_empty() {
+        walk(root, None, &mut out)?;
+        return finish(out);
+    }
+    for n in names {
+        let rel = RelPath::new(n)?;
+        let mut cur = root.to_path_buf();
+        for c in rel.components() {
+            cur.push(c);
+            let meta = std::fs::symlink_metadata(&cur).map_err(|_| SourceError::NotFound(n.clone()))?;
+            if meta.file_type().is_symlink() {
+                return Err(SourceError::Symlink(cur));
+            }
+        }
+        let meta = std::fs::metadata(&cur).map_err(io_at(&cur))?;
+        if !meta.is_file() {
+            return Err(SourceError::NotFound(n.clone()));
+        }
+        out.push(SourceFile { name: rel, path: cur, size: meta.len() });
+    }
+    finish(out)
+}
+
+fn add_entry(path: &Path, name: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+    let meta = std::fs::symlink_metadata(path).map_err(io_at(path))?;
+    if meta.file_type().is_symlink() {
+        return Err(SourceError::Symlink(path.to_path_buf()));
+    }
+    if meta.is_file() {
+        out.push(SourceFile { name: RelPath::new(name)?, path: path.to_path_buf(), size: meta.len() });
+        Ok(())
+    } else if meta.is_dir() {
+        walk(path, Some(name), out)
+    } else {
+        Err(SourceError::NotFile(path.to_path_buf()))
+    }
+}
+
+fn walk(dir: &Path, prefix: Option<&str>, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+    for entry in std::fs::read_dir(dir).map_err(io_at(dir))? {
+        let entry = entry.map_err(io_at(dir))?;
+        let fname = entry.file_name();
+        let fname = fname.to_str().ok_or_else(|| SourceError::NotUtf8(entry.path()))?;
+        if prefix.is_none() && fname == STAGING_DIR {
+            continue;
+        }
+        let name = match prefix {
+            Some(p) => format!("{p}/{fname}"),
+            None => fname.to_string(),
+        };
+        add_entry(&entry.path(), &name, out)?;
+        if out.len() > MAX_FILES {
+            return Err(SourceError::TooMany { got: out.len() });
+        }
+    }
+    Ok(())
+}
+
+fn finish(mut out: Vec<SourceFile>) -> Result<Vec<SourceFile>, SourceError> {
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = out.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(SourceError::Duplicate(w[0].name.to_string()));
+    }
+    if out.len() > MAX_FILES {
+        return Err(SourceError::TooMany { got: out.len() });
+    }
+    Ok(out)
+}
+
+/// Hashes every file (on blocking threads, two at a time) and builds the offer.
+pub async fn make_offer(
+    target: &str,
+    files: &[SourceFile],
+    meta: Vec<(String, String)>,
+) -> Result<Offer, SourceError> {
+    let workers = 2;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let mine: Vec<(usize, SourceFile)> =
+            files.iter().cloned().enumerate().filter(|(i, _)| i % workers == w).collect();
+        tasks.spawn_blocking(move || {
+            mine.into_iter()
+                .map(|(i, f)| hash_file(&f.path, f.size).map(|h| (i, h)))
+                .collect::<Result<Vec<_>, _>>()
+        });
+    }
+    let mut hashes: Vec<Option<FileHashes>> = vec![None; files.len()];
+    while let Some(r) = tasks.join_next().await {
+        for (i, h) in r.expect("hash task")? {
+            hashes[i] = Some(h);
+        }
+    }
+    let files = files
+        .iter()
+        .zip(hashes)
+        .map(|(f, h)| OfferFile { path: f.name.to_string(), hashes: h.expect("every file hashed") })
+        .collect();
+    Ok(Offer { target: target.to_string(), files, meta })
+}
+
+/// Hashes one file, expecting `size` bytes.
+pub fn hash_file(path: &Path, size: u64) -> Result<FileHashes, SourceError> {
+    let f = std::fs::File::open(path).map_err(io_at(path))?;
+    FileHashes::from_reader(std::io::BufReader::with_capacity(1 << 20, f), size).map_err(io_at(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_names_follow_cp_r() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("data/sub")).unwrap();
+        std::fs::write(t.path().join("data/sub/x"), b"1").unwrap();
+        std::fs::write(t.path().join("data/y"), b"22").unwrap();
+        std::fs::write(t.path().join("single"), b"333").unwrap();
+        let files = collect_push(&[t.path().join("data"), t.path().join("single")]).unwrap();
+        let names: Vec<_> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["data/sub/x", "data/y", "single"]);
+        assert_eq!(files[2].size, 3);
+    }
+
+    #[test]
+    fn symlinks_duplicates_and_missing_files_are_errors() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a/x")).unwrap();
+        std::fs::create_dir_all(t.path().join("b/x")).unwrap();
+        std::fs::write(t.path().join("a/x/f"), b"1").unwrap();
+        std::fs::write(t.path().join("b/x/f"), b"1").unwrap();
+        let dup = collect_push(&[t.path().join("a/x"), t.path().join("b/x")]);
+        assert!(matches!(dup, Err(SourceError::Duplicate(_))));
+        std::os::unix::fs::symlink("/etc", t.path().join("a/link")).unwrap();
+        assert!(matches!(collect_push(&[t.path().join("a")]), Err(SourceError::Symlink(_))));
+        assert!(matches!(collect_push(&[t.path().join("none")]), Err(SourceError::Io { .. })));
+    }
+
+    #[test]
+    fn export_selection_is_confined() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("r/d")).unwrap();
+        std::fs::write(t.path().join("r/d/f"), b"1").unwrap();
+        std::fs::write(t.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(t.path().join("secret"), t.path().join("r/link")).unwrap();
+        let root = t.path().join("r");
+        assert_eq!(collect_export(&root, &["d/f".into()]).unwrap().len(), 1);
+        assert!(matches!(collect_export(&root, &["../secret".into()]), Err(SourceError::BadName(_))));
+        assert!(matches!(collect_export(&root, &["link".into()]), Err(SourceError::Symlink(_))));
+        assert!(matches!(collect_export(&root, &["d".into()]), Err(SourceError::NotFound(_))));
+        assert!(matches!(collect_export(&root, &["nope".into()]), Err(SourceError::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn offer_roots_equal_plain_blake3() {
+        let t = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        std::fs::write(t.path().join("big"), &big).unwrap();
+        std::fs::write(t.path().join("small"), b"hi").unwrap();
+        let files = collect_push(&[t.path().join("big"), t.path().join("small")]).unwrap();
+        let offer = make_offer("t", &files, vec![]).await.unwrap();
+        assert_eq!(offer.files[0].hashes.root, *blake3::hash(&big).as_bytes());
+        assert_eq!(offer.files[1].hashes.root, *blake3::hash(b"hi").as_bytes());
+    }
+}

@@ -1,0 +1,492 @@
+//! Drives the protocol core over quinn and io_uring: the sending and receiving halves
+//! of a job, shared by the agent and the client (a push sends from the client, a pull
+//! sends from the agent).
+//!
+//! A job is one bidirectional control stream (offer, accept, commit, committed) and a
+//! few unidirectional data streams, each a job header followed by blocks. Every block
+//! is verified before it is written; the receiver commits only after the sender said
+//! how many data streams it used and all of them were read to the end.
+
+use crate::disk::Disk;
+use crate::proto::job::{JobError, ReceiveJob, SendPlan};
+use crate::proto::limits::MAX_STREAMS;
+use crate::proto::wire::{
+    code, data_stream_header, parse_data_stream_header, BlockHeader, JobId, Message, Offer, Refusal,
+    WireError,
+};
+use crate::source::SourceError;
+use crate::stage::{Stage, StageError};
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+
+/// Why a transfer failed, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("cannot connect to {peer}: {reason}")]
+    Connect { peer: String, reason: String },
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("bad message from peer: {0}")]
+    Wire(#[from] WireError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("refused by peer: {}", .0.reason)]
+    Rejected(Refusal),
+    #[error("job failed at peer: {}", .0.reason)]
+    Failed(Refusal),
+    #[error("{0}")]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("interrupted on purpose after {0} blocks (fault injection)")]
+    Interrupted(u64),
+}
+
+fn stream_err(e: impl std::fmt::Display) -> TransferError {
+    TransferError::Stream(e.to_string())
+}
+
+/// Reads one control message; `Ok(None)` if the stream ended cleanly first.
+pub async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Option<Message>, TransferError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated.into()),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
+    }
+    let n = Message::check_frame_len(u32::from_be_bytes(len))?;
+    let mut body = vec![0u8; n];
+    recv.read_exact(&mut body).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => TransferError::Wire(WireError::Truncated),
+        quinn::ReadExactError::ReadError(e) => read_error(e),
+    })?;
+    Ok(Some(Message::decode(&body)?))
+}
+
+fn read_error(e: quinn::ReadError) -> TransferError {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => TransferError::Connection(c),
+        other => stream_err(other),
+    }
+}
+
+/// Reads a control message that must be there.
+pub async fn expect_msg(recv: &mut quinn::RecvStream) -> Result<Message, TransferError> {
+    read_msg(recv).await?.ok_or_else(|| TransferError::Protocol("control stream ended early".into()))
+}
+
+pub async fn write_msg(send: &mut quinn::SendStream, msg: &Message) -> Result<(), TransferError> {
+    send.write_all(&msg.encode()).await.map_err(|e| match e {
+        quinn::WriteError::ConnectionLost(c) => TransferError::Connection(c),
+        other => stream_err(other),
+    })
+}
+
+/// Test-only fault injection on the sending side.
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct Fault {
+    /// Send only this many blocks, then ask to commit anyway.
+    pub stop_after_blocks: Option<u64>,
+    /// Send only this many blocks, wait until the receiver has them, then close the
+    /// connection without committing.
+    pub drop_after_blocks: Option<u64>,
+    /// Flip a bit in this (file, block) on the wire.
+    pub corrupt: Option<(u32, u32)>,
+}
+
+impl Fault {
+    fn limit(&self) -> Option<u64> {
+        self.stop_after_blocks.or(self.drop_after_blocks)
+    }
+}
+
+/// What a sender did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendReport {
+    pub files: usize,
+    pub bytes_total: u64,
+    pub blocks_sent: u64,
+    pub bytes_sent: u64,
+    pub blocks_held: u64,
+    pub streams: usize,
+    /// The receiver's import hook report.
+    pub report: String,
+}
+
+/// Sends a job: offer, then the blocks the receiver lacks, then commit.
+pub async fn send_job(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    offer: Offer,
+    sources: Vec<PathBuf>,
+    disk: &Disk,
+    fault: &Fault,
+) -> Result<SendReport, TransferError> {
+    write_msg(send, &Message::Offer(offer.clone())).await?;
+    let have = match expect_msg(recv).await? {
+        Message::Accept { have } => have,
+        Message::Reject(r) => return Err(TransferError::Rejected(r)),
+        other => return Err(TransferError::Protocol(format!("expected accept, got {other:?}"))),
+    };
+    let plan = SendPlan::new(&offer, &have, MAX_STREAMS)?;
+    let mut report = SendReport {
+        files: offer.files.len(),
+        bytes_total: offer.total_bytes(),
+        blocks_held: plan.held,
+        streams: plan.lanes.len(),
+        ..Default::default()
+    };
+    let lanes = run_lanes(conn, offer.job_id(), plan, Arc::new(sources), disk, fault);
+    let (blocks, bytes) = tokio::select! {
+        r = lanes => r?,
+        msg = expect_msg(recv) => return Err(early_reply(msg)),
+    };
+    report.blocks_sent = blocks;
+    report.bytes_sent = bytes;
+    if fault.drop_after_blocks.is_some() {
+        conn.close(quinn::VarInt::from_u32(0), b"interrupted");
+        return Err(TransferError::Interrupted(blocks));
+    }
+    write_msg(send, &Message::Commit { streams: report.streams as u32 }).await?;
+    match expect_msg(recv).await? {
+        Message::Committed { report: r } => {
+            report.report = r;
+            Ok(report)
+        }
+        Message::Failed(r) => Err(TransferError::Failed(r)),
+        other => Err(TransferError::Protocol(format!("expected committed, got {other:?}"))),
+    }
+}
+
+fn early_reply(msg: Result<Message, TransferError>) -> TransferError {
+    match msg {
+        Ok(Message::Failed(r)) => TransferError::Failed(r),
+        Ok(other) => TransferError::Protocol(format!("unexpected {other:?} while sending")),
+        Err(e) => e,
+    }
+}
+
+async fn run_lanes(
+    conn: &quinn::Connection,
+    job: JobId,
+    plan: SendPlan,
+    sources: Arc<Vec<PathBuf>>,
+    disk: &Disk,
+    fault: &Fault,
+) -> Result<(u64, u64), TransferError> {
+    let budget = Arc::new(AtomicU64::new(fault.limit().unwrap_or(u64::MAX)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for lane in plan.lanes {
+        let stream = conn.open_uni().await?;
+        let ctx = LaneCtx { job, sources: sources.clone(), disk: disk.clone(), fault: fault.clone(), budget: budget.clone() };
+        tasks.spawn(send_lane(stream, lane, ctx));
+    }
+    let (mut blocks, mut bytes) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (b, n) = r.expect("lane task")?;
+        blocks += b;
+        bytes += n;
+    }
+    Ok((blocks, bytes))
+}
+
+struct LaneCtx {
+    job: JobId,
+    sources: Arc<Vec<PathBuf>>,
+    disk: Disk,
+    fault: Fault,
+    budget: Arc<AtomicU64>,
+}
+
+impl LaneCtx {
+    fn take_budget(&self) -> bool {
+        self.budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1)).is_ok()
+    }
+}
+
+/// Sends one lane: reads run ahead of the network by a few blocks.
+async fn send_lane(
+    mut stream: quinn::SendStream,
+    lane: Vec<crate::proto::job::BlockRef>,
+    ctx: LaneCtx,
+) -> Result<(u64, u64), TransferError> {
+    let write_err = |e: quinn::WriteError| stream_err(e);
+    stream.write_all(&data_stream_header(ctx.job)).await.map_err(write_err)?;
+    let (tx, mut rx) = mpsc::channel::<Result<(crate::proto::job::BlockRef, Bytes), TransferError>>(4);
+    let disk = ctx.disk.clone();
+    let sources = ctx.sources.clone();
+    let reader = tokio::spawn(async move {
+        for b in lane {
+            let path = sources[b.file as usize].clone();
+            let r = disk.read_at(path.clone(), b.offset, b.len as usize).await;
+            let r = r.map(|d| (b, d)).map_err(|e| source_read_error(path, e));
+            if tx.send(r).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (mut blocks, mut bytes) = (0u64, 0u64);
+    while let Some(item) = rx.recv().await {
+        let (b, mut data) = item?;
+        if !ctx.take_budget() {
+            break;
+        }
+        if ctx.fault.corrupt == Some((b.file, b.block)) && !data.is_empty() {
+            let mut m = BytesMut::from(&data[..]);
+            m[0] ^= 1;
+            data = m.freeze();
+        }
+        let head = BlockHeader { file: b.file, block: b.block, len: b.len };
+        stream.write_chunk(Bytes::copy_from_slice(&head.encode())).await.map_err(write_err)?;
+        stream.write_chunk(data).await.map_err(write_err)?;
+        blocks += 1;
+        bytes += b.len as u64;
+    }
+    reader.abort();
+    stream.finish().map_err(stream_err)?;
+    // Wait until the peer has every byte of this stream (or stopped it).
+    let _ = stream.stopped().await;
+    Ok((blocks, bytes))
+}
+
+fn source_read_error(path: PathBuf, e: std::io::Error) -> TransferError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        let source = std::io::Error::other("file shrank while it was sent");
+        return TransferError::Io { path, source };
+    }
+    TransferError::Io { path, source: e }
+}
+
+/// Progress of a receiving job, watched by its control task.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub streams_done: u32,
+    pub blocks: u64,
+    pub error: Option<Refusal>,
+}
+
+/// A job being received, shared by its control task and its data streams.
+pub struct Incoming {
+    pub job: Mutex<ReceiveJob>,
+    pub offer: Arc<Offer>,
+    pub stage: Stage,
+    pub disk: Disk,
+    pub progress: watch::Sender<Progress>,
+}
+
+impl Incoming {
+    fn fail(&self, r: Refusal) {
+        self.progress.send_modify(|p| {
+            if p.error.is_none() {
+                p.error = Some(r);
+            }
+        });
+    }
+}
+
+/// The jobs a connection is receiving, by id, so data streams find their job.
+pub type JobTable = Arc<Mutex<HashMap<JobId, Arc<Incoming>>>>;
+
+/// Accepts data streams on `conn` for as long as it lives.
+pub fn spawn_data_router(conn: quinn::Connection, table: JobTable) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(stream) = conn.accept_uni().await {
+            let table = table.clone();
+            tokio::spawn(async move {
+                if let Err(e) = receive_stream(stream, &table).await {
+                    tracing::debug!(error = %e, "data stream ended with an error");
+                }
+            });
+        }
+    })
+}
+
+async fn receive_stream(mut stream: quinn::RecvStream, table: &JobTable) -> Result<(), TransferError> {
+    let mut head = [0u8; 17];
+    stream.read_exact(&mut head).await.map_err(stream_err)?;
+    let id = parse_data_stream_header(&head)?;
+    let Some(inc) = table.lock().expect("job table").get(&id).cloned() else {
+        let _ = stream.stop(quinn::VarInt::from_u32(code::NOT_FOUND as u32));
+        return Err(TransferError::Protocol(format!("data for unknown job {id}")));
+    };
+    match receive_blocks(&mut stream, &inc).await {
+        Ok(()) => {
+            inc.progress.send_modify(|p| p.streams_done += 1);
+            Ok(())
+        }
+        Err(e) => {
+            let refusal = match &e {
+                TransferError::Job(j) => j.refusal(),
+                other => Refusal { code: code::IO, reason: other.to_string() },
+            };
+            inc.fail(refusal);
+            let _ = stream.stop(quinn::VarInt::from_u32(code::BAD_BLOCK as u32));
+            Err(e)
+        }
+    }
+}
+
+async fn receive_blocks(stream: &mut quinn::RecvStream, inc: &Incoming) -> Result<(), TransferError> {
+    loop {
+        let mut h = [0u8; BlockHeader::LEN];
+        match stream.read_exact(&mut h).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
+            Err(e) => return Err(stream_err(e)),
+        }
+        let head = BlockHeader::decode(&h);
+        let expected = expected_len(&inc.offer, head)?;
+        let data = read_block(stream, expected).await?;
+        let offset = ReceiveJob::verify(&inc.offer, head.file, head.block, &data)?;
+        let path = inc.stage.file(&inc.job.lock().expect("job").paths[head.file as usize]);
+        inc.disk
+            .write_at(path.clone(), offset, data)
+            .await
+            .map_err(|source| TransferError::Io { path, source })?;
+        inc.job.lock().expect("job").record(head.file, head.block);
+        inc.progress.send_modify(|p| p.blocks += 1);
+    }
+}
+
+fn expected_len(offer: &Offer, head: BlockHeader) -> Result<usize, TransferError> {
+    let f = offer.files.get(head.file as usize).ok_or(JobError::UnknownFile(head.file))?;
+    let want = crate::proto::blocks::block_len(f.hashes.size, head.block as u64);
+    if head.len as usize != want || want == 0 {
+        let err = crate::proto::blocks::VerifyError::BadLength { index: head.block as u64, got: head.len as usize, want };
+        return Err(JobError::BadBlock { path: f.path.clone(), err }.into());
+    }
+    Ok(want)
+}
+
+/// Reads exactly `len` bytes, without copying when quinn hands them in one piece.
+async fn read_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes, TransferError> {
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut got = 0;
+    while got < len {
+        let chunk = stream
+            .read_chunk(len - got, true)
+            .await
+            .map_err(stream_err)?
+            .ok_or_else(|| TransferError::Protocol("data stream ended inside a block".into()))?;
+        got += chunk.bytes.len();
+        match first.take() {
+            None if buf.is_empty() => first = Some(chunk.bytes),
+            prev => {
+                if let Some(p) = prev {
+                    buf.reserve(len);
+                    buf.extend_from_slice(&p);
+                }
+                buf.extend_from_slice(&chunk.bytes);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// How a received job ended.
+#[derive(Debug)]
+pub enum Received {
+    Committed(String),
+    Aborted,
+}
+
+/// Receives an accepted job: registers it, sends `Accept`, takes data until `Commit`,
+/// seals the staged files and runs `hook`. Every failure is reported to the sender
+/// as `Failed` before it is returned.
+pub async fn receive_job<H, F>(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    job: ReceiveJob,
+    stage: Stage,
+    disk: &Disk,
+    table: &JobTable,
+    hook: H,
+) -> Result<Received, TransferError>
+where
+    H: FnOnce(Arc<Offer>, Vec<crate::proto::path::RelPath>) -> F,
+    F: std::future::Future<Output = Result<String, Refusal>>,
+{
+    let id = job.id;
+    let accept = job.accept();
+    let paths = job.paths.clone();
+    let (progress, mut watch) = watch::channel(Progress::default());
+    let inc = Arc::new(Incoming { offer: job.offer.clone(), job: Mutex::new(job), stage, disk: disk.clone(), progress });
+    table.lock().expect("job table").insert(id, inc.clone());
+    let result = drive_receive(send, recv, &inc, &mut watch, accept, paths, hook).await;
+    table.lock().expect("job table").remove(&id);
+    if let Err(TransferError::Rejected(r) | TransferError::Failed(r)) = &result {
+        let _ = write_msg(send, &Message::Failed(r.clone())).await;
+        let _ = send.finish();
+    }
+    result
+}
+
+async fn drive_receive<H, F>(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    inc: &Arc<Incoming>,
+    watch: &mut watch::Receiver<Progress>,
+    accept: Message,
+    paths: Vec<crate::proto::path::RelPath>,
+    hook: H,
+) -> Result<Received, TransferError>
+where
+    H: FnOnce(Arc<Offer>, Vec<crate::proto::path::RelPath>) -> F,
+    F: std::future::Future<Output = Result<String, Refusal>>,
+{
+    write_msg(send, &accept).await?;
+    let streams = tokio::select! {
+        msg = expect_msg(recv) => match msg? {
+            Message::Commit { streams } => streams,
+            Message::Abort => {
+                inc.stage.remove();
+                return Ok(Received::Aborted);
+            }
+            other => return Err(TransferError::Protocol(format!("expected commit, got {other:?}"))),
+        },
+        p = watch.wait_for(|p| p.error.is_some()) => {
+            let err = p.map(|p| p.error.clone()).ok().flatten();
+            return Err(TransferError::Failed(err.expect("error set")));
+        }
+    };
+    if streams as usize > MAX_STREAMS {
+        return Err(TransferError::Failed(Refusal { code: code::LIMIT, reason: format!("{streams} data streams") }));
+    }
+    let p = watch
+        .wait_for(|p| p.error.is_some() || p.streams_done >= streams)
+        .await
+        .map(|p| p.clone())
+        .map_err(|_| TransferError::Protocol("job dropped".into()))?;
+    if let Some(r) = p.error {
+        return Err(TransferError::Failed(r));
+    }
+    let job = inc.job.lock().expect("job").check_complete().map_err(|e| TransferError::Failed(e.refusal()));
+    job?;
+    inc.stage
+        .seal(&inc.offer, &paths, &inc.disk)
+        .await
+        .map_err(|e| TransferError::Failed(Refusal { code: code::IO, reason: e.to_string() }))?;
+    match hook(inc.offer.clone(), paths).await {
+        Ok(report) => {
+            write_msg(send, &Message::Committed { report: report.clone() }).await?;
+            let _ = send.finish();
+            Ok(Received::Committed(report))
+        }
+        Err(r) => Err(TransferError::Failed(r)),
+    }
+}
+
