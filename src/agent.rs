@@ -77,11 +77,6 @@ impl Agent {
         self.addr
     }
 
-    /// Runs until the endpoint is closed.
-    pub async fn wait(&self) {
-        self.endpoint.wait_idle().await;
-    }
-
     /// Closes every connection and stops the agent.
     pub async fn shutdown(self) {
         self.endpoint.close(quinn::VarInt::from_u32(0), b"agent shutting down");

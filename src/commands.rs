@@ -34,8 +34,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
+/// A command-line value that does not parse (exit code 2, like clap's own errors).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+fn usage(e: impl std::fmt::Display) -> UsageError {
+    UsageError(e.to_string())
+}
+
 /// Exit code for a failure; see `--help`.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<UsageError>().is_some() {
+        return 2;
+    }
     if let Some(t) = e.downcast_ref::<TransferError>() {
         return match t {
             TransferError::Connect { .. } | TransferError::Connection(_) => 4,
@@ -85,10 +97,8 @@ async fn agent(a: AgentArgs) -> Result<()> {
         None => local_default(&a.data)?,
     };
     let agent = Agent::start(config).await?;
-    tokio::select! {
-        _ = agent.wait() => {}
-        _ = shutdown_signal() => tracing::info!("shutting down"),
-    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
     agent.shutdown().await;
     Ok(())
 }
@@ -128,13 +138,13 @@ fn parse_meta(meta: &[String]) -> Result<Vec<(String, String)>> {
     meta.iter()
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => bail!("--meta {kv:?} is not KEY=VALUE"),
+            _ => Err(usage(format!("--meta {kv:?} is not KEY=VALUE")).into()),
         })
         .collect()
 }
 
 async fn push(p: PushArgs) -> Result<()> {
-    let peer: Peer = p.to.parse()?;
+    let peer: Peer = p.to.parse().map_err(usage)?;
     let opts = PushOptions { meta: parse_meta(&p.meta)?, ..Default::default() };
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
@@ -151,7 +161,7 @@ async fn push(p: PushArgs) -> Result<()> {
 }
 
 async fn pull(p: PullArgs) -> Result<()> {
-    let peer: Peer = p.peer.parse()?;
+    let peer: Peer = p.peer.parse().map_err(usage)?;
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
     let r = client.pull(&peer, &p.export, &p.files, &p.into).await.with_context(|| format!("pull from {peer} ({})", p.export))?;
