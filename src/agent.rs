@@ -61,16 +61,32 @@ impl Agent {
     pub async fn start_with_hooks(config: Config, hooks: Hooks) -> Result<Agent, AgentError> {
         let hooks = resolve_hooks(&config, hooks)?;
         let tls = TlsMaterial::load(&config.tls)?;
-        let endpoint = quinn::Endpoint::server(tls.server_config()?, config.listen)
-            .map_err(|source| AgentError::Bind { addr: config.listen, source })?;
-        let addr = endpoint.local_addr().map_err(|source| AgentError::Bind { addr: config.listen, source })?;
+        let endpoint =
+            quinn::Endpoint::server(tls.server_config()?, config.listen).map_err(|source| AgentError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = endpoint.local_addr().map_err(|source| AgentError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let disk = Disk::start().map_err(AgentError::Disk)?;
         let jobs = Semaphore::new(config.max_jobs);
-        let shared = Arc::new(Shared { config, hooks, disk, active: Mutex::new(HashSet::new()), jobs });
+        let shared = Arc::new(Shared {
+            config,
+            hooks,
+            disk,
+            active: Mutex::new(HashSet::new()),
+            jobs,
+        });
         info!(%addr, imports = shared.config.imports.len(), exports = shared.config.exports.len(), "agent listening");
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let sweep = tokio::spawn(sweep_loop(shared));
-        Ok(Agent { endpoint, addr, tasks: vec![accept, sweep] })
+        Ok(Agent {
+            endpoint,
+            addr,
+            tasks: vec![accept, sweep],
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -93,7 +109,9 @@ fn resolve_hooks(config: &Config, mut custom: Hooks) -> Result<Hooks, AgentError
         let hook: Arc<dyn ImportHook> = match &t.hook {
             HookSpec::Move => Arc::new(MoveHook),
             HookSpec::Exec(argv) => Arc::new(ExecHook { argv: argv.clone() }),
-            HookSpec::Custom => custom.remove(&t.name).ok_or_else(|| AgentError::MissingHook(t.name.clone()))?,
+            HookSpec::Custom => custom
+                .remove(&t.name)
+                .ok_or_else(|| AgentError::MissingHook(t.name.clone()))?,
         };
         out.insert(t.name.clone(), hook);
     }
@@ -101,7 +119,8 @@ fn resolve_hooks(config: &Config, mut custom: Hooks) -> Result<Hooks, AgentError
 }
 
 async fn sweep_loop(shared: Arc<Shared>) {
-    let period = (shared.config.staging_ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(600));
+    let period =
+        (shared.config.staging_ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(600));
     loop {
         for t in &shared.config.imports {
             sweep_expired(&t.path, shared.config.staging_ttl);
@@ -135,7 +154,12 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
         let table = JobTable::default();
         let router = transfer::spawn_data_router(conn.clone(), table.clone());
         while let Ok((send, recv)) = conn.accept_bi().await {
-            let ctx = JobCtx { conn: conn.clone(), shared: shared.clone(), peer: peer.clone(), table: table.clone() };
+            let ctx = JobCtx {
+                conn: conn.clone(),
+                shared: shared.clone(),
+                peer: peer.clone(),
+                table: table.clone(),
+            };
             tokio::spawn(ctx.run(send, recv).instrument(tracing::Span::current()));
         }
         router.abort();
@@ -153,7 +177,10 @@ struct JobCtx {
 }
 
 fn refuse(code: u16, reason: impl Into<String>) -> Refusal {
-    Refusal { code, reason: reason.into() }
+    Refusal {
+        code,
+        reason: reason.into(),
+    }
 }
 
 impl JobCtx {
@@ -161,7 +188,10 @@ impl JobCtx {
         let result = match transfer::expect_msg(&mut recv).await {
             Ok(Message::Offer(offer)) => self.push(offer, &mut send, &mut recv).await,
             Ok(Message::Fetch { export, files }) => self.pull(export, files, &mut send, &mut recv).await,
-            Ok(other) => Err(refuse(code::BAD_MESSAGE, format!("a job starts with an offer or a fetch, not {other:?}"))),
+            Ok(other) => Err(refuse(
+                code::BAD_MESSAGE,
+                format!("a job starts with an offer or a fetch, not {other:?}"),
+            )),
             Err(e) => Err(refuse(code::BAD_MESSAGE, e.to_string())),
         };
         if let Err(r) = result {
@@ -173,14 +203,25 @@ impl JobCtx {
     }
 
     /// A push into one of our import targets. `Err` means refused before accepting.
-    async fn push(&self, offer: Offer, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), Refusal> {
+    async fn push(
+        &self,
+        offer: Offer,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), Refusal> {
         let target = self.import_target(&offer.target)?;
         let hook = self.shared.hooks[&target.name].clone();
         let job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
         let span = info_span!("job", id = %job.id, target = %target.name, files = job.paths.len());
-        let _permit = self.shared.jobs.try_acquire().map_err(|_| refuse(code::BUSY, "agent is at its job limit"))?;
+        let _permit = self
+            .shared
+            .jobs
+            .try_acquire()
+            .map_err(|_| refuse(code::BUSY, "agent is at its job limit"))?;
         let _guard = ActiveGuard::claim(&self.shared, job.id)?;
-        let (job, stage) = async { self.prepare(job, &target, hook.as_ref()).await }.instrument(span.clone()).await?;
+        let (job, stage) = async { self.prepare(job, &target, hook.as_ref()).await }
+            .instrument(span.clone())
+            .await?;
         let run = self.receive(job, stage, target, hook, send, recv);
         if let Err(e) = run.instrument(span.clone()).await {
             span.in_scope(|| warn!(error = %e, "job failed"));
@@ -189,15 +230,28 @@ impl JobCtx {
     }
 
     fn import_target(&self, name: &str) -> Result<Import, Refusal> {
-        let t = self.shared.config.import(name).ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no import target named {name:?}")))?;
+        let t = self
+            .shared
+            .config
+            .import(name)
+            .ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no import target named {name:?}")))?;
         if !t.allow.allows(&self.peer) {
-            return Err(refuse(code::NOT_ALLOWED, format!("{} may not write to import target {:?}", self.peer, name)));
+            return Err(refuse(
+                code::NOT_ALLOWED,
+                format!("{} may not write to import target {:?}", self.peer, name),
+            ));
         }
         Ok(t.clone())
     }
 
-    async fn prepare(&self, mut job: ReceiveJob, target: &Import, hook: &dyn ImportHook) -> Result<(ReceiveJob, Stage), Refusal> {
-        hook.check(&target.path, &job.paths).map_err(|e| refuse(hook_code(&e), e.to_string()))?;
+    async fn prepare(
+        &self,
+        mut job: ReceiveJob,
+        target: &Import,
+        hook: &dyn ImportHook,
+    ) -> Result<(ReceiveJob, Stage), Refusal> {
+        hook.check(&target.path, &job.paths)
+            .map_err(|e| refuse(hook_code(&e), e.to_string()))?;
         let stage = Stage::open(&target.path, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
         let found = stage.scan(&mut job, &self.shared.disk).await;
         let need = missing_bytes(&job);
@@ -238,17 +292,28 @@ impl JobCtx {
         let out = transfer::receive_job(send, recv, job, stage, &self.shared.disk, &self.table, run_hook).await?;
         let _ = send.stopped().await;
         match out {
-            Received::Committed(report) => info!(elapsed_ms = started.elapsed().as_millis() as u64, %report, "committed"),
+            Received::Committed(report) => {
+                info!(elapsed_ms = started.elapsed().as_millis() as u64, %report, "committed")
+            }
             Received::Aborted => info!("aborted by sender; staging removed"),
         }
         Ok(())
     }
 
     /// A pull from one of our exports: we are the sender.
-    async fn pull(&self, export: String, files: Vec<String>, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), Refusal> {
+    async fn pull(
+        &self,
+        export: String,
+        files: Vec<String>,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), Refusal> {
         let ex = self.export_target(&export)?;
-        let list = crate::source::collect_export(&ex.path, &files).map_err(|e| refuse(source_code(&e), e.to_string()))?;
-        let offer = crate::source::make_offer(&ex.name, &list, vec![]).await.map_err(|e| refuse(code::IO, e.to_string()))?;
+        let list =
+            crate::source::collect_export(&ex.path, &files).map_err(|e| refuse(source_code(&e), e.to_string()))?;
+        let offer = crate::source::make_offer(&ex.name, &list, vec![])
+            .await
+            .map_err(|e| refuse(code::IO, e.to_string()))?;
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
         let sources = list.into_iter().map(|f| f.path).collect();
         let fault = transfer::Fault::default();
@@ -263,9 +328,16 @@ impl JobCtx {
     }
 
     fn export_target(&self, name: &str) -> Result<Export, Refusal> {
-        let t = self.shared.config.export(name).ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no export named {name:?}")))?;
+        let t = self
+            .shared
+            .config
+            .export(name)
+            .ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no export named {name:?}")))?;
         if !t.allow.allows(&self.peer) {
-            return Err(refuse(code::NOT_ALLOWED, format!("{} may not read export {:?}", self.peer, name)));
+            return Err(refuse(
+                code::NOT_ALLOWED,
+                format!("{} may not read export {:?}", self.peer, name),
+            ));
         }
         Ok(t.clone())
     }
@@ -283,12 +355,24 @@ fn missing_bytes(job: &ReceiveJob) -> u64 {
     need
 }
 
-fn import_job(offer: &Offer, paths: Vec<RelPath>, stage: &Stage, target: &Import, peer: String, job: String) -> ImportJob {
+fn import_job(
+    offer: &Offer,
+    paths: Vec<RelPath>,
+    stage: &Stage,
+    target: &Import,
+    peer: String,
+    job: String,
+) -> ImportJob {
     let files = offer
         .files
         .iter()
         .zip(&paths)
-        .map(|(f, p)| ImportFile { name: p.to_string(), path: stage.file(p), size: f.hashes.size, blake3: hex(&f.hashes.root) })
+        .map(|(f, p)| ImportFile {
+            name: p.to_string(),
+            path: stage.file(p),
+            size: f.hashes.size,
+            blake3: hex(&f.hashes.root),
+        })
         .collect();
     ImportJob {
         job,

@@ -6,8 +6,8 @@
 //! orphan every certificate it signed.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -32,7 +32,10 @@ pub enum CertError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
-    move |source| CertError::Io { path: path.to_path_buf(), source }
+    move |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Paths of the CA files in a certificate folder.
@@ -76,8 +79,7 @@ pub fn issue(dir: &Path, name: &str, sans: &[String]) -> Result<(), CertError> {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     set_validity(&mut params);
     let key = KeyPair::generate()?;
@@ -169,7 +171,10 @@ mod tests {
         assert!(matches!(issue(dir.path(), "h", &[]), Err(CertError::Io { .. })));
         init_ca(dir.path()).unwrap();
         for bad in ["", "a/b", "white space", "../x"] {
-            assert!(matches!(issue(dir.path(), bad, &[]), Err(CertError::BadName(_))), "{bad}");
+            assert!(
+                matches!(issue(dir.path(), bad, &[]), Err(CertError::BadName(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -84,9 +84,15 @@ impl Client {
     pub fn new(tls: &TlsFiles) -> Result<Client, TransferError> {
         let material = TlsMaterial::load(tls).map_err(|e| connect_err("local identity", e))?;
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransferError::Io { path: "udp socket".into(), source: e })?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransferError::Io {
+            path: "udp socket".into(),
+            source: e,
+        })?;
         endpoint.set_default_client_config(material.client_config().map_err(|e| connect_err("local identity", e))?);
-        let disk = Disk::start().map_err(|e| TransferError::Io { path: "io_uring".into(), source: e })?;
+        let disk = Disk::start().map_err(|e| TransferError::Io {
+            path: "io_uring".into(),
+            source: e,
+        })?;
         Ok(Client { endpoint, disk })
     }
 
@@ -97,12 +103,21 @@ impl Client {
             .map_err(|e| connect_err(peer, e))?
             .next()
             .ok_or_else(|| connect_err(peer, "no address"))?;
-        let connecting = self.endpoint.connect(addr, &peer.name).map_err(|e| connect_err(peer, e))?;
+        let connecting = self
+            .endpoint
+            .connect(addr, &peer.name)
+            .map_err(|e| connect_err(peer, e))?;
         connecting.await.map_err(|e| connect_err(peer, e))
     }
 
     /// Pushes files and folders into `target` on `peer` and waits for the commit.
-    pub async fn push(&self, peer: &Peer, target: &str, paths: &[PathBuf], opts: &PushOptions) -> Result<SendReport, TransferError> {
+    pub async fn push(
+        &self,
+        peer: &Peer,
+        target: &str,
+        paths: &[PathBuf],
+        opts: &PushOptions,
+    ) -> Result<SendReport, TransferError> {
         let files = crate::source::collect_push(paths)?;
         let offer = crate::source::make_offer(target, &files, opts.meta.clone()).await?;
         let sources = files.into_iter().map(|f| f.path).collect();
@@ -114,14 +129,33 @@ impl Client {
     }
 
     /// Pulls `files` (all if empty) of `export` on `peer` into `into`.
-    pub async fn pull(&self, peer: &Peer, export: &str, files: &[String], into: &Path) -> Result<PullReport, TransferError> {
-        std::fs::create_dir_all(into).map_err(|source| TransferError::Io { path: into.to_path_buf(), source })?;
-        let into = into.canonicalize().map_err(|source| TransferError::Io { path: into.to_path_buf(), source })?;
+    pub async fn pull(
+        &self,
+        peer: &Peer,
+        export: &str,
+        files: &[String],
+        into: &Path,
+    ) -> Result<PullReport, TransferError> {
+        std::fs::create_dir_all(into).map_err(|source| TransferError::Io {
+            path: into.to_path_buf(),
+            source,
+        })?;
+        let into = into.canonicalize().map_err(|source| TransferError::Io {
+            path: into.to_path_buf(),
+            source,
+        })?;
         let conn = self.connect(peer).await?;
         let table = JobTable::default();
         let router = transfer::spawn_data_router(conn.clone(), table.clone());
         let (mut send, mut recv) = conn.open_bi().await?;
-        transfer::write_msg(&mut send, &Message::Fetch { export: export.to_string(), files: files.to_vec() }).await?;
+        transfer::write_msg(
+            &mut send,
+            &Message::Fetch {
+                export: export.to_string(),
+                files: files.to_vec(),
+            },
+        )
+        .await?;
         let result = self.receive_pull(&into, &table, &mut send, &mut recv).await;
         router.abort();
         conn.close(quinn::VarInt::from_u32(0), b"done");
@@ -154,7 +188,12 @@ impl Client {
             blocks_received: job.missing(),
             blocks_resumed: 0,
         };
-        let total: u64 = job.offer.files.iter().map(|f| crate::proto::blocks::block_count(f.hashes.size)).sum();
+        let total: u64 = job
+            .offer
+            .files
+            .iter()
+            .map(|f| crate::proto::blocks::block_count(f.hashes.size))
+            .sum();
         report.blocks_resumed = total - job.missing();
         let st = stage.clone();
         let into2 = into.to_path_buf();
@@ -162,7 +201,10 @@ impl Client {
             let res = tokio::task::spawn_blocking(move || move_into_place(&st, &into2, &paths).map(|_| st.remove()))
                 .await
                 .expect("move task");
-            res.map(|_| "pulled".to_string()).map_err(|e| Refusal { code: crate::proto::wire::code::EXISTS, reason: e.to_string() })
+            res.map(|_| "pulled".to_string()).map_err(|e| Refusal {
+                code: crate::proto::wire::code::EXISTS,
+                reason: e.to_string(),
+            })
         };
         match transfer::receive_job(send, recv, job, stage, &self.disk, table, hook).await? {
             Received::Committed(_) => Ok(report),
@@ -171,18 +213,34 @@ impl Client {
     }
 }
 
-async fn prepare_pull(offer: crate::proto::wire::Offer, into: &Path, disk: &Disk) -> Result<(ReceiveJob, Stage), Refusal> {
+async fn prepare_pull(
+    offer: crate::proto::wire::Offer,
+    into: &Path,
+    disk: &Disk,
+) -> Result<(ReceiveJob, Stage), Refusal> {
     let mut job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
-    MoveHook.check(into, &job.paths).map_err(|e| Refusal { code: crate::proto::wire::code::EXISTS, reason: e.to_string() })?;
-    let io = |e: crate::stage::StageError| Refusal { code: crate::proto::wire::code::IO, reason: e.to_string() };
+    MoveHook.check(into, &job.paths).map_err(|e| Refusal {
+        code: crate::proto::wire::code::EXISTS,
+        reason: e.to_string(),
+    })?;
+    let io = |e: crate::stage::StageError| Refusal {
+        code: crate::proto::wire::code::IO,
+        reason: e.to_string(),
+    };
     let stage = Stage::open(into, &job).map_err(io)?;
     stage.scan(&mut job, disk).await;
-    check_space(into, job.offer.total_bytes()).map_err(|e| Refusal { code: crate::proto::wire::code::NO_SPACE, reason: e.to_string() })?;
+    check_space(into, job.offer.total_bytes()).map_err(|e| Refusal {
+        code: crate::proto::wire::code::NO_SPACE,
+        reason: e.to_string(),
+    })?;
     Ok((job, stage))
 }
 
 fn connect_err(peer: impl std::fmt::Display, e: impl std::fmt::Display) -> TransferError {
-    TransferError::Connect { peer: peer.to_string(), reason: e.to_string() }
+    TransferError::Connect {
+        peer: peer.to_string(),
+        reason: e.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -192,9 +250,21 @@ mod tests {
     #[test]
     fn peers_parse_in_both_forms() {
         let p: Peer = "store-b:7878".parse().unwrap();
-        assert_eq!(p, Peer { name: "store-b".into(), addr: "store-b:7878".into() });
+        assert_eq!(
+            p,
+            Peer {
+                name: "store-b".into(),
+                addr: "store-b:7878".into()
+            }
+        );
         let p: Peer = "store-b@127.0.0.1:9000".parse().unwrap();
-        assert_eq!(p, Peer { name: "store-b".into(), addr: "127.0.0.1:9000".into() });
+        assert_eq!(
+            p,
+            Peer {
+                name: "store-b".into(),
+                addr: "127.0.0.1:9000".into()
+            }
+        );
         for bad in ["nohost", "a@b", "x:notaport", "@1.2.3.4:5", ":80"] {
             assert!(bad.parse::<Peer>().is_err(), "{bad}");
         }

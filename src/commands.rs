@@ -16,7 +16,10 @@ pub fn init_logging(cmd: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 pub fn run(cmd: Command) -> Result<()> {
@@ -31,7 +34,10 @@ pub fn run(cmd: Command) -> Result<()> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// A command-line value that does not parse (exit code 2, like clap's own errors).
@@ -71,7 +77,11 @@ fn certs(c: CertsCommand) -> Result<()> {
     match c {
         CertsCommand::Init { dir } => {
             barge::certs::init_ca(&dir)?;
-            println!("made CA {} and {} (keep the key private)", dir.join("ca.pem").display(), dir.join("ca.key").display());
+            println!(
+                "made CA {} and {} (keep the key private)",
+                dir.join("ca.pem").display(),
+                dir.join("ca.key").display()
+            );
         }
         CertsCommand::Issue { name, dir, sans } => {
             barge::certs::issue(&dir, &name, &sans)?;
@@ -129,7 +139,10 @@ fn client(id: &IdentityArgs) -> Result<Client> {
     let dir = id.certs.clone().unwrap_or_else(|| PathBuf::from("barge-data/certs"));
     let name = id.identity.clone().unwrap_or_else(|| "client".to_string());
     if !dir.join("ca.pem").exists() {
-        bail!(barge::tls::TlsError::Empty { path: dir.join("ca.pem"), what: "CA certificate (set --certs DIR or BARGE_CERTS)" });
+        bail!(barge::tls::TlsError::Empty {
+            path: dir.join("ca.pem"),
+            what: "CA certificate (set --certs DIR or BARGE_CERTS)"
+        });
     }
     Ok(Client::new(&TlsFiles::in_dir(&dir, &name))?)
 }
@@ -145,14 +158,27 @@ fn parse_meta(meta: &[String]) -> Result<Vec<(String, String)>> {
 
 async fn push(p: PushArgs) -> Result<()> {
     let peer: Peer = p.to.parse().map_err(usage)?;
-    let opts = PushOptions { meta: parse_meta(&p.meta)?, ..Default::default() };
+    let opts = PushOptions {
+        meta: parse_meta(&p.meta)?,
+        ..Default::default()
+    };
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
-    let r = client.push(&peer, &p.import, &p.paths, &opts).await.with_context(|| format!("push to {peer} ({})", p.import))?;
+    let r = client
+        .push(&peer, &p.import, &p.paths, &opts)
+        .await
+        .with_context(|| format!("push to {peer} ({})", p.import))?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "committed {} files, {} bytes to {}:{} in {:.2}s ({:.1} MB/s); sent {} blocks, {} already there",
-        r.files, r.bytes_total, peer.name, p.import, secs, r.bytes_sent as f64 / secs / 1e6, r.blocks_sent, r.blocks_held
+        r.files,
+        r.bytes_total,
+        peer.name,
+        p.import,
+        secs,
+        r.bytes_sent as f64 / secs / 1e6,
+        r.blocks_sent,
+        r.blocks_held
     );
     if !r.report.is_empty() {
         println!("import hook: {}", r.report);
@@ -164,10 +190,18 @@ async fn pull(p: PullArgs) -> Result<()> {
     let peer: Peer = p.peer.parse().map_err(usage)?;
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
-    let r = client.pull(&peer, &p.export, &p.files, &p.into).await.with_context(|| format!("pull from {peer} ({})", p.export))?;
+    let r = client
+        .pull(&peer, &p.export, &p.files, &p.into)
+        .await
+        .with_context(|| format!("pull from {peer} ({})", p.export))?;
     println!(
         "pulled {} files, {} bytes into {} in {:.2}s; received {} blocks, {} already there",
-        r.files, r.bytes, p.into.display(), started.elapsed().as_secs_f64(), r.blocks_received, r.blocks_resumed
+        r.files,
+        r.bytes,
+        p.into.display(),
+        started.elapsed().as_secs_f64(),
+        r.blocks_received,
+        r.blocks_resumed
     );
     Ok(())
 }

@@ -27,7 +27,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,16 +119,18 @@ pub struct Config {
 impl Config {
     /// Reads and validates a TOML file. Relative paths are taken from the file's folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, base)
-            .map_err(|e| match e {
-                ConfigError::Parse { message, .. } => {
-                    ConfigError::Parse { path: path.to_path_buf(), message }
-                }
-                other => other,
-            })
+        Config::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
     }
 
     /// Parses and validates TOML text; relative paths are taken from `base`.
@@ -181,11 +186,12 @@ allow = ["*"]
 fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     let listen = match raw.listen.as_deref() {
         None => SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
-        Some(s) => s.parse().map_err(|_| invalid("listen", format!("{s:?} is not ADDR:PORT")))?,
+        Some(s) => s
+            .parse()
+            .map_err(|_| invalid("listen", format!("{s:?} is not ADDR:PORT")))?,
     };
     let data_dir = base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("barge-data")));
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| invalid("data_dir", format!("{}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(&data_dir).map_err(|e| invalid("data_dir", format!("{}: {e}", data_dir.display())))?;
     let tls = TlsFiles {
         ca: existing_file("tls.ca", &base.join(raw.tls.ca))?,
         cert: existing_file("tls.cert", &base.join(raw.tls.cert))?,
@@ -207,7 +213,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     check_unique("export", exports.iter().map(|e| &e.0.name))?;
     check_unique("import", imports.iter().map(|e| &e.0.name))?;
     check_no_overlap(&imports)?;
-    let staging_ttl = raw.staging_ttl_secs.map(Duration::from_secs).unwrap_or(DEFAULT_STAGING_TTL);
+    let staging_ttl = raw
+        .staging_ttl_secs
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_STAGING_TTL);
     let max_jobs = raw.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
     if max_jobs == 0 {
         return Err(invalid("max_jobs", "must be at least 1"));
@@ -216,8 +225,23 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         listen,
         data_dir,
         tls,
-        exports: exports.into_iter().map(|(t, _)| Export { name: t.name, path: t.path, allow: t.allow }).collect(),
-        imports: imports.into_iter().map(|(t, hook)| Import { name: t.name, path: t.path, allow: t.allow, hook }).collect(),
+        exports: exports
+            .into_iter()
+            .map(|(t, _)| Export {
+                name: t.name,
+                path: t.path,
+                allow: t.allow,
+            })
+            .collect(),
+        imports: imports
+            .into_iter()
+            .map(|(t, hook)| Import {
+                name: t.name,
+                path: t.path,
+                allow: t.allow,
+                hook,
+            })
+            .collect(),
         staging_ttl,
         max_jobs,
     })
@@ -244,16 +268,22 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
     check_name(&format!("{key}.name"), &t.name)?;
     let key = format!("{key} ({})", t.name);
     let path = base.join(&t.path);
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| invalid(format!("{key}.path"), format!("{}: {e}", path.display())))?;
+    let meta =
+        std::fs::metadata(&path).map_err(|e| invalid(format!("{key}.path"), format!("{}: {e}", path.display())))?;
     if !meta.is_dir() {
-        return Err(invalid(format!("{key}.path"), format!("{} is not a folder", path.display())));
+        return Err(invalid(
+            format!("{key}.path"),
+            format!("{} is not a folder", path.display()),
+        ));
     }
     let path = path
         .canonicalize()
         .map_err(|e| invalid(format!("{key}.path"), format!("{}: {e}", path.display())))?;
     if t.allow.is_empty() {
-        return Err(invalid(format!("{key}.allow"), "is empty: nobody could use this target"));
+        return Err(invalid(
+            format!("{key}.allow"),
+            "is empty: nobody could use this target",
+        ));
     }
     let hook = if import {
         hook_spec(&key, t.hook.as_deref(), t.exec)?
@@ -262,7 +292,14 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
     } else {
         HookSpec::Move
     };
-    Ok((Target { name: t.name, path, allow: AllowList(t.allow) }, hook))
+    Ok((
+        Target {
+            name: t.name,
+            path,
+            allow: AllowList(t.allow),
+        },
+        hook,
+    ))
 }
 
 fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result<HookSpec, ConfigError> {
@@ -270,9 +307,15 @@ fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result
         ("move", None) => Ok(HookSpec::Move),
         ("custom", None) => Ok(HookSpec::Custom),
         ("exec", Some(cmd)) if !cmd.is_empty() && !cmd[0].is_empty() => Ok(HookSpec::Exec(cmd)),
-        ("exec", _) => Err(invalid(format!("{key}.exec"), "hook = \"exec\" needs exec = [\"/path/to/command\", ...]")),
+        ("exec", _) => Err(invalid(
+            format!("{key}.exec"),
+            "hook = \"exec\" needs exec = [\"/path/to/command\", ...]",
+        )),
         ("move" | "custom", Some(_)) => Err(invalid(format!("{key}.exec"), "only used with hook = \"exec\"")),
-        (other, _) => Err(invalid(format!("{key}.hook"), format!("{other:?} is not one of move, exec, custom"))),
+        (other, _) => Err(invalid(
+            format!("{key}.hook"),
+            format!("{other:?} is not one of move, exec, custom"),
+        )),
     }
 }
 
@@ -311,7 +354,12 @@ fn check_no_overlap(imports: &[(Target, HookSpec)]) -> Result<(), ConfigError> {
             if a.path.starts_with(&b.path) || b.path.starts_with(&a.path) {
                 return Err(invalid(
                     format!("import ({}).path", b.name),
-                    format!("{} overlaps import {:?} at {}", b.path.display(), a.name, a.path.display()),
+                    format!(
+                        "{} overlaps import {:?} at {}",
+                        b.path.display(),
+                        a.name,
+                        a.path.display()
+                    ),
                 ));
             }
         }
@@ -362,20 +410,39 @@ mod tests {
     #[test]
     fn bad_configs_name_the_key() {
         let dir = setup();
-        refused(&dir, "[[import]]\nname = \"x\"\npath = \"missing\"\nallow = [\"a\"]\n", "import[0] (x).path");
+        refused(
+            &dir,
+            "[[import]]\nname = \"x\"\npath = \"missing\"\nallow = [\"a\"]\n",
+            "import[0] (x).path",
+        );
         refused(&dir, "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = []\n", "allow");
         refused(
             &dir,
             "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\n[[import]]\nname = \"y\"\npath = \"in1/sub\"\nallow = [\"a\"]\n",
             "overlaps",
         );
-        refused(&dir, "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\nhook = \"exec\"\n", "exec");
-        refused(&dir, "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\nhook = \"nope\"\n", "hook");
-        refused(&dir, "[[import]]\nname = \"../x\"\npath = \"in1\"\nallow = [\"a\"]\n", "name");
+        refused(
+            &dir,
+            "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\nhook = \"exec\"\n",
+            "exec",
+        );
+        refused(
+            &dir,
+            "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\nhook = \"nope\"\n",
+            "hook",
+        );
+        refused(
+            &dir,
+            "[[import]]\nname = \"../x\"\npath = \"in1\"\nallow = [\"a\"]\n",
+            "name",
+        );
         refused(&dir, "bogus = 1\n", "bogus");
-        let err = Config::parse("listen = \"nowhere\"\n[tls]\nca=\"certs/ca.pem\"\ncert=\"certs/a.pem\"\nkey=\"certs/a.key\"\n", dir.path())
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            "listen = \"nowhere\"\n[tls]\nca=\"certs/ca.pem\"\ncert=\"certs/a.pem\"\nkey=\"certs/a.key\"\n",
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("listen"), "{err}");
     }
 

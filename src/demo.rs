@@ -22,16 +22,37 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!("made a private CA and certificates for store-a, store-b and operator");
     let data = root.join("a-export/dataset");
     let (files, bytes) = generate(&data, args.size_mib << 20)?;
-    println!("generated {files} files, {:.0} MiB in {}", bytes as f64 / (1 << 20) as f64, data.display());
+    println!(
+        "generated {files} files, {:.0} MiB in {}",
+        bytes as f64 / (1 << 20) as f64,
+        data.display()
+    );
 
-    let a = start_agent(&root, "store-a", "[[export]]\nname = \"ssts\"\npath = \"a-export\"\nallow = [\"operator\"]\n").await?;
-    let b = start_agent(&root, "store-b", "[[import]]\nname = \"ingest\"\npath = \"b-import\"\nallow = [\"operator\"]\n").await?;
-    println!("agents: store-a on {} (export ssts), store-b on {} (import ingest)", a.local_addr(), b.local_addr());
+    let a = start_agent(
+        &root,
+        "store-a",
+        "[[export]]\nname = \"ssts\"\npath = \"a-export\"\nallow = [\"operator\"]\n",
+    )
+    .await?;
+    let b = start_agent(
+        &root,
+        "store-b",
+        "[[import]]\nname = \"ingest\"\npath = \"b-import\"\nallow = [\"operator\"]\n",
+    )
+    .await?;
+    println!(
+        "agents: store-a on {} (export ssts), store-b on {} (import ingest)",
+        a.local_addr(),
+        b.local_addr()
+    );
 
     let client = Client::new(&TlsFiles::in_dir(&certs, "operator"))?;
     let peer_b: Peer = format!("store-b@{}", b.local_addr()).parse()?;
     let t = Instant::now();
-    let r = client.push(&peer_b, "ingest", &[data.clone()], &PushOptions::default()).await.context("push to store-b")?;
+    let r = client
+        .push(&peer_b, "ingest", std::slice::from_ref(&data), &PushOptions::default())
+        .await
+        .context("push to store-b")?;
     report("push  -> store-b:ingest", r.files, r.bytes_total, t);
     let n = compare(&data, &root.join("b-import/dataset"))?;
     println!("        every one of {n} files on store-b has the source's blake3 root");
@@ -39,7 +60,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let peer_a: Peer = format!("store-a@{}", a.local_addr()).parse()?;
     let into = root.join("pulled");
     let t = Instant::now();
-    let r = client.pull(&peer_a, "ssts", &[], &into).await.context("pull from store-a")?;
+    let r = client
+        .pull(&peer_a, "ssts", &[], &into)
+        .await
+        .context("pull from store-a")?;
     report("pull  <- store-a:ssts ", r.files, r.bytes, t);
     let n = compare(&data, &into.join("dataset"))?;
     println!("        every one of {n} pulled files has the source's blake3 root");
@@ -56,7 +80,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 fn report(what: &str, files: usize, bytes: u64, t: Instant) {
     let s = t.elapsed().as_secs_f64();
-    println!("{what}: {files} files, {:.0} MiB in {s:.2}s = {:.0} MB/s, {:.0} files/s, committed", bytes as f64 / (1 << 20) as f64, bytes as f64 / s / 1e6, files as f64 / s);
+    println!(
+        "{what}: {files} files, {:.0} MiB in {s:.2}s = {:.0} MB/s, {:.0} files/s, committed",
+        bytes as f64 / (1 << 20) as f64,
+        bytes as f64 / s / 1e6,
+        files as f64 / s
+    );
 }
 
 async fn start_agent(root: &Path, name: &str, targets: &str) -> Result<Agent> {
@@ -76,7 +105,10 @@ fn generate(dir: &Path, total: u64) -> Result<(usize, u64)> {
     let mut sizes = Vec::new();
     let large = total * 6 / 10;
     sizes.extend([large / 2, large / 2 + 12345]);
-    sizes.extend(std::iter::repeat_n((4 << 20) + 17, (total * 25 / 100 / (4 << 20)) as usize));
+    sizes.extend(std::iter::repeat_n(
+        (4 << 20) + 17,
+        (total * 25 / 100 / (4 << 20)) as usize,
+    ));
     let small_total = total.saturating_sub(sizes.iter().sum());
     sizes.extend((0..(small_total / (16 << 10)).min(4000)).map(|i| 1 + (i * 7919) % (32 << 10)));
     let mut bytes = 0;
@@ -89,7 +121,10 @@ fn generate(dir: &Path, total: u64) -> Result<(usize, u64)> {
         let path = dir.join(format!("{sub}.{i}.sst"));
         std::fs::create_dir_all(path.parent().expect("parent"))?;
         let mut buf = vec![0u8; *size as usize];
-        blake3::Hasher::new().update(&i.to_le_bytes()).finalize_xof().fill(&mut buf);
+        blake3::Hasher::new()
+            .update(&i.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut buf);
         std::fs::write(&path, &buf)?;
         bytes += size;
     }
@@ -102,7 +137,11 @@ fn compare(src: &Path, dst: &Path) -> Result<usize> {
         let rel: PathBuf = f.name.as_str().split('/').skip(1).collect();
         let got = std::fs::read(dst.join(&rel)).with_context(|| format!("{}", dst.join(&rel).display()))?;
         let want = std::fs::read(&f.path)?;
-        ensure!(blake3::hash(&got) == blake3::hash(&want), "{} differs from its source", rel.display());
+        ensure!(
+            blake3::hash(&got) == blake3::hash(&want),
+            "{} differs from its source",
+            rel.display()
+        );
     }
     Ok(files.len())
 }

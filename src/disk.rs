@@ -12,9 +12,23 @@ use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot};
 
 enum Request {
-    Read { path: PathBuf, offset: u64, len: usize, reply: oneshot::Sender<io::Result<Bytes>> },
-    Write { path: PathBuf, offset: u64, data: Bytes, reply: oneshot::Sender<io::Result<()>> },
-    Sync { path: PathBuf, len: u64, reply: oneshot::Sender<io::Result<()>> },
+    Read {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        reply: oneshot::Sender<io::Result<Bytes>>,
+    },
+    Write {
+        path: PathBuf,
+        offset: u64,
+        data: Bytes,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Sync {
+        path: PathBuf,
+        len: u64,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
 }
 
 /// Handle to the io_uring thread; cheap to clone. The thread ends with the last handle.
@@ -56,14 +70,28 @@ impl Disk {
     /// Reads exactly `len` bytes at `offset`; a shorter file is an `UnexpectedEof`.
     pub async fn read_at(&self, path: PathBuf, offset: u64, len: usize) -> io::Result<Bytes> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Read { path, offset, len, reply }).map_err(|_| gone())?;
+        self.tx
+            .send(Request::Read {
+                path,
+                offset,
+                len,
+                reply,
+            })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 
     /// Writes `data` at `offset`, creating the file if needed.
     pub async fn write_at(&self, path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Write { path, offset, data, reply }).map_err(|_| gone())?;
+        self.tx
+            .send(Request::Write {
+                path,
+                offset,
+                data,
+                reply,
+            })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 
@@ -75,10 +103,7 @@ impl Disk {
     }
 }
 
-async fn serve(
-    mut rx: mpsc::UnboundedReceiver<Request>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-) {
+async fn serve(mut rx: mpsc::UnboundedReceiver<Request>, ready: std::sync::mpsc::Sender<Result<(), String>>) {
     let _ = ready.send(Ok(()));
     while let Some(req) = rx.recv().await {
         tokio_uring::spawn(handle(req));
@@ -87,10 +112,20 @@ async fn serve(
 
 async fn handle(req: Request) {
     match req {
-        Request::Read { path, offset, len, reply } => {
+        Request::Read {
+            path,
+            offset,
+            len,
+            reply,
+        } => {
             let _ = reply.send(read(path, offset, len).await);
         }
-        Request::Write { path, offset, data, reply } => {
+        Request::Write {
+            path,
+            offset,
+            data,
+            reply,
+        } => {
             let _ = reply.send(write(path, offset, data).await);
         }
         Request::Sync { path, len, reply } => {

@@ -79,7 +79,10 @@ impl ImportHook for MoveHook {
     }
 
     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
-        let stage = job.stage.as_ref().ok_or_else(|| HookError::Other("no staging folder".into()))?;
+        let stage = job
+            .stage
+            .as_ref()
+            .ok_or_else(|| HookError::Other("no staging folder".into()))?;
         move_into_place(stage, &job.target_dir, &job.paths)?;
         Ok(format!("moved {} files into {}", job.files.len(), job.target))
     }
@@ -134,7 +137,10 @@ impl ImportHook for ExecHook {
         if status.success() {
             Ok(tail(&out))
         } else {
-            Err(HookError::Exit { status: status.to_string(), stderr: tail(&err) })
+            Err(HookError::Exit {
+                status: status.to_string(),
+                stderr: tail(&err),
+            })
         }
     }
 }
@@ -156,7 +162,12 @@ mod tests {
             target_dir: dir.to_path_buf(),
             staged_dir: dir.to_path_buf(),
             peer: "p".into(),
-            files: vec![ImportFile { name: "a".into(), path: dir.join("a"), size: 1, blake3: "00".into() }],
+            files: vec![ImportFile {
+                name: "a".into(),
+                path: dir.join("a"),
+                size: 1,
+                blake3: "00".into(),
+            }],
             meta: [("region".to_string(), "2".to_string())].into(),
             stage: None,
             paths: vec![],
@@ -167,9 +178,14 @@ mod tests {
     fn exec_hook_gets_paths_as_arguments_and_json_on_stdin() {
         let t = tempfile::tempdir().unwrap();
         let j = job(t.path());
-        let hook = ExecHook { argv: vec!["sh".into(), "-c".into(), "echo \"$1\"; cat".into(), "sh".into()] };
+        let hook = ExecHook {
+            argv: vec!["sh".into(), "-c".into(), "echo \"$1\"; cat".into(), "sh".into()],
+        };
         let report = hook.import(&j).unwrap();
-        assert!(report.starts_with(&t.path().join("a").display().to_string()), "{report}");
+        assert!(
+            report.starts_with(&t.path().join("a").display().to_string()),
+            "{report}"
+        );
         let json: serde_json::Value = serde_json::from_str(report.lines().nth(1).unwrap()).unwrap();
         assert_eq!(json["meta"]["region"], "2");
         assert_eq!(json["files"][0]["name"], "a");
@@ -178,10 +194,14 @@ mod tests {
     #[test]
     fn exec_hook_failure_carries_stderr() {
         let t = tempfile::tempdir().unwrap();
-        let hook = ExecHook { argv: vec!["sh".into(), "-c".into(), "echo ingest refused >&2; exit 3".into()] };
+        let hook = ExecHook {
+            argv: vec!["sh".into(), "-c".into(), "echo ingest refused >&2; exit 3".into()],
+        };
         let err = hook.import(&job(t.path())).unwrap_err().to_string();
         assert!(err.contains("ingest refused") && err.contains('3'), "{err}");
-        let missing = ExecHook { argv: vec!["/nonexistent/hook".into()] };
+        let missing = ExecHook {
+            argv: vec!["/nonexistent/hook".into()],
+        };
         assert!(matches!(missing.import(&job(t.path())), Err(HookError::Spawn { .. })));
     }
 }

@@ -1,11 +1,84 @@
-pub mod proto;
+//! barge moves immutable storage files (SSTs, sealed data files) between hosts over
+//! QUIC with mutual TLS, verifies every 1 MiB block with blake3 as it arrives, and
+//! hands each job to the storage engine on the receiving host all at once or not at all.
+//!
+//! # Tour
+//!
+//! The protocol core has no I/O; the layers below it drive it over quinn and io_uring.
+//!
+//! - [`proto`]: the core. [`proto::blocks`] cuts files into blocks whose blake3
+//!   chaining values merge into the plain blake3 root (what `b3sum` prints);
+//!   [`proto::wire`] encodes the v1 control messages; [`proto::path`] checks relative
+//!   names; [`proto::job`] tracks verified blocks and plans which stream sends what.
+//! - [`certs`]: a private CA and host certificates; a host's identity is its DNS name.
+//! - [`tls`]: rustls/quinn configuration with mutual authentication, peer identity.
+//! - [`config`]: the agent's TOML configuration, validated in one place.
+//! - [`disk`]: reads, writes and syncs on an io_uring thread.
+//! - [`source`]: the files a push or an export sends, and their hashes.
+//! - [`stage`]: the receiving side's staging folder, resume scan, atomic placement.
+//! - [`hook`]: import hooks (`move`, `exec`, and the [`hook::ImportHook`] trait).
+//! - [`transfer`]: sender and receiver of one job over a QUIC connection.
+//! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports.
+//! - [`client`]: push and pull from a program or the CLI.
+//!
+//! # Example
+//!
+//! An engine that embeds an agent with its own import hook, and a client that pushes
+//! a file to it:
+//!
+//! ```
+//! use barge::{agent::{Agent, Hooks}, client::{Client, PushOptions}, config::Config};
+//! use barge::hook::{HookError, ImportHook, ImportJob};
+//! use std::sync::Arc;
+//!
+//! struct Engine;
+//! impl ImportHook for Engine {
+//!     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
+//!         // Every file is verified and synced; ingest job.files here.
+//!         Ok(format!("ingested {} files", job.files.len()))
+//!     }
+//! }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let certs = dir.path().join("certs");
+//! barge::certs::init_ca(&certs)?;
+//! barge::certs::issue(&certs, "store-b", &[])?;
+//! barge::certs::issue(&certs, "operator", &[])?;
+//! std::fs::create_dir(dir.path().join("ingest"))?;
+//! let config = Config::parse(r#"
+//!     listen = "127.0.0.1:0"
+//!     [tls]
+//!     ca = "certs/ca.pem"
+//!     cert = "certs/store-b.pem"
+//!     key = "certs/store-b.key"
+//!     [[import]]
+//!     name = "ingest"
+//!     path = "ingest"
+//!     allow = ["operator"]
+//!     hook = "custom"
+//! "#, dir.path())?;
+//! let hooks = Hooks::from([("ingest".to_string(), Arc::new(Engine) as Arc<dyn ImportHook>)]);
+//! let agent = Agent::start_with_hooks(config, hooks).await?;
+//!
+//! let file = dir.path().join("000042.sst");
+//! std::fs::write(&file, b"an immutable file")?;
+//! let client = Client::new(&barge::tls::TlsFiles::in_dir(&certs, "operator"))?;
+//! let peer = format!("store-b@{}", agent.local_addr()).parse()?;
+//! let report = client.push(&peer, "ingest", &[file], &PushOptions::default()).await?;
+//! assert_eq!(report.report, "ingested 1 files");
+//! agent.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod agent;
 pub mod certs;
-pub mod tls;
+pub mod client;
 pub mod config;
 pub mod disk;
-pub mod stage;
 pub mod hook;
+pub mod proto;
 pub mod source;
+pub mod stage;
+pub mod tls;
 pub mod transfer;
-pub mod agent;
-pub mod client;

@@ -32,7 +32,10 @@ pub enum SourceError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
-    move |source| SourceError::Io { path: path.to_path_buf(), source }
+    move |source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A file to send: its name in the job and where it is on disk.
@@ -76,7 +79,11 @@ pub fn collect_export(root: &Path, names: &[String]) -> Result<Vec<SourceFile>, 
         if !meta.is_file() {
             return Err(SourceError::NotFound(n.clone()));
         }
-        out.push(SourceFile { name: rel, path: cur, size: meta.len() });
+        out.push(SourceFile {
+            name: rel,
+            path: cur,
+            size: meta.len(),
+        });
     }
     finish(out)
 }
@@ -87,7 +94,11 @@ fn add_entry(path: &Path, name: &str, out: &mut Vec<SourceFile>) -> Result<(), S
         return Err(SourceError::Symlink(path.to_path_buf()));
     }
     if meta.is_file() {
-        out.push(SourceFile { name: RelPath::new(name)?, path: path.to_path_buf(), size: meta.len() });
+        out.push(SourceFile {
+            name: RelPath::new(name)?,
+            path: path.to_path_buf(),
+            size: meta.len(),
+        });
         Ok(())
     } else if meta.is_dir() {
         walk(path, Some(name), out)
@@ -128,16 +139,16 @@ fn finish(mut out: Vec<SourceFile>) -> Result<Vec<SourceFile>, SourceError> {
 }
 
 /// Hashes every file (on blocking threads, two at a time) and builds the offer.
-pub async fn make_offer(
-    target: &str,
-    files: &[SourceFile],
-    meta: Vec<(String, String)>,
-) -> Result<Offer, SourceError> {
+pub async fn make_offer(target: &str, files: &[SourceFile], meta: Vec<(String, String)>) -> Result<Offer, SourceError> {
     let workers = 2;
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
-        let mine: Vec<(usize, SourceFile)> =
-            files.iter().cloned().enumerate().filter(|(i, _)| i % workers == w).collect();
+        let mine: Vec<(usize, SourceFile)> = files
+            .iter()
+            .cloned()
+            .enumerate()
+            .filter(|(i, _)| i % workers == w)
+            .collect();
         tasks.spawn_blocking(move || {
             mine.into_iter()
                 .map(|(i, f)| hash_file(&f.path, f.size).map(|h| (i, h)))
@@ -153,9 +164,16 @@ pub async fn make_offer(
     let files = files
         .iter()
         .zip(hashes)
-        .map(|(f, h)| OfferFile { path: f.name.to_string(), hashes: h.expect("every file hashed") })
+        .map(|(f, h)| OfferFile {
+            path: f.name.to_string(),
+            hashes: h.expect("every file hashed"),
+        })
         .collect();
-    Ok(Offer { target: target.to_string(), files, meta })
+    Ok(Offer {
+        target: target.to_string(),
+        files,
+        meta,
+    })
 }
 
 /// Hashes one file, expecting `size` bytes.
@@ -191,8 +209,14 @@ mod tests {
         let dup = collect_push(&[t.path().join("a/x"), t.path().join("b/x")]);
         assert!(matches!(dup, Err(SourceError::Duplicate(_))));
         std::os::unix::fs::symlink("/etc", t.path().join("a/link")).unwrap();
-        assert!(matches!(collect_push(&[t.path().join("a")]), Err(SourceError::Symlink(_))));
-        assert!(matches!(collect_push(&[t.path().join("none")]), Err(SourceError::Io { .. })));
+        assert!(matches!(
+            collect_push(&[t.path().join("a")]),
+            Err(SourceError::Symlink(_))
+        ));
+        assert!(matches!(
+            collect_push(&[t.path().join("none")]),
+            Err(SourceError::Io { .. })
+        ));
     }
 
     #[test]
@@ -204,10 +228,22 @@ mod tests {
         std::os::unix::fs::symlink(t.path().join("secret"), t.path().join("r/link")).unwrap();
         let root = t.path().join("r");
         assert_eq!(collect_export(&root, &["d/f".into()]).unwrap().len(), 1);
-        assert!(matches!(collect_export(&root, &["../secret".into()]), Err(SourceError::BadName(_))));
-        assert!(matches!(collect_export(&root, &["link".into()]), Err(SourceError::Symlink(_))));
-        assert!(matches!(collect_export(&root, &["d".into()]), Err(SourceError::NotFound(_))));
-        assert!(matches!(collect_export(&root, &["nope".into()]), Err(SourceError::NotFound(_))));
+        assert!(matches!(
+            collect_export(&root, &["../secret".into()]),
+            Err(SourceError::BadName(_))
+        ));
+        assert!(matches!(
+            collect_export(&root, &["link".into()]),
+            Err(SourceError::Symlink(_))
+        ));
+        assert!(matches!(
+            collect_export(&root, &["d".into()]),
+            Err(SourceError::NotFound(_))
+        ));
+        assert!(matches!(
+            collect_export(&root, &["nope".into()]),
+            Err(SourceError::NotFound(_))
+        ));
     }
 
     #[tokio::test]

@@ -29,7 +29,10 @@ pub enum StageError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
-    move |source| StageError::Io { path: path.to_path_buf(), source }
+    move |source| StageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One job's staging folder.
@@ -49,7 +52,9 @@ impl Stage {
         std::fs::create_dir_all(&files_dir).map_err(io_at(&files_dir))?;
         // Touch the folder: its mtime is what the expiry sweep looks at.
         let now = std::fs::FileTimes::new().set_modified(SystemTime::now());
-        std::fs::File::open(&job_dir).and_then(|f| f.set_times(now)).map_err(io_at(&job_dir))?;
+        std::fs::File::open(&job_dir)
+            .and_then(|f| f.set_times(now))
+            .map_err(io_at(&job_dir))?;
         for p in &job.paths {
             if let Some(parent) = p.under(&files_dir).parent() {
                 std::fs::create_dir_all(parent).map_err(io_at(parent))?;
@@ -75,7 +80,9 @@ impl Stage {
                 if meta.len() < b * BLOCK_SIZE + len as u64 {
                     break;
                 }
-                let Ok(data) = disk.read_at(path.clone(), b * BLOCK_SIZE, len).await else { break };
+                let Ok(data) = disk.read_at(path.clone(), b * BLOCK_SIZE, len).await else {
+                    break;
+                };
                 if ReceiveJob::verify(&offer, i as u32, b as u32, &data).is_ok() {
                     job.record(i as u32, b as u32);
                     found += 1;
@@ -94,10 +101,13 @@ impl Stage {
             syncs.spawn(async move { disk.sync(path.clone(), size).await.map_err(|e| (path, e)) });
         }
         while let Some(r) = syncs.join_next().await {
-            r.expect("sync task").map_err(|(path, source)| StageError::Io { path, source })?;
+            r.expect("sync task")
+                .map_err(|(path, source)| StageError::Io { path, source })?;
         }
-        let mut dirs: Vec<PathBuf> =
-            paths.iter().filter_map(|p| self.file(p).parent().map(Path::to_path_buf)).collect();
+        let mut dirs: Vec<PathBuf> = paths
+            .iter()
+            .filter_map(|p| self.file(p).parent().map(Path::to_path_buf))
+            .collect();
         dirs.sort();
         dirs.dedup();
         let files_dir = self.files_dir.clone();
@@ -142,14 +152,16 @@ fn ensure_real_dir(path: &Path, name: &str) -> Result<(), StageError> {
         Ok(m) if m.file_type().is_symlink() => Err(StageError::Escape(name.to_string())),
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(StageError::Exists(name.to_string())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir(path).or_else(|e| match e.kind() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(path)
+            .or_else(|e| match e.kind() {
                 io::ErrorKind::AlreadyExists => Ok(()),
                 _ => Err(e),
             })
-            .map_err(io_at(path))
-        }
-        Err(e) => Err(StageError::Io { path: path.to_path_buf(), source: e }),
+            .map_err(io_at(path)),
+        Err(e) => Err(StageError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -184,7 +196,10 @@ pub fn move_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Resul
         make_parents(target, rel, &mut made_dirs)?;
         rename_no_replace(&stage.file(rel), &dest).map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => StageError::Exists(rel.to_string()),
-            _ => StageError::Io { path: dest.clone(), source: e },
+            _ => StageError::Io {
+                path: dest.clone(),
+                source: e,
+            },
         })?;
         moved.push(rel);
         Ok(())
@@ -198,7 +213,10 @@ pub fn move_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Resul
         }
         return Err(e);
     }
-    let mut dirs: Vec<PathBuf> = paths.iter().filter_map(|p| p.under(target).parent().map(Path::to_path_buf)).collect();
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .filter_map(|p| p.under(target).parent().map(Path::to_path_buf))
+        .collect();
     dirs.sort();
     dirs.dedup();
     sync_dirs(&dirs, target)
@@ -230,7 +248,13 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     let (f, t) = (c(from)?, c(to)?);
     // SAFETY: both are valid NUL-terminated paths; renameat2 reads them only.
     let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
     if r == 0 {
         Ok(())
@@ -264,10 +288,16 @@ pub fn check_space(target: &Path, need: u64) -> Result<(), StageError> {
 /// Removes staged jobs of `target` untouched for longer than `ttl`; returns how many.
 pub fn sweep_expired(target: &Path, ttl: Duration) -> usize {
     let staging = target.join(STAGING_DIR);
-    let Ok(entries) = std::fs::read_dir(&staging) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(&staging) else {
+        return 0;
+    };
     let mut removed = 0;
     for e in entries.flatten() {
-        let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        let age = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
         if age.is_some_and(|a| a >= ttl) && std::fs::remove_dir_all(e.path()).is_ok() {
             tracing::info!(job = %e.file_name().to_string_lossy(), "expired staged job removed");
             removed += 1;
@@ -291,15 +321,27 @@ mod tests {
         std::fs::write(t.path().join("d/f"), b"x").unwrap();
         std::os::unix::fs::symlink("/tmp", t.path().join("link")).unwrap();
         check_destinations(t.path(), &[rel("d/g"), rel("new/a/b")]).unwrap();
-        assert!(matches!(check_destinations(t.path(), &[rel("d/f")]), Err(StageError::Exists(_))));
-        assert!(matches!(check_destinations(t.path(), &[rel("d/f/x")]), Err(StageError::Exists(_))));
-        assert!(matches!(check_destinations(t.path(), &[rel("link/x")]), Err(StageError::Escape(_))));
+        assert!(matches!(
+            check_destinations(t.path(), &[rel("d/f")]),
+            Err(StageError::Exists(_))
+        ));
+        assert!(matches!(
+            check_destinations(t.path(), &[rel("d/f/x")]),
+            Err(StageError::Exists(_))
+        ));
+        assert!(matches!(
+            check_destinations(t.path(), &[rel("link/x")]),
+            Err(StageError::Escape(_))
+        ));
     }
 
     #[test]
     fn a_failed_move_puts_everything_back() {
         let t = tempfile::tempdir().unwrap();
-        let stage = Stage { job_dir: t.path().join("job"), files_dir: t.path().join("job/files") };
+        let stage = Stage {
+            job_dir: t.path().join("job"),
+            files_dir: t.path().join("job/files"),
+        };
         std::fs::create_dir_all(stage.files_dir.join("a")).unwrap();
         std::fs::write(stage.files_dir.join("a/1"), b"1").unwrap();
         std::fs::write(stage.files_dir.join("z"), b"2").unwrap();
@@ -308,7 +350,10 @@ mod tests {
         // `z` will collide after `a/1` was moved.
         std::fs::write(target.join("z"), b"old").unwrap();
         let paths = [rel("a/1"), rel("z")];
-        assert!(matches!(move_into_place(&stage, &target, &paths), Err(StageError::Exists(_))));
+        assert!(matches!(
+            move_into_place(&stage, &target, &paths),
+            Err(StageError::Exists(_))
+        ));
         assert!(!target.join("a").exists(), "nothing of the job stays visible");
         assert!(stage.files_dir.join("a/1").exists());
         std::fs::remove_file(target.join("z")).unwrap();
@@ -329,6 +374,9 @@ mod tests {
     fn space_check_refuses_impossible_jobs() {
         let t = tempfile::tempdir().unwrap();
         check_space(t.path(), 1).unwrap();
-        assert!(matches!(check_space(t.path(), u64::MAX / 2), Err(StageError::NoSpace { .. })));
+        assert!(matches!(
+            check_space(t.path(), u64::MAX / 2),
+            Err(StageError::NoSpace { .. })
+        ));
     }
 }

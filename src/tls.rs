@@ -17,7 +17,11 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: cannot read {what}: {reason}")]
-    Read { path: PathBuf, what: &'static str, reason: String },
+    Read {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
     #[error("{path}: no {what} found in the file")]
     Empty { path: PathBuf, what: &'static str },
     #[error("TLS setup: {0}")]
@@ -38,7 +42,11 @@ impl TlsFiles {
     /// The files of identity `name` in a folder made by `barge certs`.
     pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
         let (cert, key) = host_paths(dir, name);
-        TlsFiles { ca: ca_paths(dir).0, cert, key }
+        TlsFiles {
+            ca: ca_paths(dir).0,
+            cert,
+            key,
+        }
     }
 }
 
@@ -52,7 +60,11 @@ pub struct TlsMaterial {
 
 impl Clone for TlsMaterial {
     fn clone(&self) -> Self {
-        TlsMaterial { roots: self.roots.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
+        TlsMaterial {
+            roots: self.roots.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
@@ -67,10 +79,12 @@ impl TlsMaterial {
         let chain = read_certs(&files.cert, "certificate")?;
         let key = std::fs::read(&files.key)
             .map_err(|e| read_err(&files.key, "private key", e))
-            .and_then(|pem| {
-                PrivateKeyDer::from_pem_slice(&pem).map_err(|e| read_err(&files.key, "private key", e))
-            })?;
-        Ok(TlsMaterial { roots: Arc::new(store), chain, key })
+            .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem).map_err(|e| read_err(&files.key, "private key", e)))?;
+        Ok(TlsMaterial {
+            roots: Arc::new(store),
+            chain,
+            key,
+        })
     }
 
     /// QUIC server configuration that requires a client certificate from the CA.
@@ -124,7 +138,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 fn read_err(path: &Path, what: &'static str, e: impl std::fmt::Display) -> TlsError {
-    TlsError::Read { path: path.to_path_buf(), what, reason: e.to_string() }
+    TlsError::Read {
+        path: path.to_path_buf(),
+        what,
+        reason: e.to_string(),
+    }
 }
 
 fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -133,7 +151,10 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read_err(path, what, e))?;
     if certs.is_empty() {
-        return Err(TlsError::Empty { path: path.to_path_buf(), what });
+        return Err(TlsError::Empty {
+            path: path.to_path_buf(),
+            what,
+        });
     }
     Ok(certs)
 }

@@ -11,8 +11,7 @@ use crate::disk::Disk;
 use crate::proto::job::{JobError, ReceiveJob, SendPlan};
 use crate::proto::limits::MAX_STREAMS;
 use crate::proto::wire::{
-    code, data_stream_header, parse_data_stream_header, BlockHeader, JobId, Message, Offer, Refusal,
-    WireError,
+    code, data_stream_header, parse_data_stream_header, BlockHeader, JobId, Message, Offer, Refusal, WireError,
 };
 use crate::source::SourceError;
 use crate::stage::{Stage, StageError};
@@ -83,7 +82,9 @@ fn read_error(e: quinn::ReadError) -> TransferError {
 
 /// Reads a control message that must be there.
 pub async fn expect_msg(recv: &mut quinn::RecvStream) -> Result<Message, TransferError> {
-    read_msg(recv).await?.ok_or_else(|| TransferError::Protocol("control stream ended early".into()))
+    read_msg(recv)
+        .await?
+        .ok_or_else(|| TransferError::Protocol("control stream ended early".into()))
 }
 
 pub async fn write_msg(send: &mut quinn::SendStream, msg: &Message) -> Result<(), TransferError> {
@@ -160,7 +161,13 @@ pub async fn send_job(
         conn.close(quinn::VarInt::from_u32(0), b"interrupted");
         return Err(TransferError::Interrupted(blocks));
     }
-    write_msg(send, &Message::Commit { streams: report.streams as u32 }).await?;
+    write_msg(
+        send,
+        &Message::Commit {
+            streams: report.streams as u32,
+        },
+    )
+    .await?;
     match expect_msg(recv).await? {
         Message::Committed { report: r } => {
             report.report = r;
@@ -191,7 +198,13 @@ async fn run_lanes(
     let mut tasks = tokio::task::JoinSet::new();
     for lane in plan.lanes {
         let stream = conn.open_uni().await?;
-        let ctx = LaneCtx { job, sources: sources.clone(), disk: disk.clone(), fault: fault.clone(), budget: budget.clone() };
+        let ctx = LaneCtx {
+            job,
+            sources: sources.clone(),
+            disk: disk.clone(),
+            fault: fault.clone(),
+            budget: budget.clone(),
+        };
         tasks.spawn(send_lane(stream, lane, ctx));
     }
     let (mut blocks, mut bytes) = (0, 0);
@@ -213,7 +226,9 @@ struct LaneCtx {
 
 impl LaneCtx {
     fn take_budget(&self) -> bool {
-        self.budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1)).is_ok()
+        self.budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+            .is_ok()
     }
 }
 
@@ -224,7 +239,10 @@ async fn send_lane(
     ctx: LaneCtx,
 ) -> Result<(u64, u64), TransferError> {
     let write_err = |e: quinn::WriteError| stream_err(e);
-    stream.write_all(&data_stream_header(ctx.job)).await.map_err(write_err)?;
+    stream
+        .write_all(&data_stream_header(ctx.job))
+        .await
+        .map_err(write_err)?;
     let (tx, mut rx) = mpsc::channel::<Result<(crate::proto::job::BlockRef, Bytes), TransferError>>(4);
     let disk = ctx.disk.clone();
     let sources = ctx.sources.clone();
@@ -249,8 +267,15 @@ async fn send_lane(
             m[0] ^= 1;
             data = m.freeze();
         }
-        let head = BlockHeader { file: b.file, block: b.block, len: b.len };
-        stream.write_chunk(Bytes::copy_from_slice(&head.encode())).await.map_err(write_err)?;
+        let head = BlockHeader {
+            file: b.file,
+            block: b.block,
+            len: b.len,
+        };
+        stream
+            .write_chunk(Bytes::copy_from_slice(&head.encode()))
+            .await
+            .map_err(write_err)?;
         stream.write_chunk(data).await.map_err(write_err)?;
         blocks += 1;
         bytes += b.len as u64;
@@ -330,7 +355,10 @@ async fn receive_stream(mut stream: quinn::RecvStream, table: &JobTable) -> Resu
         Err(e) => {
             let refusal = match &e {
                 TransferError::Job(j) => j.refusal(),
-                other => Refusal { code: code::IO, reason: other.to_string() },
+                other => Refusal {
+                    code: code::IO,
+                    reason: other.to_string(),
+                },
             };
             inc.fail(refusal);
             let _ = stream.stop(quinn::VarInt::from_u32(code::BAD_BLOCK as u32));
@@ -362,11 +390,22 @@ async fn receive_blocks(stream: &mut quinn::RecvStream, inc: &Incoming) -> Resul
 }
 
 fn expected_len(offer: &Offer, head: BlockHeader) -> Result<usize, TransferError> {
-    let f = offer.files.get(head.file as usize).ok_or(JobError::UnknownFile(head.file))?;
+    let f = offer
+        .files
+        .get(head.file as usize)
+        .ok_or(JobError::UnknownFile(head.file))?;
     let want = crate::proto::blocks::block_len(f.hashes.size, head.block as u64);
     if head.len as usize != want || want == 0 {
-        let err = crate::proto::blocks::VerifyError::BadLength { index: head.block as u64, got: head.len as usize, want };
-        return Err(JobError::BadBlock { path: f.path.clone(), err }.into());
+        let err = crate::proto::blocks::VerifyError::BadLength {
+            index: head.block as u64,
+            got: head.len as usize,
+            want,
+        };
+        return Err(JobError::BadBlock {
+            path: f.path.clone(),
+            err,
+        }
+        .into());
     }
     Ok(want)
 }
@@ -424,7 +463,13 @@ where
     let accept = job.accept();
     let paths = job.paths.clone();
     let (progress, mut watch) = watch::channel(Progress::default());
-    let inc = Arc::new(Incoming { offer: job.offer.clone(), job: Mutex::new(job), stage, disk: disk.clone(), progress });
+    let inc = Arc::new(Incoming {
+        offer: job.offer.clone(),
+        job: Mutex::new(job),
+        stage,
+        disk: disk.clone(),
+        progress,
+    });
     table.lock().expect("job table").insert(id, inc.clone());
     let result = drive_receive(send, recv, &inc, &mut watch, accept, paths, hook).await;
     table.lock().expect("job table").remove(&id);
@@ -464,7 +509,10 @@ where
         }
     };
     if streams as usize > MAX_STREAMS {
-        return Err(TransferError::Failed(Refusal { code: code::LIMIT, reason: format!("{streams} data streams") }));
+        return Err(TransferError::Failed(Refusal {
+            code: code::LIMIT,
+            reason: format!("{streams} data streams"),
+        }));
     }
     let p = watch
         .wait_for(|p| p.error.is_some() || p.streams_done >= streams)
@@ -474,12 +522,19 @@ where
     if let Some(r) = p.error {
         return Err(TransferError::Failed(r));
     }
-    let job = inc.job.lock().expect("job").check_complete().map_err(|e| TransferError::Failed(e.refusal()));
+    let job = inc
+        .job
+        .lock()
+        .expect("job")
+        .check_complete()
+        .map_err(|e| TransferError::Failed(e.refusal()));
     job?;
-    inc.stage
-        .seal(&inc.offer, &paths, &inc.disk)
-        .await
-        .map_err(|e| TransferError::Failed(Refusal { code: code::IO, reason: e.to_string() }))?;
+    inc.stage.seal(&inc.offer, &paths, &inc.disk).await.map_err(|e| {
+        TransferError::Failed(Refusal {
+            code: code::IO,
+            reason: e.to_string(),
+        })
+    })?;
     match hook(inc.offer.clone(), paths).await {
         Ok(report) => {
             write_msg(send, &Message::Committed { report: report.clone() }).await?;
@@ -489,4 +544,3 @@ where
         Err(r) => Err(TransferError::Failed(r)),
     }
 }
-

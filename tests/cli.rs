@@ -9,11 +9,22 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
 fn barge(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_barge")).args(args).current_dir(cwd).env_remove("BARGE_CERTS").env_remove("BARGE_IDENTITY").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_barge"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("BARGE_CERTS")
+        .env_remove("BARGE_IDENTITY")
+        .output()
+        .unwrap()
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -41,11 +52,17 @@ fn agent(args: &[&str], cwd: &Path) -> (KillOnDrop, String) {
     let mut lines = BufReader::new(stderr).lines();
     let mut log = String::new();
     let addr = loop {
-        let Some(Ok(line)) = lines.next() else { panic!("agent exited: {log}") };
+        let Some(Ok(line)) = lines.next() else {
+            panic!("agent exited: {log}")
+        };
         log.push_str(&line);
         log.push('\n');
         let plain = strip_ansi(&line);
-        if let Some(rest) = plain.split("addr=").nth(1).filter(|_| plain.contains("agent listening")) {
+        if let Some(rest) = plain
+            .split("addr=")
+            .nth(1)
+            .filter(|_| plain.contains("agent listening"))
+        {
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
@@ -80,13 +97,20 @@ impl Drop for KillOnDrop {
 fn certs_commands_make_a_ca_and_identities() {
     let t = tempfile::tempdir().unwrap();
     ok(&barge(&["certs", "init", "--dir", "c"], t.path()));
-    ok(&barge(&["certs", "issue", "store-a", "--dir", "c", "--san", "127.0.0.1"], t.path()));
+    ok(&barge(
+        &["certs", "issue", "store-a", "--dir", "c", "--san", "127.0.0.1"],
+        t.path(),
+    ));
     for key in ["c/ca.key", "c/store-a.key"] {
         let mode = std::fs::metadata(t.path().join(key)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{key}");
     }
     fails(&barge(&["certs", "init", "--dir", "c"], t.path()), 3, "already exists");
-    fails(&barge(&["certs", "issue", "bad name", "--dir", "c"], t.path()), 3, "not a valid DNS name");
+    fails(
+        &barge(&["certs", "issue", "bad name", "--dir", "c"], t.path()),
+        3,
+        "not a valid DNS name",
+    );
 }
 
 #[test]
@@ -99,11 +123,18 @@ fn hash_prints_what_b3sum_prints() {
         write(&t.path().join(&name), &content(s as u64, s));
         names.push(name);
     }
-    let args: Vec<&str> = std::iter::once("hash").chain(names.iter().map(String::as_str)).collect();
+    let args: Vec<&str> = std::iter::once("hash")
+        .chain(names.iter().map(String::as_str))
+        .collect();
     let out = ok(&barge(&args, t.path()));
     let want: String = names
         .iter()
-        .map(|n| format!("{}  {n}\n", blake3::hash(&std::fs::read(t.path().join(n)).unwrap()).to_hex()))
+        .map(|n| {
+            format!(
+                "{}  {n}\n",
+                blake3::hash(&std::fs::read(t.path().join(n)).unwrap()).to_hex()
+            )
+        })
         .collect();
     assert_eq!(out, want);
     match Command::new("b3sum").args(&names).current_dir(t.path()).output() {
@@ -128,7 +159,11 @@ fn bad_configs_are_refused_at_start_naming_the_key() {
         format!("{base}key = \"c/a.key\"\n[[import]]\nname = \"x\"\npath = \"gone\"\nallow = [\"a\"]\n"),
     )
     .unwrap();
-    fails(&barge(&["agent", "--config", "missing.toml"], t.path()), 3, "import[0] (x).path");
+    fails(
+        &barge(&["agent", "--config", "missing.toml"], t.path()),
+        3,
+        "import[0] (x).path",
+    );
 }
 
 #[test]
@@ -155,7 +190,17 @@ fn push_and_pull_through_the_cli_with_documented_exit_codes() {
     let peer = format!("store-b@{addr}");
     let id = ["--certs", "certs", "--identity", "ops"];
     let push = |who: &str, target: &str| {
-        let mut args = vec!["push", "data", "--to", &peer, "--import", target, "--certs", "certs", "--identity"];
+        let mut args = vec![
+            "push",
+            "data",
+            "--to",
+            &peer,
+            "--import",
+            target,
+            "--certs",
+            "certs",
+            "--identity",
+        ];
         args.push(who);
         barge(&args, p)
     };
@@ -163,12 +208,34 @@ fn push_and_pull_through_the_cli_with_documented_exit_codes() {
     assert!(out.contains("committed 2 files"), "{out}");
     common::assert_same_tree(&p.join("data"), &p.join("in/data"));
 
-    fails(&push("intruder", "ingest"), 5, "intruder may not write to import target \"ingest\"");
+    fails(
+        &push("intruder", "ingest"),
+        5,
+        "intruder may not write to import target \"ingest\"",
+    );
     fails(&push("ops", "nowhere"), 5, "no import target named \"nowhere\"");
     let wrong_name = format!("store-x@{addr}");
-    let out = barge(&["push", "data", "--to", &wrong_name, "--import", "ingest", id[0], id[1], id[2], id[3]], p);
+    let out = barge(
+        &[
+            "push",
+            "data",
+            "--to",
+            &wrong_name,
+            "--import",
+            "ingest",
+            id[0],
+            id[1],
+            id[2],
+            id[3],
+        ],
+        p,
+    );
     fails(&out, 4, "cannot connect");
-    fails(&barge(&["push", "data", "--to", "nonsense", "--import", "ingest"], p), 2, "not HOST:PORT");
+    fails(
+        &barge(&["push", "data", "--to", "nonsense", "--import", "ingest"], p),
+        2,
+        "not HOST:PORT",
+    );
 
     let mut pull = vec!["pull", peer.as_str(), "--export", "ssts", "--into", "got"];
     pull.extend(id);
@@ -185,7 +252,22 @@ fn agent_without_config_runs_the_local_default() {
     assert!(agent.1.contains("development certificates"), "{}", agent.1);
     assert!(t.path().join("state/certs/client.key").exists());
     write(&t.path().join("hello.txt"), b"hello barge");
-    let out = ok(&barge(&["push", "hello.txt", "--to", "localhost:7878", "--import", "inbox", "--certs", "state/certs"], t.path()));
+    let out = ok(&barge(
+        &[
+            "push",
+            "hello.txt",
+            "--to",
+            "localhost:7878",
+            "--import",
+            "inbox",
+            "--certs",
+            "state/certs",
+        ],
+        t.path(),
+    ));
     assert!(out.contains("committed 1 files"), "{out}");
-    assert_eq!(std::fs::read(t.path().join("state/inbox/hello.txt")).unwrap(), b"hello barge");
+    assert_eq!(
+        std::fs::read(t.path().join("state/inbox/hello.txt")).unwrap(),
+        b"hello barge"
+    );
 }

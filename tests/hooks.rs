@@ -22,35 +22,63 @@ async fn exec_hook_receives_exactly_the_jobs_files() {
     let env = env_with(&exec_targets(script), "", Hooks::new()).await;
     write(&env.src().join("region/1.sst"), &content(1, 1500));
     write(&env.src().join("region/2.sst"), &content(2, (1 << 20) + 9));
-    let opts = PushOptions { meta: vec![("region".into(), "42".into())], ..Default::default() };
-    let r = env.client("client").push(&env.peer(), "in", &[env.src().join("region")], &opts).await.unwrap();
+    let opts = PushOptions {
+        meta: vec![("region".into(), "42".into())],
+        ..Default::default()
+    };
+    let r = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("region")], &opts)
+        .await
+        .unwrap();
     assert_eq!(r.report, "ingested 2");
     let args = std::fs::read_to_string(env.root().join("args")).unwrap();
     let args: Vec<&str> = args.lines().collect();
     assert_eq!(args.len(), 2);
-    assert!(args[0].ends_with("/files/region/1.sst") && args[1].ends_with("/files/region/2.sst"), "{args:?}");
+    assert!(
+        args[0].ends_with("/files/region/1.sst") && args[1].ends_with("/files/region/2.sst"),
+        "{args:?}"
+    );
     let job: serde_json::Value = serde_json::from_slice(&std::fs::read(env.root().join("job.json")).unwrap()).unwrap();
     assert_eq!(job["meta"]["region"], "42");
     assert_eq!(job["peer"], "client");
-    let names: Vec<&str> = job["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = job["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["region/1.sst", "region/2.sst"]);
     let want = blake3::hash(&content(2, (1 << 20) + 9)).to_hex().to_string();
     assert_eq!(job["files"][1]["blake3"], want.as_str());
-    assert!(list(&env.inbox().join(".barge-staging")).is_empty(), "staging removed after the hook");
+    assert!(
+        list(&env.inbox().join(".barge-staging")).is_empty(),
+        "staging removed after the hook"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_exec_hook_fails_the_job_and_the_sender_sees_why() {
     let env = env_with(&exec_targets("echo 'ldb: corrupt SST' >&2; exit 4"), "", Hooks::new()).await;
     write(&env.src().join("x.sst"), b"sst");
-    let err = env.client("client").push(&env.peer(), "in", &[env.src().join("x.sst")], &PushOptions::default()).await.unwrap_err();
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("x.sst")], &PushOptions::default())
+        .await
+        .unwrap_err();
     let TransferError::Failed(r) = err else { panic!("{err}") };
     assert_eq!(r.code, code::HOOK_FAILED);
-    assert!(r.reason.contains("ldb: corrupt SST") && r.reason.contains("exit status: 4"), "{}", r.reason);
+    assert!(
+        r.reason.contains("ldb: corrupt SST") && r.reason.contains("exit status: 4"),
+        "{}",
+        r.reason
+    );
     assert!(list(&env.inbox()).is_empty());
 }
 
-struct Recorder(Arc<Mutex<Vec<(Vec<String>, Vec<(String, String)>)>>>);
+type Seen = Vec<(Vec<String>, Vec<(String, String)>)>;
+
+struct Recorder(Arc<Mutex<Seen>>);
 
 impl ImportHook for Recorder {
     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
@@ -61,8 +89,11 @@ impl ImportHook for Recorder {
             }
         }
         let names = job.files.iter().map(|f| f.name.clone()).collect();
-        self.0.lock().unwrap().push((names, job.meta.clone().into_iter().collect()));
-        if job.meta.get("fail").is_some() {
+        self.0
+            .lock()
+            .unwrap()
+            .push((names, job.meta.clone().into_iter().collect()));
+        if job.meta.contains_key("fail") {
             return Err(HookError::Other("engine said no".into()));
         }
         Ok(format!("engine took {} files", job.files.len()))
@@ -73,19 +104,39 @@ impl ImportHook for Recorder {
 async fn a_rust_import_hook_sees_the_whole_verified_job() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut hooks = Hooks::new();
-    hooks.insert("in".to_string(), Arc::new(Recorder(seen.clone())) as Arc<dyn ImportHook>);
+    hooks.insert(
+        "in".to_string(),
+        Arc::new(Recorder(seen.clone())) as Arc<dyn ImportHook>,
+    );
     let targets = "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\"]\nhook = \"custom\"\n";
     let env = env_with(targets, "", hooks).await;
     write(&env.src().join("a"), &content(1, 10));
     write(&env.src().join("b"), &content(2, 3 << 20));
     let paths = [env.src().join("a"), env.src().join("b")];
-    let opts = PushOptions { meta: vec![("range".into(), "k1..k9".into())], ..Default::default() };
-    let r = env.client("client").push(&env.peer(), "in", &paths, &opts).await.unwrap();
+    let opts = PushOptions {
+        meta: vec![("range".into(), "k1..k9".into())],
+        ..Default::default()
+    };
+    let r = env
+        .client("client")
+        .push(&env.peer(), "in", &paths, &opts)
+        .await
+        .unwrap();
     assert_eq!(r.report, "engine took 2 files");
-    let fail = PushOptions { meta: vec![("fail".into(), "1".into())], ..Default::default() };
+    let fail = PushOptions {
+        meta: vec![("fail".into(), "1".into())],
+        ..Default::default()
+    };
     write(&env.src().join("c"), b"c");
-    let err = env.client("client").push(&env.peer(), "in", &[env.src().join("c")], &fail).await.unwrap_err();
-    assert!(matches!(err, TransferError::Failed(ref r) if r.reason.contains("engine said no")), "{err}");
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("c")], &fail)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Failed(ref r) if r.reason.contains("engine said no")),
+        "{err}"
+    );
     let seen = seen.lock().unwrap();
     assert_eq!(seen[0].0, ["a", "b"]);
     assert_eq!(seen[0].1, [("range".to_string(), "k1..k9".to_string())]);

@@ -13,11 +13,25 @@ use common::*;
 
 fn offer_for(names: &[&str], data: &[u8]) -> Offer {
     let hashes = FileHashes::from_reader(data, data.len() as u64).unwrap();
-    let files = names.iter().map(|n| OfferFile { path: n.to_string(), hashes: hashes.clone() }).collect();
-    Offer { target: "in".into(), files, meta: vec![] }
+    let files = names
+        .iter()
+        .map(|n| OfferFile {
+            path: n.to_string(),
+            hashes: hashes.clone(),
+        })
+        .collect();
+    Offer {
+        target: "in".into(),
+        files,
+        meta: vec![],
+    }
 }
 
-async fn send_offer(env: &Env, offer: Offer, source: std::path::PathBuf) -> Result<transfer::SendReport, TransferError> {
+async fn send_offer(
+    env: &Env,
+    offer: Offer,
+    source: std::path::PathBuf,
+) -> Result<transfer::SendReport, TransferError> {
     let client = env.client("client");
     let conn = client.connect(&env.peer()).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -31,15 +45,30 @@ async fn names_that_escape_the_target_are_refused_and_nothing_is_written_outside
     let env = env().await;
     write(&env.src().join("f"), b"payload");
     for bad in ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", ".barge-staging/x"] {
-        let err = send_offer(&env, offer_for(&[bad], b"payload"), env.src().join("f")).await.unwrap_err();
-        let TransferError::Rejected(r) = err else { panic!("{bad}: {err}") };
+        let err = send_offer(&env, offer_for(&[bad], b"payload"), env.src().join("f"))
+            .await
+            .unwrap_err();
+        let TransferError::Rejected(r) = err else {
+            panic!("{bad}: {err}")
+        };
         assert_eq!(r.code, code::BAD_NAME, "{bad}: {}", r.reason);
     }
-    let err = send_offer(&env, offer_for(&["a", "a"], b"payload"), env.src().join("f")).await.unwrap_err();
-    assert!(matches!(err, TransferError::Rejected(ref r) if r.code == code::BAD_NAME), "{err}");
+    let err = send_offer(&env, offer_for(&["a", "a"], b"payload"), env.src().join("f"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Rejected(ref r) if r.code == code::BAD_NAME),
+        "{err}"
+    );
     assert!(!env.root().join("x").exists() && !env.root().join("b").exists());
     assert!(list(&env.inbox()).is_empty());
-    assert_eq!(list(env.root()).iter().filter(|p| p.ends_with("/x") || p.as_str() == "x").count(), 0);
+    assert_eq!(
+        list(env.root())
+            .iter()
+            .filter(|p| p.ends_with("/x") || p.as_str() == "x")
+            .count(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,8 +78,13 @@ async fn a_symlink_in_the_target_does_not_lead_outside() {
     std::fs::create_dir(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, env.inbox().join("link")).unwrap();
     write(&env.src().join("f"), b"payload");
-    let err = send_offer(&env, offer_for(&["link/f"], b"payload"), env.src().join("f")).await.unwrap_err();
-    assert!(matches!(err, TransferError::Rejected(ref r) if r.code == code::BAD_NAME), "{err}");
+    let err = send_offer(&env, offer_for(&["link/f"], b"payload"), env.src().join("f"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Rejected(ref r) if r.code == code::BAD_NAME),
+        "{err}"
+    );
     assert!(list(&outside).is_empty());
 }
 
@@ -63,11 +97,16 @@ async fn a_job_larger_than_the_free_space_is_refused() {
     let root = root_from_blocks(size, &blocks).unwrap();
     let offer = Offer {
         target: "in".into(),
-        files: vec![OfferFile { path: "huge".into(), hashes: FileHashes { size, root, blocks } }],
+        files: vec![OfferFile {
+            path: "huge".into(),
+            hashes: FileHashes { size, root, blocks },
+        }],
         meta: vec![],
     };
     let err = send_offer(&env, offer, env.src().join("none")).await.unwrap_err();
-    let TransferError::Rejected(r) = err else { panic!("{err}") };
+    let TransferError::Rejected(r) = err else {
+        panic!("{err}")
+    };
     assert_eq!(r.code, code::NO_SPACE, "{}", r.reason);
     assert!(r.reason.contains("free"), "{}", r.reason);
 }
@@ -80,7 +119,10 @@ async fn an_offer_whose_blocks_do_not_merge_to_the_root_is_refused() {
     let mut offer = offer_for(&["f"], &data);
     offer.files[0].hashes.root[0] ^= 1;
     let err = send_offer(&env, offer, env.src().join("f")).await.unwrap_err();
-    assert!(matches!(err, TransferError::Rejected(ref r) if r.code == code::BAD_TREE), "{err}");
+    assert!(
+        matches!(err, TransferError::Rejected(ref r) if r.code == code::BAD_TREE),
+        "{err}"
+    );
 }
 
 /// Sends raw bytes on a fresh control stream and returns the agent's answer.
@@ -96,7 +138,11 @@ async fn raw(env: &Env, bytes: &[u8]) -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_control_messages_get_named_errors_and_the_agent_survives() {
     let env = env().await;
-    let good = Message::Fetch { export: "out".into(), files: vec![] }.encode();
+    let good = Message::Fetch {
+        export: "out".into(),
+        files: vec![],
+    }
+    .encode();
     let mut unknown_version = good.clone();
     unknown_version[4] = 9;
     let mut unknown_type = good.clone();
@@ -107,7 +153,11 @@ async fn malformed_control_messages_get_named_errors_and_the_agent_survives() {
         ("oversize", vec![0xff, 0xff, 0xff, 0xff, 1, 1], "limit"),
         ("unknown version", unknown_version, "version 9"),
         ("unknown type", unknown_type, "type 200"),
-        ("commit first", Message::Commit { streams: 1 }.encode(), "starts with an offer"),
+        (
+            "commit first",
+            Message::Commit { streams: 1 }.encode(),
+            "starts with an offer",
+        ),
     ];
     for (what, bytes, want) in cases {
         match raw(&env, &bytes).await {
@@ -119,6 +169,9 @@ async fn malformed_control_messages_get_named_errors_and_the_agent_survives() {
         }
     }
     write(&env.src().join("after"), b"still alive");
-    env.client("client").push(&env.peer(), "in", &[env.src().join("after")], &PushOptions::default()).await.unwrap();
+    env.client("client")
+        .push(&env.peer(), "in", &[env.src().join("after")], &PushOptions::default())
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(env.inbox().join("after")).unwrap(), b"still alive");
 }

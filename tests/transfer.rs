@@ -18,7 +18,10 @@ fn size_table(root: &std::path::Path) {
     write(&root.join("nested/a/b/c/deep.sst"), &content(99, 3000));
     write(&root.join("nested/a/x.sst"), &content(98, 2 * MIB + 5));
     for i in 0..2000u64 {
-        write(&root.join(format!("many/{:02}/{i}.d", i % 20)), &content(1000 + i, (i as usize * 37) % 5000));
+        write(
+            &root.join(format!("many/{:02}/{i}.d", i % 20)),
+            &content(1000 + i, (i as usize * 37) % 5000),
+        );
     }
 }
 
@@ -27,11 +30,18 @@ async fn push_delivers_every_size_and_2000_small_files_verified() {
     let env = env().await;
     size_table(&env.src());
     let paths: Vec<_> = ["sizes", "nested", "many"].iter().map(|d| env.src().join(d)).collect();
-    let r = env.client("client").push(&env.peer(), "in", &paths, &PushOptions::default()).await.unwrap();
+    let r = env
+        .client("client")
+        .push(&env.peer(), "in", &paths, &PushOptions::default())
+        .await
+        .unwrap();
     assert_eq!(r.files, SIZES.len() + 2 + 2000);
     assert!(r.streams > 1, "blocks were spread over several streams");
     assert_same_tree(&env.src(), &env.inbox());
-    assert!(list(&env.inbox().join(".barge-staging")).is_empty(), "staging is cleaned up");
+    assert!(
+        list(&env.inbox().join(".barge-staging")).is_empty(),
+        "staging is cleaned up"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,9 +55,15 @@ async fn pull_fetches_all_or_named_files_verified() {
 
     let one = env.root().join("one");
     let name = format!("sizes/f{}", 5 * MIB + 123);
-    env.client("client").pull(&env.peer(), "out", &[name.clone()], &one).await.unwrap();
+    env.client("client")
+        .pull(&env.peer(), "out", std::slice::from_ref(&name), &one)
+        .await
+        .unwrap();
     assert_eq!(list(&one), vec![name.clone()]);
-    assert_eq!(std::fs::read(one.join(&name)).unwrap(), std::fs::read(env.outbox().join(&name)).unwrap());
+    assert_eq!(
+        std::fs::read(one.join(&name)).unwrap(),
+        std::fs::read(env.outbox().join(&name)).unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,8 +71,16 @@ async fn pull_of_missing_or_escaping_names_is_refused() {
     let env = env().await;
     write(&env.root().join("secret"), b"s");
     let into = env.root().join("pulled");
-    for (name, want) in [("nope", code::NOT_FOUND), ("../secret", code::BAD_NAME), ("/etc/passwd", code::BAD_NAME)] {
-        let err = env.client("client").pull(&env.peer(), "out", &[name.into()], &into).await.unwrap_err();
+    for (name, want) in [
+        ("nope", code::NOT_FOUND),
+        ("../secret", code::BAD_NAME),
+        ("/etc/passwd", code::BAD_NAME),
+    ] {
+        let err = env
+            .client("client")
+            .pull(&env.peer(), "out", &[name.into()], &into)
+            .await
+            .unwrap_err();
         match err {
             TransferError::Rejected(r) => assert_eq!(r.code, want, "{name}: {}", r.reason),
             other => panic!("{name}: {other}"),
@@ -73,8 +97,14 @@ async fn a_client_from_another_ca_is_refused() {
     barge::certs::issue(&other, "client", &[]).unwrap();
     write(&env.src().join("f"), b"data");
     let client = barge::client::Client::new(&barge::tls::TlsFiles::in_dir(&other, "client")).unwrap();
-    let err = client.push(&env.peer(), "in", &[env.src().join("f")], &PushOptions::default()).await.unwrap_err();
-    assert!(matches!(err, TransferError::Connect { .. } | TransferError::Connection(_)), "{err}");
+    let err = client
+        .push(&env.peer(), "in", &[env.src().join("f")], &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Connect { .. } | TransferError::Connection(_)),
+        "{err}"
+    );
     assert!(list(&env.inbox()).is_empty());
 }
 
@@ -82,14 +112,38 @@ async fn a_client_from_another_ca_is_refused() {
 async fn an_identity_not_in_allow_is_refused_naming_the_target() {
     let env = env().await;
     write(&env.src().join("f"), b"data");
-    let err = env.client("stranger").push(&env.peer(), "in", &[env.src().join("f")], &PushOptions::default()).await.unwrap_err();
-    let TransferError::Rejected(r) = err else { panic!("{err}") };
+    let err = env
+        .client("stranger")
+        .push(&env.peer(), "in", &[env.src().join("f")], &PushOptions::default())
+        .await
+        .unwrap_err();
+    let TransferError::Rejected(r) = err else {
+        panic!("{err}")
+    };
     assert_eq!(r.code, code::NOT_ALLOWED);
-    assert!(r.reason.contains("stranger") && r.reason.contains("\"in\""), "{}", r.reason);
-    let err = env.client("stranger").pull(&env.peer(), "out", &[], &env.root().join("p")).await.unwrap_err();
-    assert!(matches!(err, TransferError::Rejected(ref r) if r.code == code::NOT_ALLOWED), "{err}");
-    let err = env.client("client").push(&env.peer(), "nope", &[env.src().join("f")], &PushOptions::default()).await.unwrap_err();
-    assert!(matches!(err, TransferError::Rejected(ref r) if r.code == code::UNKNOWN_TARGET), "{err}");
+    assert!(
+        r.reason.contains("stranger") && r.reason.contains("\"in\""),
+        "{}",
+        r.reason
+    );
+    let err = env
+        .client("stranger")
+        .pull(&env.peer(), "out", &[], &env.root().join("p"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Rejected(ref r) if r.code == code::NOT_ALLOWED),
+        "{err}"
+    );
+    let err = env
+        .client("client")
+        .push(&env.peer(), "nope", &[env.src().join("f")], &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Rejected(ref r) if r.code == code::UNKNOWN_TARGET),
+        "{err}"
+    );
     assert!(list(&env.inbox()).is_empty());
 }
 
@@ -98,14 +152,31 @@ async fn a_corrupted_block_fails_the_job_and_nothing_is_visible() {
     let env = env().await;
     write(&env.src().join("d/big"), &content(1, 3 * MIB + 7));
     write(&env.src().join("d/small"), &content(2, 100));
-    let opts = PushOptions { fault: Fault { corrupt: Some((0, 1)), ..Default::default() }, ..Default::default() };
-    let err = env.client("client").push(&env.peer(), "in", &[env.src().join("d")], &opts).await.unwrap_err();
+    let opts = PushOptions {
+        fault: Fault {
+            corrupt: Some((0, 1)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("d")], &opts)
+        .await
+        .unwrap_err();
     let TransferError::Failed(r) = err else { panic!("{err}") };
     assert_eq!(r.code, code::BAD_BLOCK, "{}", r.reason);
-    assert!(r.reason.contains("d/big") && r.reason.contains("block 1"), "{}", r.reason);
+    assert!(
+        r.reason.contains("d/big") && r.reason.contains("block 1"),
+        "{}",
+        r.reason
+    );
     assert!(list(&env.inbox()).is_empty(), "nothing of the job is visible");
     // The same push without the fault then completes.
-    env.client("client").push(&env.peer(), "in", &[env.src().join("d")], &PushOptions::default()).await.unwrap();
+    env.client("client")
+        .push(&env.peer(), "in", &[env.src().join("d")], &PushOptions::default())
+        .await
+        .unwrap();
     assert_same_tree(&env.src(), &env.inbox());
 }
 
@@ -121,13 +192,30 @@ async fn an_incomplete_job_resumes_sending_only_missing_blocks_even_after_a_rest
         write(&env.src().join(format!("r/{i}")), &content(i as u64, *s));
     }
     let total = blocks_of(&sizes);
-    let stop = PushOptions { fault: Fault { stop_after_blocks: Some(4), ..Default::default() }, ..Default::default() };
-    let err = env.client("client").push(&env.peer(), "in", &[env.src().join("r")], &stop).await.unwrap_err();
-    assert!(matches!(err, TransferError::Failed(ref r) if r.code == code::INCOMPLETE), "{err}");
+    let stop = PushOptions {
+        fault: Fault {
+            stop_after_blocks: Some(4),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("r")], &stop)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Failed(ref r) if r.code == code::INCOMPLETE),
+        "{err}"
+    );
     assert!(list(&env.inbox()).is_empty(), "an incomplete job shows nothing");
 
     let env = env.restart().await;
-    let r = env.client("client").push(&env.peer(), "in", &[env.src().join("r")], &PushOptions::default()).await.unwrap();
+    let r = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("r")], &PushOptions::default())
+        .await
+        .unwrap();
     assert_eq!(r.blocks_held, 4, "the restarted agent found the staged blocks");
     assert_eq!(r.blocks_sent, total - 4);
     assert_same_tree(&env.src(), &env.inbox());
@@ -141,25 +229,45 @@ async fn a_connection_cut_half_way_leaves_nothing_visible_and_resumes() {
         write(&env.src().join(format!("c/{i}")), &content(10 + i as u64, *s));
     }
     let total = blocks_of(&sizes);
-    let cut = PushOptions { fault: Fault { drop_after_blocks: Some(6), ..Default::default() }, ..Default::default() };
-    let err = env.client("client").push(&env.peer(), "in", &[env.src().join("c")], &cut).await.unwrap_err();
+    let cut = PushOptions {
+        fault: Fault {
+            drop_after_blocks: Some(6),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("c")], &cut)
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransferError::Interrupted(6)), "{err}");
     assert!(list(&env.inbox()).is_empty());
     // Let the agent notice the lost connection and release the job.
     let mut r = None;
     for _ in 0..50 {
-        match env.client("client").push(&env.peer(), "in", &[env.src().join("c")], &PushOptions::default()).await {
+        match env
+            .client("client")
+            .push(&env.peer(), "in", &[env.src().join("c")], &PushOptions::default())
+            .await
+        {
             Ok(rep) => {
                 r = Some(rep);
                 break;
             }
-            Err(TransferError::Rejected(x)) if x.code == code::BUSY => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Err(TransferError::Rejected(x)) if x.code == code::BUSY => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
             Err(e) => panic!("{e}"),
         }
     }
     let r = r.expect("resumed push");
     assert_eq!(r.blocks_held + r.blocks_sent, total);
-    assert!(r.blocks_sent < total, "only missing blocks were sent (held {})", r.blocks_held);
+    assert!(
+        r.blocks_sent < total,
+        "only missing blocks were sent (held {})",
+        r.blocks_held
+    );
     assert_same_tree(&env.src(), &env.inbox());
 }
 
@@ -167,8 +275,17 @@ async fn a_connection_cut_half_way_leaves_nothing_visible_and_resumes() {
 async fn an_unfinished_job_is_cleaned_up_after_the_staging_ttl() {
     let env = env_with(DEFAULT_TARGETS, "staging_ttl_secs = 1", Default::default()).await;
     write(&env.src().join("t/f"), &content(5, 3 * MIB));
-    let stop = PushOptions { fault: Fault { stop_after_blocks: Some(1), ..Default::default() }, ..Default::default() };
-    env.client("client").push(&env.peer(), "in", &[env.src().join("t")], &stop).await.unwrap_err();
+    let stop = PushOptions {
+        fault: Fault {
+            stop_after_blocks: Some(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    env.client("client")
+        .push(&env.peer(), "in", &[env.src().join("t")], &stop)
+        .await
+        .unwrap_err();
     let staging = env.inbox().join(".barge-staging");
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 1, "the job is staged");
     let mut left = 1;
@@ -187,7 +304,14 @@ async fn pushing_onto_an_existing_file_is_refused_before_data_moves() {
     let env = env().await;
     write(&env.src().join("f.sst"), b"new");
     write(&env.inbox().join("f.sst"), b"old");
-    let err = env.client("client").push(&env.peer(), "in", &[env.src().join("f.sst")], &PushOptions::default()).await.unwrap_err();
-    assert!(matches!(err, TransferError::Rejected(ref r) if r.code == code::EXISTS), "{err}");
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("f.sst")], &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Rejected(ref r) if r.code == code::EXISTS),
+        "{err}"
+    );
     assert_eq!(std::fs::read(env.inbox().join("f.sst")).unwrap(), b"old");
 }

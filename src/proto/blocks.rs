@@ -60,7 +60,11 @@ pub fn block_cv(index: u64, data: &[u8]) -> ChainingValue {
 pub fn root_from_blocks(size: u64, blocks: &[Digest]) -> Result<Digest, VerifyError> {
     let want = listed_blocks(size);
     if blocks.len() != want || want < 2 {
-        return Err(VerifyError::BlockCount { size, got: blocks.len(), want });
+        return Err(VerifyError::BlockCount {
+            size,
+            got: blocks.len(),
+            want,
+        });
     }
     let left = hazmat::left_subtree_len(size);
     let l = subtree(0, left, blocks);
@@ -104,7 +108,11 @@ impl FileHashes {
     pub fn verify_block(&self, index: u64, data: &[u8]) -> Result<(), VerifyError> {
         let want = block_len(self.size, index);
         if data.len() != want || index >= block_count(self.size) {
-            return Err(VerifyError::BadLength { index, got: data.len(), want });
+            return Err(VerifyError::BadLength {
+                index,
+                got: data.len(),
+                want,
+            });
         }
         let ok = if self.blocks.is_empty() {
             *blake3::hash(data).as_bytes() == self.root
@@ -142,10 +150,18 @@ impl FileHashes {
         if cvs.len() <= 1 {
             // `buf` still holds the only block (or nothing).
             let root = *blake3::hash(&buf[..total as usize]).as_bytes();
-            return Ok(FileHashes { size, root, blocks: Vec::new() });
+            return Ok(FileHashes {
+                size,
+                root,
+                blocks: Vec::new(),
+            });
         }
         let root = root_from_blocks(size, &cvs).expect("block count matches size");
-        Ok(FileHashes { size, root, blocks: cvs })
+        Ok(FileHashes {
+            size,
+            root,
+            blocks: cvs,
+        })
     }
 }
 

@@ -39,9 +39,7 @@ impl JobError {
     /// The wire code for this error.
     pub fn code(&self) -> u16 {
         match self {
-            JobError::BadName(_) | JobError::Duplicate(_) | JobError::FileIsFolder(_) => {
-                code::BAD_NAME
-            }
+            JobError::BadName(_) | JobError::Duplicate(_) | JobError::FileIsFolder(_) => code::BAD_NAME,
             JobError::BadTree { .. } => code::BAD_TREE,
             JobError::BadBlock { .. } => code::BAD_BLOCK,
             JobError::UnknownFile(_) | JobError::BadAccept => code::BAD_MESSAGE,
@@ -50,7 +48,10 @@ impl JobError {
     }
 
     pub fn refusal(&self) -> Refusal {
-        Refusal { code: self.code(), reason: self.to_string() }
+        Refusal {
+            code: self.code(),
+            reason: self.to_string(),
+        }
     }
 }
 
@@ -70,13 +71,25 @@ impl ReceiveJob {
     pub fn new(offer: Offer) -> Result<ReceiveJob, JobError> {
         let paths = validate_names(&offer)?;
         for f in &offer.files {
-            f.hashes.check_tree().map_err(|err| JobError::BadTree { path: f.path.clone(), err })?;
+            f.hashes.check_tree().map_err(|err| JobError::BadTree {
+                path: f.path.clone(),
+                err,
+            })?;
         }
-        let held: Vec<Vec<bool>> =
-            offer.files.iter().map(|f| vec![false; block_count(f.hashes.size) as usize]).collect();
+        let held: Vec<Vec<bool>> = offer
+            .files
+            .iter()
+            .map(|f| vec![false; block_count(f.hashes.size) as usize])
+            .collect();
         let missing = held.iter().map(|h| h.len() as u64).sum();
         let id = offer.job_id();
-        Ok(ReceiveJob { offer: Arc::new(offer), id, paths, held, missing })
+        Ok(ReceiveJob {
+            offer: Arc::new(offer),
+            id,
+            paths,
+            held,
+            missing,
+        })
     }
 
     /// Checks a block against the offer; on success returns its byte offset.
@@ -84,7 +97,10 @@ impl ReceiveJob {
         let f = offer.files.get(file as usize).ok_or(JobError::UnknownFile(file))?;
         f.hashes
             .verify_block(block as u64, data)
-            .map_err(|err| JobError::BadBlock { path: f.path.clone(), err })?;
+            .map_err(|err| JobError::BadBlock {
+                path: f.path.clone(),
+                err,
+            })?;
         Ok(block as u64 * super::blocks::BLOCK_SIZE)
     }
 
@@ -109,7 +125,9 @@ impl ReceiveJob {
 
     /// Blocks already held, as the `Accept` message carries them.
     pub fn accept(&self) -> Message {
-        Message::Accept { have: self.held.iter().map(|h| to_bitmap(h)).collect() }
+        Message::Accept {
+            have: self.held.iter().map(|h| to_bitmap(h)).collect(),
+        }
     }
 
     /// Whether the job may commit.
@@ -122,7 +140,11 @@ impl ReceiveJob {
 }
 
 fn validate_names(offer: &Offer) -> Result<Vec<RelPath>, JobError> {
-    let paths = offer.files.iter().map(|f| RelPath::new(&f.path)).collect::<Result<Vec<_>, _>>()?;
+    let paths = offer
+        .files
+        .iter()
+        .map(|f| RelPath::new(&f.path))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut seen = HashSet::with_capacity(paths.len());
     for p in &paths {
         if !seen.insert(p.as_str()) {
@@ -194,10 +216,18 @@ impl SendPlan {
                 }
                 let len = block_len(f.hashes.size, b as u64) as u32;
                 let offset = b as u64 * super::blocks::BLOCK_SIZE;
-                todo.push(BlockRef { file: i as u32, block: b as u32, offset, len });
+                todo.push(BlockRef {
+                    file: i as u32,
+                    block: b as u32,
+                    offset,
+                    len,
+                });
             }
         }
-        Ok(SendPlan { lanes: spread(todo, max_lanes.clamp(1, MAX_STREAMS)), held })
+        Ok(SendPlan {
+            lanes: spread(todo, max_lanes.clamp(1, MAX_STREAMS)),
+            held,
+        })
     }
 
     pub fn blocks(&self) -> u64 {
@@ -211,7 +241,11 @@ fn spread(todo: Vec<BlockRef>, lanes: usize) -> Vec<Vec<BlockRef>> {
     let mut out: Vec<Vec<BlockRef>> = vec![Vec::new(); lanes];
     let mut load = vec![0u64; lanes];
     for b in todo {
-        let (i, _) = load.iter().enumerate().min_by_key(|(_, l)| **l).expect("at least one lane");
+        let (i, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, l)| **l)
+            .expect("at least one lane");
         load[i] += b.len as u64 + 64;
         out[i].push(b);
     }
@@ -227,11 +261,18 @@ mod tests {
 
     fn file(path: &str, data: &[u8]) -> OfferFile {
         let hashes = FileHashes::from_reader(data, data.len() as u64).unwrap();
-        OfferFile { path: path.into(), hashes }
+        OfferFile {
+            path: path.into(),
+            hashes,
+        }
     }
 
     fn offer(files: Vec<OfferFile>) -> Offer {
-        Offer { target: "t".into(), files, meta: vec![] }
+        Offer {
+            target: "t".into(),
+            files,
+            meta: vec![],
+        }
     }
 
     #[test]
@@ -260,7 +301,10 @@ mod tests {
         let err = ReceiveJob::verify(&job.offer, 0, 0, b"hellO").unwrap_err();
         assert_eq!(err.code(), code::BAD_BLOCK);
         assert!(err.to_string().contains("a: block 0"), "{err}");
-        assert_eq!(ReceiveJob::verify(&job.offer, 3, 0, b"x"), Err(JobError::UnknownFile(3)));
+        assert_eq!(
+            ReceiveJob::verify(&job.offer, 3, 0, b"x"),
+            Err(JobError::UnknownFile(3))
+        );
     }
 
     #[test]
@@ -289,7 +333,9 @@ mod tests {
         let o = offer(vec![file("big", &big), file("s1", b"1"), file("s2", b"2")]);
         let mut job = ReceiveJob::new(o.clone()).unwrap();
         job.record(0, 2);
-        let Message::Accept { have } = job.accept() else { unreachable!() };
+        let Message::Accept { have } = job.accept() else {
+            unreachable!()
+        };
         let plan = SendPlan::new(&o, &have, 4).unwrap();
         assert_eq!(plan.held, 1);
         assert_eq!(plan.blocks(), 7);

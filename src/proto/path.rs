@@ -88,9 +88,7 @@ impl RelPath {
 
     /// Whether `self` is a folder that contains `other` (`a` contains `a/b`).
     pub fn contains(&self, other: &RelPath) -> bool {
-        other.0.len() > self.0.len()
-            && other.0.starts_with(&self.0)
-            && other.0.as_bytes()[self.0.len()] == b'/'
+        other.0.len() > self.0.len() && other.0.starts_with(&self.0) && other.0.as_bytes()[self.0.len()] == b'/'
     }
 }
 
@@ -113,7 +111,8 @@ mod tests {
 
     #[test]
     fn refuses_names_that_escape_or_are_malformed() {
-        let cases: &[(&str, fn(&PathError) -> bool)] = &[
+        type Check = fn(&PathError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, PathError::Empty)),
             ("/etc/passwd", |e| matches!(e, PathError::Absolute(_))),
             ("../x", |e| matches!(e, PathError::DotComponent(_))),

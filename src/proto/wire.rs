@@ -209,7 +209,9 @@ impl Message {
             T_REJECT => Message::Reject(decode_refusal(&mut r)?),
             T_COMMIT => Message::Commit { streams: r.u32()? },
             T_ABORT => Message::Abort,
-            T_COMMITTED => Message::Committed { report: r.string(MAX_REASON_LEN)? },
+            T_COMMITTED => Message::Committed {
+                report: r.string(MAX_REASON_LEN)?,
+            },
             T_FAILED => Message::Failed(decode_refusal(&mut r)?),
             t => return Err(WireError::UnknownType(t)),
         };
@@ -253,7 +255,11 @@ fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
         let path = r.string(MAX_PATH_LEN)?;
         let size = r.u64()?;
         if size > MAX_FILE_SIZE {
-            return Err(WireError::Limit { what: "file size", got: size, max: MAX_FILE_SIZE });
+            return Err(WireError::Limit {
+                what: "file size",
+                got: size,
+                max: MAX_FILE_SIZE,
+            });
         }
         let root = r.digest()?;
         let nb = r.u32()? as u64;
@@ -261,7 +267,10 @@ fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
             return Err(WireError::BlockList { size, got: nb });
         }
         let blocks = (0..nb).map(|_| r.digest()).collect::<Result<_, _>>()?;
-        files.push(OfferFile { path, hashes: FileHashes { size, root, blocks } });
+        files.push(OfferFile {
+            path,
+            hashes: FileHashes { size, root, blocks },
+        });
     }
     let nm = r.count("metadata entries", MAX_META)?;
     let mut meta = Vec::with_capacity(nm);
@@ -288,7 +297,10 @@ fn decode_accept(r: &mut Reader) -> Result<Message, WireError> {
 
 fn decode_refusal(r: &mut Reader) -> Result<Refusal, WireError> {
     let code = u16::from_be_bytes(r.take(2)?.try_into().expect("2 bytes"));
-    Ok(Refusal { code, reason: r.string(MAX_REASON_LEN)? })
+    Ok(Refusal {
+        code,
+        reason: r.string(MAX_REASON_LEN)?,
+    })
 }
 
 fn put_u32(w: &mut Vec<u8>, v: u32) {
@@ -330,14 +342,22 @@ impl<'a> Reader<'a> {
     fn count(&mut self, what: &'static str, max: usize) -> Result<usize, WireError> {
         let n = self.u32()? as u64;
         if n > max as u64 {
-            return Err(WireError::Limit { what, got: n, max: max as u64 });
+            return Err(WireError::Limit {
+                what,
+                got: n,
+                max: max as u64,
+            });
         }
         Ok(n as usize)
     }
     fn bytes(&mut self, max: usize) -> Result<&'a [u8], WireError> {
         let n = self.u32()? as usize;
         if n > max {
-            return Err(WireError::Limit { what: "field length", got: n as u64, max: max as u64 });
+            return Err(WireError::Limit {
+                what: "field length",
+                got: n as u64,
+                max: max as u64,
+            });
         }
         self.take(n)
     }
@@ -384,7 +404,11 @@ impl BlockHeader {
 
     pub fn decode(b: &[u8; 12]) -> BlockHeader {
         let word = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        BlockHeader { file: word(0), block: word(4), len: word(8) }
+        BlockHeader {
+            file: word(0),
+            block: word(4),
+            len: word(8),
+        }
     }
 }
 
@@ -397,7 +421,11 @@ mod tests {
             target: "t".into(),
             files: vec![OfferFile {
                 path: "a".into(),
-                hashes: FileHashes { size: 1, root: [7; 32], blocks: vec![] },
+                hashes: FileHashes {
+                    size: 1,
+                    root: [7; 32],
+                    blocks: vec![],
+                },
             }],
             meta: vec![("k".into(), "v".into())],
         }
@@ -406,7 +434,10 @@ mod tests {
     #[test]
     fn golden_bytes_of_commit_and_reject() {
         assert_eq!(Message::Commit { streams: 3 }.encode(), [0, 0, 0, 6, 1, 5, 0, 0, 0, 3]);
-        let r = Message::Reject(Refusal { code: code::NOT_ALLOWED, reason: "no".into() });
+        let r = Message::Reject(Refusal {
+            code: code::NOT_ALLOWED,
+            reason: "no".into(),
+        });
         assert_eq!(r.encode(), [0, 0, 0, 10, 1, 4, 0, 3, 0, 0, 0, 2, b'n', b'o']);
         assert_eq!(Message::Abort.encode(), [0, 0, 0, 2, 1, 6]);
     }
@@ -425,13 +456,24 @@ mod tests {
     fn every_message_round_trips() {
         let msgs = vec![
             Message::Offer(small_offer()),
-            Message::Fetch { export: "e".into(), files: vec!["x/y".into()] },
-            Message::Accept { have: vec![vec![0b101], vec![]] },
-            Message::Reject(Refusal { code: 2, reason: "unknown".into() }),
+            Message::Fetch {
+                export: "e".into(),
+                files: vec!["x/y".into()],
+            },
+            Message::Accept {
+                have: vec![vec![0b101], vec![]],
+            },
+            Message::Reject(Refusal {
+                code: 2,
+                reason: "unknown".into(),
+            }),
             Message::Commit { streams: 8 },
             Message::Abort,
             Message::Committed { report: "ok".into() },
-            Message::Failed(Refusal { code: 10, reason: "bad".into() }),
+            Message::Failed(Refusal {
+                code: 10,
+                reason: "bad".into(),
+            }),
         ];
         for m in msgs {
             let frame = m.encode();
@@ -456,7 +498,10 @@ mod tests {
 
     #[test]
     fn oversize_frames_and_counts_are_refused_before_allocating() {
-        assert!(matches!(Message::check_frame_len(u32::MAX), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            Message::check_frame_len(u32::MAX),
+            Err(WireError::TooLarge(_))
+        ));
         // An offer that claims u32::MAX files.
         let body = [1, T_OFFER, 0, 0, 0, 1, b't', 0xff, 0xff, 0xff, 0xff];
         assert!(matches!(Message::decode(&body), Err(WireError::Limit { .. })));
@@ -475,7 +520,11 @@ mod tests {
 
     #[test]
     fn golden_bytes_of_data_stream_framing() {
-        let h = BlockHeader { file: 1, block: 2, len: 0x10_0000 };
+        let h = BlockHeader {
+            file: 1,
+            block: 2,
+            len: 0x10_0000,
+        };
         assert_eq!(h.encode(), [0, 0, 0, 1, 0, 0, 0, 2, 0, 0x10, 0, 0]);
         assert_eq!(BlockHeader::decode(&h.encode()), h);
         let id = JobId([9; 16]);

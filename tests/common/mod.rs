@@ -38,10 +38,18 @@ impl Env {
     }
     /// Restarts the agent on the same configuration (and so the same folders).
     pub async fn restart(self) -> Env {
-        let Env { dir, agent, config_path } = self;
+        let Env {
+            dir,
+            agent,
+            config_path,
+        } = self;
         agent.shutdown().await;
         let agent = Agent::start(Config::load(&config_path).unwrap()).await.unwrap();
-        Env { dir, agent, config_path }
+        Env {
+            dir,
+            agent,
+            config_path,
+        }
     }
 }
 
@@ -69,14 +77,23 @@ pub async fn env_with(targets: &str, extra: &str, hooks: Hooks) -> Env {
     );
     let config_path = dir.path().join("agent.toml");
     std::fs::write(&config_path, text).unwrap();
-    let agent = Agent::start_with_hooks(Config::load(&config_path).unwrap(), hooks).await.unwrap();
-    Env { dir, agent, config_path }
+    let agent = Agent::start_with_hooks(Config::load(&config_path).unwrap(), hooks)
+        .await
+        .unwrap();
+    Env {
+        dir,
+        agent,
+        config_path,
+    }
 }
 
 /// Deterministic contents: `len` bytes seeded by `seed`.
 pub fn content(seed: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
-    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut buf);
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut buf);
     buf
 }
 
