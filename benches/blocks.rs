@@ -40,6 +40,14 @@ fn main() {
     let (p, b, v) = (median(plain), median(blocks), median(verify));
     println!("256 MiB in memory, one thread, median of 5:");
     println!("  blake3::hash (baseline)      {:>8.0} MB/s", mbs(p));
-    println!("  offer hashes (blocks + root) {:>8.0} MB/s  {:.2}x baseline", mbs(b), mbs(b) / mbs(p));
-    println!("  verify every block           {:>8.0} MB/s  {:.2}x baseline", mbs(v), mbs(v) / mbs(p));
+    println!(
+        "  offer hashes (blocks + root) {:>8.0} MB/s  {:.2}x baseline",
+        mbs(b),
+        mbs(b) / mbs(p)
+    );
+    println!(
+        "  verify every block           {:>8.0} MB/s  {:.2}x baseline",
+        mbs(v),
+        mbs(v) / mbs(p)
+    );
 }
