@@ -515,7 +515,7 @@ where
         }));
     }
     let p = watch
-        .wait_for(|p| p.error.is_some() || p.streams_done >= streams)
+        .wait_for(|p| p.error.is_some() || p.streams_done >= streams || inc.job.lock().expect("job").missing() == 0)
         .await
         .map(|p| p.clone())
         .map_err(|_| TransferError::Protocol("job dropped".into()))?;
