@@ -82,13 +82,13 @@ pub struct Client {
 impl Client {
     /// Loads the identity and opens a local UDP endpoint.
     pub fn new(tls: &TlsFiles) -> Result<Client, TransferError> {
-        let material = TlsMaterial::load(tls).map_err(|e| connect_err("local identity", e))?;
+        let material = TlsMaterial::load(tls)?;
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransferError::Io {
             path: "udp socket".into(),
             source: e,
         })?;
-        endpoint.set_default_client_config(material.client_config().map_err(|e| connect_err("local identity", e))?);
+        endpoint.set_default_client_config(material.client_config()?);
         let disk = Disk::start().map_err(|e| TransferError::Io {
             path: "io_uring".into(),
             source: e,

@@ -27,6 +27,8 @@ use tokio::sync::{mpsc, watch};
 pub enum TransferError {
     #[error("cannot connect to {peer}: {reason}")]
     Connect { peer: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("stream: {0}")]
