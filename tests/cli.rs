@@ -271,3 +271,78 @@ fn agent_without_config_runs_the_local_default() {
         b"hello barge"
     );
 }
+
+/// Polls until `dir` holds a file of at least `bytes` bytes (anywhere below it).
+fn wait_for_staged(dir: &Path, bytes: u64) -> bool {
+    fn biggest(dir: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+        rd.flatten()
+            .map(|e| {
+                if e.path().is_dir() {
+                    biggest(&e.path())
+                } else {
+                    e.metadata().map(|m| m.len()).unwrap_or(0)
+                }
+            })
+            .max()
+            .unwrap_or(0)
+    }
+    for _ in 0..500 {
+        if biggest(dir) >= bytes {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn an_agent_killed_mid_job_resumes_from_its_staged_blocks() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    ok(&barge(&["certs", "init", "--dir", "certs"], p));
+    for name in ["store-b", "ops"] {
+        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
+    }
+    std::fs::create_dir_all(p.join("in")).unwrap();
+    let big = content(7, 64 << 20);
+    write(&p.join("src/big.sst"), &big);
+    let config = |listen: &str| {
+        format!(
+            "listen = \"{listen}\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n\
+             [[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n"
+        )
+    };
+    std::fs::write(p.join("b.toml"), config("127.0.0.1:0")).unwrap();
+    let (mut first, addr) = agent(&["--config", "b.toml"], p);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt
+        .block_on(async { barge::client::Client::new(&barge::tls::TlsFiles::in_dir(&p.join("certs"), "ops")) })
+        .unwrap();
+    let client = std::sync::Arc::new(client);
+    let peer: barge::client::Peer = format!("store-b@{addr}").parse().unwrap();
+    let src = vec![p.join("src/big.sst")];
+    let opts = barge::client::PushOptions::default();
+    let push = {
+        let (client, peer, src, opts) = (client.clone(), peer.clone(), src.clone(), opts.clone());
+        rt.spawn(async move { client.push(&peer, "ingest", &src, &opts).await })
+    };
+    assert!(
+        wait_for_staged(&p.join("in/.barge-staging"), 8 << 20),
+        "the push never started"
+    );
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    push.abort();
+    assert!(list(&p.join("in")).is_empty(), "nothing is visible after the kill");
+
+    std::fs::write(p.join("b.toml"), config(&addr)).unwrap();
+    let (_second, _) = agent(&["--config", "b.toml"], p);
+    let r = rt.block_on(client.push(&peer, "ingest", &src, &opts)).unwrap();
+    assert!(r.blocks_held > 0, "the restarted agent kept verified blocks");
+    assert_eq!(r.blocks_held + r.blocks_sent, 64);
+    assert_eq!(
+        blake3::hash(&std::fs::read(p.join("in/big.sst")).unwrap()),
+        blake3::hash(&big)
+    );
+}
