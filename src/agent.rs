@@ -62,9 +62,11 @@ impl Agent {
         let hooks = resolve_hooks(&config, hooks)?;
         let tls = TlsMaterial::load(&config.tls)?;
         let endpoint =
-            quinn::Endpoint::server(tls.server_config()?, config.listen).map_err(|source| AgentError::Bind {
-                addr: config.listen,
-                source,
+            quinn::Endpoint::server(tls.server_config(&config.tuning)?, config.listen).map_err(|source| {
+                AgentError::Bind {
+                    addr: config.listen,
+                    source,
+                }
             })?;
         let addr = endpoint.local_addr().map_err(|source| AgentError::Bind {
             addr: config.listen,

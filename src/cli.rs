@@ -80,6 +80,9 @@ pub struct IdentityArgs {
     /// This host's identity (its certificate's name) [default: client]
     #[arg(long, env = "BARGE_IDENTITY", value_name = "NAME")]
     pub identity: Option<String>,
+    /// Congestion controller when this side sends: cubic, bbr or newreno
+    #[arg(long, env = "BARGE_CONGESTION", value_name = "CC")]
+    pub congestion: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ use crate::disk::Disk;
 use crate::hook::{ImportHook, MoveHook};
 use crate::proto::job::ReceiveJob;
 use crate::proto::wire::{Message, Refusal};
+use crate::quic::Tuning;
 use crate::stage::{check_space, move_into_place, Stage};
 use crate::tls::{TlsFiles, TlsMaterial};
 use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError};
@@ -80,15 +81,20 @@ pub struct Client {
 }
 
 impl Client {
-    /// Loads the identity and opens a local UDP endpoint.
+    /// Loads the identity and opens a local UDP endpoint with default tuning.
     pub fn new(tls: &TlsFiles) -> Result<Client, TransferError> {
+        Client::with_tuning(tls, &Tuning::default())
+    }
+
+    /// Like [`Client::new`], with explicit QUIC tuning.
+    pub fn with_tuning(tls: &TlsFiles, tuning: &Tuning) -> Result<Client, TransferError> {
         let material = TlsMaterial::load(tls)?;
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransferError::Io {
             path: "udp socket".into(),
             source: e,
         })?;
-        endpoint.set_default_client_config(material.client_config()?);
+        endpoint.set_default_client_config(material.client_config(tuning)?);
         let disk = Disk::start().map_err(|e| TransferError::Io {
             path: "io_uring".into(),
             source: e,

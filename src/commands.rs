@@ -145,7 +145,11 @@ fn client(id: &IdentityArgs) -> Result<Client> {
             what: "CA certificate (set --certs DIR or BARGE_CERTS)"
         });
     }
-    Ok(Client::new(&TlsFiles::in_dir(&dir, &name))?)
+    let mut tuning = barge::quic::Tuning::default();
+    if let Some(cc) = &id.congestion {
+        tuning.congestion = cc.parse().map_err(|e| usage(format!("--congestion: {e}")))?;
+    }
+    Ok(Client::with_tuning(&TlsFiles::in_dir(&dir, &name), &tuning)?)
 }
 
 fn parse_meta(meta: &[String]) -> Result<Vec<(String, String)>> {

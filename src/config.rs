@@ -2,6 +2,7 @@
 //! place into a [`Config`] whose paths exist, whose TLS material loads and whose
 //! targets do not overlap. Every refusal names the key and the problem.
 
+use crate::quic::{Congestion, Tuning};
 use crate::tls::{TlsFiles, TlsMaterial};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ struct RawConfig {
     max_jobs: Option<usize>,
     tls: RawTls,
     #[serde(default)]
+    transport: RawTransport,
+    #[serde(default)]
     export: Vec<RawTarget>,
     #[serde(default)]
     import: Vec<RawTarget>,
@@ -53,6 +56,15 @@ struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransport {
+    congestion: Option<Congestion>,
+    bandwidth_mbit: Option<u64>,
+    rtt_ms: Option<u64>,
+    max_mtu: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +126,7 @@ pub struct Config {
     pub imports: Vec<Import>,
     pub staging_ttl: Duration,
     pub max_jobs: usize,
+    pub tuning: Tuning,
 }
 
 impl Config {
@@ -221,7 +234,9 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     if max_jobs == 0 {
         return Err(invalid("max_jobs", "must be at least 1"));
     }
+    let tuning = tuning(&raw.transport)?;
     Ok(Config {
+        tuning,
         listen,
         data_dir,
         tls,
@@ -245,6 +260,26 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         staging_ttl,
         max_jobs,
     })
+}
+
+fn tuning(raw: &RawTransport) -> Result<Tuning, ConfigError> {
+    let d = Tuning::default();
+    let t = Tuning {
+        congestion: raw.congestion.unwrap_or(d.congestion),
+        bandwidth_mbit: raw.bandwidth_mbit.unwrap_or(d.bandwidth_mbit),
+        rtt_ms: raw.rtt_ms.unwrap_or(d.rtt_ms),
+        max_mtu: raw.max_mtu.unwrap_or(d.max_mtu),
+    };
+    if !(1..=1_000_000).contains(&t.bandwidth_mbit) {
+        return Err(invalid("transport.bandwidth_mbit", "must be 1 to 1000000"));
+    }
+    if t.rtt_ms > 10_000 {
+        return Err(invalid("transport.rtt_ms", "must be at most 10000"));
+    }
+    if !(1200..=65_000).contains(&t.max_mtu) {
+        return Err(invalid("transport.max_mtu", "must be 1200 to 65000"));
+    }
+    Ok(t)
 }
 
 fn tls_key(tls: &TlsFiles, e: &crate::tls::TlsError) -> &'static str {

@@ -12,6 +12,7 @@
 //!   names; [`proto::job`] tracks verified blocks and plans which stream sends what.
 //! - [`certs`]: a private CA and host certificates; a host's identity is its DNS name.
 //! - [`tls`]: rustls/quinn configuration with mutual authentication, peer identity.
+//! - [`quic`]: transport tuning: windows from bandwidth x RTT, MTU ceiling, congestion control.
 //! - [`config`]: the agent's TOML configuration, validated in one place.
 //! - [`disk`]: reads, writes and syncs on an io_uring thread.
 //! - [`source`]: the files a push or an export sends, and their hashes.
@@ -78,6 +79,7 @@ pub mod config;
 pub mod disk;
 pub mod hook;
 pub mod proto;
+pub mod quic;
 pub mod source;
 pub mod stage;
 pub mod tls;

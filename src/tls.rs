@@ -6,12 +6,12 @@
 
 use crate::certs::{ca_paths, host_paths};
 use crate::proto::wire::ALPN;
+use crate::quic::Tuning;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Why TLS material could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,7 @@ impl TlsMaterial {
     }
 
     /// QUIC server configuration that requires a client certificate from the CA.
-    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+    pub fn server_config(&self, tuning: &Tuning) -> Result<quinn::ServerConfig, TlsError> {
         let provider = provider();
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
@@ -101,12 +101,12 @@ impl TlsMaterial {
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        cfg.transport_config(transport());
+        cfg.transport_config(tuning.transport());
         Ok(cfg)
     }
 
     /// QUIC client configuration that presents our certificate and trusts only the CA.
-    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+    pub fn client_config(&self, tuning: &Tuning) -> Result<quinn::ClientConfig, TlsError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots.clone())
@@ -114,27 +114,13 @@ impl TlsMaterial {
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-        cfg.transport_config(transport());
+        cfg.transport_config(tuning.transport());
         Ok(cfg)
     }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Transport settings shared by both ends: windows large enough for bulk data on a
-/// LAN, keep-alives so a long import hook does not time the connection out.
-fn transport() -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
-    t.receive_window(quinn::VarInt::from_u32(64 << 20));
-    t.send_window(64 << 20);
-    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000))));
-    Arc::new(t)
 }
 
 fn read_err(path: &Path, what: &'static str, e: impl std::fmt::Display) -> TlsError {
@@ -187,8 +173,8 @@ mod tests {
         let files = TlsFiles::in_dir(dir.path(), "store-7.example");
         let m = TlsMaterial::load(&files).unwrap();
         assert_eq!(identity_of(&m.chain[0]).as_deref(), Some("store-7.example"));
-        m.server_config().unwrap();
-        m.client_config().unwrap();
+        m.server_config(&Tuning::default()).unwrap();
+        m.client_config(&Tuning::default()).unwrap();
     }
 
     #[test]

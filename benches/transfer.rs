@@ -1,0 +1,505 @@
+//! `cargo bench --bench transfer`: barge against its baselines, in one run, on this machine.
+//!
+//! Workloads (scaled by `BARGE_BENCH_SCALE`, default 1): W1 one 2 GiB file, W2 4,096
+//! files of 256 KiB, W3 20,000 files of 4 KiB. Rows, interleaved round by round so
+//! that machine noise hits all of them alike (`BARGE_BENCH_ROUNDS`, default 3, medians
+//! reported):
+//! - `tcp`: plain TCP copy, sender `sendfile`, receiver writes the files and syncs
+//!   them (`syncfs`) before it answers; no encryption, no hashing. The baseline.
+//! - `cp`: local copy of the tree then `sync`: the file-creation floor.
+//! - `barge`: a real `barge agent` process and a real `barge push` process.
+//! - `quinn` (W1 only): quinn alone, memory to memory, barge's transport settings, no
+//!   disk and no hashing: the ceiling of the QUIC path with both ends on these cores.
+//!
+//! Every row runs as two processes (or one for `cp`), and their CPU time and peak
+//! memory come from `wait4`. Before each timed run the previous copy is deleted, the
+//! page cache dropped (when root) and the source read again, so each run starts warm
+//! and from the same disk state (see shared/MEASURING.md).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+const BARGE: &str = env!("CARGO_BIN_EXE_barge");
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__role") {
+        roles::run(&args[2..]);
+        return;
+    }
+    let scale: f64 = std::env::var("BARGE_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let rounds: usize = std::env::var("BARGE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let only = std::env::var("BARGE_BENCH_ONLY").unwrap_or_default();
+    let work = bench_dir();
+    println!(
+        "barge transfer bench: scale {scale}, {rounds} rounds, data in {}",
+        work.display()
+    );
+    let certs = make_certs(&work);
+    let workloads = [
+        ("W1", 1usize, ((2u64 << 30) as f64 * scale) as u64),
+        ("W2", (4096.0 * scale).max(1.0) as usize, 256 << 10),
+        ("W3", (20_000.0 * scale).max(1.0) as usize, 4 << 10),
+    ];
+    for (name, count, size) in workloads {
+        if !only.is_empty() && !only.split(',').any(|w| w == name) {
+            continue;
+        }
+        let src = generate(&work, name, count, size);
+        let bytes = count as u64 * size;
+        let mut rows: Vec<(&str, Vec<Sample>)> = vec![("tcp", vec![]), ("cp", vec![]), ("barge", vec![])];
+        if name == "W1" {
+            rows.push(("quinn", vec![]));
+        }
+        for _ in 0..rounds {
+            for (row, samples) in rows.iter_mut() {
+                let dst = work.join("dst");
+                reset(&dst, &src);
+                let s = match *row {
+                    "tcp" => run_tcp(&src, &dst),
+                    "cp" => run_cp(&src, &dst),
+                    "barge" => run_barge(&work, &certs, &src, &dst),
+                    _ => run_quinn(&certs, bytes),
+                };
+                samples.push(s);
+            }
+        }
+        report(name, count, bytes, &rows);
+    }
+    let _ = std::fs::remove_dir_all(work.join("dst"));
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    secs: f64,
+    cpu: f64,
+    send_rss_kb: u64,
+    recv_rss_kb: u64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn report(name: &str, count: usize, bytes: u64, rows: &[(&str, Vec<Sample>)]) {
+    let med = |s: &[Sample], f: fn(&Sample) -> f64| median(&mut s.iter().map(f).collect::<Vec<_>>());
+    let base = med(&rows[0].1, |s| s.secs);
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    println!("\n{name}: {count} files, {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+    println!(
+        "  {:<6} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8}",
+        "row", "MB/s", "files/s", "CPU s/GiB", "send MiB", "recv MiB", "vs tcp"
+    );
+    for (row, s) in rows {
+        let secs = med(s, |s| s.secs);
+        let files = if *row == "quinn" {
+            "-".to_string()
+        } else {
+            format!("{:.0}", count as f64 / secs)
+        };
+        println!(
+            "  {:<6} {:>9.0} {:>9} {:>10.2} {:>10.0} {:>10.0} {:>7.2}x",
+            row,
+            bytes as f64 / secs / 1e6,
+            files,
+            med(s, |s| s.cpu) / gib,
+            med(s, |s| s.send_rss_kb as f64) / 1024.0,
+            med(s, |s| s.recv_rss_kb as f64) / 1024.0,
+            base / secs,
+        );
+    }
+    let secs = |r: &str| rows.iter().find(|(n, _)| *n == r).map(|(_, s)| med(s, |s| s.secs));
+    if let (Some(b), Some(q)) = (secs("barge"), secs("quinn")) {
+        println!("  barge / quinn ceiling: {:.2}x", q / b);
+    }
+    if let (Some(b), Some(c)) = (secs("barge"), secs("cp")) {
+        println!("  barge / cp floor: {:.2}x", c / b);
+    }
+}
+
+fn bench_dir() -> PathBuf {
+    let dir = std::env::var("BARGE_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn make_certs(work: &Path) -> PathBuf {
+    let certs = work.join("certs");
+    barge::certs::ensure_dev_certs(&certs, &["agent", "client"]).unwrap();
+    certs
+}
+
+/// Makes (or reuses) `count` files of `size` bytes.
+fn generate(work: &Path, name: &str, count: usize, size: u64) -> PathBuf {
+    let src = work.join(format!("src-{name}-{count}x{size}"));
+    let marker = src.join(".complete");
+    if marker.exists() {
+        return src;
+    }
+    let _ = std::fs::remove_dir_all(&src);
+    let mut buf = vec![0u8; size.min(1 << 20) as usize];
+    for i in 0..count {
+        let path = src.join(format!("d{:03}/f{i:06}", i % 256));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut xof = blake3::Hasher::new().update(&(i as u64).to_le_bytes()).finalize_xof();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            xof.fill(&mut buf[..n]);
+            f.write_all(&buf[..n]).unwrap();
+            left -= n as u64;
+        }
+    }
+    std::fs::write(&marker, b"").unwrap();
+    sync_all();
+    src
+}
+
+fn sync_all() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Deletes the previous copy, syncs, drops clean caches (as root), re-reads the source.
+fn reset(dst: &Path, src: &Path) {
+    let _ = std::fs::remove_dir_all(dst);
+    sync_all();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", b"1");
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files(src) {
+        let mut file = std::fs::File::open(&f).unwrap();
+        while file.read(&mut buf).unwrap() > 0 {}
+    }
+    std::fs::create_dir_all(dst).unwrap();
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.ends_with(".complete") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits for a child and returns its CPU seconds and peak RSS (KiB).
+fn reap(child: &mut Child) -> (f64, u64) {
+    let mut status = 0;
+    // SAFETY: rusage is plain data filled by the kernel for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid, "wait4");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed: status {status}"
+    );
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (t(ru.ru_utime) + t(ru.ru_stime), ru.ru_maxrss as u64)
+}
+
+fn me() -> PathBuf {
+    std::env::current_exe().unwrap()
+}
+
+/// Starts a child and reads lines of its stdout until one starts with `prefix`.
+/// The caller reaps the child with `reap` (wait4), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
+fn start_until(cmd: &mut Command, prefix: &str) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = child.wait();
+            panic!("child exited before {prefix}");
+        }
+        if let Some(rest) = line.strip_prefix(prefix) {
+            let rest = rest.trim().to_string();
+            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+            return (child, rest);
+        }
+    }
+}
+
+fn run_tcp(src: &Path, dst: &Path) -> Sample {
+    let (mut recv, addr) = start_until(Command::new(me()).args(["__role", "tcp-recv"]).arg(dst), "listening ");
+    let t = Instant::now();
+    let mut send = Command::new(me())
+        .args(["__role", "tcp-send"])
+        .arg(src)
+        .arg(&addr)
+        .spawn()
+        .unwrap();
+    let (send_cpu, send_rss) = reap(&mut send);
+    let secs = t.elapsed().as_secs_f64();
+    let (recv_cpu, recv_rss) = reap(&mut recv);
+    Sample {
+        secs,
+        cpu: send_cpu + recv_cpu,
+        send_rss_kb: send_rss,
+        recv_rss_kb: recv_rss,
+    }
+}
+
+fn run_cp(src: &Path, dst: &Path) -> Sample {
+    let t = Instant::now();
+    let mut cp = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cp -r '{}' '{}/' && sync", src.display(), dst.display()))
+        .spawn()
+        .unwrap();
+    let (cpu, rss) = reap(&mut cp);
+    Sample {
+        secs: t.elapsed().as_secs_f64(),
+        cpu,
+        send_rss_kb: rss,
+        recv_rss_kb: rss,
+    }
+}
+
+fn run_barge(work: &Path, certs: &Path, src: &Path, dst: &Path) -> Sample {
+    let config = work.join("agent.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/agent.pem\"\nkey = \"{c}/agent.key\"\n\
+         [[import]]\nname = \"bench\"\npath = \"{}\"\nallow = [\"client\"]\n",
+        work.join("agent-data").display(),
+        dst.display(),
+        c = certs.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut agent = Command::new(BARGE)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = agent_addr(&mut agent);
+    let t = Instant::now();
+    let mut push = Command::new(BARGE)
+        .arg("push")
+        .arg(src)
+        .args(["--to", &format!("agent@{addr}"), "--import", "bench", "--certs"])
+        .arg(certs)
+        .args(["--identity", "client"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (send_cpu, send_rss) = reap(&mut push);
+    let secs = t.elapsed().as_secs_f64();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let (recv_cpu, recv_rss) = reap(&mut agent);
+    Sample {
+        secs,
+        cpu: send_cpu + recv_cpu,
+        send_rss_kb: send_rss,
+        recv_rss_kb: recv_rss,
+    }
+}
+
+fn agent_addr(agent: &mut Child) -> String {
+    let mut err = BufReader::new(agent.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "agent exited");
+        if let Some(rest) = line.split("addr=").nth(1).filter(|_| line.contains("agent listening")) {
+            let addr = rest.split_whitespace().next().unwrap().to_string();
+            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+            return addr;
+        }
+    }
+}
+
+fn run_quinn(certs: &Path, bytes: u64) -> Sample {
+    let (mut recv, addr) = start_until(
+        Command::new(me()).args(["__role", "quinn-recv"]).arg(certs),
+        "listening ",
+    );
+    let t = Instant::now();
+    let mut send = Command::new(me())
+        .args(["__role", "quinn-send"])
+        .arg(certs)
+        .arg(&addr)
+        .arg(bytes.to_string())
+        .spawn()
+        .unwrap();
+    let (send_cpu, send_rss) = reap(&mut send);
+    let secs = t.elapsed().as_secs_f64();
+    let (recv_cpu, recv_rss) = reap(&mut recv);
+    Sample {
+        secs,
+        cpu: send_cpu + recv_cpu,
+        send_rss_kb: send_rss,
+        recv_rss_kb: recv_rss,
+    }
+}
+
+/// The child processes of the baseline rows.
+mod roles {
+    use super::*;
+
+    pub fn run(args: &[String]) {
+        match args[0].as_str() {
+            "tcp-recv" => tcp_recv(Path::new(&args[1])),
+            "tcp-send" => tcp_send(Path::new(&args[1]), &args[2]),
+            "quinn-recv" => quinn_recv(Path::new(&args[1])),
+            "quinn-send" => quinn_send(Path::new(&args[1]), &args[2], args[3].parse().unwrap()),
+            other => panic!("unknown role {other}"),
+        }
+    }
+
+    /// Frames: name length (u32), name, size (u64), bytes; a zero name length ends.
+    fn tcp_send(src: &Path, addr: &str) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        for f in files(src) {
+            let name = f.strip_prefix(src).unwrap().to_string_lossy().to_string();
+            let file = std::fs::File::open(&f).unwrap();
+            let size = file.metadata().unwrap().len();
+            let mut head = (name.len() as u32).to_be_bytes().to_vec();
+            head.extend(name.as_bytes());
+            head.extend(size.to_be_bytes());
+            s.write_all(&head).unwrap();
+            let mut off: libc::off_t = 0;
+            while (off as u64) < size {
+                let left = (size - off as u64).min(1 << 30) as usize;
+                // SAFETY: both descriptors are open; off is ours.
+                let n = unsafe { libc::sendfile(s.as_raw_fd(), file.as_raw_fd(), &mut off, left) };
+                assert!(n > 0, "sendfile: {}", std::io::Error::last_os_error());
+            }
+        }
+        s.write_all(&0u32.to_be_bytes()).unwrap();
+        let mut ack = [0u8; 1];
+        s.read_exact(&mut ack).unwrap();
+    }
+
+    fn tcp_recv(dst: &Path) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        println!("listening {}", l.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut dirs = std::collections::BTreeSet::new();
+        loop {
+            let mut n = [0u8; 4];
+            s.read_exact(&mut n).unwrap();
+            let n = u32::from_be_bytes(n) as usize;
+            if n == 0 {
+                break;
+            }
+            let mut name = vec![0u8; n];
+            s.read_exact(&mut name).unwrap();
+            let mut size = [0u8; 8];
+            s.read_exact(&mut size).unwrap();
+            let mut left = u64::from_be_bytes(size);
+            let path = dst.join(String::from_utf8(name).unwrap());
+            let parent = path.parent().unwrap().to_path_buf();
+            if dirs.insert(parent.clone()) {
+                std::fs::create_dir_all(&parent).unwrap();
+            }
+            let mut f = std::fs::File::create(&path).unwrap();
+            while left > 0 {
+                let k = (left as usize).min(buf.len());
+                s.read_exact(&mut buf[..k]).unwrap();
+                f.write_all(&buf[..k]).unwrap();
+                left -= k as u64;
+            }
+        }
+        // Durable before answering: every file and folder of the file system.
+        let d = std::fs::File::open(dst).unwrap();
+        // SAFETY: d is an open descriptor.
+        assert_eq!(unsafe { libc::syncfs(d.as_raw_fd()) }, 0);
+        s.write_all(&[1]).unwrap();
+    }
+
+    /// barge's default tuning, or what BARGE_BENCH_CC / BARGE_BENCH_MTU / BARGE_BENCH_BW_MBIT say.
+    fn bench_tuning() -> barge::quic::Tuning {
+        let mut t = barge::quic::Tuning::default();
+        if let Ok(cc) = std::env::var("BARGE_BENCH_CC") {
+            t.congestion = cc.parse().unwrap();
+        }
+        if let Ok(m) = std::env::var("BARGE_BENCH_MTU") {
+            t.max_mtu = m.parse().unwrap();
+        }
+        if let Ok(b) = std::env::var("BARGE_BENCH_BW_MBIT") {
+            t.bandwidth_mbit = b.parse().unwrap();
+        }
+        t
+    }
+
+    fn quinn_endpoint_configs(certs: &Path, name: &str) -> barge::tls::TlsMaterial {
+        barge::tls::TlsMaterial::load(&barge::tls::TlsFiles::in_dir(certs, name)).unwrap()
+    }
+
+    fn quinn_recv(certs: &Path) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let tls = quinn_endpoint_configs(certs, "agent");
+            let tuning = bench_tuning();
+            let ep =
+                quinn::Endpoint::server(tls.server_config(&tuning).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+            println!("listening {}", ep.local_addr().unwrap());
+            std::io::stdout().flush().unwrap();
+            let conn = ep.accept().await.unwrap().await.unwrap();
+            let mut s = conn.accept_uni().await.unwrap();
+            while s.read_chunk(usize::MAX, true).await.unwrap().is_some() {}
+            let (mut tx, _rx) = conn.accept_bi().await.unwrap();
+            tx.write_all(&[1]).await.unwrap();
+            tx.finish().unwrap();
+            conn.closed().await;
+        });
+    }
+
+    fn quinn_send(certs: &Path, addr: &str, bytes: u64) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let tls = quinn_endpoint_configs(certs, "client");
+            let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+            ep.set_default_client_config(tls.client_config(&bench_tuning()).unwrap());
+            let conn = ep.connect(addr.parse().unwrap(), "agent").unwrap().await.unwrap();
+            let mut s = conn.open_uni().await.unwrap();
+            let block = bytes::Bytes::from(vec![7u8; 1 << 20]);
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                s.write_chunk(block.slice(..n)).await.unwrap();
+                left -= n as u64;
+            }
+            s.finish().unwrap();
+            let (_tx, mut rx) = conn.open_bi().await.unwrap();
+            // The bi stream is only opened once data is written on it; nudge it.
+            let mut tx = _tx;
+            tx.write_all(&[0]).await.unwrap();
+            let mut ack = [0u8; 1];
+            rx.read_exact(&mut ack).await.unwrap();
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+        });
+    }
+}
