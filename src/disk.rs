@@ -24,9 +24,10 @@ enum Request {
         data: Bytes,
         reply: oneshot::Sender<io::Result<()>>,
     },
-    Sync {
+    Finish {
         path: PathBuf,
         len: u64,
+        sync: bool,
         reply: oneshot::Sender<io::Result<()>>,
     },
 }
@@ -97,8 +98,15 @@ impl Disk {
 
     /// Creates the file if needed, sets its length to `len` and syncs it to disk.
     pub async fn sync(&self, path: PathBuf, len: u64) -> io::Result<()> {
+        self.finish(path, len, true).await
+    }
+
+    /// Creates the file if needed and sets its length to `len`; syncs it if `sync`.
+    pub async fn finish(&self, path: PathBuf, len: u64, sync: bool) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Sync { path, len, reply }).map_err(|_| gone())?;
+        self.tx
+            .send(Request::Finish { path, len, sync, reply })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 }
@@ -128,8 +136,8 @@ async fn handle(req: Request) {
         } => {
             let _ = reply.send(write(path, offset, data).await);
         }
-        Request::Sync { path, len, reply } => {
-            let _ = reply.send(sync(path, len).await);
+        Request::Finish { path, len, sync, reply } => {
+            let _ = reply.send(finish(path, len, sync).await);
         }
     }
 }
@@ -157,15 +165,17 @@ async fn write(path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
     closed
 }
 
-async fn sync(path: PathBuf, len: u64) -> io::Result<()> {
+async fn finish(path: PathBuf, len: u64, sync: bool) -> io::Result<()> {
     let file = open_for_write().open(&path).await?;
-    let std = std::fs::File::open(&path)?;
     let res = async {
-        if std.metadata()?.len() != len {
-            // Only reached for a file whose last blocks are zeros never written (or 0 bytes).
+        if std::fs::metadata(&path)?.len() != len {
+            // Only for an empty file, which no block write created.
             std::fs::OpenOptions::new().write(true).open(&path)?.set_len(len)?;
         }
-        file.sync_all().await
+        if sync {
+            file.sync_all().await?;
+        }
+        Ok::<(), io::Error>(())
     }
     .await;
     let closed = file.close().await;

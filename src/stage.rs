@@ -55,9 +55,11 @@ impl Stage {
         std::fs::File::open(&job_dir)
             .and_then(|f| f.set_times(now))
             .map_err(io_at(&job_dir))?;
+        let mut made = std::collections::HashSet::new();
         for p in &job.paths {
-            if let Some(parent) = p.under(&files_dir).parent() {
-                std::fs::create_dir_all(parent).map_err(io_at(parent))?;
+            let parent = p.under(&files_dir).parent().map(Path::to_path_buf);
+            if let Some(parent) = parent.filter(|d| made.insert(d.clone())) {
+                std::fs::create_dir_all(&parent).map_err(io_at(&parent))?;
             }
         }
         Ok(Stage { job_dir, files_dir })
@@ -92,13 +94,16 @@ impl Stage {
         found
     }
 
-    /// Syncs every staged file (creating empty ones) and every staged folder.
+    /// Syncs every staged file (creating empty ones) and every staged folder. A job of
+    /// many files is synced with one `syncfs` of the target's file system instead of a
+    /// `fsync` per file and folder: the same guarantee, far fewer disk flushes.
     pub async fn seal(&self, offer: &Offer, paths: &[RelPath], disk: &Disk) -> Result<(), StageError> {
+        let many = offer.files.len() > SYNCFS_FILES;
         let mut syncs = tokio::task::JoinSet::new();
         for (i, f) in offer.files.iter().enumerate() {
             let path = self.file(&paths[i]);
             let (disk, size) = (disk.clone(), f.hashes.size);
-            syncs.spawn(async move { disk.sync(path.clone(), size).await.map_err(|e| (path, e)) });
+            syncs.spawn(async move { disk.finish(path.clone(), size, !many).await.map_err(|e| (path, e)) });
         }
         while let Some(r) = syncs.join_next().await {
             r.expect("sync task")
@@ -111,6 +116,11 @@ impl Stage {
         dirs.sort();
         dirs.dedup();
         let files_dir = self.files_dir.clone();
+        if many {
+            return tokio::task::spawn_blocking(move || syncfs(&files_dir))
+                .await
+                .expect("sync task");
+        }
         tokio::task::spawn_blocking(move || sync_dirs(&dirs, &files_dir))
             .await
             .expect("sync task")
@@ -138,6 +148,23 @@ fn sync_dirs(dirs: &[PathBuf], top: &Path) -> Result<(), StageError> {
             sync_dir(dir)?;
             cur = dir.parent();
         }
+    }
+    Ok(())
+}
+
+/// Jobs with more files than this are synced with one `syncfs`.
+pub const SYNCFS_FILES: usize = 32;
+
+/// Flushes the whole file system that holds `dir` (data and metadata).
+pub fn syncfs(dir: &Path) -> Result<(), StageError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir).map_err(io_at(dir))?;
+    // SAFETY: f is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(StageError::Io {
+            path: dir.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -186,12 +213,15 @@ pub fn check_destinations(target: &Path, paths: &[RelPath]) -> Result<(), StageE
 }
 
 /// Renames every staged file into place under `target`, all or nothing: on any error
-/// the files already moved go back to staging. Then syncs the target's folders.
+/// what was already moved goes back to staging. A top-level folder of the job that the
+/// target does not have yet moves in one rename (cheap and atomic for many files);
+/// files under folders that exist already move one by one. Then syncs the folders.
 pub fn move_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
     check_destinations(target, paths)?;
-    let mut moved: Vec<&RelPath> = Vec::with_capacity(paths.len());
+    let units = rename_units(target, paths)?;
+    let mut moved: Vec<&RelPath> = Vec::with_capacity(units.len());
     let mut made_dirs = Vec::new();
-    let result = paths.iter().try_for_each(|rel| {
+    let result = units.iter().try_for_each(|rel| {
         let dest = rel.under(target);
         make_parents(target, rel, &mut made_dirs)?;
         rename_no_replace(&stage.file(rel), &dest).map_err(|e| match e.kind() {
@@ -213,13 +243,41 @@ pub fn move_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Resul
         }
         return Err(e);
     }
-    let mut dirs: Vec<PathBuf> = paths
+    let mut dirs: Vec<PathBuf> = units
         .iter()
         .filter_map(|p| p.under(target).parent().map(Path::to_path_buf))
         .collect();
     dirs.sort();
     dirs.dedup();
     sync_dirs(&dirs, target)
+}
+
+/// What to rename: whole top-level folders the target lacks, single files otherwise.
+fn rename_units(target: &Path, paths: &[RelPath]) -> Result<Vec<RelPath>, StageError> {
+    let mut fresh = std::collections::HashMap::new();
+    let mut units = Vec::new();
+    for rel in paths {
+        let top = rel.components().next().expect("a name has a component");
+        if top.len() == rel.as_str().len() {
+            units.push(rel.clone());
+            continue;
+        }
+        let is_fresh = match fresh.get(top) {
+            Some(f) => *f,
+            None => {
+                let f = !target.join(top).exists();
+                fresh.insert(top.to_string(), f);
+                if f {
+                    units.push(RelPath::new(top).map_err(|_| StageError::Escape(rel.to_string()))?);
+                }
+                f
+            }
+        };
+        if !is_fresh {
+            units.push(rel.clone());
+        }
+    }
+    Ok(units)
 }
 
 fn make_parents(target: &Path, rel: &RelPath, made: &mut Vec<PathBuf>) -> Result<(), StageError> {
@@ -359,6 +417,32 @@ mod tests {
         std::fs::remove_file(target.join("z")).unwrap();
         move_into_place(&stage, &target, &paths).unwrap();
         assert_eq!(std::fs::read(target.join("a/1")).unwrap(), b"1");
+    }
+
+    #[test]
+    fn new_folders_move_whole_and_existing_ones_take_files_one_by_one() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("target");
+        std::fs::create_dir_all(target.join("old")).unwrap();
+        std::fs::write(target.join("old/kept"), b"k").unwrap();
+        let paths = [rel("new/a"), rel("new/b/c"), rel("old/d"), rel("top")];
+        let units = rename_units(&target, &paths).unwrap();
+        assert_eq!(units, [rel("new"), rel("old/d"), rel("top")]);
+        let stage = Stage { job_dir: t.path().join("job"), files_dir: t.path().join("job/files") };
+        for p in &paths {
+            write_staged(&stage, p);
+        }
+        move_into_place(&stage, &target, &paths).unwrap();
+        for p in &paths {
+            assert_eq!(std::fs::read(p.under(&target)).unwrap(), p.as_str().as_bytes());
+        }
+        assert_eq!(std::fs::read(target.join("old/kept")).unwrap(), b"k");
+    }
+
+    fn write_staged(stage: &Stage, p: &RelPath) {
+        let f = stage.file(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, p.as_str()).unwrap();
     }
 
     #[test]
