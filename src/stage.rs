@@ -195,17 +195,36 @@ fn ensure_real_dir(path: &Path, name: &str) -> Result<(), StageError> {
 /// Checks that every file can be placed under `target`: no existing file there, and no
 /// symlink among the folders on the way.
 pub fn check_destinations(target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
+    // Folders already seen to be real folders, or to be missing (then nothing below exists).
+    let mut dirs_ok = std::collections::HashSet::new();
+    let mut missing = std::collections::HashSet::new();
     for rel in paths {
-        let mut cur = target.to_path_buf();
         let parts: Vec<&str> = rel.components().collect();
+        let mut prefix = String::new();
         for (i, c) in parts.iter().enumerate() {
-            cur.push(c);
+            if i > 0 {
+                prefix.push('/');
+            }
+            prefix.push_str(c);
+            let last = i + 1 == parts.len();
+            if missing.contains(&prefix) {
+                break;
+            }
+            if !last && dirs_ok.contains(&prefix) {
+                continue;
+            }
+            let cur = target.join(&prefix);
             match std::fs::symlink_metadata(&cur) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    missing.insert(prefix.clone());
+                    break;
+                }
                 Err(e) => return Err(StageError::Io { path: cur, source: e }),
                 Ok(m) if m.file_type().is_symlink() => return Err(StageError::Escape(rel.to_string())),
-                Ok(m) if i + 1 < parts.len() && m.is_dir() => {}
-                Ok(_) => return Err(StageError::Exists(parts[..=i].join("/"))),
+                Ok(m) if !last && m.is_dir() => {
+                    dirs_ok.insert(prefix.clone());
+                }
+                Ok(_) => return Err(StageError::Exists(prefix)),
             }
         }
     }
