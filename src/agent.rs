@@ -42,6 +42,7 @@ struct Shared {
     disk: Disk,
     active: Mutex<HashSet<crate::proto::wire::JobId>>,
     jobs: Semaphore,
+    cache: Arc<crate::hashcache::HashCache>,
 }
 
 /// A running agent.
@@ -74,12 +75,14 @@ impl Agent {
         })?;
         let disk = Disk::start().map_err(AgentError::Disk)?;
         let jobs = Semaphore::new(config.max_jobs);
+        let cache = Arc::new(open_cache(&config.data_dir));
         let shared = Arc::new(Shared {
             config,
             hooks,
             disk,
             active: Mutex::new(HashSet::new()),
             jobs,
+            cache,
         });
         info!(%addr, imports = shared.config.imports.len(), exports = shared.config.exports.len(), "agent listening");
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
@@ -103,6 +106,15 @@ impl Agent {
         }
         self.endpoint.wait_idle().await;
     }
+}
+
+/// The export hash cache in `data_dir`; in memory only if the file can not be used.
+fn open_cache(data_dir: &std::path::Path) -> crate::hashcache::HashCache {
+    let path = data_dir.join("hash-cache");
+    crate::hashcache::HashCache::open(&path).unwrap_or_else(|e| {
+        warn!(path = %path.display(), error = %e, "hash cache kept in memory only");
+        crate::hashcache::HashCache::in_memory()
+    })
 }
 
 fn resolve_hooks(config: &Config, mut custom: Hooks) -> Result<Hooks, AgentError> {
@@ -313,13 +325,12 @@ impl JobCtx {
         let ex = self.export_target(&export)?;
         let list =
             crate::source::collect_export(&ex.path, &files).map_err(|e| refuse(source_code(&e), e.to_string()))?;
-        let offer = crate::source::make_offer(&ex.name, &list, vec![])
+        let offer = crate::source::make_offer(&ex.name, &list, vec![], &self.shared.cache)
             .await
             .map_err(|e| refuse(code::IO, e.to_string()))?;
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
-        let sources = list.into_iter().map(|f| f.path).collect();
         let fault = transfer::Fault::default();
-        let res = transfer::send_job(&self.conn, send, recv, offer, sources, &self.shared.disk, &fault)
+        let res = transfer::send_job(&self.conn, send, recv, offer, list, &self.shared.disk, &fault)
             .instrument(span.clone())
             .await;
         span.in_scope(|| match res {

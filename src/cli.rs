@@ -80,6 +80,10 @@ pub struct IdentityArgs {
     /// This host's identity (its certificate's name) [default: client]
     #[arg(long, env = "BARGE_IDENTITY", value_name = "NAME")]
     pub identity: Option<String>,
+    /// File that caches the hashes of sent files (by inode, size and mtime), or `off`
+    /// [default: $XDG_CACHE_HOME/barge/hashes or ~/.cache/barge/hashes]
+    #[arg(long, env = "BARGE_HASH_CACHE", value_name = "FILE")]
+    pub hash_cache: Option<String>,
     /// Congestion controller when this side sends: cubic, bbr or newreno
     #[arg(long, env = "BARGE_CONGESTION", value_name = "CC")]
     pub congestion: Option<String>,

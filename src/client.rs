@@ -6,6 +6,7 @@
 //! moves the files into place only when all of them arrived.
 
 use crate::disk::Disk;
+use crate::hashcache::HashCache;
 use crate::hook::{ImportHook, MoveHook};
 use crate::proto::job::ReceiveJob;
 use crate::proto::wire::{Message, Refusal};
@@ -16,6 +17,7 @@ use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// An agent to talk to: the name its certificate must carry and where to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,7 @@ pub struct PullReport {
 pub struct Client {
     endpoint: quinn::Endpoint,
     disk: Disk,
+    cache: Arc<HashCache>,
 }
 
 impl Client {
@@ -99,7 +102,21 @@ impl Client {
             path: "io_uring".into(),
             source: e,
         })?;
-        Ok(Client { endpoint, disk })
+        Ok(Client {
+            endpoint,
+            disk,
+            cache: Arc::new(HashCache::in_memory()),
+        })
+    }
+
+    /// Uses `cache` (for example a persistent one) for the hashes of pushed files.
+    pub fn set_hash_cache(&mut self, cache: Arc<HashCache>) {
+        self.cache = cache;
+    }
+
+    /// The hash cache, to see how many files a push had to read and hash.
+    pub fn hash_cache(&self) -> &Arc<HashCache> {
+        &self.cache
     }
 
     /// Opens an authenticated connection to `peer`.
@@ -125,11 +142,10 @@ impl Client {
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
         let files = crate::source::collect_push(paths)?;
-        let offer = crate::source::make_offer(target, &files, opts.meta.clone()).await?;
-        let sources = files.into_iter().map(|f| f.path).collect();
+        let offer = crate::source::make_offer(target, &files, opts.meta.clone(), &self.cache).await?;
         let conn = self.connect(peer).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        let result = transfer::send_job(&conn, &mut send, &mut recv, offer, sources, &self.disk, &opts.fault).await;
+        let result = transfer::send_job(&conn, &mut send, &mut recv, offer, files, &self.disk, &opts.fault).await;
         conn.close(quinn::VarInt::from_u32(0), b"done");
         result
     }

@@ -149,7 +149,19 @@ fn client(id: &IdentityArgs) -> Result<Client> {
     if let Some(cc) = &id.congestion {
         tuning.congestion = cc.parse().map_err(|e| usage(format!("--congestion: {e}")))?;
     }
-    Ok(Client::with_tuning(&TlsFiles::in_dir(&dir, &name), &tuning)?)
+    let mut client = Client::with_tuning(&TlsFiles::in_dir(&dir, &name), &tuning)?;
+    let cache_path = match id.hash_cache.as_deref() {
+        Some("off") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => barge::hashcache::HashCache::default_path(),
+    };
+    if let Some(path) = cache_path {
+        match barge::hashcache::HashCache::open(&path) {
+            Ok(cache) => client.set_hash_cache(std::sync::Arc::new(cache)),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "hash cache not used"),
+        }
+    }
+    Ok(client)
 }
 
 fn parse_meta(meta: &[String]) -> Result<Vec<(String, String)>> {

@@ -16,6 +16,7 @@
 //! - [`config`]: the agent's TOML configuration, validated in one place.
 //! - [`disk`]: reads, writes and syncs on an io_uring thread.
 //! - [`source`]: the files a push or an export sends, and their hashes.
+//! - [`hashcache`]: hash once: roots and block values cached by inode, size and mtime.
 //! - [`stage`]: the receiving side's staging folder, resume scan, atomic placement.
 //! - [`hook`]: import hooks (`move`, `exec`, and the [`hook::ImportHook`] trait).
 //! - [`transfer`]: sender and receiver of one job over a QUIC connection.
@@ -77,6 +78,7 @@ pub mod certs;
 pub mod client;
 pub mod config;
 pub mod disk;
+pub mod hashcache;
 pub mod hook;
 pub mod proto;
 pub mod quic;

@@ -4,11 +4,13 @@
 //! arrives as `data/...`. The list is sorted so the same files always make the same
 //! offer, and so the same job id, which is what lets an interrupted push resume.
 
+use crate::hashcache::{FileStamp, HashCache};
 use crate::proto::blocks::FileHashes;
 use crate::proto::limits::MAX_FILES;
 use crate::proto::path::{PathError, RelPath, STAGING_DIR};
 use crate::proto::wire::{Offer, OfferFile};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Why the files to send could not be listed or hashed.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,8 @@ pub struct SourceFile {
     pub name: RelPath,
     pub path: PathBuf,
     pub size: u64,
+    /// The version of the file that is offered; checked again after sending.
+    pub stamp: FileStamp,
 }
 
 /// Lists the files of a push: each path under its own name, folders recursively.
@@ -83,6 +87,7 @@ pub fn collect_export(root: &Path, names: &[String]) -> Result<Vec<SourceFile>, 
             name: rel,
             path: cur,
             size: meta.len(),
+            stamp: FileStamp::of(&meta),
         });
     }
     finish(out)
@@ -98,6 +103,7 @@ fn add_entry(path: &Path, name: &str, out: &mut Vec<SourceFile>) -> Result<(), S
             name: RelPath::new(name)?,
             path: path.to_path_buf(),
             size: meta.len(),
+            stamp: FileStamp::of(&meta),
         });
         Ok(())
     } else if meta.is_dir() {
@@ -138,8 +144,13 @@ fn finish(mut out: Vec<SourceFile>) -> Result<Vec<SourceFile>, SourceError> {
     Ok(out)
 }
 
-/// Hashes every file (on blocking threads, two at a time) and builds the offer.
-pub async fn make_offer(target: &str, files: &[SourceFile], meta: Vec<(String, String)>) -> Result<Offer, SourceError> {
+/// Hashes every file not in `cache` (on blocking threads, two at a time) and builds the offer.
+pub async fn make_offer(
+    target: &str,
+    files: &[SourceFile],
+    meta: Vec<(String, String)>,
+    cache: &Arc<HashCache>,
+) -> Result<Offer, SourceError> {
     let workers = 2;
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
@@ -149,9 +160,15 @@ pub async fn make_offer(target: &str, files: &[SourceFile], meta: Vec<(String, S
             .enumerate()
             .filter(|(i, _)| i % workers == w)
             .collect();
+        let cache = cache.clone();
         tasks.spawn_blocking(move || {
             mine.into_iter()
-                .map(|(i, f)| hash_file(&f.path, f.size).map(|h| (i, h)))
+                .map(|(i, f)| {
+                    cache
+                        .get_or_hash(&f.path, f.stamp)
+                        .map(|h| (i, h))
+                        .map_err(io_at(&f.path))
+                })
                 .collect::<Result<Vec<_>, _>>()
         });
     }
@@ -253,7 +270,9 @@ mod tests {
         std::fs::write(t.path().join("big"), &big).unwrap();
         std::fs::write(t.path().join("small"), b"hi").unwrap();
         let files = collect_push(&[t.path().join("big"), t.path().join("small")]).unwrap();
-        let offer = make_offer("t", &files, vec![]).await.unwrap();
+        let offer = make_offer("t", &files, vec![], &Arc::new(HashCache::in_memory()))
+            .await
+            .unwrap();
         assert_eq!(offer.files[0].hashes.root, *blake3::hash(&big).as_bytes());
         assert_eq!(offer.files[1].hashes.root, *blake3::hash(b"hi").as_bytes());
     }

@@ -447,7 +447,10 @@ mod tests {
         let paths = [rel("new/a"), rel("new/b/c"), rel("old/d"), rel("top")];
         let units = rename_units(&target, &paths).unwrap();
         assert_eq!(units, [rel("new"), rel("old/d"), rel("top")]);
-        let stage = Stage { job_dir: t.path().join("job"), files_dir: t.path().join("job/files") };
+        let stage = Stage {
+            job_dir: t.path().join("job"),
+            files_dir: t.path().join("job/files"),
+        };
         for p in &paths {
             write_staged(&stage, p);
         }

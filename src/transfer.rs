@@ -8,12 +8,13 @@
 //! how many data streams it used and all of them were read to the end.
 
 use crate::disk::Disk;
+use crate::hashcache::FileStamp;
 use crate::proto::job::{JobError, ReceiveJob, SendPlan};
 use crate::proto::limits::MAX_STREAMS;
 use crate::proto::wire::{
     code, data_stream_header, parse_data_stream_header, BlockHeader, JobId, Message, Offer, Refusal, WireError,
 };
-use crate::source::SourceError;
+use crate::source::{SourceError, SourceFile};
 use crate::stage::{Stage, StageError};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
@@ -49,6 +50,8 @@ pub enum TransferError {
     Stage(#[from] StageError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}: changed while it was sent; the job was aborted")]
+    SourceChanged(PathBuf),
     #[error("interrupted on purpose after {0} blocks (fault injection)")]
     Interrupted(u64),
 }
@@ -107,6 +110,8 @@ pub struct Fault {
     pub drop_after_blocks: Option<u64>,
     /// Flip a bit in this (file, block) on the wire.
     pub corrupt: Option<(u32, u32)>,
+    /// Append a byte to the first source file once its blocks are sent.
+    pub change_source: bool,
 }
 
 impl Fault {
@@ -134,7 +139,7 @@ pub async fn send_job(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     offer: Offer,
-    sources: Vec<PathBuf>,
+    sources: Vec<SourceFile>,
     disk: &Disk,
     fault: &Fault,
 ) -> Result<SendReport, TransferError> {
@@ -152,9 +157,13 @@ pub async fn send_job(
         streams: plan.lanes.len(),
         ..Default::default()
     };
-    let lanes = run_lanes(conn, offer.job_id(), plan, Arc::new(sources), disk, fault);
+    let paths = Arc::new(sources.iter().map(|s| s.path.clone()).collect());
+    let lanes = run_lanes(conn, offer.job_id(), plan, paths, disk, fault);
     let (blocks, bytes) = tokio::select! {
-        r = lanes => r?,
+        r = lanes => match r {
+            Ok(done) => done,
+            Err(e) => return Err(explain(recv, e).await),
+        },
         msg = expect_msg(recv) => return Err(early_reply(msg)),
     };
     report.blocks_sent = blocks;
@@ -162,6 +171,13 @@ pub async fn send_job(
     if fault.drop_after_blocks.is_some() {
         conn.close(quinn::VarInt::from_u32(0), b"interrupted");
         return Err(TransferError::Interrupted(blocks));
+    }
+    if let Err(e) = check_unchanged(&sources, fault) {
+        write_msg(send, &Message::Abort).await?;
+        let _ = send.finish();
+        // Wait for the receiver's acknowledgement, so the abort is not lost in the close.
+        let _ = tokio::time::timeout(REPLY_GRACE, expect_msg(recv)).await;
+        return Err(e);
     }
     write_msg(
         send,
@@ -177,6 +193,32 @@ pub async fn send_job(
         }
         Message::Failed(r) => Err(TransferError::Failed(r)),
         other => Err(TransferError::Protocol(format!("expected committed, got {other:?}"))),
+    }
+}
+
+/// A file that changed while it was sent would commit a mix of versions: refuse.
+fn check_unchanged(sources: &[SourceFile], fault: &Fault) -> Result<(), TransferError> {
+    if let (true, Some(first)) = (fault.change_source, sources.first()) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&first.path);
+        let _ = f.as_mut().map(|f| f.write_all(b"!"));
+    }
+    for s in sources {
+        if FileStamp::now(&s.path).ok() != Some(s.stamp) {
+            return Err(TransferError::SourceChanged(s.path.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// How long a sender waits for the receiver's word after a data stream failed.
+const REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A data stream failed: the receiver says why on the control stream, if it can.
+async fn explain(recv: &mut quinn::RecvStream, e: TransferError) -> TransferError {
+    match tokio::time::timeout(REPLY_GRACE, expect_msg(recv)).await {
+        Ok(Ok(Message::Failed(r))) => TransferError::Failed(r),
+        _ => e,
     }
 }
 
@@ -496,19 +538,26 @@ where
     F: std::future::Future<Output = Result<String, Refusal>>,
 {
     write_msg(send, &accept).await?;
-    let streams = tokio::select! {
-        msg = expect_msg(recv) => match msg? {
-            Message::Commit { streams } => streams,
-            Message::Abort => {
-                inc.stage.remove();
-                return Ok(Received::Aborted);
-            }
-            other => return Err(TransferError::Protocol(format!("expected commit, got {other:?}"))),
-        },
+    let first = tokio::select! {
+        msg = expect_msg(recv) => msg?,
         p = watch.wait_for(|p| p.error.is_some()) => {
             let err = p.map(|p| p.error.clone()).ok().flatten();
             return Err(TransferError::Failed(err.expect("error set")));
         }
+    };
+    let streams = match first {
+        Message::Commit { streams } => streams,
+        Message::Abort => {
+            inc.stage.remove();
+            let ack = Refusal {
+                code: code::ABORTED,
+                reason: "aborted by the sender".into(),
+            };
+            write_msg(send, &Message::Failed(ack)).await?;
+            let _ = send.finish();
+            return Ok(Received::Aborted);
+        }
+        other => return Err(TransferError::Protocol(format!("expected commit, got {other:?}"))),
     };
     if streams as usize > MAX_STREAMS {
         return Err(TransferError::Failed(Refusal {

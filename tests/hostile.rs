@@ -35,7 +35,22 @@ async fn send_offer(
     let client = env.client("client");
     let conn = client.connect(&env.peer()).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    let sources = vec![source; offer.files.len()];
+    let stamp = barge::hashcache::FileStamp::now(&source).unwrap_or(barge::hashcache::FileStamp {
+        dev: 0,
+        ino: 0,
+        size: 0,
+        mtime_ns: 0,
+    });
+    let sources = offer
+        .files
+        .iter()
+        .map(|f| barge::source::SourceFile {
+            name: barge::proto::path::RelPath::new("x").unwrap(),
+            path: source.clone(),
+            size: f.hashes.size,
+            stamp,
+        })
+        .collect();
     let disk = Disk::start().unwrap();
     transfer::send_job(&conn, &mut send, &mut recv, offer, sources, &disk, &Fault::default()).await
 }

@@ -315,3 +315,64 @@ async fn pushing_onto_an_existing_file_is_refused_before_data_moves() {
     );
     assert_eq!(std::fs::read(env.inbox().join("f.sst")).unwrap(), b"old");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_file_is_hashed_once_and_a_changed_one_again() {
+    let env = env().await;
+    write(&env.src().join("h/a"), &content(1, 2 * MIB + 3));
+    write(&env.src().join("h/b"), &content(2, 10));
+    let client = env.client("client");
+    let (peer, paths, opts) = (env.peer(), [env.src().join("h")], PushOptions::default());
+    let push = || client.push(&peer, "in", &paths, &opts);
+    push().await.unwrap();
+    assert_eq!(client.hash_cache().hashed(), 2);
+    std::fs::remove_dir_all(env.inbox().join("h")).unwrap();
+    push().await.unwrap();
+    assert_eq!(
+        client.hash_cache().hashed(),
+        2,
+        "the second push read no file to hash it"
+    );
+    std::fs::remove_dir_all(env.inbox().join("h")).unwrap();
+    write(&env.src().join("h/b"), b"rewritten");
+    push().await.unwrap();
+    assert_eq!(
+        client.hash_cache().hashed(),
+        3,
+        "only the rewritten file was hashed again"
+    );
+    assert_same_tree(&env.src(), &env.inbox());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_changes_while_it_is_sent_aborts_the_job() {
+    let env = env().await;
+    write(&env.src().join("w/growing.log"), &content(3, 3 * MIB));
+    let opts = PushOptions {
+        fault: Fault {
+            change_source: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("w")], &opts)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::SourceChanged(ref p) if p.ends_with("w/growing.log")),
+        "{err}"
+    );
+    assert!(list(&env.inbox()).is_empty(), "nothing of the job is visible");
+    let staging = env.inbox().join(".barge-staging");
+    let mut left = usize::MAX;
+    for _ in 0..50 {
+        left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "the aborted job's staging was removed");
+}
