@@ -43,6 +43,7 @@ struct Shared {
     active: Mutex<HashSet<crate::proto::wire::JobId>>,
     jobs: Semaphore,
     cache: Arc<crate::hashcache::HashCache>,
+    tcp: Option<crate::tcplane::TcpLanes>,
 }
 
 /// A running agent.
@@ -76,6 +77,20 @@ impl Agent {
         let disk = Disk::start().map_err(AgentError::Disk)?;
         let jobs = Semaphore::new(config.max_jobs);
         let cache = Arc::new(open_cache(&config.data_dir));
+        let tcp = match config.imports.iter().any(|t| t.tcp_lane) {
+            false => None,
+            true => {
+                let at = std::net::SocketAddr::new(addr.ip(), config.tcp_port);
+                let lanes = crate::tcplane::TcpLanes::start(at)
+                    .await
+                    .map_err(|source| AgentError::Bind { addr: at, source })?;
+                info!(
+                    port = lanes.port(),
+                    "tcp data lane open (unencrypted, for trusted networks)"
+                );
+                Some(lanes)
+            }
+        };
         let shared = Arc::new(Shared {
             config,
             hooks,
@@ -83,6 +98,7 @@ impl Agent {
             active: Mutex::new(HashSet::new()),
             jobs,
             cache,
+            tcp,
         });
         info!(%addr, imports = shared.config.imports.len(), exports = shared.config.exports.len(), "agent listening");
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
@@ -284,6 +300,7 @@ impl JobCtx {
         recv: &mut quinn::RecvStream,
     ) -> Result<(), TransferError> {
         let (peer, job_id) = (self.peer.clone(), job.id.to_string());
+        let tcp_allowed = target.tcp_lane;
         let stage2 = stage.clone();
         let run_hook = move |offer: Arc<Offer>, paths: Vec<RelPath>| {
             let import = import_job(&offer, paths, &stage2, &target, peer, job_id);
@@ -303,7 +320,8 @@ impl JobCtx {
             }
         };
         let started = std::time::Instant::now();
-        let out = transfer::receive_job(send, recv, job, stage, &self.shared.disk, &self.table, run_hook).await?;
+        let tcp = self.shared.tcp.as_ref().filter(|_| tcp_allowed);
+        let out = transfer::receive_job(send, recv, job, stage, &self.shared.disk, &self.table, tcp, run_hook).await?;
         let _ = send.stopped().await;
         match out {
             Received::Committed(report) => {

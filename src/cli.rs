@@ -103,6 +103,10 @@ pub struct PushArgs {
     /// Metadata for the import hook, KEY=VALUE (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     pub meta: Vec<String>,
+    /// Send the data over the unencrypted TCP lane (sendfile) if the target allows it;
+    /// control stays on QUIC and every block is still verified. Trusted networks only.
+    #[arg(long)]
+    pub tcp_lane: bool,
     #[command(flatten)]
     pub id: IdentityArgs,
 }

@@ -63,6 +63,8 @@ impl std::fmt::Display for Peer {
 pub struct PushOptions {
     /// Engine metadata passed to the receiving import hook.
     pub meta: Vec<(String, String)>,
+    /// Ask for the unencrypted TCP data lane (used only if the target allows it).
+    pub tcp_lane: bool,
     #[doc(hidden)]
     pub fault: Fault,
 }
@@ -142,7 +144,8 @@ impl Client {
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
         let files = crate::source::collect_push(paths)?;
-        let offer = crate::source::make_offer(target, &files, opts.meta.clone(), &self.cache).await?;
+        let mut offer = crate::source::make_offer(target, &files, opts.meta.clone(), &self.cache).await?;
+        offer.tcp_lane = opts.tcp_lane;
         let conn = self.connect(peer).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let result = transfer::send_job(&conn, &mut send, &mut recv, offer, files, &self.disk, &opts.fault).await;
@@ -228,7 +231,7 @@ impl Client {
                 reason: e.to_string(),
             })
         };
-        match transfer::receive_job(send, recv, job, stage, &self.disk, table, hook).await? {
+        match transfer::receive_job(send, recv, job, stage, &self.disk, table, None, hook).await? {
             Received::Committed(_) => Ok(report),
             Received::Aborted => Err(TransferError::Protocol("the exporter aborted the pull".into())),
         }

@@ -177,6 +177,7 @@ async fn push(p: PushArgs) -> Result<()> {
     let peer: Peer = p.to.parse().map_err(usage)?;
     let opts = PushOptions {
         meta: parse_meta(&p.meta)?,
+        tcp_lane: p.tcp_lane,
         ..Default::default()
     };
     let client = client(&p.id)?;

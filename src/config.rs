@@ -41,6 +41,7 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     staging_ttl_secs: Option<u64>,
     max_jobs: Option<usize>,
+    tcp_port: Option<u16>,
     tls: RawTls,
     #[serde(default)]
     transport: RawTransport,
@@ -76,6 +77,8 @@ struct RawTarget {
     allow: Vec<String>,
     hook: Option<String>,
     exec: Option<Vec<String>>,
+    #[serde(default)]
+    tcp_lane: bool,
 }
 
 /// Peer identities allowed on a target; `*` allows every peer the CA vouches for.
@@ -114,6 +117,8 @@ pub struct Import {
     pub path: PathBuf,
     pub allow: AllowList,
     pub hook: HookSpec,
+    /// Whether senders may use the unencrypted TCP data lane for this target.
+    pub tcp_lane: bool,
 }
 
 /// A validated agent configuration.
@@ -127,6 +132,8 @@ pub struct Config {
     pub staging_ttl: Duration,
     pub max_jobs: usize,
     pub tuning: Tuning,
+    /// Port of the TCP data lane listener (0: any free port), if an import allows the lane.
+    pub tcp_port: u16,
 }
 
 impl Config {
@@ -255,10 +262,12 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 path: t.path,
                 allow: t.allow,
                 hook,
+                tcp_lane: t.tcp_lane,
             })
             .collect(),
         staging_ttl,
         max_jobs,
+        tcp_port: raw.tcp_port.unwrap_or(0),
     })
 }
 
@@ -297,6 +306,7 @@ struct Target {
     name: String,
     path: PathBuf,
     allow: AllowList,
+    tcp_lane: bool,
 }
 
 fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target, HookSpec), ConfigError> {
@@ -324,6 +334,11 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
         hook_spec(&key, t.hook.as_deref(), t.exec)?
     } else if t.hook.is_some() || t.exec.is_some() {
         return Err(invalid(format!("{key}.hook"), "exports have no hook"));
+    } else if t.tcp_lane {
+        return Err(invalid(
+            format!("{key}.tcp_lane"),
+            "the TCP lane serves pushes into imports only",
+        ));
     } else {
         HookSpec::Move
     };
@@ -332,6 +347,7 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             name: t.name,
             path,
             allow: AllowList(t.allow),
+            tcp_lane: t.tcp_lane,
         },
         hook,
     ))

@@ -20,6 +20,7 @@
 //! - [`stage`]: the receiving side's staging folder, resume scan, atomic placement.
 //! - [`hook`]: import hooks (`move`, `exec`, and the [`hook::ImportHook`] trait).
 //! - [`transfer`]: sender and receiver of one job over a QUIC connection.
+//! - [`tcplane`]: the opt-in, unencrypted TCP data lane (`sendfile`), still verified.
 //! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports.
 //! - [`client`]: push and pull from a program or the CLI.
 //!
@@ -84,5 +85,6 @@ pub mod proto;
 pub mod quic;
 pub mod source;
 pub mod stage;
+pub mod tcplane;
 pub mod tls;
 pub mod transfer;

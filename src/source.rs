@@ -190,6 +190,7 @@ pub async fn make_offer(
         target: target.to_string(),
         files,
         meta,
+        tcp_lane: false,
     })
 }
 

@@ -129,6 +129,8 @@ pub struct SendReport {
     pub bytes_sent: u64,
     pub blocks_held: u64,
     pub streams: usize,
+    /// Whether the data went over the TCP lane (asked for and granted).
+    pub tcp_lane: bool,
     /// The receiver's import hook report.
     pub report: String,
 }
@@ -144,8 +146,8 @@ pub async fn send_job(
     fault: &Fault,
 ) -> Result<SendReport, TransferError> {
     write_msg(send, &Message::Offer(offer.clone())).await?;
-    let have = match expect_msg(recv).await? {
-        Message::Accept { have } => have,
+    let (have, grant) = match expect_msg(recv).await? {
+        Message::Accept { have, tcp } => (have, tcp),
         Message::Reject(r) => return Err(TransferError::Rejected(r)),
         other => return Err(TransferError::Protocol(format!("expected accept, got {other:?}"))),
     };
@@ -158,7 +160,13 @@ pub async fn send_job(
         ..Default::default()
     };
     let paths = Arc::new(sources.iter().map(|s| s.path.clone()).collect());
-    let lanes = run_lanes(conn, offer.job_id(), plan, paths, disk, fault);
+    report.tcp_lane = grant.is_some() && offer.tcp_lane;
+    let lanes = async {
+        match grant.filter(|_| offer.tcp_lane) {
+            Some(g) => crate::tcplane::send_lanes(conn.remote_address().ip(), g, plan.lanes, paths, fault).await,
+            None => run_lanes(conn, offer.job_id(), plan, paths, disk, fault).await,
+        }
+    };
     let (blocks, bytes) = tokio::select! {
         r = lanes => match r {
             Ok(done) => done,
@@ -391,24 +399,12 @@ async fn receive_stream(mut stream: quinn::RecvStream, table: &JobTable) -> Resu
         let _ = stream.stop(quinn::VarInt::from_u32(code::NOT_FOUND as u32));
         return Err(TransferError::Protocol(format!("data for unknown job {id}")));
     };
-    match receive_blocks(&mut stream, &inc).await {
-        Ok(()) => {
-            inc.progress.send_modify(|p| p.streams_done += 1);
-            Ok(())
-        }
-        Err(e) => {
-            let refusal = match &e {
-                TransferError::Job(j) => j.refusal(),
-                other => Refusal {
-                    code: code::IO,
-                    reason: other.to_string(),
-                },
-            };
-            inc.fail(refusal);
-            let _ = stream.stop(quinn::VarInt::from_u32(code::BAD_BLOCK as u32));
-            Err(e)
-        }
+    let result = receive_blocks(&mut stream, &inc).await;
+    stream_done(&inc, &result);
+    if result.is_err() {
+        let _ = stream.stop(quinn::VarInt::from_u32(code::BAD_BLOCK as u32));
     }
+    result
 }
 
 async fn receive_blocks(stream: &mut quinn::RecvStream, inc: &Incoming) -> Result<(), TransferError> {
@@ -422,18 +418,38 @@ async fn receive_blocks(stream: &mut quinn::RecvStream, inc: &Incoming) -> Resul
         let head = BlockHeader::decode(&h);
         let expected = expected_len(&inc.offer, head)?;
         let data = read_block(stream, expected).await?;
-        let offset = ReceiveJob::verify(&inc.offer, head.file, head.block, &data)?;
-        let path = inc.stage.file(&inc.job.lock().expect("job").paths[head.file as usize]);
-        inc.disk
-            .write_at(path.clone(), offset, data)
-            .await
-            .map_err(|source| TransferError::Io { path, source })?;
-        inc.job.lock().expect("job").record(head.file, head.block);
-        inc.progress.send_modify(|p| p.blocks += 1);
+        take_block(inc, head, data).await?;
     }
 }
 
-fn expected_len(offer: &Offer, head: BlockHeader) -> Result<usize, TransferError> {
+/// Verifies a received block, writes it to its staged file and records it.
+pub(crate) async fn take_block(inc: &Incoming, head: BlockHeader, data: Bytes) -> Result<(), TransferError> {
+    let offset = ReceiveJob::verify(&inc.offer, head.file, head.block, &data)?;
+    let path = inc.stage.file(&inc.job.lock().expect("job").paths[head.file as usize]);
+    inc.disk
+        .write_at(path.clone(), offset, data)
+        .await
+        .map_err(|source| TransferError::Io { path, source })?;
+    inc.job.lock().expect("job").record(head.file, head.block);
+    inc.progress.send_modify(|p| p.blocks += 1);
+    Ok(())
+}
+
+/// Marks one data stream (QUIC or TCP) of a job as read to its end, or the job failed.
+pub(crate) fn stream_done(inc: &Incoming, result: &Result<(), TransferError>) {
+    match result {
+        Ok(()) => inc.progress.send_modify(|p| p.streams_done += 1),
+        Err(e) => inc.fail(match e {
+            TransferError::Job(j) => j.refusal(),
+            other => Refusal {
+                code: code::IO,
+                reason: other.to_string(),
+            },
+        }),
+    }
+}
+
+pub(crate) fn expected_len(offer: &Offer, head: BlockHeader) -> Result<usize, TransferError> {
     let f = offer
         .files
         .get(head.file as usize)
@@ -497,6 +513,7 @@ pub async fn receive_job<H, F>(
     stage: Stage,
     disk: &Disk,
     table: &JobTable,
+    tcp: Option<&crate::tcplane::TcpLanes>,
     hook: H,
 ) -> Result<Received, TransferError>
 where
@@ -504,8 +521,9 @@ where
     F: std::future::Future<Output = Result<String, Refusal>>,
 {
     let id = job.id;
-    let accept = job.accept();
+    let mut accept = job.accept();
     let paths = job.paths.clone();
+    let want_tcp = job.offer.tcp_lane;
     let (progress, mut watch) = watch::channel(Progress::default());
     let inc = Arc::new(Incoming {
         offer: job.offer.clone(),
@@ -515,7 +533,14 @@ where
         progress,
     });
     table.lock().expect("job table").insert(id, inc.clone());
+    let grant = tcp.filter(|_| want_tcp).map(|lanes| lanes.grant(inc.clone()));
+    if let Message::Accept { tcp, .. } = &mut accept {
+        *tcp = grant;
+    }
     let result = drive_receive(send, recv, &inc, &mut watch, accept, paths, hook).await;
+    if let (Some(lanes), Some(g)) = (tcp, grant) {
+        lanes.revoke(&g.token);
+    }
     table.lock().expect("job table").remove(&id);
     if let Err(TransferError::Rejected(r) | TransferError::Failed(r)) = &result {
         let _ = write_msg(send, &Message::Failed(r.clone())).await;

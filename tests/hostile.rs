@@ -24,6 +24,7 @@ fn offer_for(names: &[&str], data: &[u8]) -> Offer {
         target: "in".into(),
         files,
         meta: vec![],
+        tcp_lane: false,
     }
 }
 
@@ -117,6 +118,7 @@ async fn a_job_larger_than_the_free_space_is_refused() {
             hashes: FileHashes { size, root, blocks },
         }],
         meta: vec![],
+        tcp_lane: false,
     };
     let err = send_offer(&env, offer, env.src().join("none")).await.unwrap_err();
     let TransferError::Rejected(r) = err else {

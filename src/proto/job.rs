@@ -127,6 +127,7 @@ impl ReceiveJob {
     pub fn accept(&self) -> Message {
         Message::Accept {
             have: self.held.iter().map(|h| to_bitmap(h)).collect(),
+            tcp: None,
         }
     }
 
@@ -272,6 +273,7 @@ mod tests {
             target: "t".into(),
             files,
             meta: vec![],
+            tcp_lane: false,
         }
     }
 
@@ -333,7 +335,7 @@ mod tests {
         let o = offer(vec![file("big", &big), file("s1", b"1"), file("s2", b"2")]);
         let mut job = ReceiveJob::new(o.clone()).unwrap();
         job.record(0, 2);
-        let Message::Accept { have } = job.accept() else {
+        let Message::Accept { have, .. } = job.accept() else {
             unreachable!()
         };
         let plan = SendPlan::new(&o, &have, 4).unwrap();

@@ -60,6 +60,8 @@ pub struct Offer {
     pub files: Vec<OfferFile>,
     /// Engine metadata (for example a region's key range), passed to the import hook.
     pub meta: Vec<(String, String)>,
+    /// The sender asks for the unencrypted TCP data lane (see `tcplane`).
+    pub tcp_lane: bool,
 }
 
 impl Offer {
@@ -89,6 +91,14 @@ fn put_str(h: &mut blake3::Hasher, s: &str) {
     h.update(s.as_bytes());
 }
 
+/// Where and how to open the TCP data lane of one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpGrant {
+    pub port: u16,
+    /// Sent first on every TCP connection of the job; valid while the job runs.
+    pub token: [u8; 32],
+}
+
 /// A refusal or failure with a wire code and a short reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -103,8 +113,9 @@ pub enum Message {
     Offer(Offer),
     /// Puller → exporter: which files of which export to send (empty: all).
     Fetch { export: String, files: Vec<String> },
-    /// Receiver → sender: per file, a bitmap of the blocks already held verified.
-    Accept { have: Vec<Vec<u8>> },
+    /// Receiver → sender: per file, a bitmap of the blocks already held verified, and
+    /// the TCP lane to use if the sender asked for it and the receiver allows it.
+    Accept { have: Vec<Vec<u8>>, tcp: Option<TcpGrant> },
     /// Receiver → sender: the job is refused before any data moved.
     Reject(Refusal),
     /// Sender → receiver: all data is sent on `streams` data streams; commit.
@@ -178,9 +189,17 @@ impl Message {
                 put_u32(w, files.len() as u32);
                 files.iter().for_each(|f| put_string(w, f));
             }
-            Message::Accept { have } => {
+            Message::Accept { have, tcp } => {
                 put_u32(w, have.len() as u32);
                 have.iter().for_each(|bits| put_bytes(w, bits));
+                match tcp {
+                    None => w.push(0),
+                    Some(g) => {
+                        w.push(1);
+                        w.extend_from_slice(&g.port.to_be_bytes());
+                        w.extend_from_slice(&g.token);
+                    }
+                }
             }
             Message::Reject(r) | Message::Failed(r) => {
                 w.extend_from_slice(&r.code.to_be_bytes());
@@ -245,6 +264,7 @@ fn encode_offer(o: &Offer, w: &mut Vec<u8>) {
         put_string(w, k);
         put_string(w, v);
     }
+    w.push(o.tcp_lane as u8);
 }
 
 fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
@@ -277,7 +297,13 @@ fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
     for _ in 0..nm {
         meta.push((r.string(MAX_NAME_LEN)?, r.string(MAX_META_VALUE)?));
     }
-    Ok(Offer { target, files, meta })
+    let tcp_lane = r.flag()?;
+    Ok(Offer {
+        target,
+        files,
+        meta,
+        tcp_lane,
+    })
 }
 
 fn decode_fetch(r: &mut Reader) -> Result<Message, WireError> {
@@ -292,7 +318,17 @@ fn decode_accept(r: &mut Reader) -> Result<Message, WireError> {
     let have = (0..n)
         .map(|_| r.bytes(MAX_MESSAGE as usize).map(<[u8]>::to_vec))
         .collect::<Result<_, _>>()?;
-    Ok(Message::Accept { have })
+    let tcp = match r.flag()? {
+        false => None,
+        true => {
+            let port = u16::from_be_bytes(r.take(2)?.try_into().expect("2 bytes"));
+            Some(TcpGrant {
+                port,
+                token: r.digest()?,
+            })
+        }
+    };
+    Ok(Message::Accept { have, tcp })
 }
 
 fn decode_refusal(r: &mut Reader) -> Result<Refusal, WireError> {
@@ -329,6 +365,17 @@ impl<'a> Reader<'a> {
     }
     fn u8(&mut self) -> Result<u8, WireError> {
         Ok(self.take(1)?[0])
+    }
+    fn flag(&mut self) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(WireError::Limit {
+                what: "flag",
+                got: other as u64,
+                max: 1,
+            }),
+        }
     }
     fn u32(&mut self) -> Result<u32, WireError> {
         Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
@@ -428,6 +475,7 @@ mod tests {
                 },
             }],
             meta: vec![("k".into(), "v".into())],
+            tcp_lane: false,
         }
     }
 
@@ -444,11 +492,12 @@ mod tests {
 
     #[test]
     fn golden_bytes_of_a_small_offer() {
-        let mut want = vec![0, 0, 0, 74, 1, 1];
+        let mut want = vec![0, 0, 0, 75, 1, 1];
         want.extend([0, 0, 0, 1, b't', 0, 0, 0, 1, 0, 0, 0, 1, b'a']);
         want.extend([0, 0, 0, 0, 0, 0, 0, 1]);
         want.extend([7; 32]);
         want.extend([0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, b'k', 0, 0, 0, 1, b'v']);
+        want.push(0); // no TCP lane asked for
         assert_eq!(Message::Offer(small_offer()).encode(), want);
     }
 
@@ -462,6 +511,14 @@ mod tests {
             },
             Message::Accept {
                 have: vec![vec![0b101], vec![]],
+                tcp: None,
+            },
+            Message::Accept {
+                have: vec![],
+                tcp: Some(TcpGrant {
+                    port: 7000,
+                    token: [5; 32],
+                }),
             },
             Message::Reject(Refusal {
                 code: 2,
