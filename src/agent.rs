@@ -321,7 +321,12 @@ impl JobCtx {
         };
         let started = std::time::Instant::now();
         let tcp = self.shared.tcp.as_ref().filter(|_| tcp_allowed);
-        let out = transfer::receive_job(send, recv, job, stage, &self.shared.disk, &self.table, tcp, run_hook).await?;
+        let at = transfer::Receiver {
+            disk: &self.shared.disk,
+            table: &self.table,
+            tcp,
+        };
+        let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await?;
         let _ = send.stopped().await;
         match out {
             Received::Committed(report) => {

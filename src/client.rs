@@ -231,7 +231,20 @@ impl Client {
                 reason: e.to_string(),
             })
         };
-        match transfer::receive_job(send, recv, job, stage, &self.disk, table, None, hook).await? {
+        match transfer::receive_job(
+            send,
+            recv,
+            job,
+            stage,
+            transfer::Receiver {
+                disk: &self.disk,
+                table,
+                tcp: None,
+            },
+            hook,
+        )
+        .await?
+        {
             Received::Committed(_) => Ok(report),
             Received::Aborted => Err(TransferError::Protocol("the exporter aborted the pull".into())),
         }

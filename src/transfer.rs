@@ -503,6 +503,16 @@ pub enum Received {
     Aborted,
 }
 
+/// Where a receiving job's data arrives and goes.
+#[derive(Clone, Copy)]
+pub struct Receiver<'a> {
+    pub disk: &'a Disk,
+    /// Routes this connection's QUIC data streams to their job.
+    pub table: &'a JobTable,
+    /// The TCP lane, if the job's target allows it.
+    pub tcp: Option<&'a crate::tcplane::TcpLanes>,
+}
+
 /// Receives an accepted job: registers it, sends `Accept`, takes data until `Commit`,
 /// seals the staged files and runs `hook`. Every failure is reported to the sender
 /// as `Failed` before it is returned.
@@ -511,9 +521,7 @@ pub async fn receive_job<H, F>(
     recv: &mut quinn::RecvStream,
     job: ReceiveJob,
     stage: Stage,
-    disk: &Disk,
-    table: &JobTable,
-    tcp: Option<&crate::tcplane::TcpLanes>,
+    at: Receiver<'_>,
     hook: H,
 ) -> Result<Received, TransferError>
 where
@@ -529,9 +537,10 @@ where
         offer: job.offer.clone(),
         job: Mutex::new(job),
         stage,
-        disk: disk.clone(),
+        disk: at.disk.clone(),
         progress,
     });
+    let (table, tcp) = (at.table, at.tcp);
     table.lock().expect("job table").insert(id, inc.clone());
     let grant = tcp.filter(|_| want_tcp).map(|lanes| lanes.grant(inc.clone()));
     if let Message::Accept { tcp, .. } = &mut accept {
