@@ -158,7 +158,25 @@ fn open_for_write() -> tokio_uring::fs::OpenOptions {
 }
 
 async fn write(path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
+    if crate::buf::direct_ok(&data, offset) {
+        match write_direct(&path, offset, data.clone()).await {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // no O_DIRECT here
+            other => return other,
+        }
+    }
     let file = open_for_write().open(&path).await?;
+    let (res, _) = file.write_all_at(data, offset).await;
+    let closed = file.close().await;
+    res?;
+    closed
+}
+
+/// Writes aligned data with O_DIRECT: by DMA, not copied into the page cache.
+async fn write_direct(path: &std::path::Path, offset: u64, data: Bytes) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = open_for_write();
+    o.custom_flags(libc::O_DIRECT);
+    let file = o.open(path).await?;
     let (res, _) = file.write_all_at(data, offset).await;
     let closed = file.close().await;
     res?;

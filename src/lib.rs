@@ -14,7 +14,8 @@
 //! - [`tls`]: rustls/quinn configuration with mutual authentication, peer identity.
 //! - [`quic`]: transport tuning: windows from bandwidth x RTT, MTU ceiling, congestion control.
 //! - [`config`]: the agent's TOML configuration, validated in one place.
-//! - [`disk`]: reads, writes and syncs on an io_uring thread.
+//! - [`disk`]: reads, writes and syncs on an io_uring thread (O_DIRECT for whole blocks).
+//! - [`buf`]: aligned, pooled block buffers.
 //! - [`source`]: the files a push or an export sends, and their hashes.
 //! - [`hashcache`]: hash once: roots and block values cached by inode, size and mtime.
 //! - [`stage`]: the receiving side's staging folder, resume scan, atomic placement.
@@ -75,6 +76,7 @@
 //! ```
 
 pub mod agent;
+pub mod buf;
 pub mod certs;
 pub mod client;
 pub mod config;

@@ -103,9 +103,16 @@ async fn receive(stream: &mut tokio::net::TcpStream, inc: &Incoming) -> Result<(
         stream.read_exact(&mut h[1..]).await.map_err(io)?;
         let head = BlockHeader::decode(&h);
         let len = expected_len(&inc.offer, head)?;
-        let mut buf = BytesMut::zeroed(len);
-        stream.read_exact(&mut buf).await.map_err(io)?;
-        take_block(inc, head, buf.freeze()).await?;
+        let data = if len == crate::proto::blocks::BLOCK_SIZE as usize {
+            let mut buf = crate::transfer::BLOCK_POOL.take();
+            stream.read_exact(buf.as_mut_slice()).await.map_err(io)?;
+            buf.freeze()
+        } else {
+            let mut buf = BytesMut::zeroed(len);
+            stream.read_exact(&mut buf).await.map_err(io)?;
+            buf.freeze()
+        };
+        take_block(inc, head, data).await?;
     }
 }
 

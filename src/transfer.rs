@@ -472,6 +472,9 @@ pub(crate) fn expected_len(offer: &Offer, head: BlockHeader) -> Result<usize, Tr
 
 /// Reads exactly `len` bytes, without copying when quinn hands them in one piece.
 async fn read_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes, TransferError> {
+    if len == crate::proto::blocks::BLOCK_SIZE as usize {
+        return read_full_block(stream).await;
+    }
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut got = 0;
@@ -494,6 +497,27 @@ async fn read_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes,
         }
     }
     Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// Full blocks, the bulk of the data, are gathered into pooled aligned buffers so the
+/// disk can take them with O_DIRECT.
+pub(crate) static BLOCK_POOL: std::sync::LazyLock<Arc<crate::buf::Pool>> =
+    std::sync::LazyLock::new(|| crate::buf::Pool::new(crate::proto::blocks::BLOCK_SIZE as usize));
+
+async fn read_full_block(stream: &mut quinn::RecvStream) -> Result<Bytes, TransferError> {
+    let mut buf = BLOCK_POOL.take();
+    let dst = buf.as_mut_slice();
+    let mut got = 0;
+    while got < dst.len() {
+        let chunk = stream
+            .read_chunk(dst.len() - got, true)
+            .await
+            .map_err(stream_err)?
+            .ok_or_else(|| TransferError::Protocol("data stream ended inside a block".into()))?;
+        dst[got..got + chunk.bytes.len()].copy_from_slice(&chunk.bytes);
+        got += chunk.bytes.len();
+    }
+    Ok(buf.freeze())
 }
 
 /// How a received job ended.
