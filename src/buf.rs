@@ -114,10 +114,7 @@ impl Pool {
 
 /// Whether `data` at `offset` can be written with O_DIRECT.
 pub fn direct_ok(data: &[u8], offset: u64) -> bool {
-    (data.as_ptr() as usize).is_multiple_of(ALIGN)
-        && data.len().is_multiple_of(ALIGN)
-        && offset.is_multiple_of(ALIGN as u64)
-        && !data.is_empty()
+    (data.as_ptr() as usize) % ALIGN == 0 && data.len() % ALIGN == 0 && offset % ALIGN as u64 == 0 && !data.is_empty()
 }
 
 #[cfg(test)]
