@@ -414,7 +414,8 @@ mod roles {
     }
 
     fn tcp_recv(dst: &Path) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ip = std::env::var("BARGE_BENCH_BIND").unwrap_or_else(|_| "127.0.0.1".into());
+        let l = TcpListener::bind((ip.as_str(), 0)).unwrap();
         println!("listening {}", l.local_addr().unwrap());
         std::io::stdout().flush().unwrap();
         let (mut s, _) = l.accept().unwrap();

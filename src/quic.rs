@@ -10,12 +10,14 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Congestion controller of the sending side.
+/// Congestion controller of the sending side. BBR is the default: on an emulated
+/// 1 Gbit/s, 20 ms link with 0.5 % random loss, barge moved 50 MB/s with BBR and
+/// 1.1 MB/s with cubic (`benches/link.sh`); on a clean link the two were alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
-    #[default]
     Cubic,
+    #[default]
     Bbr,
     NewReno,
 }

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Shaped-link benchmark (root): barge against a plain TCP copy over an emulated link
+# between two network namespaces, in one run.
+#
+#   sudo benches/link.sh            # 1 Gbit/s, 20 ms RTT, clean and with 0.5 % loss
+#   SIZE_MIB=256 ROUNDS=3 benches/link.sh
+#
+# The link is made by shared/tools/linkem (netem where the kernel has it, otherwise its
+# NFQUEUE emulator). Rows per link: tcp (the transfer bench's sendfile copy, receiver
+# syncs; TCP congestion control bbr), barge over QUIC with bbr and (clean link only)
+# cubic. Every row
+# writes to disk and is durable before it counts. Medians of ROUNDS, MB/s and ratio to tcp.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+LINKEM=${LINKEM:-$ROOT/../shared/tools/linkem/linkem}
+SIZE_MIB=${SIZE_MIB:-256}
+ROUNDS=${ROUNDS:-3}
+[ "$(id -u)" = 0 ] || { echo "link.sh: needs root (network namespaces)"; exit 1; }
+[ -x "$LINKEM" ] || [ -f "$LINKEM" ] || { echo "link.sh: linkem not found at $LINKEM"; exit 1; }
+
+cargo build --release --quiet
+cargo bench --bench transfer --no-run --quiet 2>/dev/null
+BARGE=$ROOT/target/release/barge
+BENCH=$(ls -t "$ROOT"/target/release/deps/transfer-* | grep -v '\.d$' | head -1)
+WORK=$(mktemp -d /tmp/barge-link.XXXXXX)
+trap 'pkill -f "barge agent --config $WORK" 2>/dev/null; bash "$LINKEM" down >/dev/null 2>&1; rm -rf "$WORK"' EXIT
+
+"$BARGE" certs init --dir "$WORK/c" >/dev/null
+"$BARGE" certs issue b --dir "$WORK/c" >/dev/null
+"$BARGE" certs issue a --dir "$WORK/c" >/dev/null
+mkdir -p "$WORK/src" "$WORK/in"
+head -c $((SIZE_MIB << 20)) /dev/urandom >"$WORK/src/data"
+cat >"$WORK/agent.toml" <<TOML
+listen = "10.251.0.2:7878"
+data_dir = "$WORK/agent-data"
+[tls]
+ca = "$WORK/c/ca.pem"
+cert = "$WORK/c/b.pem"
+key = "$WORK/c/b.key"
+[transport]
+bandwidth_mbit = 1000
+rtt_ms = 20
+[[import]]
+name = "in"
+path = "$WORK/in"
+allow = ["a"]
+TOML
+
+now() { date +%s.%N; }
+reset() { rm -rf "$WORK/in"/* "$WORK/dst"; mkdir -p "$WORK/dst"; sync; cat "$WORK/src/data" >/dev/null; }
+
+run_tcp() {
+  reset
+  BARGE_BENCH_BIND=10.251.0.2 bash "$LINKEM" exec b "$BENCH" __role tcp-recv "$WORK/dst" >"$WORK/port" &
+  local recv=$!
+  while [ ! -s "$WORK/port" ]; do sleep 0.05; done
+  local port; port=$(awk '{print $2}' "$WORK/port" | sed 's/.*://')
+  local t0; t0=$(now)
+  bash "$LINKEM" exec a "$BENCH" __role tcp-send "$WORK/src" "10.251.0.2:$port"
+  wait $recv; rm -f "$WORK/port"
+  echo "$(now) - $t0" | bc
+}
+
+run_barge() {  # $1 = congestion controller
+  reset
+  bash "$LINKEM" exec b "$BARGE" agent --config "$WORK/agent.toml" >/dev/null 2>&1 &
+  sleep 0.7
+  local t0; t0=$(now)
+  bash "$LINKEM" exec a "$BARGE" push "$WORK/src/data" --to b@10.251.0.2:7878 --import in \
+    --certs "$WORK/c" --identity a --congestion "$1" >/dev/null
+  local t; t=$(echo "$(now) - $t0" | bc)
+  pkill -f "barge agent --config $WORK" || true
+  sleep 0.3
+  echo "$t"
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+for loss in 0 0.5; do
+  bash "$LINKEM" up --delay 10 --rate 1000 --loss "$loss" >/dev/null 2>&1 &
+  sleep 3
+  for ns in lem-a lem-b; do ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control=bbr || true; done
+  declare -A T=()
+  for _ in $(seq "$ROUNDS"); do
+    T[tcp]+="$(run_tcp) "
+    T[bbr]+="$(run_barge bbr) "
+    # cubic under loss crawls at about 1 MB/s (measured once: 64 MiB in 59 s); clean link only.
+    [ "$loss" = 0 ] && T[cubic]+="$(run_barge cubic) "
+  done
+  echo "link: 1 Gbit/s, 20 ms RTT, loss ${loss}%, ${SIZE_MIB} MiB, median of $ROUNDS"
+  base=$(echo "${T[tcp]}" | tr ' ' '\n' | grep . | median)
+  for row in tcp bbr cubic; do
+    [ -n "${T[$row]:-}" ] || continue
+    s=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | median)
+    printf '  %-12s %8.1f MB/s  %5.2fx tcp\n' "$([ $row = tcp ] && echo tcp-bbr || echo barge-$row)" \
+      "$(echo "$SIZE_MIB * 1.048576 / $s" | bc -l)" "$(echo "$base / $s" | bc -l)"
+  done
+  unset T
+  bash "$LINKEM" down >/dev/null 2>&1
+done
