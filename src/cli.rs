@@ -6,7 +6,7 @@ use std::path::PathBuf;
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  local error (a file to send is missing, unreadable, ...)
+  1  local error (a file to send is missing, unreadable, changed while sent, ...)
   2  usage error
   3  bad configuration or certificates
   4  could not connect or authenticate to the peer

@@ -59,7 +59,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
             TransferError::Connect { .. } | TransferError::Connection(_) => 4,
             TransferError::Rejected(_) => 5,
             TransferError::Failed(_) | TransferError::Job(_) | TransferError::Interrupted(_) => 6,
-            TransferError::Source(_) | TransferError::Io { .. } => 1,
+            TransferError::Source(_) | TransferError::Io { .. } | TransferError::SourceChanged(_) => 1,
             TransferError::Tls(_) => 3,
             _ => 6,
         };

@@ -353,6 +353,8 @@ pub struct Progress {
     pub streams_done: u32,
     pub blocks: u64,
     pub error: Option<Refusal>,
+    /// Block writes under way; an abort waits for them before removing the staging.
+    pub writing: u32,
 }
 
 /// A job being received, shared by its control task and its data streams.
@@ -426,10 +428,19 @@ async fn receive_blocks(stream: &mut quinn::RecvStream, inc: &Incoming) -> Resul
 pub(crate) async fn take_block(inc: &Incoming, head: BlockHeader, data: Bytes) -> Result<(), TransferError> {
     let offset = ReceiveJob::verify(&inc.offer, head.file, head.block, &data)?;
     let path = inc.stage.file(&inc.job.lock().expect("job").paths[head.file as usize]);
-    inc.disk
-        .write_at(path.clone(), offset, data)
-        .await
-        .map_err(|source| TransferError::Io { path, source })?;
+    // A failed or aborted job takes no more writes.
+    let mut admitted = false;
+    inc.progress.send_if_modified(|p| {
+        admitted = p.error.is_none();
+        p.writing += admitted as u32;
+        admitted
+    });
+    if !admitted {
+        return Err(TransferError::Protocol("block for a job that already ended".into()));
+    }
+    let written = inc.disk.write_at(path.clone(), offset, data).await;
+    inc.progress.send_modify(|p| p.writing -= 1);
+    written.map_err(|source| TransferError::Io { path, source })?;
     inc.job.lock().expect("job").record(head.file, head.block);
     inc.progress.send_modify(|p| p.blocks += 1);
     Ok(())
@@ -606,11 +617,13 @@ where
     let streams = match first {
         Message::Commit { streams } => streams,
         Message::Abort => {
-            inc.stage.remove();
             let ack = Refusal {
                 code: code::ABORTED,
                 reason: "aborted by the sender".into(),
             };
+            inc.fail(ack.clone());
+            let _ = watch.wait_for(|p| p.writing == 0).await;
+            inc.stage.remove();
             write_msg(send, &Message::Failed(ack)).await?;
             let _ = send.finish();
             return Ok(Received::Aborted);
