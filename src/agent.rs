@@ -44,6 +44,8 @@ struct Shared {
     jobs: Semaphore,
     cache: Arc<crate::hashcache::HashCache>,
     tcp: Option<crate::tcplane::TcpLanes>,
+    /// Jobs being received, from all connections.
+    table: JobTable,
 }
 
 /// A running agent.
@@ -99,6 +101,7 @@ impl Agent {
             jobs,
             cache,
             tcp,
+            table: JobTable::default(),
         });
         info!(%addr, imports = shared.config.imports.len(), exports = shared.config.exports.len(), "agent listening");
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
@@ -181,8 +184,8 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
     let span = info_span!("conn", %peer, remote = %conn.remote_address());
     async {
         info!("connected");
-        let table = JobTable::default();
-        let router = transfer::spawn_data_router(conn.clone(), table.clone());
+        let table = shared.table.clone();
+        let router = transfer::spawn_data_router(conn.clone(), table.clone(), peer.clone());
         while let Ok((send, recv)) = conn.accept_bi().await {
             let ctx = JobCtx {
                 conn: conn.clone(),
@@ -322,6 +325,7 @@ impl JobCtx {
         let started = std::time::Instant::now();
         let tcp = self.shared.tcp.as_ref().filter(|_| tcp_allowed);
         let at = transfer::Receiver {
+            peer: &self.peer,
             disk: &self.shared.disk,
             table: &self.table,
             tcp,
@@ -353,9 +357,17 @@ impl JobCtx {
             .map_err(|e| refuse(code::IO, e.to_string()))?;
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
         let fault = transfer::Fault::default();
-        let res = transfer::send_job(&self.conn, send, recv, offer, list, &self.shared.disk, &fault)
-            .instrument(span.clone())
-            .await;
+        let res = transfer::send_job(
+            std::slice::from_ref(&self.conn),
+            send,
+            recv,
+            offer,
+            list,
+            &self.shared.disk,
+            &fault,
+        )
+        .instrument(span.clone())
+        .await;
         span.in_scope(|| match res {
             Ok(r) => info!(blocks = r.blocks_sent, bytes = r.bytes_sent, "pull served"),
             Err(e) => warn!(error = %e, "pull failed"),

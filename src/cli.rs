@@ -107,6 +107,10 @@ pub struct PushArgs {
     /// control stays on QUIC and every block is still verified. Trusted networks only.
     #[arg(long)]
     pub tcp_lane: bool,
+    /// QUIC connections for the data of this push (1-4): more connections let both
+    /// ends use more cores on a large job.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub connections: u8,
     #[command(flatten)]
     pub id: IdentityArgs,
 }

@@ -65,9 +65,15 @@ pub struct PushOptions {
     pub meta: Vec<(String, String)>,
     /// Ask for the unencrypted TCP data lane (used only if the target allows it).
     pub tcp_lane: bool,
+    /// QUIC connections for the data (1 to 4; 0 means 1): each connection is driven by
+    /// its own task, so a large job can keep both ends' cores busy.
+    pub connections: usize,
     #[doc(hidden)]
     pub fault: Fault,
 }
+
+/// Most QUIC connections one push opens.
+pub const MAX_CONNECTIONS: usize = 4;
 
 /// What a pull received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,10 +152,15 @@ impl Client {
         let files = crate::source::collect_push(paths)?;
         let mut offer = crate::source::make_offer(target, &files, opts.meta.clone(), &self.cache).await?;
         offer.tcp_lane = opts.tcp_lane;
-        let conn = self.connect(peer).await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let result = transfer::send_job(&conn, &mut send, &mut recv, offer, files, &self.disk, &opts.fault).await;
-        conn.close(quinn::VarInt::from_u32(0), b"done");
+        let mut conns = vec![self.connect(peer).await?];
+        for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
+            conns.push(self.connect(peer).await?);
+        }
+        let (mut send, mut recv) = conns[0].open_bi().await?;
+        let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &opts.fault).await;
+        for c in &conns {
+            c.close(quinn::VarInt::from_u32(0), b"done");
+        }
         result
     }
 
@@ -171,7 +182,7 @@ impl Client {
         })?;
         let conn = self.connect(peer).await?;
         let table = JobTable::default();
-        let router = transfer::spawn_data_router(conn.clone(), table.clone());
+        let router = transfer::spawn_data_router(conn.clone(), table.clone(), peer.name.clone());
         let (mut send, mut recv) = conn.open_bi().await?;
         transfer::write_msg(
             &mut send,
@@ -181,7 +192,7 @@ impl Client {
             },
         )
         .await?;
-        let result = self.receive_pull(&into, &table, &mut send, &mut recv).await;
+        let result = self.receive_pull(&peer.name, &into, &table, &mut send, &mut recv).await;
         router.abort();
         conn.close(quinn::VarInt::from_u32(0), b"done");
         result
@@ -189,6 +200,7 @@ impl Client {
 
     async fn receive_pull(
         &self,
+        peer: &str,
         into: &Path,
         table: &JobTable,
         send: &mut quinn::SendStream,
@@ -237,6 +249,7 @@ impl Client {
             job,
             stage,
             transfer::Receiver {
+                peer,
                 disk: &self.disk,
                 table,
                 tcp: None,

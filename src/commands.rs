@@ -178,6 +178,7 @@ async fn push(p: PushArgs) -> Result<()> {
     let opts = PushOptions {
         meta: parse_meta(&p.meta)?,
         tcp_lane: p.tcp_lane,
+        connections: p.connections as usize,
         ..Default::default()
     };
     let client = client(&p.id)?;

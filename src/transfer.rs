@@ -131,13 +131,15 @@ pub struct SendReport {
     pub streams: usize,
     /// Whether the data went over the TCP lane (asked for and granted).
     pub tcp_lane: bool,
+    /// QUIC connections the data streams were spread over.
+    pub connections: usize,
     /// The receiver's import hook report.
     pub report: String,
 }
 
 /// Sends a job: offer, then the blocks the receiver lacks, then commit.
 pub async fn send_job(
-    conn: &quinn::Connection,
+    conns: &[quinn::Connection],
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     offer: Offer,
@@ -161,10 +163,11 @@ pub async fn send_job(
     };
     let paths = Arc::new(sources.iter().map(|s| s.path.clone()).collect());
     report.tcp_lane = grant.is_some() && offer.tcp_lane;
+    report.connections = if report.tcp_lane { 0 } else { conns.len().min(report.streams) };
     let lanes = async {
         match grant.filter(|_| offer.tcp_lane) {
-            Some(g) => crate::tcplane::send_lanes(conn.remote_address().ip(), g, plan.lanes, paths, fault).await,
-            None => run_lanes(conn, offer.job_id(), plan, paths, disk, fault).await,
+            Some(g) => crate::tcplane::send_lanes(conns[0].remote_address().ip(), g, plan.lanes, paths, fault).await,
+            None => run_lanes(conns, offer.job_id(), plan, paths, disk, fault).await,
         }
     };
     let (blocks, bytes) = tokio::select! {
@@ -177,7 +180,9 @@ pub async fn send_job(
     report.blocks_sent = blocks;
     report.bytes_sent = bytes;
     if fault.drop_after_blocks.is_some() {
-        conn.close(quinn::VarInt::from_u32(0), b"interrupted");
+        conns
+            .iter()
+            .for_each(|c| c.close(quinn::VarInt::from_u32(0), b"interrupted"));
         return Err(TransferError::Interrupted(blocks));
     }
     if let Err(e) = check_unchanged(&sources, fault) {
@@ -238,8 +243,9 @@ fn early_reply(msg: Result<Message, TransferError>) -> TransferError {
     }
 }
 
+/// Sends the plan's lanes, one stream each, spread round-robin over `conns`.
 async fn run_lanes(
-    conn: &quinn::Connection,
+    conns: &[quinn::Connection],
     job: JobId,
     plan: SendPlan,
     sources: Arc<Vec<PathBuf>>,
@@ -248,8 +254,8 @@ async fn run_lanes(
 ) -> Result<(u64, u64), TransferError> {
     let budget = Arc::new(AtomicU64::new(fault.limit().unwrap_or(u64::MAX)));
     let mut tasks = tokio::task::JoinSet::new();
-    for lane in plan.lanes {
-        let stream = conn.open_uni().await?;
+    for (i, lane) in plan.lanes.into_iter().enumerate() {
+        let stream = conns[i % conns.len()].open_uni().await?;
         let ctx = LaneCtx {
             job,
             sources: sources.clone(),
@@ -359,6 +365,8 @@ pub struct Progress {
 
 /// A job being received, shared by its control task and its data streams.
 pub struct Incoming {
+    /// Identity of the sender: only its connections may feed this job.
+    pub peer: String,
     pub job: Mutex<ReceiveJob>,
     pub offer: Arc<Offer>,
     pub stage: Stage,
@@ -376,16 +384,18 @@ impl Incoming {
     }
 }
 
-/// The jobs a connection is receiving, by id, so data streams find their job.
+/// The jobs being received, by id, so data streams find their job. An agent keeps one
+/// table for all connections, so a large job's data may arrive over several connections
+/// of the same peer.
 pub type JobTable = Arc<Mutex<HashMap<JobId, Arc<Incoming>>>>;
 
-/// Accepts data streams on `conn` for as long as it lives.
-pub fn spawn_data_router(conn: quinn::Connection, table: JobTable) -> tokio::task::JoinHandle<()> {
+/// Accepts data streams on `conn`, whose peer is `peer`, for as long as it lives.
+pub fn spawn_data_router(conn: quinn::Connection, table: JobTable, peer: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Ok(stream) = conn.accept_uni().await {
-            let table = table.clone();
+            let (table, peer) = (table.clone(), peer.clone());
             tokio::spawn(async move {
-                if let Err(e) = receive_stream(stream, &table).await {
+                if let Err(e) = receive_stream(stream, &table, &peer).await {
                     tracing::debug!(error = %e, "data stream ended with an error");
                 }
             });
@@ -393,11 +403,17 @@ pub fn spawn_data_router(conn: quinn::Connection, table: JobTable) -> tokio::tas
     })
 }
 
-async fn receive_stream(mut stream: quinn::RecvStream, table: &JobTable) -> Result<(), TransferError> {
+async fn receive_stream(mut stream: quinn::RecvStream, table: &JobTable, peer: &str) -> Result<(), TransferError> {
     let mut head = [0u8; 17];
     stream.read_exact(&mut head).await.map_err(stream_err)?;
     let id = parse_data_stream_header(&head)?;
-    let Some(inc) = table.lock().expect("job table").get(&id).cloned() else {
+    let found = table
+        .lock()
+        .expect("job table")
+        .get(&id)
+        .filter(|inc| inc.peer == peer)
+        .cloned();
+    let Some(inc) = found else {
         let _ = stream.stop(quinn::VarInt::from_u32(code::NOT_FOUND as u32));
         return Err(TransferError::Protocol(format!("data for unknown job {id}")));
     };
@@ -541,6 +557,8 @@ pub enum Received {
 /// Where a receiving job's data arrives and goes.
 #[derive(Clone, Copy)]
 pub struct Receiver<'a> {
+    /// Identity of the sender.
+    pub peer: &'a str,
     pub disk: &'a Disk,
     /// Routes this connection's QUIC data streams to their job.
     pub table: &'a JobTable,
@@ -569,6 +587,7 @@ where
     let want_tcp = job.offer.tcp_lane;
     let (progress, mut watch) = watch::channel(Progress::default());
     let inc = Arc::new(Incoming {
+        peer: at.peer.to_string(),
         offer: job.offer.clone(),
         job: Mutex::new(job),
         stage,

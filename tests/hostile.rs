@@ -53,7 +53,16 @@ async fn send_offer(
         })
         .collect();
     let disk = Disk::start().unwrap();
-    transfer::send_job(&conn, &mut send, &mut recv, offer, sources, &disk, &Fault::default()).await
+    transfer::send_job(
+        std::slice::from_ref(&conn),
+        &mut send,
+        &mut recv,
+        offer,
+        sources,
+        &disk,
+        &Fault::default(),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

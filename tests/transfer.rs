@@ -376,3 +376,22 @@ async fn a_file_that_changes_while_it_is_sent_aborts_the_job() {
     }
     assert_eq!(left, 0, "the aborted job's staging was removed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_job_spread_over_several_connections_arrives_verified() {
+    let env = env().await;
+    write(&env.src().join("m/big"), &content(21, 12 * MIB + 5));
+    write(&env.src().join("m/small"), &content(22, 700));
+    let opts = PushOptions {
+        connections: 3,
+        ..Default::default()
+    };
+    let r = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("m")], &opts)
+        .await
+        .unwrap();
+    assert_eq!(r.blocks_sent, 14);
+    assert_eq!(r.connections, 3, "streams on every connection");
+    assert_same_tree(&env.src(), &env.inbox());
+}
