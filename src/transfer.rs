@@ -163,7 +163,11 @@ pub async fn send_job(
     };
     let paths = Arc::new(sources.iter().map(|s| s.path.clone()).collect());
     report.tcp_lane = grant.is_some() && offer.tcp_lane;
-    report.connections = if report.tcp_lane { 0 } else { conns.len().min(report.streams) };
+    report.connections = if report.tcp_lane {
+        0
+    } else {
+        conns.len().min(report.streams)
+    };
     let lanes = async {
         match grant.filter(|_| offer.tcp_lane) {
             Some(g) => crate::tcplane::send_lanes(conns[0].remote_address().ip(), g, plan.lanes, paths, fault).await,
