@@ -259,14 +259,20 @@ fn start_until(cmd: &mut Command, prefix: &str) -> (Child, String) {
 }
 
 fn run_tcp(src: &Path, dst: &Path) -> Sample {
-    let (mut recv, addr) = start_until(Command::new(me()).args(["__role", "tcp-recv"]).arg(dst), "listening ");
+    let mut recv = Command::new(me());
+    recv.args(["__role", "tcp-recv"]).arg(dst);
+    run_pair(recv, |addr| {
+        let mut send = Command::new(me());
+        send.args(["__role", "tcp-send"]).arg(src).arg(addr);
+        send
+    })
+}
+
+/// Starts a receiver role, then the sender role given its address; times the sender.
+fn run_pair(mut recv: Command, send: impl FnOnce(&str) -> Command) -> Sample {
+    let (mut recv, addr) = start_until(&mut recv, "listening ");
     let t = Instant::now();
-    let mut send = Command::new(me())
-        .args(["__role", "tcp-send"])
-        .arg(src)
-        .arg(&addr)
-        .spawn()
-        .unwrap();
+    let mut send = send(&addr).spawn().unwrap();
     let (send_cpu, send_rss) = reap(&mut send);
     let secs = t.elapsed().as_secs_f64();
     let (recv_cpu, recv_rss) = reap(&mut recv);
@@ -352,27 +358,16 @@ fn agent_addr(agent: &mut Child) -> String {
 }
 
 fn run_quinn(certs: &Path, bytes: u64) -> Sample {
-    let (mut recv, addr) = start_until(
-        Command::new(me()).args(["__role", "quinn-recv"]).arg(certs),
-        "listening ",
-    );
-    let t = Instant::now();
-    let mut send = Command::new(me())
-        .args(["__role", "quinn-send"])
-        .arg(certs)
-        .arg(&addr)
-        .arg(bytes.to_string())
-        .spawn()
-        .unwrap();
-    let (send_cpu, send_rss) = reap(&mut send);
-    let secs = t.elapsed().as_secs_f64();
-    let (recv_cpu, recv_rss) = reap(&mut recv);
-    Sample {
-        secs,
-        cpu: send_cpu + recv_cpu,
-        send_rss_kb: send_rss,
-        recv_rss_kb: recv_rss,
-    }
+    let mut recv = Command::new(me());
+    recv.args(["__role", "quinn-recv"]).arg(certs);
+    run_pair(recv, |addr| {
+        let mut send = Command::new(me());
+        send.args(["__role", "quinn-send"])
+            .arg(certs)
+            .arg(addr)
+            .arg(bytes.to_string());
+        send
+    })
 }
 
 /// The child processes of the baseline rows.

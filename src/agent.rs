@@ -4,7 +4,7 @@
 //! One task per connection (span `conn` with the peer's identity), one per job (span
 //! `job`). Staged jobs that are never resumed are swept after `staging_ttl`.
 
-use crate::config::{Config, Export, HookSpec, Import};
+use crate::config::{AllowList, Config, Export, HookSpec, Import};
 use crate::disk::Disk;
 use crate::hook::{ExecHook, ImportFile, ImportHook, ImportJob, MoveHook};
 use crate::proto::blocks::hex;
@@ -263,18 +263,27 @@ impl JobCtx {
     }
 
     fn import_target(&self, name: &str) -> Result<Import, Refusal> {
-        let t = self
-            .shared
-            .config
-            .import(name)
-            .ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no import target named {name:?}")))?;
-        if !t.allow.allows(&self.peer) {
+        let t = self.shared.config.import(name);
+        let t = self.checked(t.map(|t| (t, &t.allow)), "import target", "write to", name)?;
+        Ok(t.clone())
+    }
+
+    /// Refuses a target that does not exist or whose allow list lacks the peer.
+    fn checked<'t, T>(
+        &self,
+        target: Option<(&'t T, &AllowList)>,
+        kind: &str,
+        verb: &str,
+        name: &str,
+    ) -> Result<&'t T, Refusal> {
+        let (t, allow) = target.ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no {kind} named {name:?}")))?;
+        if !allow.allows(&self.peer) {
             return Err(refuse(
                 code::NOT_ALLOWED,
-                format!("{} may not write to import target {:?}", self.peer, name),
+                format!("{} may not {verb} {kind} {name:?}", self.peer),
             ));
         }
-        Ok(t.clone())
+        Ok(t)
     }
 
     async fn prepare(
@@ -376,17 +385,8 @@ impl JobCtx {
     }
 
     fn export_target(&self, name: &str) -> Result<Export, Refusal> {
-        let t = self
-            .shared
-            .config
-            .export(name)
-            .ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no export named {name:?}")))?;
-        if !t.allow.allows(&self.peer) {
-            return Err(refuse(
-                code::NOT_ALLOWED,
-                format!("{} may not read export {:?}", self.peer, name),
-            ));
-        }
+        let t = self.shared.config.export(name);
+        let t = self.checked(t.map(|t| (t, &t.allow)), "export", "read", name)?;
         Ok(t.clone())
     }
 }
