@@ -13,6 +13,10 @@ use std::sync::{Arc, Mutex};
 /// Alignment O_DIRECT needs for address, length and offset.
 pub const ALIGN: usize = 4096;
 
+/// Smallest write worth O_DIRECT: below this a buffered write plus one sync at commit
+/// costs less than a device write per block.
+pub const DIRECT_MIN: usize = 64 << 10;
+
 /// Buffers kept for reuse at most (each `len` bytes).
 const POOL_MAX: usize = 32;
 
@@ -112,9 +116,23 @@ impl Pool {
     }
 }
 
-/// Whether `data` at `offset` can be written with O_DIRECT.
+/// Whether `data` at `offset` can (and should) be written with O_DIRECT.
 pub fn direct_ok(data: &[u8], offset: u64) -> bool {
-    (data.as_ptr() as usize) % ALIGN == 0 && data.len() % ALIGN == 0 && offset % ALIGN as u64 == 0 && !data.is_empty()
+    (data.as_ptr() as usize) % ALIGN == 0 && wants_direct(data.len()) && offset % ALIGN as u64 == 0
+}
+
+/// Whether a block of `len` bytes should be received into an aligned buffer.
+pub fn wants_direct(len: usize) -> bool {
+    len >= DIRECT_MIN && len % ALIGN == 0
+}
+
+/// An aligned buffer of `len` bytes: from `pool` if it has that size, else new.
+pub fn aligned(pool: &Arc<Pool>, len: usize) -> AlignedBuf {
+    if len == pool.len {
+        pool.take()
+    } else {
+        AlignedBuf::new(len)
+    }
 }
 
 #[cfg(test)]
@@ -137,5 +155,11 @@ mod tests {
         assert_eq!(pool.free.lock().unwrap().len(), 1);
         assert_eq!(pool.take().as_ref().as_ptr(), ptr, "reused");
         assert!(!direct_ok(&AlignedBuf::new(100).freeze(), 0), "odd length");
+        assert!(
+            !direct_ok(&AlignedBuf::new(4096).freeze(), 0),
+            "too small to be worth it"
+        );
+        assert!(direct_ok(&aligned(&pool, 256 << 10).freeze(), 4096));
+        assert!(!direct_ok(&aligned(&pool, 256 << 10).freeze(), 100), "unaligned offset");
     }
 }

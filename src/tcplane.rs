@@ -103,8 +103,8 @@ async fn receive(stream: &mut tokio::net::TcpStream, inc: &Incoming) -> Result<(
         stream.read_exact(&mut h[1..]).await.map_err(io)?;
         let head = BlockHeader::decode(&h);
         let len = expected_len(&inc.offer, head)?;
-        let data = if len == crate::proto::blocks::BLOCK_SIZE as usize {
-            let mut buf = crate::transfer::BLOCK_POOL.take();
+        let data = if crate::buf::wants_direct(len) {
+            let mut buf = crate::buf::aligned(&crate::transfer::BLOCK_POOL, len);
             stream.read_exact(buf.as_mut_slice()).await.map_err(io)?;
             buf.freeze()
         } else {

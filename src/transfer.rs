@@ -174,12 +174,18 @@ pub async fn send_job(
             None => run_lanes(conns, offer.job_id(), plan, paths, disk, fault).await,
         }
     };
-    let (blocks, bytes) = tokio::select! {
-        r = lanes => match r {
-            Ok(done) => done,
-            Err(e) => return Err(explain(recv, e).await),
-        },
-        msg = expect_msg(recv) => return Err(early_reply(msg)),
+    // One read of the control stream, kept across the select: a read cut off half way
+    // by the other branch would lose the bytes it had taken (quinn reads are not
+    // cancel-safe). Whatever the receiver says next, early failure or commit, lands here.
+    let control = expect_msg(recv);
+    tokio::pin!(control);
+    let lanes_done = tokio::select! {
+        r = lanes => r,
+        msg = &mut control => return Err(early_reply(msg)),
+    };
+    let (blocks, bytes) = match lanes_done {
+        Ok(done) => done,
+        Err(e) => return Err(explain(control, e).await),
     };
     report.blocks_sent = blocks;
     report.bytes_sent = bytes;
@@ -193,7 +199,7 @@ pub async fn send_job(
         write_msg(send, &Message::Abort).await?;
         let _ = send.finish();
         // Wait for the receiver's acknowledgement, so the abort is not lost in the close.
-        let _ = tokio::time::timeout(REPLY_GRACE, expect_msg(recv)).await;
+        let _ = tokio::time::timeout(REPLY_GRACE, control).await;
         return Err(e);
     }
     write_msg(
@@ -203,7 +209,7 @@ pub async fn send_job(
         },
     )
     .await?;
-    match expect_msg(recv).await? {
+    match control.await? {
         Message::Committed { report: r } => {
             report.report = r;
             Ok(report)
@@ -232,8 +238,11 @@ fn check_unchanged(sources: &[SourceFile], fault: &Fault) -> Result<(), Transfer
 const REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A data stream failed: the receiver says why on the control stream, if it can.
-async fn explain(recv: &mut quinn::RecvStream, e: TransferError) -> TransferError {
-    match tokio::time::timeout(REPLY_GRACE, expect_msg(recv)).await {
+async fn explain(
+    control: impl std::future::Future<Output = Result<Message, TransferError>>,
+    e: TransferError,
+) -> TransferError {
+    match tokio::time::timeout(REPLY_GRACE, control).await {
         Ok(Ok(Message::Failed(r))) => TransferError::Failed(r),
         _ => e,
     }
@@ -503,8 +512,8 @@ pub(crate) fn expected_len(offer: &Offer, head: BlockHeader) -> Result<usize, Tr
 
 /// Reads exactly `len` bytes, without copying when quinn hands them in one piece.
 async fn read_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes, TransferError> {
-    if len == crate::proto::blocks::BLOCK_SIZE as usize {
-        return read_full_block(stream).await;
+    if crate::buf::wants_direct(len) {
+        return read_aligned_block(stream, len).await;
     }
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
@@ -530,13 +539,13 @@ async fn read_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes,
     Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
-/// Full blocks, the bulk of the data, are gathered into pooled aligned buffers so the
-/// disk can take them with O_DIRECT.
+/// Large blocks, the bulk of the data, are gathered into aligned buffers (whole blocks
+/// from a pool) so the disk can take them with O_DIRECT.
 pub(crate) static BLOCK_POOL: std::sync::LazyLock<Arc<crate::buf::Pool>> =
     std::sync::LazyLock::new(|| crate::buf::Pool::new(crate::proto::blocks::BLOCK_SIZE as usize));
 
-async fn read_full_block(stream: &mut quinn::RecvStream) -> Result<Bytes, TransferError> {
-    let mut buf = BLOCK_POOL.take();
+async fn read_aligned_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes, TransferError> {
+    let mut buf = crate::buf::aligned(&BLOCK_POOL, len);
     let dst = buf.as_mut_slice();
     let mut got = 0;
     while got < dst.len() {
