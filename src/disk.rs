@@ -68,32 +68,33 @@ impl Disk {
         }
     }
 
+    /// Sends one request to the io_uring thread and waits for its answer.
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<io::Result<T>>) -> Request) -> io::Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     /// Reads exactly `len` bytes at `offset`; a shorter file is an `UnexpectedEof`.
     pub async fn read_at(&self, path: PathBuf, offset: u64, len: usize) -> io::Result<Bytes> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Read {
-                path,
-                offset,
-                len,
-                reply,
-            })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.call(|reply| Request::Read {
+            path,
+            offset,
+            len,
+            reply,
+        })
+        .await
     }
 
     /// Writes `data` at `offset`, creating the file if needed.
     pub async fn write_at(&self, path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Write {
-                path,
-                offset,
-                data,
-                reply,
-            })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.call(|reply| Request::Write {
+            path,
+            offset,
+            data,
+            reply,
+        })
+        .await
     }
 
     /// Creates the file if needed, sets its length to `len` and syncs it to disk.
@@ -103,11 +104,7 @@ impl Disk {
 
     /// Creates the file if needed and sets its length to `len`; syncs it if `sync`.
     pub async fn finish(&self, path: PathBuf, len: u64, sync: bool) -> io::Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Finish { path, len, sync, reply })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.call(|reply| Request::Finish { path, len, sync, reply }).await
     }
 }
 
