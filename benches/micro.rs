@@ -42,6 +42,7 @@ fn wire(c: &mut Criterion) {
         .map(|i| OfferFile {
             path: format!("region-42/{i:06}.sst"),
             hashes: hashes.clone(),
+            keys: None,
         })
         .collect();
     let offer = Message::Offer(Offer {
@@ -49,6 +50,7 @@ fn wire(c: &mut Criterion) {
         files,
         meta: vec![],
         tcp_lane: false,
+        hold: false,
     });
     let frame = offer.encode();
     let mut g = c.benchmark_group("wire");

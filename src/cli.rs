@@ -32,8 +32,22 @@ pub enum Command {
     Agent(AgentArgs),
     /// Send files and folders to an import target of an agent and wait for the commit.
     Push(PushArgs),
-    /// Fetch an export of an agent (all of it, or named files) into a folder.
+    /// Fetch an export of an agent (all of it, named files, or an SST key range) into a folder.
     Pull(PullArgs),
+    /// List an export's files with sizes, blake3 hashes and (SST exports) key ranges.
+    Ls(LsArgs),
+    /// List the jobs being received or held on the agent's import targets you may write to.
+    Jobs(PeerArgs),
+    /// Commit a held job (`push --hold`): run the target's import hook, make the files visible.
+    Commit(JobArgs),
+    /// Abort a held job: delete everything it staged.
+    Abort(JobArgs),
+    /// Be 0-db's `--hook`: offload sealed data files, back up index files, fetch missing
+    /// data files back (0-db runs `HOOK NAME ID ARGS...`; also reachable as a symlink
+    /// named `barge-zdb-hook`).
+    ZdbHook(ZdbHookArgs),
+    /// Clone a whole namespace of a frozen 0-db to the backup agent's data and index targets.
+    ZdbClone(ZdbCloneArgs),
     /// Print each file's blake3 hash, as b3sum does.
     Hash(HashArgs),
     /// Run a complete local transfer between two agents on loopback and show it worked.
@@ -111,6 +125,17 @@ pub struct PushArgs {
     /// ends use more cores on a large job.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
     pub connections: u8,
+    /// Bulk load: stage and verify everything, then hold the job (and the target) until
+    /// `barge commit` or `barge abort`; prints the job id.
+    #[arg(long)]
+    pub hold: bool,
+    /// Send only the RocksDB SST files (*.sst) among PATHS, each with its key range.
+    #[arg(long)]
+    pub sst: bool,
+    /// Send only the SST files whose keys lie in [START, END) (implies --sst); keys are
+    /// UTF-8 or 0x-hex, either end may be left open. A file across a boundary fails.
+    #[arg(long, value_name = "START..END")]
+    pub range: Option<String>,
     #[command(flatten)]
     pub id: IdentityArgs,
 }
@@ -123,13 +148,98 @@ pub struct PullArgs {
     #[arg(long, value_name = "NAME")]
     pub export: String,
     /// Only this file of the export, by its relative name (repeatable).
-    #[arg(long = "file", value_name = "REL")]
+    #[arg(long = "file", value_name = "REL", conflicts_with = "range")]
     pub files: Vec<String>,
+    /// SST export only: the files whose keys lie in [START, END); keys are UTF-8 or
+    /// 0x-hex. A file with keys across a boundary fails the pull (region not aligned).
+    #[arg(long, value_name = "START..END")]
+    pub range: Option<String>,
     /// Folder to put the files in (created if missing).
     #[arg(long, value_name = "DIR")]
     pub into: PathBuf,
     #[command(flatten)]
     pub id: IdentityArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// The agent: HOST:PORT or NAME@ADDR:PORT.
+    pub peer: String,
+    /// Export on the agent.
+    #[arg(long, value_name = "NAME")]
+    pub export: String,
+    /// SST export only: list the files whose keys lie in [START, END).
+    #[arg(long, value_name = "START..END")]
+    pub range: Option<String>,
+    /// Print JSON (one object per file) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub id: IdentityArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PeerArgs {
+    /// The agent: HOST:PORT or NAME@ADDR:PORT.
+    pub peer: String,
+    #[command(flatten)]
+    pub id: IdentityArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The agent: HOST:PORT or NAME@ADDR:PORT.
+    pub peer: String,
+    /// The job id `push --hold` printed (32 hex digits).
+    pub job: String,
+    #[command(flatten)]
+    pub id: IdentityArgs,
+}
+
+const ZDB_CONFIG_HELP: &str = "\
+The zdb config (TOML) names 0-db's folders and the backup agent:
+  data_dir = \"/var/lib/zdb/data\"      # 0-db --data
+  index_dir = \"/var/lib/zdb/index\"    # 0-db --index
+  peer = \"backup@10.0.0.2:7878\"
+  data_target = \"zdb-data\"    # import on the peer for sealed data files (hook = \"move\")
+  index_target = \"zdb-index\"  # import for index files (hook = \"replace\")
+  data_export = \"zdb-data\"    # export on the peer over the data target's folder
+  [tls]
+  ca = \"certs/ca.pem\"
+  cert = \"certs/store-a.pem\"
+  key = \"certs/store-a.key\"";
+
+#[derive(Debug, Args)]
+#[command(after_help = ZDB_CONFIG_HELP)]
+pub struct ZdbHookArgs {
+    /// The zdb config file.
+    #[arg(
+        long,
+        env = "BARGE_ZDB_CONFIG",
+        value_name = "FILE",
+        default_value = "/etc/barge/zdb.toml"
+    )]
+    pub config: PathBuf,
+    /// What 0-db passes: the hook name (jump-data, jump-index, missing-data, ready, ...),
+    /// its instance id, then the hook's arguments.
+    #[arg(required = true, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true, value_name = "HOOK ID ARGS")]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = ZDB_CONFIG_HELP)]
+pub struct ZdbCloneArgs {
+    /// The zdb config file.
+    #[arg(
+        long,
+        env = "BARGE_ZDB_CONFIG",
+        value_name = "FILE",
+        default_value = "/etc/barge/zdb.toml"
+    )]
+    pub config: PathBuf,
+    /// The namespace to clone (its folder name under data_dir and index_dir).
+    #[arg(long, value_name = "NS")]
+    pub namespace: String,
 }
 
 #[derive(Debug, Args)]

@@ -3,13 +3,15 @@
 //! A client has its own identity (a certificate from the same CA) and checks that the
 //! agent's certificate names the peer it meant to reach. A pull is a push in reverse:
 //! the client receives into a staging folder inside `--into`, verifies every block and
-//! moves the files into place only when all of them arrived.
+//! moves the files into place only when all of them arrived. Held jobs are committed
+//! or aborted, and jobs and exports listed, with one request and one answer each.
 
 use crate::disk::Disk;
 use crate::hashcache::HashCache;
 use crate::hook::{ImportHook, MoveHook};
 use crate::proto::job::ReceiveJob;
-use crate::proto::wire::{Message, Refusal};
+use crate::proto::keys::KeyRange;
+use crate::proto::wire::{JobId, JobInfo, JobOp, ListedFile, Message, Refusal};
 use crate::quic::Tuning;
 use crate::stage::{check_space, move_into_place, Stage};
 use crate::tls::{TlsFiles, TlsMaterial};
@@ -68,6 +70,14 @@ pub struct PushOptions {
     /// QUIC connections for the data (1 to 4; 0 means 1): each connection is driven by
     /// its own task, so a large job can keep both ends' cores busy.
     pub connections: usize,
+    /// Stage and verify on the receiver, then wait for [`Client::commit`] or
+    /// [`Client::abort`]; the target is held by this job meanwhile.
+    pub hold: bool,
+    /// Send only the SST files (`*.sst`) of the sources, each with its key span.
+    pub sst: bool,
+    /// Send only the SST files whose keys lie in this range (implies `sst`); a file
+    /// across a boundary fails the push before anything is sent.
+    pub range: Option<KeyRange>,
     #[doc(hidden)]
     pub fault: Fault,
 }
@@ -150,8 +160,39 @@ impl Client {
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
         let files = crate::source::collect_push(paths)?;
+        self.send(peer, target, files, opts).await
+    }
+
+    /// Pushes files under names the caller chose: `(relative name, local path)`.
+    pub async fn push_named(
+        &self,
+        peer: &Peer,
+        target: &str,
+        files: &[(String, PathBuf)],
+        opts: &PushOptions,
+    ) -> Result<SendReport, TransferError> {
+        let files = crate::source::collect_named(files)?;
+        self.send(peer, target, files, opts).await
+    }
+
+    async fn send(
+        &self,
+        peer: &Peer,
+        target: &str,
+        mut files: Vec<crate::source::SourceFile>,
+        opts: &PushOptions,
+    ) -> Result<SendReport, TransferError> {
+        let mut spans = vec![];
+        if opts.sst || opts.range.is_some() {
+            let picked = crate::source::select_sst(files, opts.range.as_ref(), &self.cache)?;
+            (files, spans) = picked.into_iter().map(|(f, s)| (f, Some(s))).unzip();
+        }
         let mut offer = crate::source::make_offer(target, &files, opts.meta.clone(), &self.cache).await?;
+        for (f, span) in offer.files.iter_mut().zip(spans) {
+            f.keys = span;
+        }
         offer.tcp_lane = opts.tcp_lane;
+        offer.hold = opts.hold;
         let mut conns = vec![self.connect(peer).await?];
         for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
             conns.push(self.connect(peer).await?);
@@ -172,6 +213,87 @@ impl Client {
         files: &[String],
         into: &Path,
     ) -> Result<PullReport, TransferError> {
+        self.fetch(peer, export, files, None, into).await
+    }
+
+    /// Pulls the SST files of `export` whose keys lie in `range` into `into`. The
+    /// exporter refuses the pull if a file has keys across a boundary.
+    pub async fn pull_range(
+        &self,
+        peer: &Peer,
+        export: &str,
+        range: &KeyRange,
+        into: &Path,
+    ) -> Result<PullReport, TransferError> {
+        self.fetch(peer, export, &[], Some(range.clone()), into).await
+    }
+
+    /// Lists the files of `export` (inside `range`, for an SST export).
+    pub async fn list(
+        &self,
+        peer: &Peer,
+        export: &str,
+        range: Option<&KeyRange>,
+    ) -> Result<Vec<ListedFile>, TransferError> {
+        let ask = Message::List {
+            export: export.to_string(),
+            range: range.cloned(),
+        };
+        match self.request(peer, &ask).await? {
+            Message::Listing(files) => Ok(files),
+            other => Err(unexpected("a listing", other)),
+        }
+    }
+
+    /// The receiving and held jobs on the targets this client may write to.
+    pub async fn jobs(&self, peer: &Peer) -> Result<Vec<JobInfo>, TransferError> {
+        match self.request(peer, &Message::ListJobs).await? {
+            Message::Jobs(jobs) => Ok(jobs),
+            other => Err(unexpected("a job list", other)),
+        }
+    }
+
+    /// Commits a held job: the target's hook runs; returns its report.
+    pub async fn commit(&self, peer: &Peer, job: JobId) -> Result<String, TransferError> {
+        let op = Message::JobOp { op: JobOp::Commit, job };
+        match self.request(peer, &op).await? {
+            Message::Committed { report } => Ok(report),
+            other => Err(unexpected("committed", other)),
+        }
+    }
+
+    /// Aborts a held job: everything it staged is removed.
+    pub async fn abort(&self, peer: &Peer, job: JobId) -> Result<(), TransferError> {
+        let op = Message::JobOp { op: JobOp::Abort, job };
+        match self.request(peer, &op).await? {
+            Message::Aborted => Ok(()),
+            other => Err(unexpected("aborted", other)),
+        }
+    }
+
+    /// Sends one request on a new stream and reads its answer; refusals are errors.
+    async fn request(&self, peer: &Peer, msg: &Message) -> Result<Message, TransferError> {
+        let conn = self.connect(peer).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        transfer::write_msg(&mut send, msg).await?;
+        let _ = send.finish();
+        let answer = transfer::expect_msg(&mut recv).await;
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        match answer? {
+            Message::Reject(r) => Err(TransferError::Rejected(r)),
+            Message::Failed(r) => Err(TransferError::Failed(r)),
+            m => Ok(m),
+        }
+    }
+
+    async fn fetch(
+        &self,
+        peer: &Peer,
+        export: &str,
+        files: &[String],
+        range: Option<KeyRange>,
+        into: &Path,
+    ) -> Result<PullReport, TransferError> {
         std::fs::create_dir_all(into).map_err(|source| TransferError::Io {
             path: into.to_path_buf(),
             source,
@@ -189,6 +311,7 @@ impl Client {
             &Message::Fetch {
                 export: export.to_string(),
                 files: files.to_vec(),
+                range,
             },
         )
         .await?;
@@ -238,10 +361,11 @@ impl Client {
             let res = tokio::task::spawn_blocking(move || move_into_place(&st, &into2, &paths).map(|_| st.remove()))
                 .await
                 .expect("move task");
-            res.map(|_| "pulled".to_string()).map_err(|e| Refusal {
-                code: crate::proto::wire::code::EXISTS,
-                reason: e.to_string(),
-            })
+            res.map(|_| Received::Committed("pulled".to_string()))
+                .map_err(|e| Refusal {
+                    code: crate::proto::wire::code::EXISTS,
+                    reason: e.to_string(),
+                })
         };
         match transfer::receive_job(
             send,
@@ -258,7 +382,7 @@ impl Client {
         )
         .await?
         {
-            Received::Committed(_) => Ok(report),
+            Received::Committed(_) | Received::Held => Ok(report),
             Received::Aborted => Err(TransferError::Protocol("the exporter aborted the pull".into())),
         }
     }
@@ -285,6 +409,10 @@ async fn prepare_pull(
         reason: e.to_string(),
     })?;
     Ok((job, stage))
+}
+
+fn unexpected(want: &str, got: Message) -> TransferError {
+    TransferError::Protocol(format!("expected {want}, got {got:?}"))
 }
 
 fn connect_err(peer: impl std::fmt::Display, e: impl std::fmt::Display) -> TransferError {

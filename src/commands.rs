@@ -1,10 +1,14 @@
 //! What each command does, with `anyhow` context for the one line a failure prints.
 
-use crate::cli::{AgentArgs, CertsCommand, Command, HashArgs, IdentityArgs, PullArgs, PushArgs};
+use crate::cli::{
+    AgentArgs, CertsCommand, Command, HashArgs, IdentityArgs, JobArgs, LsArgs, PeerArgs, PullArgs, PushArgs,
+    ZdbCloneArgs, ZdbHookArgs,
+};
 use anyhow::{bail, Context, Result};
 use barge::agent::Agent;
 use barge::client::{Client, Peer, PushOptions};
 use barge::config::Config;
+use barge::proto::keys::KeyRange;
 use barge::tls::TlsFiles;
 use barge::transfer::TransferError;
 use std::path::PathBuf;
@@ -29,6 +33,12 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Agent(a) => runtime()?.block_on(agent(a)),
         Command::Push(p) => runtime()?.block_on(push(p)),
         Command::Pull(p) => runtime()?.block_on(pull(p)),
+        Command::Ls(l) => runtime()?.block_on(ls(l)),
+        Command::Jobs(j) => runtime()?.block_on(jobs(j)),
+        Command::Commit(j) => runtime()?.block_on(job_op(j, true)),
+        Command::Abort(j) => runtime()?.block_on(job_op(j, false)),
+        Command::ZdbHook(z) => runtime()?.block_on(zdb_hook(z)),
+        Command::ZdbClone(z) => runtime()?.block_on(zdb_clone(z)),
         Command::Demo(d) => runtime()?.block_on(crate::demo::run(d)),
     }
 }
@@ -55,13 +65,13 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         return 2;
     }
     if let Some(t) = e.downcast_ref::<TransferError>() {
-        return match t {
-            TransferError::Connect { .. } | TransferError::Connection(_) => 4,
-            TransferError::Rejected(_) => 5,
-            TransferError::Failed(_) | TransferError::Job(_) | TransferError::Interrupted(_) => 6,
-            TransferError::Source(_) | TransferError::Io { .. } | TransferError::SourceChanged(_) => 1,
-            TransferError::Tls(_) => 3,
-            _ => 6,
+        return transfer_code(t);
+    }
+    if let Some(z) = e.downcast_ref::<barge::zdb::ZdbError>() {
+        return match z {
+            barge::zdb::ZdbError::Transfer(t) => transfer_code(t),
+            barge::zdb::ZdbError::Config { .. } => 3,
+            _ => 1,
         };
     }
     if e.downcast_ref::<barge::config::ConfigError>().is_some()
@@ -72,6 +82,17 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         return 3;
     }
     1
+}
+
+fn transfer_code(t: &TransferError) -> u8 {
+    match t {
+        TransferError::Connect { .. } | TransferError::Connection(_) => 4,
+        TransferError::Rejected(_) => 5,
+        TransferError::Failed(_) | TransferError::Job(_) | TransferError::Interrupted(_) => 6,
+        TransferError::Source(_) | TransferError::Io { .. } | TransferError::SourceChanged(_) => 1,
+        TransferError::Tls(_) => 3,
+        _ => 6,
+    }
 }
 
 fn certs(c: CertsCommand) -> Result<()> {
@@ -173,12 +194,20 @@ fn parse_meta(meta: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+fn parse_range(range: Option<&str>) -> Result<Option<KeyRange>> {
+    let parse = |r: &str| KeyRange::parse(r).map_err(|e| usage(format!("--range: {e}")));
+    Ok(range.map(parse).transpose()?)
+}
+
 async fn push(p: PushArgs) -> Result<()> {
     let peer: Peer = p.to.parse().map_err(usage)?;
     let opts = PushOptions {
         meta: parse_meta(&p.meta)?,
         tcp_lane: p.tcp_lane,
         connections: p.connections as usize,
+        hold: p.hold,
+        sst: p.sst,
+        range: parse_range(p.range.as_deref())?,
         ..Default::default()
     };
     let client = client(&p.id)?;
@@ -188,8 +217,9 @@ async fn push(p: PushArgs) -> Result<()> {
         .await
         .with_context(|| format!("push to {peer} ({})", p.import))?;
     let secs = started.elapsed().as_secs_f64();
+    let verb = if r.held { "staged and held" } else { "committed" };
     println!(
-        "committed {} files, {} bytes to {}:{} in {:.2}s ({:.1} MB/s); sent {} blocks, {} already there",
+        "{verb} {} files, {} bytes to {}:{} in {:.2}s ({:.1} MB/s); sent {} blocks, {} already there",
         r.files,
         r.bytes_total,
         peer.name,
@@ -199,8 +229,13 @@ async fn push(p: PushArgs) -> Result<()> {
         r.blocks_sent,
         r.blocks_held
     );
-    if !r.report.is_empty() {
-        println!("import hook: {}", r.report);
+    match r.held {
+        true => println!(
+            "held as job {} until `barge commit {} {0}` or `barge abort {1} {0}`",
+            r.job, p.to
+        ),
+        false if !r.report.is_empty() => println!("import hook: {}", r.report),
+        false => {}
     }
     Ok(())
 }
@@ -209,10 +244,11 @@ async fn pull(p: PullArgs) -> Result<()> {
     let peer: Peer = p.peer.parse().map_err(usage)?;
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
-    let r = client
-        .pull(&peer, &p.export, &p.files, &p.into)
-        .await
-        .with_context(|| format!("pull from {peer} ({})", p.export))?;
+    let r = match parse_range(p.range.as_deref())? {
+        Some(range) => client.pull_range(&peer, &p.export, &range, &p.into).await,
+        None => client.pull(&peer, &p.export, &p.files, &p.into).await,
+    };
+    let r = r.with_context(|| format!("pull from {peer} ({})", p.export))?;
     println!(
         "pulled {} files, {} bytes into {} in {:.2}s; received {} blocks, {} already there",
         r.files,
@@ -221,6 +257,104 @@ async fn pull(p: PullArgs) -> Result<()> {
         started.elapsed().as_secs_f64(),
         r.blocks_received,
         r.blocks_resumed
+    );
+    Ok(())
+}
+
+async fn ls(l: LsArgs) -> Result<()> {
+    let peer: Peer = l.peer.parse().map_err(usage)?;
+    let range = parse_range(l.range.as_deref())?;
+    let client = client(&l.id)?;
+    let files = client
+        .list(&peer, &l.export, range.as_ref())
+        .await
+        .with_context(|| format!("listing {peer} ({})", l.export))?;
+    for f in files {
+        let hash = barge::proto::blocks::hex(&f.root);
+        if l.json {
+            let keys = f
+                .keys
+                .as_ref()
+                .map(|k| serde_json::json!({"smallest": k.smallest.hex(), "largest": k.largest.hex()}));
+            let line = serde_json::json!({"path": f.path, "size": f.size, "blake3": hash, "keys": keys});
+            println!("{line}");
+        } else {
+            let keys = f.keys.map_or_else(|| "-".to_string(), |k| k.to_string());
+            println!("{:>12}  {hash}  {}  {keys}", f.size, f.path);
+        }
+    }
+    Ok(())
+}
+
+async fn jobs(j: PeerArgs) -> Result<()> {
+    let peer: Peer = j.peer.parse().map_err(usage)?;
+    let client = client(&j.id)?;
+    let jobs = client.jobs(&peer).await.with_context(|| format!("jobs on {peer}"))?;
+    println!(
+        "{:<32}  {:<9}  {:<16}  {:>6}  {:>14}  {:>14}  {:>7}  PEER",
+        "JOB", "STATE", "TARGET", "FILES", "BYTES", "DONE", "AGE(s)"
+    );
+    for j in jobs {
+        println!(
+            "{:<32}  {:<9}  {:<16}  {:>6}  {:>14}  {:>14}  {:>7}  {}",
+            j.id.to_string(),
+            j.state,
+            j.target,
+            j.files,
+            j.bytes,
+            j.done,
+            j.age_secs,
+            j.peer
+        );
+    }
+    Ok(())
+}
+
+async fn job_op(j: JobArgs, commit: bool) -> Result<()> {
+    let peer: Peer = j.peer.parse().map_err(usage)?;
+    let job: barge::proto::wire::JobId = j.job.parse().map_err(usage)?;
+    let client = client(&j.id)?;
+    if commit {
+        let report = client
+            .commit(&peer, job)
+            .await
+            .with_context(|| format!("commit {job} on {peer}"))?;
+        println!("committed job {job}");
+        if !report.is_empty() {
+            println!("import hook: {report}");
+        }
+    } else {
+        client
+            .abort(&peer, job)
+            .await
+            .with_context(|| format!("abort {job} on {peer}"))?;
+        println!("aborted job {job}; its staged files are removed");
+    }
+    Ok(())
+}
+
+async fn zdb_hook(z: ZdbHookArgs) -> Result<()> {
+    let hook = barge::zdb::Hook::parse(&z.args)?;
+    if let barge::zdb::Hook::Ignored(name) = &hook {
+        // Never let a missing config stop 0-db over a hook barge does not handle
+        // (`ready` must exit 0 or 0-db will not start).
+        tracing::debug!(hook = %name, "nothing to do");
+        return Ok(());
+    }
+    let config = barge::zdb::ZdbConfig::load(&z.config)?;
+    let line = barge::zdb::run_hook(&config, &hook).await?;
+    println!("{line}");
+    Ok(())
+}
+
+async fn zdb_clone(z: ZdbCloneArgs) -> Result<()> {
+    let config = barge::zdb::ZdbConfig::load(&z.config)?;
+    let r = barge::zdb::clone_namespace(&config, &z.namespace)
+        .await
+        .with_context(|| format!("clone of namespace {:?} to {}", z.namespace, config.peer))?;
+    println!(
+        "cloned namespace {}: {} data files and {} index files, {} bytes, verified, to {}",
+        z.namespace, r.data_files, r.index_files, r.bytes, config.peer
     );
     Ok(())
 }

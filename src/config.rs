@@ -13,6 +13,8 @@ use std::time::Duration;
 pub const DEFAULT_PORT: u16 = 7878;
 /// How long an interrupted job's staged blocks are kept for a resume.
 pub const DEFAULT_STAGING_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Held jobs (`push --hold`) wait this long for commit or abort by default: a week.
+pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Jobs one agent runs at once.
 pub const DEFAULT_MAX_JOBS: usize = 64;
 
@@ -40,6 +42,7 @@ struct RawConfig {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     staging_ttl_secs: Option<u64>,
+    hold_ttl_secs: Option<u64>,
     max_jobs: Option<usize>,
     tcp_port: Option<u16>,
     tls: RawTls,
@@ -79,6 +82,18 @@ struct RawTarget {
     exec: Option<Vec<String>>,
     #[serde(default)]
     tcp_lane: bool,
+    kind: Option<ExportKind>,
+}
+
+/// What an export holds, and so how a range selects its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    /// Any files; a key range can not be asked for.
+    #[default]
+    Files,
+    /// RocksDB block-based table files (`*.sst`): a range selects them by their keys.
+    Sst,
 }
 
 /// Peer identities allowed on a target; `*` allows every peer the CA vouches for.
@@ -96,6 +111,9 @@ impl AllowList {
 pub enum HookSpec {
     /// Rename the files into the target folder under their relative names.
     Move,
+    /// Like `Move`, but a file replaces an older one of the same name (atomically per
+    /// file): for mutable files such as 0-db index files.
+    Replace,
     /// Run a command with the staged files (see `hook::ExecHook`).
     Exec(Vec<String>),
     /// A Rust `ImportHook` registered by the program that embeds the agent.
@@ -108,6 +126,7 @@ pub struct Export {
     pub name: String,
     pub path: PathBuf,
     pub allow: AllowList,
+    pub kind: ExportKind,
 }
 
 /// A folder peers may write to, and the hook that hands their files to the engine.
@@ -130,6 +149,8 @@ pub struct Config {
     pub exports: Vec<Export>,
     pub imports: Vec<Import>,
     pub staging_ttl: Duration,
+    /// How long a held job (`push --hold`) waits for commit or abort before it is removed.
+    pub hold_ttl: Duration,
     pub max_jobs: usize,
     pub tuning: Tuning,
     /// Port of the TCP data lane listener (0: any free port), if an import allows the lane.
@@ -237,6 +258,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         .staging_ttl_secs
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_STAGING_TTL);
+    let hold_ttl = raw.hold_ttl_secs.map(Duration::from_secs).unwrap_or(DEFAULT_HOLD_TTL);
     let max_jobs = raw.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
     if max_jobs == 0 {
         return Err(invalid("max_jobs", "must be at least 1"));
@@ -253,6 +275,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 name: t.name,
                 path: t.path,
                 allow: t.allow,
+                kind: t.kind,
             })
             .collect(),
         imports: imports
@@ -266,6 +289,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             })
             .collect(),
         staging_ttl,
+        hold_ttl,
         max_jobs,
         tcp_port: raw.tcp_port.unwrap_or(0),
     })
@@ -307,6 +331,7 @@ struct Target {
     path: PathBuf,
     allow: AllowList,
     tcp_lane: bool,
+    kind: ExportKind,
 }
 
 fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target, HookSpec), ConfigError> {
@@ -330,6 +355,9 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             "is empty: nobody could use this target",
         ));
     }
+    if import && t.kind.is_some() {
+        return Err(invalid(format!("{key}.kind"), "only exports have a kind"));
+    }
     let hook = if import {
         hook_spec(&key, t.hook.as_deref(), t.exec)?
     } else if t.hook.is_some() || t.exec.is_some() {
@@ -348,6 +376,7 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             path,
             allow: AllowList(t.allow),
             tcp_lane: t.tcp_lane,
+            kind: t.kind.unwrap_or_default(),
         },
         hook,
     ))
@@ -356,6 +385,7 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
 fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result<HookSpec, ConfigError> {
     match (hook.unwrap_or("move"), exec) {
         ("move", None) => Ok(HookSpec::Move),
+        ("replace", None) => Ok(HookSpec::Replace),
         ("custom", None) => Ok(HookSpec::Custom),
         ("exec", Some(cmd)) if !cmd.is_empty() && !cmd[0].is_empty() => Ok(HookSpec::Exec(cmd)),
         ("exec", _) => Err(invalid(

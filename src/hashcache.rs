@@ -1,5 +1,7 @@
 //! Hash once: a file's root and block chaining values, cached by (device, inode,
-//! size, modification time), so an immutable file sent again is not read twice.
+//! size, modification time), so an immutable file sent again is not read twice. An SST
+//! file's key span is cached the same way, so listing a region does not reopen every
+//! table.
 //!
 //! The cache lives in memory and, when given a path, in an append-only file of
 //! checksummed records loaded at start. A torn or corrupt tail (a crash mid-append) is
@@ -7,6 +9,7 @@
 //! so a stale entry is never used, only left behind until the file starts over.
 
 use crate::proto::blocks::{Digest, FileHashes};
+use crate::proto::keys::{Key, KeySpan};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -16,7 +19,9 @@ use std::sync::Mutex;
 
 /// Largest cache file before it starts over.
 const MAX_FILE: u64 = 256 << 20;
-const MAGIC: &[u8; 8] = b"bargeHC1";
+const MAGIC: &[u8; 8] = b"bargeHC2";
+const KIND_HASHES: u8 = 1;
+const KIND_KEYS: u8 = 2;
 
 /// Identity of one version of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,6 +61,7 @@ impl FileStamp {
 #[derive(Debug, Default)]
 pub struct HashCache {
     map: Mutex<HashMap<FileStamp, FileHashes>>,
+    keys: Mutex<HashMap<FileStamp, KeySpan>>,
     file: Mutex<Option<std::fs::File>>,
     hashed: AtomicU64,
 }
@@ -78,7 +84,7 @@ impl HashCache {
             .open(path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let (map, good) = parse(&bytes);
+        let (map, keys, good) = parse(&bytes);
         if good < bytes.len() as u64 || bytes.len() as u64 > MAX_FILE || good == 0 {
             let keep = if bytes.len() as u64 > MAX_FILE || good == 0 {
                 0
@@ -90,13 +96,14 @@ impl HashCache {
                 file.write_all(MAGIC)?;
             }
         }
-        let map = if bytes.len() as u64 > MAX_FILE {
-            HashMap::new()
+        let (map, keys) = if bytes.len() as u64 > MAX_FILE {
+            (HashMap::new(), HashMap::new())
         } else {
-            map
+            (map, keys)
         };
         Ok(HashCache {
             map: Mutex::new(map),
+            keys: Mutex::new(keys),
             file: Mutex::new(Some(file)),
             hashed: AtomicU64::new(0),
         })
@@ -131,57 +138,137 @@ impl HashCache {
     }
 
     fn insert(&self, stamp: FileStamp, hashes: &FileHashes) {
+        self.append(&record(stamp, hashes));
+        self.map.lock().expect("hash cache").insert(stamp, hashes.clone());
+    }
+
+    fn append(&self, record: &[u8]) {
         if let Some(f) = self.file.lock().expect("hash cache file").as_mut() {
-            if let Err(e) = f.write_all(&record(stamp, hashes)) {
+            if let Err(e) = f.write_all(record) {
                 tracing::warn!(error = %e, "hash cache not written");
             }
         }
-        self.map.lock().expect("hash cache").insert(stamp, hashes.clone());
+    }
+
+    /// The key span of the file at `path` as it is now, from the cache or from `read`.
+    pub fn keys_or_read<E>(
+        &self,
+        path: &Path,
+        stamp: FileStamp,
+        read: impl FnOnce(&Path) -> Result<KeySpan, E>,
+    ) -> Result<KeySpan, E> {
+        if let Some(k) = self.keys.lock().expect("key cache").get(&stamp) {
+            return Ok(k.clone());
+        }
+        let span = read(path)?;
+        if FileStamp::now(path).is_ok_and(|now| now == stamp) {
+            self.append(&keys_record(stamp, &span));
+            self.keys.lock().expect("key cache").insert(stamp, span.clone());
+        }
+        Ok(span)
     }
 }
 
-/// Record: body length (u32), body (stamp, root, block count, blocks), then the first
-/// 8 bytes of the body's blake3 hash.
+/// Record: body length (u32), body (kind, stamp, then for hashes: root, block count,
+/// blocks; for keys: the two keys, each u32-counted), then the first 8 bytes of the
+/// body's blake3 hash.
 fn record(stamp: FileStamp, h: &FileHashes) -> Vec<u8> {
-    let mut body = Vec::with_capacity(72 + 32 * h.blocks.len());
+    let mut body = Vec::with_capacity(73 + 32 * h.blocks.len());
+    body.push(KIND_HASHES);
     stamp.encode(&mut body);
     body.extend_from_slice(&h.root);
     body.extend_from_slice(&(h.blocks.len() as u32).to_be_bytes());
     h.blocks.iter().for_each(|b| body.extend_from_slice(b));
+    seal(body)
+}
+
+fn keys_record(stamp: FileStamp, span: &KeySpan) -> Vec<u8> {
+    let mut body = vec![KIND_KEYS];
+    stamp.encode(&mut body);
+    for k in [&span.smallest, &span.largest] {
+        body.extend_from_slice(&(k.0.len() as u32).to_be_bytes());
+        body.extend_from_slice(&k.0);
+    }
+    seal(body)
+}
+
+fn seal(body: Vec<u8>) -> Vec<u8> {
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&body);
     out.extend_from_slice(&blake3::hash(&body).as_bytes()[..8]);
     out
 }
 
-/// Parses records; returns them and the length of the valid prefix (0: bad magic).
-fn parse(bytes: &[u8]) -> (HashMap<FileStamp, FileHashes>, u64) {
-    let mut map = HashMap::new();
-    if bytes.len() < 8 || &bytes[..8] != MAGIC {
-        return (map, 0);
-    }
-    let mut pos = 8;
-    while let Some((stamp, hashes, next)) = parse_one(bytes, pos) {
-        map.insert(stamp, hashes);
-        pos = next;
-    }
-    (map, pos as u64)
+type Maps = (HashMap<FileStamp, FileHashes>, HashMap<FileStamp, KeySpan>);
+
+enum Entry {
+    Hashes(FileStamp, FileHashes),
+    Keys(FileStamp, KeySpan),
 }
 
-fn parse_one(bytes: &[u8], pos: usize) -> Option<(FileStamp, FileHashes, usize)> {
+/// Parses records; returns them and the length of the valid prefix (0: bad magic).
+fn parse(bytes: &[u8]) -> (HashMap<FileStamp, FileHashes>, HashMap<FileStamp, KeySpan>, u64) {
+    let mut maps: Maps = Default::default();
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        return (maps.0, maps.1, 0);
+    }
+    let mut pos = 8;
+    while let Some((entry, next)) = parse_one(bytes, pos) {
+        match entry {
+            Entry::Hashes(stamp, h) => maps.0.insert(stamp, h).map(|_| ()),
+            Entry::Keys(stamp, k) => maps.1.insert(stamp, k).map(|_| ()),
+        };
+        pos = next;
+    }
+    (maps.0, maps.1, pos as u64)
+}
+
+fn parse_one(bytes: &[u8], pos: usize) -> Option<(Entry, usize)> {
     let len = u32::from_be_bytes(bytes.get(pos..pos + 4)?.try_into().ok()?) as usize;
     let body = bytes.get(pos + 4..pos + 4 + len)?;
     let sum = bytes.get(pos + 4 + len..pos + 12 + len)?;
-    if sum != &blake3::hash(body).as_bytes()[..8] || len < 68 {
+    if sum != &blake3::hash(body).as_bytes()[..8] || len < 33 {
         return None;
     }
-    let word = |i: usize| u64::from_be_bytes(body[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    let stamp = FileStamp {
-        dev: word(0),
-        ino: word(1),
-        size: word(2),
-        mtime_ns: word(3) as i64,
+    let next = pos + 12 + len;
+    match body[0] {
+        KIND_HASHES => parse_hashes(&body[1..]).map(|(s, h)| (Entry::Hashes(s, h), next)),
+        KIND_KEYS => parse_keys(&body[1..]).map(|(s, k)| (Entry::Keys(s, k), next)),
+        _ => None,
+    }
+}
+
+fn parse_keys(body: &[u8]) -> Option<(FileStamp, KeySpan)> {
+    let stamp = parse_stamp(body)?;
+    let mut rest = &body[32..];
+    let mut key = || -> Option<Key> {
+        let n = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let k = rest.get(4..4 + n)?.to_vec();
+        rest = &rest[4 + n..];
+        Some(Key(k))
     };
+    let span = KeySpan {
+        smallest: key()?,
+        largest: key()?,
+    };
+    Some((stamp, span))
+}
+
+fn parse_stamp(body: &[u8]) -> Option<FileStamp> {
+    let word = |i: usize| -> Option<u64> { Some(u64::from_be_bytes(body.get(i * 8..i * 8 + 8)?.try_into().ok()?)) };
+    Some(FileStamp {
+        dev: word(0)?,
+        ino: word(1)?,
+        size: word(2)?,
+        mtime_ns: word(3)? as i64,
+    })
+}
+
+fn parse_hashes(body: &[u8]) -> Option<(FileStamp, FileHashes)> {
+    if body.len() < 68 {
+        return None;
+    }
+    let stamp = parse_stamp(body)?;
     let root: Digest = body[32..64].try_into().ok()?;
     let n = u32::from_be_bytes(body[64..68].try_into().ok()?) as usize;
     if body.len() != 68 + 32 * n {
@@ -194,7 +281,7 @@ fn parse_one(bytes: &[u8], pos: usize) -> Option<(FileStamp, FileHashes, usize)>
         blocks,
     };
     hashes.check_tree().ok()?;
-    Some((stamp, hashes, pos + 12 + len))
+    Some((stamp, hashes))
 }
 
 #[cfg(test)]
@@ -253,5 +340,33 @@ mod tests {
         let c = HashCache::open(&db).unwrap();
         c.get_or_hash(&g, stamp(&g)).unwrap();
         assert_eq!(c.hashed(), 1);
+    }
+
+    #[test]
+    fn key_spans_are_cached_across_restarts_until_the_file_changes() {
+        let t = tempfile::tempdir().unwrap();
+        let (f, db) = (t.path().join("a.sst"), t.path().join("hashes"));
+        std::fs::write(&f, b"table").unwrap();
+        let span = KeySpan {
+            smallest: Key(vec![0, 1]),
+            largest: Key(b"zz".to_vec()),
+        };
+        let reads = std::cell::Cell::new(0);
+        let read = |_: &Path| -> Result<KeySpan, ()> {
+            reads.set(reads.get() + 1);
+            Ok(span.clone())
+        };
+        let c = HashCache::open(&db).unwrap();
+        assert_eq!(c.keys_or_read(&f, stamp(&f), read).unwrap(), span);
+        c.get_or_hash(&f, stamp(&f)).unwrap();
+        drop(c);
+        let c = HashCache::open(&db).unwrap();
+        assert_eq!(c.keys_or_read(&f, stamp(&f), read).unwrap(), span);
+        assert_eq!(reads.get(), 1, "the span came from the cache file");
+        c.get_or_hash(&f, stamp(&f)).unwrap();
+        assert_eq!(c.hashed(), 0, "hash records still load beside key records");
+        std::fs::write(&f, b"other table").unwrap();
+        c.keys_or_read(&f, stamp(&f), read).unwrap();
+        assert_eq!(reads.get(), 2);
     }
 }

@@ -5,7 +5,7 @@
 //! none; `exec` runs a command; engines that embed barge implement [`ImportHook`].
 
 use crate::proto::path::RelPath;
-use crate::stage::{move_into_place, Stage, StageError};
+use crate::stage::{move_into_place, replace_into_place, Stage, StageError};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,25 @@ pub struct ImportFile {
     pub size: u64,
     /// blake3 root, hex, as `b3sum` prints it.
     pub blake3: String,
+    /// For an SST file: its smallest and largest user key, hex, both inclusive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys: Option<ImportKeys>,
+}
+
+/// An SST file's key span as hooks see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportKeys {
+    pub smallest: String,
+    pub largest: String,
+}
+
+impl From<&crate::proto::keys::KeySpan> for ImportKeys {
+    fn from(s: &crate::proto::keys::KeySpan) -> ImportKeys {
+        ImportKeys {
+            smallest: s.smallest.hex(),
+            largest: s.largest.hex(),
+        }
+    }
 }
 
 /// A job ready to be imported.
@@ -85,6 +104,24 @@ impl ImportHook for MoveHook {
             .ok_or_else(|| HookError::Other("no staging folder".into()))?;
         move_into_place(stage, &job.target_dir, &job.paths)?;
         Ok(format!("moved {} files into {}", job.files.len(), job.target))
+    }
+}
+
+/// Renames each file into the target folder, replacing an older file of the same name.
+/// Each file is replaced atomically (a reader sees the old or the new one), the job as
+/// a whole is not: for mutable files that are sent again and again, such as 0-db
+/// index files.
+#[derive(Debug, Default)]
+pub struct ReplaceHook;
+
+impl ImportHook for ReplaceHook {
+    fn import(&self, job: &ImportJob) -> Result<String, HookError> {
+        let stage = job
+            .stage
+            .as_ref()
+            .ok_or_else(|| HookError::Other("no staging folder".into()))?;
+        replace_into_place(stage, &job.target_dir, &job.paths)?;
+        Ok(format!("placed {} files into {}", job.files.len(), job.target))
     }
 }
 
@@ -167,6 +204,7 @@ mod tests {
                 path: dir.join("a"),
                 size: 1,
                 blake3: "00".into(),
+                keys: None,
             }],
             meta: [("region".to_string(), "2".to_string())].into(),
             stage: None,

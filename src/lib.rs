@@ -9,7 +9,8 @@
 //! - [`proto`]: the core. [`proto::blocks`] cuts files into blocks whose blake3
 //!   chaining values merge into the plain blake3 root (what `b3sum` prints);
 //!   [`proto::wire`] encodes the v1 control messages; [`proto::path`] checks relative
-//!   names; [`proto::job`] tracks verified blocks and plans which stream sends what.
+//!   names; [`proto::job`] tracks verified blocks and plans which stream sends what;
+//!   [`proto::keys`] names key ranges and places a file's keys against them.
 //! - [`certs`]: a private CA and host certificates; a host's identity is its DNS name.
 //! - [`tls`]: rustls/quinn configuration with mutual authentication, peer identity.
 //! - [`quic`]: transport tuning: windows from bandwidth x RTT, MTU ceiling, congestion control.
@@ -17,13 +18,18 @@
 //! - [`disk`]: reads, writes and syncs on an io_uring thread (O_DIRECT for whole blocks).
 //! - [`buf`]: aligned, pooled block buffers.
 //! - [`source`]: the files a push or an export sends, and their hashes.
-//! - [`hashcache`]: hash once: roots and block values cached by inode, size and mtime.
+//! - [`hashcache`]: hash once: roots and block values (and SST key spans) cached by
+//!   inode, size and mtime.
+//! - [`sst`]: the smallest and largest key of a RocksDB SST file, read from the file.
 //! - [`stage`]: the receiving side's staging folder, resume scan, atomic placement.
-//! - [`hook`]: import hooks (`move`, `exec`, and the [`hook::ImportHook`] trait).
+//! - [`hook`]: import hooks (`move`, `replace`, `exec`, and the [`hook::ImportHook`] trait).
+//! - [`held`]: bulk loads: held jobs, the targets they claim, their journal.
 //! - [`transfer`]: sender and receiver of one job over a QUIC connection.
 //! - [`tcplane`]: the opt-in, unencrypted TCP data lane (`sendfile`), still verified.
 //! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports.
-//! - [`client`]: push and pull from a program or the CLI.
+//! - [`client`]: push, pull, list, commit and abort from a program or the CLI.
+//! - [`zdb`]: 0-db's hook program (offload sealed data files, fetch them back) and
+//!   namespace clone.
 //!
 //! # Example
 //!
@@ -82,11 +88,14 @@ pub mod client;
 pub mod config;
 pub mod disk;
 pub mod hashcache;
+pub mod held;
 pub mod hook;
 pub mod proto;
 pub mod quic;
 pub mod source;
+pub mod sst;
 pub mod stage;
 pub mod tcplane;
 pub mod tls;
 pub mod transfer;
+pub mod zdb;

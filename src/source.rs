@@ -6,6 +6,7 @@
 
 use crate::hashcache::{FileStamp, HashCache};
 use crate::proto::blocks::FileHashes;
+use crate::proto::keys::{Key, KeyRange, KeySpan, Placement};
 use crate::proto::limits::MAX_FILES;
 use crate::proto::path::{PathError, RelPath, STAGING_DIR};
 use crate::proto::wire::{Offer, OfferFile};
@@ -31,6 +32,10 @@ pub enum SourceError {
     Duplicate(String),
     #[error("{got} files is over the limit of {MAX_FILES} per job")]
     TooMany { got: usize },
+    #[error("{path}: {err}")]
+    Sst { path: PathBuf, err: crate::sst::SstError },
+    #[error("region not aligned: {name} holds keys {span}, across the range boundary {key}")]
+    NotAligned { name: String, span: KeySpan, key: Key },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
@@ -58,6 +63,60 @@ pub fn collect_push(paths: &[PathBuf]) -> Result<Vec<SourceFile>, SourceError> {
         let name = abs.file_name().ok_or_else(|| SourceError::NotFile(p.clone()))?;
         let name = name.to_str().ok_or_else(|| SourceError::NotUtf8(p.clone()))?;
         add_entry(&abs, name, &mut out)?;
+    }
+    finish(out)
+}
+
+/// The SST files (`*.sst`) of `list` whose keys lie inside `range` (all of them if
+/// none), each with its key span. Other files are left out. A file with keys on both
+/// sides of a boundary is an error that names it: including it would ship keys outside
+/// the region, leaving it out would lose keys inside.
+pub fn select_sst(
+    list: Vec<SourceFile>,
+    range: Option<&KeyRange>,
+    cache: &HashCache,
+) -> Result<Vec<(SourceFile, KeySpan)>, SourceError> {
+    let mut out = vec![];
+    for f in list.into_iter().filter(|f| f.name.as_str().ends_with(".sst")) {
+        let span = cache
+            .keys_or_read(&f.path, f.stamp, sst_span)
+            .map_err(|err| SourceError::Sst {
+                path: f.path.clone(),
+                err,
+            })?;
+        match range.map_or(Placement::Inside, |r| r.place(&span)) {
+            Placement::Inside => out.push((f, span)),
+            Placement::Outside => {}
+            Placement::Straddles(key) => {
+                return Err(SourceError::NotAligned {
+                    name: f.name.to_string(),
+                    span,
+                    key,
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn sst_span(path: &Path) -> Result<KeySpan, crate::sst::SstError> {
+    let k = crate::sst::read_keys(path)?;
+    Ok(KeySpan {
+        smallest: Key(k.smallest),
+        largest: Key(k.largest),
+    })
+}
+
+/// Lists files each under a name the caller chose (`name`, local path), for senders
+/// that lay out the receiving side themselves (0-db's `<namespace>/d<N>`).
+pub fn collect_named(files: &[(String, PathBuf)]) -> Result<Vec<SourceFile>, SourceError> {
+    let mut out = Vec::new();
+    for (name, path) in files {
+        let meta = std::fs::symlink_metadata(path).map_err(io_at(path))?;
+        if !meta.is_file() {
+            return Err(SourceError::NotFile(path.clone()));
+        }
+        add_entry(path, name, &mut out)?;
     }
     finish(out)
 }
@@ -184,6 +243,7 @@ pub async fn make_offer(
         .map(|(f, h)| OfferFile {
             path: f.name.to_string(),
             hashes: h.expect("every file hashed"),
+            keys: None,
         })
         .collect();
     Ok(Offer {
@@ -191,6 +251,7 @@ pub async fn make_offer(
         files,
         meta,
         tcp_lane: false,
+        hold: false,
     })
 }
 

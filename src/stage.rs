@@ -65,6 +65,12 @@ impl Stage {
         Ok(Stage { job_dir, files_dir })
     }
 
+    /// The staging folder of an earlier job, by its folder.
+    pub fn at(job_dir: PathBuf) -> Stage {
+        let files_dir = job_dir.join("files");
+        Stage { job_dir, files_dir }
+    }
+
     pub fn file(&self, rel: &RelPath) -> PathBuf {
         rel.under(&self.files_dir)
     }
@@ -271,6 +277,28 @@ pub fn move_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Resul
     sync_dirs(&dirs, target)
 }
 
+/// Renames every staged file to its place under `target`, replacing a file that is
+/// there (never a folder or a symlink), then syncs the folders. Atomic per file only.
+pub fn replace_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
+    let mut made = Vec::new();
+    for rel in paths {
+        let dest = rel.under(target);
+        make_parents(target, rel, &mut made)?;
+        match std::fs::symlink_metadata(&dest) {
+            Ok(m) if !m.is_file() => return Err(StageError::Exists(rel.to_string())),
+            _ => {}
+        }
+        std::fs::rename(stage.file(rel), &dest).map_err(io_at(&dest))?;
+    }
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .filter_map(|p| p.under(target).parent().map(Path::to_path_buf))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    sync_dirs(&dirs, target)
+}
+
 /// What to rename: whole top-level folders the target lacks, single files otherwise.
 fn rename_units(target: &Path, paths: &[RelPath]) -> Result<Vec<RelPath>, StageError> {
     let mut fresh = std::collections::HashMap::new();
@@ -362,14 +390,18 @@ pub fn check_space(target: &Path, need: u64) -> Result<(), StageError> {
     Ok(())
 }
 
-/// Removes staged jobs of `target` untouched for longer than `ttl`; returns how many.
-pub fn sweep_expired(target: &Path, ttl: Duration) -> usize {
+/// Removes staged jobs of `target` untouched for longer than `ttl`, except those named
+/// in `keep` (held jobs, which expire on their own clock); returns how many.
+pub fn sweep_expired(target: &Path, ttl: Duration, keep: &std::collections::HashSet<String>) -> usize {
     let staging = target.join(STAGING_DIR);
     let Ok(entries) = std::fs::read_dir(&staging) else {
         return 0;
     };
     let mut removed = 0;
-    for e in entries.flatten() {
+    for e in entries
+        .flatten()
+        .filter(|e| !keep.contains(&*e.file_name().to_string_lossy()))
+    {
         let age = e
             .metadata()
             .and_then(|m| m.modified())
@@ -468,12 +500,46 @@ mod tests {
     }
 
     #[test]
+    fn replace_puts_new_files_over_old_ones_but_not_over_folders() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("target");
+        std::fs::create_dir_all(target.join("ns")).unwrap();
+        std::fs::write(target.join("ns/i1"), b"old").unwrap();
+        let job = ReceiveJob::new(crate::proto::wire::Offer {
+            target: "t".into(),
+            files: vec![],
+            meta: vec![],
+            tcp_lane: false,
+            hold: false,
+        })
+        .unwrap();
+        let stage = Stage::open(&target, &job).unwrap();
+        let paths = [rel("ns/i1"), rel("ns/zdb-namespace")];
+        paths.iter().for_each(|p| write_staged(&stage, p));
+        replace_into_place(&stage, &target, &paths).unwrap();
+        assert_eq!(std::fs::read(target.join("ns/i1")).unwrap(), b"ns/i1");
+        assert_eq!(
+            std::fs::read(target.join("ns/zdb-namespace")).unwrap(),
+            b"ns/zdb-namespace"
+        );
+        std::fs::create_dir(target.join("ns/dir")).unwrap();
+        write_staged(&stage, &rel("ns/dir"));
+        assert!(matches!(
+            replace_into_place(&stage, &target, &[rel("ns/dir")]),
+            Err(StageError::Exists(_))
+        ));
+    }
+
+    #[test]
     fn sweep_removes_only_expired_jobs() {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join(STAGING_DIR).join("job1")).unwrap();
-        assert_eq!(sweep_expired(t.path(), Duration::from_secs(3600)), 0);
-        assert_eq!(sweep_expired(t.path(), Duration::ZERO), 1);
+        std::fs::create_dir_all(t.path().join(STAGING_DIR).join("held")).unwrap();
+        let keep = ["held".to_string()].into_iter().collect();
+        assert_eq!(sweep_expired(t.path(), Duration::from_secs(3600), &keep), 0);
+        assert_eq!(sweep_expired(t.path(), Duration::ZERO, &keep), 1);
         assert!(!t.path().join(STAGING_DIR).join("job1").exists());
+        assert!(t.path().join(STAGING_DIR).join("held").exists(), "held jobs are kept");
     }
 
     #[test]

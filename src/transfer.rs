@@ -123,6 +123,8 @@ impl Fault {
 /// What a sender did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendReport {
+    /// The job's id (what `commit` and `abort` take for a held job).
+    pub job: JobId,
     pub files: usize,
     pub bytes_total: u64,
     pub blocks_sent: u64,
@@ -131,6 +133,8 @@ pub struct SendReport {
     pub streams: usize,
     /// Whether the data went over the TCP lane (asked for and granted).
     pub tcp_lane: bool,
+    /// The job is staged and held on the receiver, waiting for commit or abort.
+    pub held: bool,
     /// QUIC connections the data streams were spread over.
     pub connections: usize,
     /// The receiver's import hook report.
@@ -155,6 +159,7 @@ pub async fn send_job(
     };
     let plan = SendPlan::new(&offer, &have, MAX_STREAMS)?;
     let mut report = SendReport {
+        job: offer.job_id(),
         files: offer.files.len(),
         bytes_total: offer.total_bytes(),
         blocks_held: plan.held,
@@ -212,6 +217,11 @@ pub async fn send_job(
     match control.await? {
         Message::Committed { report: r } => {
             report.report = r;
+            Ok(report)
+        }
+        Message::Held { job } => {
+            report.held = true;
+            report.report = format!("held as job {job}: commit or abort it");
             Ok(report)
         }
         Message::Failed(r) => Err(TransferError::Failed(r)),
@@ -385,6 +395,7 @@ pub struct Incoming {
     pub stage: Stage,
     pub disk: Disk,
     pub progress: watch::Sender<Progress>,
+    pub started: std::time::Instant,
 }
 
 impl Incoming {
@@ -564,6 +575,8 @@ async fn read_aligned_block(stream: &mut quinn::RecvStream, len: usize) -> Resul
 #[derive(Debug)]
 pub enum Received {
     Committed(String),
+    /// Staged, verified and synced; waiting for a commit or abort (a `hold` offer).
+    Held,
     Aborted,
 }
 
@@ -592,7 +605,7 @@ pub async fn receive_job<H, F>(
 ) -> Result<Received, TransferError>
 where
     H: FnOnce(Arc<Offer>, Vec<crate::proto::path::RelPath>) -> F,
-    F: std::future::Future<Output = Result<String, Refusal>>,
+    F: std::future::Future<Output = Result<Received, Refusal>>,
 {
     let id = job.id;
     let mut accept = job.accept();
@@ -606,6 +619,7 @@ where
         stage,
         disk: at.disk.clone(),
         progress,
+        started: std::time::Instant::now(),
     });
     let (table, tcp) = (at.table, at.tcp);
     table.lock().expect("job table").insert(id, inc.clone());
@@ -636,7 +650,7 @@ async fn drive_receive<H, F>(
 ) -> Result<Received, TransferError>
 where
     H: FnOnce(Arc<Offer>, Vec<crate::proto::path::RelPath>) -> F,
-    F: std::future::Future<Output = Result<String, Refusal>>,
+    F: std::future::Future<Output = Result<Received, Refusal>>,
 {
     write_msg(send, &accept).await?;
     let first = tokio::select! {
@@ -689,12 +703,15 @@ where
             reason: e.to_string(),
         })
     })?;
-    match hook(inc.offer.clone(), paths).await {
-        Ok(report) => {
-            write_msg(send, &Message::Committed { report: report.clone() }).await?;
-            let _ = send.finish();
-            Ok(Received::Committed(report))
-        }
-        Err(r) => Err(TransferError::Failed(r)),
-    }
+    let done = hook(inc.offer.clone(), paths).await.map_err(TransferError::Failed)?;
+    let msg = match &done {
+        Received::Committed(report) => Message::Committed { report: report.clone() },
+        Received::Held => Message::Held {
+            job: inc.offer.job_id(),
+        },
+        Received::Aborted => return Err(TransferError::Protocol("a hook can not abort".into())),
+    };
+    write_msg(send, &msg).await?;
+    let _ = send.finish();
+    Ok(done)
 }

@@ -346,3 +346,78 @@ fn an_agent_killed_mid_job_resumes_from_its_staged_blocks() {
         blake3::hash(&big)
     );
 }
+
+#[test]
+fn a_bulk_load_through_the_cli_holds_lists_commits_and_aborts() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    ok(&barge(&["certs", "init", "--dir", "certs"], p));
+    for name in ["store-b", "ops"] {
+        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
+    }
+    for d in ["in", "state"] {
+        std::fs::create_dir_all(p.join(d)).unwrap();
+    }
+    write(&p.join("load/1.sst"), &content(1, 2 << 20));
+    write(&p.join("other.sst"), &content(2, 10));
+    std::fs::write(
+        p.join("b.toml"),
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n\
+         [[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"inbox\"\npath = \"in\"\nallow = [\"ops\"]\n",
+    )
+    .unwrap();
+    let (_agent, addr) = agent(&["--config", "b.toml"], p);
+    let peer = format!("store-b@{addr}");
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--certs", "certs", "--identity", "ops"]);
+        barge(&all, p)
+    };
+    let out = ok(&run(&["push", "load", "--to", &peer, "--import", "ingest", "--hold"]));
+    assert!(out.contains("staged and held 1 files"), "{out}");
+    let job = out
+        .split_whitespace()
+        .find(|w| w.len() == 32 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .expect("the job id is printed")
+        .to_string();
+    assert!(!p.join("in/load").exists(), "nothing visible before commit");
+    let jobs = ok(&run(&["jobs", &peer]));
+    let line = jobs
+        .lines()
+        .find(|l| l.starts_with(&job))
+        .expect("the held job is listed");
+    assert!(
+        line.contains("held") && line.contains("ingest") && line.contains("ops"),
+        "{line}"
+    );
+    fails(
+        &run(&["push", "other.sst", "--to", &peer, "--import", "ingest"]),
+        5,
+        &format!("held by job {job} of ops"),
+    );
+    let out = ok(&run(&["commit", &peer, &job]));
+    assert!(out.contains("committed job") && out.contains("moved 1 files"), "{out}");
+    assert_eq!(std::fs::read(p.join("in/load/1.sst")).unwrap(), content(1, 2 << 20));
+    let ls = ok(&run(&["ls", &peer, "--export", "inbox"]));
+    let hash = blake3::hash(&content(1, 2 << 20)).to_hex().to_string();
+    assert!(ls.contains("load/1.sst") && ls.contains(&hash), "{ls}");
+
+    let out = ok(&run(&[
+        "push",
+        "other.sst",
+        "--to",
+        &peer,
+        "--import",
+        "ingest",
+        "--hold",
+    ]));
+    let job = out.split_whitespace().find(|w| w.len() == 32).unwrap().to_string();
+    ok(&run(&["abort", &peer, &job]));
+    assert!(!p.join("in/other.sst").exists());
+    fails(&run(&["abort", &peer, &job]), 5, "no held job");
+    fails(&run(&["commit", &peer, "nothex"]), 2, "not 32 hex digits");
+    assert!(
+        ok(&run(&["jobs", &peer])).lines().count() == 1,
+        "only the header is left"
+    );
+}

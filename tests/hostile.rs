@@ -18,6 +18,7 @@ fn offer_for(names: &[&str], data: &[u8]) -> Offer {
         .map(|n| OfferFile {
             path: n.to_string(),
             hashes: hashes.clone(),
+            keys: None,
         })
         .collect();
     Offer {
@@ -25,6 +26,7 @@ fn offer_for(names: &[&str], data: &[u8]) -> Offer {
         files,
         meta: vec![],
         tcp_lane: false,
+        hold: false,
     }
 }
 
@@ -125,9 +127,11 @@ async fn a_job_larger_than_the_free_space_is_refused() {
         files: vec![OfferFile {
             path: "huge".into(),
             hashes: FileHashes { size, root, blocks },
+            keys: None,
         }],
         meta: vec![],
         tcp_lane: false,
+        hold: false,
     };
     let err = send_offer(&env, offer, env.src().join("none")).await.unwrap_err();
     let TransferError::Rejected(r) = err else {
@@ -167,6 +171,7 @@ async fn malformed_control_messages_get_named_errors_and_the_agent_survives() {
     let good = Message::Fetch {
         export: "out".into(),
         files: vec![],
+        range: None,
     }
     .encode();
     let mut unknown_version = good.clone();

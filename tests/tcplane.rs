@@ -107,9 +107,11 @@ async fn lane_port(env: &Env) -> u16 {
         files: vec![OfferFile {
             path: "y".into(),
             hashes,
+            keys: None,
         }],
         meta: vec![],
         tcp_lane: true,
+        hold: false,
     };
     barge::transfer::write_msg(&mut send, &Message::Offer(offer))
         .await

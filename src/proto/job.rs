@@ -123,6 +123,17 @@ impl ReceiveJob {
         self.missing
     }
 
+    /// Bytes of the blocks not yet held.
+    pub fn missing_bytes(&self) -> u64 {
+        let mut need = 0;
+        for (f, held) in self.offer.files.iter().zip(&self.held) {
+            for (b, _) in held.iter().enumerate().filter(|(_, h)| !**h) {
+                need += super::blocks::block_len(f.hashes.size, b as u64) as u64;
+            }
+        }
+        need
+    }
+
     /// Blocks already held, as the `Accept` message carries them.
     pub fn accept(&self) -> Message {
         Message::Accept {
@@ -265,6 +276,7 @@ mod tests {
         OfferFile {
             path: path.into(),
             hashes,
+            keys: None,
         }
     }
 
@@ -274,6 +286,7 @@ mod tests {
             files,
             meta: vec![],
             tcp_lane: false,
+            hold: false,
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod blocks;
 pub mod job;
+pub mod keys;
 pub mod path;
 pub mod wire;
 
@@ -29,6 +30,10 @@ pub mod limits {
     pub const MAX_META_VALUE: usize = 4096;
     /// Longest reason or report text.
     pub const MAX_REASON_LEN: usize = 16 << 10;
+    /// Longest user key in a key range or span (RocksDB keys are usually far shorter).
+    pub const MAX_KEY_LEN: usize = 64 << 10;
+    /// Most jobs in one `Jobs` listing.
+    pub const MAX_LISTED_JOBS: usize = 10_000;
     /// Data streams a sender opens per job at most.
     pub const MAX_STREAMS: usize = 8;
 }

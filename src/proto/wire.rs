@@ -6,6 +6,7 @@
 //! make the receiver allocate more than [`MAX_MESSAGE`] bytes per frame.
 
 use super::blocks::{listed_blocks, Digest, FileHashes};
+use super::keys::{Key, KeyRange, KeySpan};
 use super::limits::*;
 
 /// Protocol version carried in every frame.
@@ -31,10 +32,14 @@ pub mod code {
     pub const NOT_FOUND: u16 = 14;
     pub const ABORTED: u16 = 15;
     pub const SOURCE_CHANGED: u16 = 16;
+    /// The import target is held by another job (a bulk load).
+    pub const HELD: u16 = 17;
+    /// An export's file has keys on both sides of a range boundary.
+    pub const NOT_ALIGNED: u16 = 18;
 }
 
 /// A job's identity: derived from its target and files, never trusted from the peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct JobId(pub [u8; 16]);
 
 impl std::fmt::Display for JobId {
@@ -46,11 +51,24 @@ impl std::fmt::Display for JobId {
     }
 }
 
+impl std::str::FromStr for JobId {
+    type Err = WireError;
+
+    /// 32 hex digits, as [`JobId`] displays.
+    fn from_str(s: &str) -> Result<JobId, WireError> {
+        let bad = || WireError::BadJobId(s.to_string());
+        let k = super::keys::Key::parse(&format!("0x{s}")).map_err(|_| bad())?;
+        Ok(JobId(k.0.try_into().map_err(|_| bad())?))
+    }
+}
+
 /// One file of an offer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfferFile {
     pub path: String,
     pub hashes: FileHashes,
+    /// For an SST file: its smallest and largest user key, so the hook knows what it ingests.
+    pub keys: Option<KeySpan>,
 }
 
 /// The sender's description of a job.
@@ -62,6 +80,9 @@ pub struct Offer {
     pub meta: Vec<(String, String)>,
     /// The sender asks for the unencrypted TCP data lane (see `tcplane`).
     pub tcp_lane: bool,
+    /// Stage and verify everything, then wait for a separate commit or abort; the
+    /// target is held by this job meanwhile.
+    pub hold: bool,
 }
 
 impl Offer {
@@ -111,8 +132,13 @@ pub struct Refusal {
 pub enum Message {
     /// Sender → receiver: the job.
     Offer(Offer),
-    /// Puller → exporter: which files of which export to send (empty: all).
-    Fetch { export: String, files: Vec<String> },
+    /// Puller → exporter: which files of which export to send (empty: all), and for
+    /// an SST export the key range they must lie in.
+    Fetch {
+        export: String,
+        files: Vec<String>,
+        range: Option<KeyRange>,
+    },
     /// Receiver → sender: per file, a bitmap of the blocks already held verified, and
     /// the TCP lane to use if the sender asked for it and the receiver allows it.
     Accept { have: Vec<Vec<u8>>, tcp: Option<TcpGrant> },
@@ -126,6 +152,52 @@ pub enum Message {
     Committed { report: String },
     /// Receiver → sender: the job failed after it was accepted.
     Failed(Refusal),
+    /// Receiver → sender: a `hold` job is staged, verified and synced; it waits for
+    /// a commit or abort.
+    Held { job: JobId },
+    /// Client → agent: commit or abort a held job.
+    JobOp { op: JobOp, job: JobId },
+    /// Agent → client: the held job is aborted and its files removed.
+    Aborted,
+    /// Client → agent: list the jobs on targets the client may write to.
+    ListJobs,
+    /// Agent → client: the jobs.
+    Jobs(Vec<JobInfo>),
+    /// Client → agent: list an export's files (only those inside `range`, if given).
+    List { export: String, range: Option<KeyRange> },
+    /// Agent → client: the listing.
+    Listing(Vec<ListedFile>),
+}
+
+/// What to do with a held job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOp {
+    Commit = 1,
+    Abort = 2,
+}
+
+/// One job as `barge jobs` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    pub id: JobId,
+    /// `receiving` or `held`.
+    pub state: String,
+    pub target: String,
+    pub peer: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Bytes staged and verified so far.
+    pub done: u64,
+    pub age_secs: u64,
+}
+
+/// One file of an export listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedFile {
+    pub path: String,
+    pub size: u64,
+    pub root: Digest,
+    pub keys: Option<KeySpan>,
 }
 
 /// Why bytes did not decode into a message.
@@ -147,6 +219,8 @@ pub enum WireError {
     Trailing(usize),
     #[error("block list of {got} entries for a file of {size} bytes")]
     BlockList { size: u64, got: u64 },
+    #[error("job id {0:?} is not 32 hex digits")]
+    BadJobId(String),
 }
 
 const T_OFFER: u8 = 1;
@@ -157,6 +231,13 @@ const T_COMMIT: u8 = 5;
 const T_ABORT: u8 = 6;
 const T_COMMITTED: u8 = 7;
 const T_FAILED: u8 = 8;
+const T_HELD: u8 = 9;
+const T_JOB_OP: u8 = 10;
+const T_ABORTED: u8 = 11;
+const T_LIST_JOBS: u8 = 12;
+const T_JOBS: u8 = 13;
+const T_LIST: u8 = 14;
+const T_LISTING: u8 = 15;
 
 impl Message {
     /// Encodes the message as one frame (length prefix included).
@@ -178,16 +259,24 @@ impl Message {
             Message::Abort => T_ABORT,
             Message::Committed { .. } => T_COMMITTED,
             Message::Failed(_) => T_FAILED,
+            Message::Held { .. } => T_HELD,
+            Message::JobOp { .. } => T_JOB_OP,
+            Message::Aborted => T_ABORTED,
+            Message::ListJobs => T_LIST_JOBS,
+            Message::Jobs(_) => T_JOBS,
+            Message::List { .. } => T_LIST,
+            Message::Listing(_) => T_LISTING,
         }
     }
 
     fn encode_fields(&self, w: &mut Vec<u8>) {
         match self {
             Message::Offer(o) => encode_offer(o, w),
-            Message::Fetch { export, files } => {
+            Message::Fetch { export, files, range } => {
                 put_string(w, export);
                 put_u32(w, files.len() as u32);
                 files.iter().for_each(|f| put_string(w, f));
+                put_range(w, range);
             }
             Message::Accept { have, tcp } => {
                 put_u32(w, have.len() as u32);
@@ -206,8 +295,30 @@ impl Message {
                 put_string(w, &r.reason);
             }
             Message::Commit { streams } => put_u32(w, *streams),
-            Message::Abort => {}
+            Message::Abort | Message::Aborted | Message::ListJobs => {}
             Message::Committed { report } => put_string(w, report),
+            Message::Held { job } => w.extend_from_slice(&job.0),
+            Message::JobOp { op, job } => {
+                w.push(*op as u8);
+                w.extend_from_slice(&job.0);
+            }
+            Message::Jobs(jobs) => {
+                put_u32(w, jobs.len() as u32);
+                jobs.iter().for_each(|j| encode_job_info(j, w));
+            }
+            Message::List { export, range } => {
+                put_string(w, export);
+                put_range(w, range);
+            }
+            Message::Listing(files) => {
+                put_u32(w, files.len() as u32);
+                for f in files {
+                    put_string(w, &f.path);
+                    w.extend_from_slice(&f.size.to_be_bytes());
+                    w.extend_from_slice(&f.root);
+                    put_span(w, &f.keys);
+                }
+            }
         }
     }
 
@@ -232,6 +343,16 @@ impl Message {
                 report: r.string(MAX_REASON_LEN)?,
             },
             T_FAILED => Message::Failed(decode_refusal(&mut r)?),
+            T_HELD => Message::Held { job: r.job_id()? },
+            T_JOB_OP => decode_job_op(&mut r)?,
+            T_ABORTED => Message::Aborted,
+            T_LIST_JOBS => Message::ListJobs,
+            T_JOBS => decode_jobs(&mut r)?,
+            T_LIST => Message::List {
+                export: r.string(MAX_NAME_LEN)?,
+                range: r.range()?,
+            },
+            T_LISTING => decode_listing(&mut r)?,
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -258,6 +379,7 @@ fn encode_offer(o: &Offer, w: &mut Vec<u8>) {
         w.extend_from_slice(&f.hashes.root);
         put_u32(w, f.hashes.blocks.len() as u32);
         f.hashes.blocks.iter().for_each(|b| w.extend_from_slice(b));
+        put_span(w, &f.keys);
     }
     put_u32(w, o.meta.len() as u32);
     for (k, v) in &o.meta {
@@ -265,6 +387,7 @@ fn encode_offer(o: &Offer, w: &mut Vec<u8>) {
         put_string(w, v);
     }
     w.push(o.tcp_lane as u8);
+    w.push(o.hold as u8);
 }
 
 fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
@@ -290,6 +413,7 @@ fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
         files.push(OfferFile {
             path,
             hashes: FileHashes { size, root, blocks },
+            keys: r.span()?,
         });
     }
     let nm = r.count("metadata entries", MAX_META)?;
@@ -298,11 +422,13 @@ fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
         meta.push((r.string(MAX_NAME_LEN)?, r.string(MAX_META_VALUE)?));
     }
     let tcp_lane = r.flag()?;
+    let hold = r.flag()?;
     Ok(Offer {
         target,
         files,
         meta,
         tcp_lane,
+        hold,
     })
 }
 
@@ -310,7 +436,84 @@ fn decode_fetch(r: &mut Reader) -> Result<Message, WireError> {
     let export = r.string(MAX_NAME_LEN)?;
     let n = r.count("files per job", MAX_FILES)?;
     let files = (0..n).map(|_| r.string(MAX_PATH_LEN)).collect::<Result<_, _>>()?;
-    Ok(Message::Fetch { export, files })
+    let range = r.range()?;
+    Ok(Message::Fetch { export, files, range })
+}
+
+fn decode_job_op(r: &mut Reader) -> Result<Message, WireError> {
+    let op = match r.u8()? {
+        1 => JobOp::Commit,
+        2 => JobOp::Abort,
+        other => {
+            return Err(WireError::Limit {
+                what: "job operation",
+                got: other as u64,
+                max: 2,
+            })
+        }
+    };
+    Ok(Message::JobOp { op, job: r.job_id()? })
+}
+
+fn encode_job_info(j: &JobInfo, w: &mut Vec<u8>) {
+    w.extend_from_slice(&j.id.0);
+    put_string(w, &j.state);
+    put_string(w, &j.target);
+    put_string(w, &j.peer);
+    for n in [j.files, j.bytes, j.done, j.age_secs] {
+        w.extend_from_slice(&n.to_be_bytes());
+    }
+}
+
+fn decode_jobs(r: &mut Reader) -> Result<Message, WireError> {
+    let n = r.count("jobs", MAX_LISTED_JOBS)?;
+    let mut jobs = Vec::with_capacity(n);
+    for _ in 0..n {
+        jobs.push(JobInfo {
+            id: r.job_id()?,
+            state: r.string(MAX_NAME_LEN)?,
+            target: r.string(MAX_NAME_LEN)?,
+            peer: r.string(MAX_NAME_LEN)?,
+            files: r.u64()?,
+            bytes: r.u64()?,
+            done: r.u64()?,
+            age_secs: r.u64()?,
+        });
+    }
+    Ok(Message::Jobs(jobs))
+}
+
+fn decode_listing(r: &mut Reader) -> Result<Message, WireError> {
+    let n = r.count("files per job", MAX_FILES)?;
+    let mut files = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        files.push(ListedFile {
+            path: r.string(MAX_PATH_LEN)?,
+            size: r.u64()?,
+            root: r.digest()?,
+            keys: r.span()?,
+        });
+    }
+    Ok(Message::Listing(files))
+}
+
+fn put_span(w: &mut Vec<u8>, span: &Option<KeySpan>) {
+    w.push(span.is_some() as u8);
+    if let Some(s) = span {
+        put_bytes(w, &s.smallest.0);
+        put_bytes(w, &s.largest.0);
+    }
+}
+
+fn put_range(w: &mut Vec<u8>, range: &Option<KeyRange>) {
+    w.push(range.is_some() as u8);
+    if let Some(r) = range {
+        put_bytes(w, &r.start.0);
+        w.push(r.end.is_some() as u8);
+        if let Some(e) = &r.end {
+            put_bytes(w, &e.0);
+        }
+    }
 }
 
 fn decode_accept(r: &mut Reader) -> Result<Message, WireError> {
@@ -408,6 +611,32 @@ impl<'a> Reader<'a> {
         }
         self.take(n)
     }
+    fn key(&mut self) -> Result<Key, WireError> {
+        Ok(Key(self.bytes(MAX_KEY_LEN)?.to_vec()))
+    }
+    fn span(&mut self) -> Result<Option<KeySpan>, WireError> {
+        Ok(match self.flag()? {
+            false => None,
+            true => Some(KeySpan {
+                smallest: self.key()?,
+                largest: self.key()?,
+            }),
+        })
+    }
+    fn range(&mut self) -> Result<Option<KeyRange>, WireError> {
+        if !self.flag()? {
+            return Ok(None);
+        }
+        let start = self.key()?;
+        let end = match self.flag()? {
+            false => None,
+            true => Some(self.key()?),
+        };
+        Ok(Some(KeyRange { start, end }))
+    }
+    fn job_id(&mut self) -> Result<JobId, WireError> {
+        Ok(JobId(self.take(16)?.try_into().expect("16 bytes")))
+    }
     fn string(&mut self, max: usize) -> Result<String, WireError> {
         let b = self.bytes(max)?;
         String::from_utf8(b.to_vec()).map_err(|_| WireError::BadUtf8)
@@ -473,9 +702,11 @@ mod tests {
                     root: [7; 32],
                     blocks: vec![],
                 },
+                keys: None,
             }],
             meta: vec![("k".into(), "v".into())],
             tcp_lane: false,
+            hold: false,
         }
     }
 
@@ -492,12 +723,15 @@ mod tests {
 
     #[test]
     fn golden_bytes_of_a_small_offer() {
-        let mut want = vec![0, 0, 0, 75, 1, 1];
+        let mut want = vec![0, 0, 0, 77, 1, 1];
         want.extend([0, 0, 0, 1, b't', 0, 0, 0, 1, 0, 0, 0, 1, b'a']);
         want.extend([0, 0, 0, 0, 0, 0, 0, 1]);
         want.extend([7; 32]);
-        want.extend([0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, b'k', 0, 0, 0, 1, b'v']);
+        want.extend([0, 0, 0, 0]); // no listed blocks for a 1-byte file
+        want.push(0); // no key span
+        want.extend([0, 0, 0, 1, 0, 0, 0, 1, b'k', 0, 0, 0, 1, b'v']);
         want.push(0); // no TCP lane asked for
+        want.push(0); // not held
         assert_eq!(Message::Offer(small_offer()).encode(), want);
     }
 
@@ -508,7 +742,43 @@ mod tests {
             Message::Fetch {
                 export: "e".into(),
                 files: vec!["x/y".into()],
+                range: None,
             },
+            Message::Fetch {
+                export: "e".into(),
+                files: vec![],
+                range: Some(KeyRange::parse("0x00..b").unwrap()),
+            },
+            Message::Held { job: JobId([3; 16]) },
+            Message::JobOp {
+                op: JobOp::Abort,
+                job: JobId([4; 16]),
+            },
+            Message::Aborted,
+            Message::ListJobs,
+            Message::Jobs(vec![JobInfo {
+                id: JobId([1; 16]),
+                state: "held".into(),
+                target: "t".into(),
+                peer: "p".into(),
+                files: 2,
+                bytes: 3,
+                done: 3,
+                age_secs: 9,
+            }]),
+            Message::List {
+                export: "x".into(),
+                range: Some(KeyRange::parse("a..").unwrap()),
+            },
+            Message::Listing(vec![ListedFile {
+                path: "r2/1.sst".into(),
+                size: 4,
+                root: [2; 32],
+                keys: Some(KeySpan {
+                    smallest: Key(vec![0]),
+                    largest: Key(b"zz".to_vec()),
+                }),
+            }]),
             Message::Accept {
                 have: vec![vec![0b101], vec![]],
                 tcp: None,
@@ -591,6 +861,15 @@ mod tests {
         let mut bad = head;
         bad[0] = 7;
         assert_eq!(parse_data_stream_header(&bad), Err(WireError::Version(7)));
+    }
+
+    #[test]
+    fn job_ids_parse_from_their_display() {
+        let id = small_offer().job_id();
+        assert_eq!(id.to_string().parse::<JobId>(), Ok(id));
+        for bad in ["", "abc", "zz", &"0".repeat(34)] {
+            assert!(matches!(bad.parse::<JobId>(), Err(WireError::BadJobId(_))), "{bad}");
+        }
     }
 
     #[test]

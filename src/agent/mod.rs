@@ -2,15 +2,19 @@
 //! serves pulls from its exports, each checked against the target's allow list.
 //!
 //! One task per connection (span `conn` with the peer's identity), one per job (span
-//! `job`). Staged jobs that are never resumed are swept after `staging_ttl`.
+//! `job`). Staged jobs that are never resumed are swept after `staging_ttl`; held jobs
+//! (bulk loads) are journaled in `data_dir` and expire after `hold_ttl`.
+
+mod control;
 
 use crate::config::{AllowList, Config, Export, HookSpec, Import};
 use crate::disk::Disk;
-use crate::hook::{ExecHook, ImportFile, ImportHook, ImportJob, MoveHook};
+use crate::held::{Claim, HeldJob, Holds, Journal};
+use crate::hook::{ExecHook, ImportFile, ImportHook, ImportJob, MoveHook, ReplaceHook};
 use crate::proto::blocks::hex;
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
-use crate::proto::wire::{code, Message, Offer, Refusal};
+use crate::proto::wire::{code, JobId, Message, Offer, Refusal};
 use crate::stage::{check_space, sweep_expired, Stage};
 use crate::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::transfer::{self, JobTable, Received, TransferError};
@@ -31,6 +35,8 @@ pub enum AgentError {
     Disk(std::io::Error),
     #[error("import target {0:?} has hook = \"custom\" but no ImportHook was registered for it")]
     MissingHook(String),
+    #[error(transparent)]
+    Journal(#[from] crate::held::HeldError),
 }
 
 /// Import hooks registered by a program that embeds the agent, by target name.
@@ -46,6 +52,9 @@ struct Shared {
     tcp: Option<crate::tcplane::TcpLanes>,
     /// Jobs being received, from all connections.
     table: JobTable,
+    /// Held jobs and the targets they claim, and their journal.
+    holds: Holds,
+    journal: Journal,
 }
 
 /// A running agent.
@@ -79,6 +88,8 @@ impl Agent {
         let disk = Disk::start().map_err(AgentError::Disk)?;
         let jobs = Semaphore::new(config.max_jobs);
         let cache = Arc::new(open_cache(&config.data_dir));
+        let journal = Journal::open(&config.data_dir)?;
+        let holds = restore_held(&config, &journal);
         let tcp = match config.imports.iter().any(|t| t.tcp_lane) {
             false => None,
             true => {
@@ -102,6 +113,8 @@ impl Agent {
             cache,
             tcp,
             table: JobTable::default(),
+            holds,
+            journal,
         });
         info!(%addr, imports = shared.config.imports.len(), exports = shared.config.exports.len(), "agent listening");
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
@@ -141,6 +154,7 @@ fn resolve_hooks(config: &Config, mut custom: Hooks) -> Result<Hooks, AgentError
     for t in &config.imports {
         let hook: Arc<dyn ImportHook> = match &t.hook {
             HookSpec::Move => Arc::new(MoveHook),
+            HookSpec::Replace => Arc::new(ReplaceHook),
             HookSpec::Exec(argv) => Arc::new(ExecHook { argv: argv.clone() }),
             HookSpec::Custom => custom
                 .remove(&t.name)
@@ -151,15 +165,53 @@ fn resolve_hooks(config: &Config, mut custom: Hooks) -> Result<Hooks, AgentError
     Ok(out)
 }
 
+/// Held jobs from the journal whose target and staging folder still exist.
+fn restore_held(config: &Config, journal: &Journal) -> Holds {
+    let holds = Holds::default();
+    let entries = journal.load().unwrap_or_else(|e| {
+        warn!(error = %e, "job journal unreadable; no held jobs restored");
+        vec![]
+    });
+    for entry in entries {
+        match entry {
+            Ok(job) if config.import(&job.offer.target).is_some() && job.job_dir.is_dir() => {
+                info!(job = %job.id, target = %job.offer.target, "held job restored");
+                holds.insert(job);
+            }
+            Ok(job) => {
+                warn!(job = %job.id, target = %job.offer.target, "held job dropped: its target or staged files are gone");
+                Stage::at(job.job_dir.clone()).remove();
+                let _ = journal.remove(job.id);
+            }
+            Err(e) => warn!(error = %e, "held job not restored"),
+        }
+    }
+    holds
+}
+
 async fn sweep_loop(shared: Arc<Shared>) {
-    let period =
-        (shared.config.staging_ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(600));
+    let ttl = shared.config.staging_ttl.min(shared.config.hold_ttl);
+    let period = (ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(600));
     loop {
+        for job in shared.holds.take_expired(shared.config.hold_ttl) {
+            info!(job = %job.id, target = %job.offer.target, "held job expired; staged files removed");
+            drop_held(&shared, &job);
+        }
+        let keep = shared.holds.staged_names();
         for t in &shared.config.imports {
-            sweep_expired(&t.path, shared.config.staging_ttl);
+            sweep_expired(&t.path, shared.config.staging_ttl, &keep);
         }
         tokio::time::sleep(period).await;
     }
+}
+
+/// Removes a held job's staged files and journal entry and frees its target.
+fn drop_held(shared: &Shared, job: &HeldJob) {
+    Stage::at(job.job_dir.clone()).remove();
+    if let Err(e) = shared.journal.remove(job.id) {
+        warn!(job = %job.id, error = %e, "journal entry not removed");
+    }
+    shared.holds.release(&job.offer.target, job.id);
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
@@ -220,10 +272,13 @@ impl JobCtx {
     async fn run(self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let result = match transfer::expect_msg(&mut recv).await {
             Ok(Message::Offer(offer)) => self.push(offer, &mut send, &mut recv).await,
-            Ok(Message::Fetch { export, files }) => self.pull(export, files, &mut send, &mut recv).await,
+            Ok(Message::Fetch { export, files, range }) => self.pull(export, files, range, &mut send, &mut recv).await,
+            Ok(m @ (Message::JobOp { .. } | Message::ListJobs | Message::List { .. })) => {
+                self.answer(m, &mut send).await
+            }
             Ok(other) => Err(refuse(
                 code::BAD_MESSAGE,
-                format!("a job starts with an offer or a fetch, not {other:?}"),
+                format!("a stream starts with an offer, fetch, job operation or listing, not {other:?}"),
             )),
             Err(e) => Err(refuse(code::BAD_MESSAGE, e.to_string())),
         };
@@ -245,13 +300,15 @@ impl JobCtx {
         let target = self.import_target(&offer.target)?;
         let hook = self.shared.hooks[&target.name].clone();
         let job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
-        let span = info_span!("job", id = %job.id, target = %target.name, files = job.paths.len());
+        let span =
+            info_span!("job", id = %job.id, target = %target.name, files = job.paths.len(), hold = job.offer.hold);
         let _permit = self
             .shared
             .jobs
             .try_acquire()
             .map_err(|_| refuse(code::BUSY, "agent is at its job limit"))?;
         let _guard = ActiveGuard::claim(&self.shared, job.id)?;
+        let _claim = self.claim_target(&target.name, job.id, job.offer.hold)?;
         let (job, stage) = async { self.prepare(job, &target, hook.as_ref()).await }
             .instrument(span.clone())
             .await?;
@@ -260,6 +317,52 @@ impl JobCtx {
             span.in_scope(|| warn!(error = %e, "job failed"));
         }
         Ok(())
+    }
+
+    /// A held job has its target to itself: a hold claims the target (refused while
+    /// another job holds it or writes into it); any other job is refused while it is
+    /// held.
+    fn claim_target(&self, target: &str, id: JobId, hold: bool) -> Result<ClaimGuard<'_>, Refusal> {
+        let held_by = |c: Claim| {
+            refuse(
+                code::HELD,
+                format!("import target {target:?} is held by job {} of {}", c.job, c.peer),
+            )
+        };
+        if !hold {
+            return match self.shared.holds.holder(target) {
+                Some(c) => Err(held_by(c)),
+                None => Ok(ClaimGuard::none(&self.shared)),
+            };
+        }
+        let claim = Claim {
+            job: id,
+            peer: self.peer.clone(),
+        };
+        self.shared.holds.claim(target, claim).map_err(held_by)?;
+        let others = self.writers(target, id);
+        if others > 0 {
+            self.shared.holds.release(target, id);
+            return Err(refuse(
+                code::BUSY,
+                format!(
+                    "{others} other jobs are writing into import target {target:?}; a held load needs it to itself"
+                ),
+            ));
+        }
+        Ok(ClaimGuard {
+            shared: &self.shared,
+            target: Some((target.to_string(), id)),
+        })
+    }
+
+    /// Jobs other than `id` receiving into `target` now.
+    fn writers(&self, target: &str, id: JobId) -> usize {
+        let table = self.table.lock().expect("job table");
+        table
+            .iter()
+            .filter(|(j, inc)| **j != id && inc.offer.target == target)
+            .count()
     }
 
     fn import_target(&self, name: &str) -> Result<Import, Refusal> {
@@ -296,7 +399,7 @@ impl JobCtx {
             .map_err(|e| refuse(hook_code(&e), e.to_string()))?;
         let stage = Stage::open(&target.path, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
         let found = stage.scan(&mut job, &self.shared.disk).await;
-        let need = missing_bytes(&job);
+        let need = job.missing_bytes();
         check_space(&target.path, need).map_err(|e| refuse(code::NO_SPACE, e.to_string()))?;
         info!(resumed_blocks = found, missing = job.missing(), "offer accepted");
         Ok((job, stage))
@@ -314,22 +417,13 @@ impl JobCtx {
         let (peer, job_id) = (self.peer.clone(), job.id.to_string());
         let tcp_allowed = target.tcp_lane;
         let stage2 = stage.clone();
-        let run_hook = move |offer: Arc<Offer>, paths: Vec<RelPath>| {
-            let import = import_job(&offer, paths, &stage2, &target, peer, job_id);
-            async move {
-                let res = tokio::task::spawn_blocking(move || hook.import(&import).map(|r| (r, import)))
-                    .await
-                    .map_err(|e| refuse(code::HOOK_FAILED, format!("hook panicked: {e}")))?;
-                match res {
-                    Ok((report, import)) => {
-                        if let Some(s) = &import.stage {
-                            s.remove();
-                        }
-                        Ok(report)
-                    }
-                    Err(e) => Err(refuse(hook_code(&e), format!("import hook failed: {e}"))),
-                }
+        let shared = self.shared.clone();
+        let run_hook = move |offer: Arc<Offer>, paths: Vec<RelPath>| async move {
+            if offer.hold {
+                return hold(&shared, &offer, &peer, &stage2).map(|_| Received::Held);
             }
+            let import = import_job(&offer, paths, &stage2, &target, peer, job_id);
+            run_import(hook, import).await.map(Received::Committed)
         };
         let started = std::time::Instant::now();
         let tcp = self.shared.tcp.as_ref().filter(|_| tcp_allowed);
@@ -345,6 +439,7 @@ impl JobCtx {
             Received::Committed(report) => {
                 info!(elapsed_ms = started.elapsed().as_millis() as u64, %report, "committed")
             }
+            Received::Held => info!(elapsed_ms = started.elapsed().as_millis() as u64, "staged and held"),
             Received::Aborted => info!("aborted by sender; staging removed"),
         }
         Ok(())
@@ -355,15 +450,12 @@ impl JobCtx {
         &self,
         export: String,
         files: Vec<String>,
+        range: Option<crate::proto::keys::KeyRange>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), Refusal> {
         let ex = self.export_target(&export)?;
-        let list =
-            crate::source::collect_export(&ex.path, &files).map_err(|e| refuse(source_code(&e), e.to_string()))?;
-        let offer = crate::source::make_offer(&ex.name, &list, vec![], &self.shared.cache)
-            .await
-            .map_err(|e| refuse(code::IO, e.to_string()))?;
+        let (list, offer) = self.export_offer(&ex, &files, range.as_ref()).await?;
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
         let fault = transfer::Fault::default();
         let res = transfer::send_job(
@@ -391,16 +483,31 @@ impl JobCtx {
     }
 }
 
-fn missing_bytes(job: &ReceiveJob) -> u64 {
-    let mut need = 0;
-    for (i, f) in job.offer.files.iter().enumerate() {
-        for b in 0..crate::proto::blocks::block_count(f.hashes.size) {
-            if !job.is_held(i as u32, b as u32) {
-                need += crate::proto::blocks::block_len(f.hashes.size, b) as u64;
+/// Journals a staged `hold` job and records it as held (its target stays claimed).
+fn hold(shared: &Shared, offer: &Offer, peer: &str, stage: &Stage) -> Result<(), Refusal> {
+    let job = HeldJob::new(offer.clone(), peer, stage.job_dir.clone());
+    shared
+        .journal
+        .record(&job)
+        .map_err(|e| refuse(code::IO, e.to_string()))?;
+    shared.holds.insert(job);
+    Ok(())
+}
+
+/// Runs an import hook on a blocking thread; removes the staging folder after success.
+async fn run_import(hook: Arc<dyn ImportHook>, import: ImportJob) -> Result<String, Refusal> {
+    let res = tokio::task::spawn_blocking(move || hook.import(&import).map(|r| (r, import)))
+        .await
+        .map_err(|e| refuse(code::HOOK_FAILED, format!("hook panicked: {e}")))?;
+    match res {
+        Ok((report, import)) => {
+            if let Some(s) = &import.stage {
+                s.remove();
             }
+            Ok(report)
         }
+        Err(e) => Err(refuse(hook_code(&e), format!("import hook failed: {e}"))),
     }
-    need
 }
 
 fn import_job(
@@ -420,6 +527,7 @@ fn import_job(
             path: stage.file(p),
             size: f.hashes.size,
             blake3: hex(&f.hashes.root),
+            keys: f.keys.as_ref().map(Into::into),
         })
         .collect();
     ImportJob {
@@ -449,7 +557,30 @@ fn source_code(e: &crate::source::SourceError) -> u16 {
         S::NotFound(_) => code::NOT_FOUND,
         S::BadName(_) | S::Symlink(_) => code::BAD_NAME,
         S::TooMany { .. } => code::LIMIT,
+        S::NotAligned { .. } => code::NOT_ALIGNED,
         _ => code::IO,
+    }
+}
+
+/// Frees a target claimed by a `hold` job that did not get as far as being held.
+struct ClaimGuard<'a> {
+    shared: &'a Shared,
+    target: Option<(String, JobId)>,
+}
+
+impl<'a> ClaimGuard<'a> {
+    fn none(shared: &'a Shared) -> Self {
+        ClaimGuard { shared, target: None }
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((target, id)) = &self.target {
+            if !self.shared.holds.staged_names().contains(&id.to_string()) {
+                self.shared.holds.release(target, *id);
+            }
+        }
     }
 }
 

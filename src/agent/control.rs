@@ -1,0 +1,177 @@
+//! Requests that are not transfers: commit or abort a held job, list jobs, list an
+//! export. Each is one request and one answer on its own stream.
+
+use super::{drop_held, import_job, refuse, run_import, source_code, JobCtx};
+use crate::config::{Export, ExportKind};
+use crate::proto::job::ReceiveJob;
+use crate::proto::keys::KeyRange;
+use crate::proto::wire::{code, JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
+use crate::source::SourceFile;
+use crate::stage::Stage;
+use tracing::{info, info_span, warn, Instrument};
+
+impl JobCtx {
+    /// Answers a job operation or a listing; `Err` is sent back as a refusal.
+    pub(super) async fn answer(&self, request: Message, send: &mut quinn::SendStream) -> Result<(), Refusal> {
+        let reply = match request {
+            Message::JobOp { op, job } => {
+                let span = info_span!("job", id = %job, ?op);
+                self.job_op(op, job).instrument(span).await?
+            }
+            Message::ListJobs => Message::Jobs(self.jobs()),
+            Message::List { export, range } => {
+                let ex = self.export_target(&export)?;
+                Message::Listing(self.listing(&ex, range.as_ref()).await?)
+            }
+            other => return Err(refuse(code::BAD_MESSAGE, format!("not a request: {other:?}"))),
+        };
+        transfer_reply(send, &reply).await;
+        Ok(())
+    }
+
+    async fn job_op(&self, op: JobOp, id: JobId) -> Result<Message, Refusal> {
+        let holds = &self.shared.holds;
+        let job = holds
+            .take(id)
+            .ok_or_else(|| refuse(code::NOT_FOUND, format!("no held job {id}")))?;
+        let target = match self.import_target(&job.offer.target) {
+            Ok(t) => t,
+            Err(r) => {
+                holds.put_back(job);
+                return Err(r);
+            }
+        };
+        if op == JobOp::Abort {
+            drop_held(&self.shared, &job);
+            info!(target = %target.name, "held job aborted; staged files removed");
+            return Ok(Message::Aborted);
+        }
+        let paths = match ReceiveJob::new(job.offer.clone()) {
+            Ok(j) => j.paths,
+            Err(e) => {
+                holds.put_back(job);
+                return Err(e.refusal());
+            }
+        };
+        let stage = Stage::at(job.job_dir.clone());
+        let import = import_job(&job.offer, paths, &stage, &target, job.peer.clone(), id.to_string());
+        let hook = self.shared.hooks[&target.name].clone();
+        match run_import(hook, import).await {
+            Ok(report) => {
+                drop_held(&self.shared, &job);
+                info!(target = %target.name, %report, "held job committed");
+                Ok(Message::Committed { report })
+            }
+            Err(r) => {
+                warn!(target = %target.name, reason = %r.reason, "commit failed; the job stays held");
+                holds.put_back(job);
+                Err(r)
+            }
+        }
+    }
+
+    /// Receiving and held jobs on the import targets this peer may write to.
+    fn jobs(&self) -> Vec<JobInfo> {
+        let may_write = |t: &str| self.shared.config.import(t).is_some_and(|t| t.allow.allows(&self.peer));
+        let mut out = vec![];
+        for (id, inc) in self.table.lock().expect("job table").iter() {
+            if !may_write(&inc.offer.target) {
+                continue;
+            }
+            let missing = inc.job.lock().expect("job").missing_bytes();
+            out.push(info(
+                *id,
+                "receiving",
+                &inc.offer,
+                &inc.peer,
+                missing,
+                inc.started.elapsed(),
+            ));
+        }
+        for h in self.shared.holds.list() {
+            if may_write(&h.offer.target) {
+                out.push(info(h.id, "held", &h.offer, &h.peer, 0, h.age()));
+            }
+        }
+        out.sort_by(|a, b| (&a.target, a.age_secs).cmp(&(&b.target, b.age_secs)));
+        out
+    }
+
+    async fn listing(&self, ex: &Export, range: Option<&KeyRange>) -> Result<Vec<ListedFile>, Refusal> {
+        let (_, offer) = self.export_offer(ex, &[], range).await?;
+        Ok(offer
+            .files
+            .into_iter()
+            .map(|f| ListedFile {
+                path: f.path,
+                size: f.hashes.size,
+                root: f.hashes.root,
+                keys: f.keys,
+            })
+            .collect())
+    }
+
+    /// The files of an export (those named, or all), narrowed to `range` for an SST
+    /// export, with their hashes and key spans.
+    pub(super) async fn export_offer(
+        &self,
+        ex: &Export,
+        files: &[String],
+        range: Option<&KeyRange>,
+    ) -> Result<(Vec<SourceFile>, Offer), Refusal> {
+        let src = |e: crate::source::SourceError| refuse(source_code(&e), e.to_string());
+        let list = crate::source::collect_export(&ex.path, files).map_err(src)?;
+        let cache = &self.shared.cache;
+        let (list, spans) = match (ex.kind, range) {
+            (ExportKind::Files, None) => (list, None),
+            (ExportKind::Files, Some(_)) => {
+                return Err(refuse(
+                    code::BAD_NAME,
+                    format!(
+                        "export {:?} is not of kind \"sst\": a key range can not select its files",
+                        ex.name
+                    ),
+                ))
+            }
+            (ExportKind::Sst, range) => {
+                let cache = cache.clone();
+                let range = range.cloned();
+                let picked =
+                    tokio::task::spawn_blocking(move || crate::source::select_sst(list, range.as_ref(), &cache))
+                        .await
+                        .map_err(|e| refuse(code::IO, e.to_string()))?
+                        .map_err(src)?;
+                let (list, spans): (Vec<_>, Vec<_>) = picked.into_iter().unzip();
+                (list, Some(spans))
+            }
+        };
+        let mut offer = crate::source::make_offer(&ex.name, &list, vec![], cache)
+            .await
+            .map_err(|e| refuse(code::IO, e.to_string()))?;
+        for (f, span) in offer.files.iter_mut().zip(spans.into_iter().flatten()) {
+            f.keys = Some(span);
+        }
+        Ok((list, offer))
+    }
+}
+
+fn info(id: JobId, state: &str, offer: &Offer, peer: &str, missing: u64, age: std::time::Duration) -> JobInfo {
+    let bytes = offer.total_bytes();
+    JobInfo {
+        id,
+        state: state.into(),
+        target: offer.target.clone(),
+        peer: peer.into(),
+        files: offer.files.len() as u64,
+        bytes,
+        done: bytes - missing,
+        age_secs: age.as_secs(),
+    }
+}
+
+async fn transfer_reply(send: &mut quinn::SendStream, reply: &Message) {
+    if crate::transfer::write_msg(send, reply).await.is_ok() {
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
+}

@@ -1,0 +1,188 @@
+//! Bulk-load jobs through a real agent: `hold` stages and verifies without anything
+//! becoming visible, then commit or abort; held jobs survive a restart, expire, and
+//! keep other jobs out of their target.
+
+mod common;
+
+use barge::agent::Hooks;
+use barge::client::PushOptions;
+use barge::proto::wire::code;
+use barge::transfer::TransferError;
+use common::*;
+use std::time::Duration;
+
+fn hold() -> PushOptions {
+    PushOptions {
+        hold: true,
+        ..Default::default()
+    }
+}
+
+fn journal(env: &Env) -> Vec<String> {
+    list(&env.root().join("jobs"))
+}
+
+/// Files of the held job's staging folder.
+fn staged(env: &Env) -> Vec<String> {
+    list(&env.inbox().join(".barge-staging"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_job_is_invisible_until_commit() {
+    let env = env_with(DEFAULT_TARGETS, "data_dir = \".\"", Hooks::new()).await;
+    write(&env.src().join("load/1.sst"), &content(1, 3 << 20));
+    write(&env.src().join("load/2.sst"), &content(2, 700));
+    let client = env.client("client");
+    let r = client
+        .push(&env.peer(), "in", &[env.src().join("load")], &hold())
+        .await
+        .unwrap();
+    assert!(r.held, "{r:?}");
+    assert!(list(&env.inbox()).is_empty(), "nothing visible before commit");
+    assert_eq!(journal(&env), [format!("{}.json", r.job)]);
+    let jobs = client.jobs(&env.peer()).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let j = &jobs[0];
+    assert_eq!((j.id, j.state.as_str(), j.target.as_str()), (r.job, "held", "in"));
+    assert_eq!((j.files, j.bytes, j.done), (2, (3 << 20) + 700, (3 << 20) + 700));
+    assert_eq!(j.peer, "client");
+
+    let report = client.commit(&env.peer(), r.job).await.unwrap();
+    assert!(report.contains("moved 2 files"), "{report}");
+    assert_same_tree(&env.src(), &env.inbox());
+    assert!(staged(&env).is_empty() && journal(&env).is_empty());
+    assert!(client.jobs(&env.peer()).await.unwrap().is_empty());
+    let again = client.commit(&env.peer(), r.job).await.unwrap_err();
+    assert!(
+        matches!(&again, TransferError::Rejected(x) if x.code == code::NOT_FOUND),
+        "{again}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_removes_everything_staged() {
+    let env = env_with(DEFAULT_TARGETS, "data_dir = \".\"", Hooks::new()).await;
+    write(&env.src().join("a.sst"), &content(3, 2 << 20));
+    let client = env.client("client");
+    let r = client
+        .push(&env.peer(), "in", &[env.src().join("a.sst")], &hold())
+        .await
+        .unwrap();
+    assert_eq!(staged(&env).len(), 1);
+    client.abort(&env.peer(), r.job).await.unwrap();
+    assert!(list(&env.inbox()).is_empty() && staged(&env).is_empty() && journal(&env).is_empty());
+    assert!(!env.inbox().join(".barge-staging").join(r.job.to_string()).exists());
+    // The target is free again: a plain push goes through.
+    client
+        .push(&env.peer(), "in", &[env.src().join("a.sst")], &PushOptions::default())
+        .await
+        .unwrap();
+    assert_same_tree(&env.src(), &env.inbox());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_job_survives_an_agent_restart() {
+    let env = env_with(DEFAULT_TARGETS, "data_dir = \".\"", Hooks::new()).await;
+    write(&env.src().join("big.sst"), &content(4, (5 << 20) + 1));
+    let r = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("big.sst")], &hold())
+        .await
+        .unwrap();
+    let env = env.restart().await;
+    let client = env.client("client");
+    let jobs = client.jobs(&env.peer()).await.unwrap();
+    assert_eq!(
+        jobs.iter().map(|j| (j.id, j.state.as_str())).collect::<Vec<_>>(),
+        [(r.job, "held")]
+    );
+    // Still holding the target after the restart.
+    write(&env.src().join("other"), b"x");
+    let err = client
+        .push(&env.peer(), "in", &[env.src().join("other")], &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Rejected(x) if x.code == code::HELD),
+        "{err}"
+    );
+    assert!(list(&env.inbox()).is_empty());
+    client.commit(&env.peer(), r.job).await.unwrap();
+    assert_eq!(
+        std::fs::read(env.inbox().join("big.sst")).unwrap(),
+        content(4, (5 << 20) + 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_jobs_expire_and_are_cleaned_up_completely() {
+    let env = env_with(DEFAULT_TARGETS, "data_dir = \".\"\nhold_ttl_secs = 1", Hooks::new()).await;
+    write(&env.src().join("a.sst"), &content(5, 100_000));
+    let client = env.client("client");
+    let r = client
+        .push(&env.peer(), "in", &[env.src().join("a.sst")], &hold())
+        .await
+        .unwrap();
+    let job_dir = env.inbox().join(".barge-staging").join(r.job.to_string());
+    assert!(job_dir.exists());
+    // The sweep runs every second; give it a generous while on a busy machine.
+    for _ in 0..100 {
+        if !job_dir.exists() && journal(&env).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!job_dir.exists(), "staged files removed");
+    assert!(journal(&env).is_empty(), "journal entry removed");
+    assert!(client.jobs(&env.peer()).await.unwrap().is_empty());
+    let err = client.commit(&env.peer(), r.job).await.unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Rejected(x) if x.code == code::NOT_FOUND),
+        "{err}"
+    );
+    assert!(list(&env.inbox()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_racing_for_one_target_get_one_hold() {
+    let targets = "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\", \"stranger\"]\n";
+    let env = env_with(targets, "data_dir = \".\"", Hooks::new()).await;
+    write(&env.src().join("a/1.sst"), &content(6, 4 << 20));
+    write(&env.src().join("b/1.sst"), &content(7, 4 << 20));
+    let (ca, cb) = (env.client("client"), env.client("stranger"));
+    let (pa, pb) = (env.peer(), env.peer());
+    let (sa, sb) = ([env.src().join("a")], [env.src().join("b")]);
+    let opts = hold();
+    let (ra, rb) = tokio::join!(ca.push(&pa, "in", &sa, &opts), cb.push(&pb, "in", &sb, &opts));
+    let (won, lost, winner, loser) = match (ra, rb) {
+        (Ok(w), Err(l)) => (w, l, "client", &cb),
+        (Err(l), Ok(w)) => (w, l, "stranger", &ca),
+        other => panic!("exactly one hold must win: {other:?}"),
+    };
+    let TransferError::Rejected(refusal) = &lost else {
+        panic!("the loser is refused up front: {lost}");
+    };
+    assert_eq!(refusal.code, code::HELD, "{}", refusal.reason);
+    assert!(
+        refusal.reason.contains(&won.job.to_string()) && refusal.reason.contains(winner),
+        "the refusal names the holder: {}",
+        refusal.reason
+    );
+    // A plain push is kept out too, until the holder commits.
+    write(&env.src().join("c"), b"c");
+    let err = loser
+        .push(&env.peer(), "in", &[env.src().join("c")], &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Rejected(x) if x.code == code::HELD),
+        "{err}"
+    );
+    // Only the holder's peers may see it; the loser may also commit (same allow list).
+    loser.commit(&env.peer(), won.job).await.unwrap();
+    loser
+        .push(&env.peer(), "in", &[env.src().join("c")], &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(list(&env.inbox()).len(), 2);
+}
