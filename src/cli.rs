@@ -10,7 +10,8 @@ Exit codes:
   2  usage error
   3  bad configuration or certificates
   4  could not connect or authenticate to the peer
-  5  the peer refused the job (unknown target, not allowed, bad name, exists, no space)
+  5  the peer refused the job (unknown target, not allowed, bad name, exists, no space,
+     busy, target held by another job, region not aligned, no such held job)
   6  the job failed after it was accepted (bad block, incomplete, import hook failed)";
 
 /// barge moves immutable storage files between hosts over QUIC with mutual TLS,

@@ -186,3 +186,24 @@ async fn two_clients_racing_for_one_target_get_one_hold() {
         .unwrap();
     assert_eq!(list(&env.inbox()).len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_hook_fails_leaves_the_job_held() {
+    let targets = "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\"]\nhook = \"exec\"\n\
+exec = [\"sh\", \"-c\", \"test -e \\\"$BARGE_TARGET_DIR/../engine-ready\\\" || { echo engine not ready >&2; exit 1; }; echo ingested $#\", \"hook\"]\n";
+    let env = env_with(targets, "data_dir = \".\"", Hooks::new()).await;
+    write(&env.src().join("a.sst"), &content(8, 5000));
+    let client = env.client("client");
+    let r = client
+        .push(&env.peer(), "in", &[env.src().join("a.sst")], &hold())
+        .await
+        .unwrap();
+    let err = client.commit(&env.peer(), r.job).await.unwrap_err();
+    assert!(err.to_string().contains("engine not ready"), "{err}");
+    let jobs = client.jobs(&env.peer()).await.unwrap();
+    assert_eq!(jobs.iter().map(|j| j.state.as_str()).collect::<Vec<_>>(), ["held"]);
+    assert_eq!(journal(&env).len(), 1, "still journaled");
+    std::fs::write(env.root().join("engine-ready"), b"").unwrap();
+    assert_eq!(client.commit(&env.peer(), r.job).await.unwrap(), "ingested 1");
+    assert!(journal(&env).is_empty() && staged(&env).is_empty());
+}

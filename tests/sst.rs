@@ -262,3 +262,69 @@ async fn a_range_that_cuts_through_a_file_is_refused_naming_file_and_key() {
     assert!(err.to_string().contains("not of kind \"sst\""), "{err}");
     agent_b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_and_pulls_by_range_with_documented_exit_codes() {
+    if !have_ldb() {
+        return;
+    }
+    let (env, agent_b, _) = two_hosts().await;
+    make_regions(&env.outbox());
+    let peer = env.peer().to_string();
+    let root = env.root().to_path_buf();
+    let barge = move |args: Vec<String>| {
+        let root = root.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Command::new(env!("CARGO_BIN_EXE_barge"))
+                    .args(&args)
+                    .args(["--certs", "certs", "--identity", "client", "--hash-cache", "off"])
+                    .current_dir(root)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let out = barge(args(&["ls", &peer, "--export", "ssts", "--range", REGION2, "--json"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["path"], "000014.sst");
+    assert_eq!(lines[2]["keys"]["smallest"], hex(b"p000").to_lowercase());
+    let out = barge(args(&["ls", &peer, "--export", "ssts"])).await;
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("000013.sst") && table.contains("0x6d00ff0000..=0x6d00ff01f3"),
+        "{table}"
+    );
+
+    let out = barge(args(&[
+        "pull", &peer, "--export", "ssts", "--range", "k..p010", "--into", "got",
+    ]))
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("region not aligned") && err.contains("000014.sst"),
+        "{err}"
+    );
+    let out = barge(args(&[
+        "pull", &peer, "--export", "ssts", "--range", "t..k", "--into", "got",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2), "an empty range is a usage error");
+    let out = barge(args(&[
+        "pull", &peer, "--export", "ssts", "--range", "t..", "--into", "got",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(list(&env.root().join("got")), ["000015.sst", "000016.sst"]);
+    agent_b.shutdown().await;
+}
