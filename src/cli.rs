@@ -29,7 +29,9 @@ pub enum Command {
     /// Make a private CA and host certificates (a host's identity is its certificate's name).
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Run the sidecar agent.
+    /// Run the sidecar agent. SIGHUP reloads its config; SIGTERM drains running jobs
+    /// (up to `drain_secs`) and exits 0. Under systemd it reports ready, stopping and
+    /// watchdog pings, and takes a socket passed by socket activation.
     Agent(AgentArgs),
     /// Send files and folders to an import target of an agent and wait for the commit.
     Push(PushArgs),
@@ -39,6 +41,8 @@ pub enum Command {
     Ls(LsArgs),
     /// List the jobs being received or held on the agent's import targets you may write to.
     Jobs(PeerArgs),
+    /// Show the agent's jobs in flight with progress, rate and ETA.
+    Status(PeerArgs),
     /// Commit a held job (`push --hold`): run the target's import hook, make the files visible.
     Commit(JobArgs),
     /// Abort a held job: delete everything it staged.
@@ -83,6 +87,15 @@ pub struct AgentArgs {
     /// Folder for the local default (without --config).
     #[arg(long, value_name = "DIR", default_value = "barge-data")]
     pub data: PathBuf,
+    /// Log format on stderr: `text`, or `json` (one object per line, with span fields).
+    #[arg(long, env = "BARGE_LOG_FORMAT", value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// The client's own identity.
@@ -137,6 +150,9 @@ pub struct PushArgs {
     /// UTF-8 or 0x-hex, either end may be left open. A file across a boundary fails.
     #[arg(long, value_name = "START..END")]
     pub range: Option<String>,
+    /// Print one JSON object (job id, files, bytes, seconds, hashes) instead of text.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub id: IdentityArgs,
 }
@@ -158,6 +174,9 @@ pub struct PullArgs {
     /// Folder to put the files in (created if missing).
     #[arg(long, value_name = "DIR")]
     pub into: PathBuf,
+    /// Print one JSON object (job id, files, bytes, seconds, hashes) instead of text.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub id: IdentityArgs,
 }

@@ -19,6 +19,7 @@ use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// An agent to talk to: the name its certificate must carry and where to reach it.
@@ -88,10 +89,22 @@ pub const MAX_CONNECTIONS: usize = 4;
 /// What a pull received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullReport {
+    pub job: crate::proto::wire::JobId,
+    /// Each file's name and blake3 root.
+    pub hashes: Vec<(String, crate::proto::blocks::Digest)>,
     pub files: usize,
     pub bytes: u64,
     pub blocks_received: u64,
     pub blocks_resumed: u64,
+}
+
+/// How far the current transfer is, for progress bars: bytes verified or sent so far
+/// of `total` (0 until the offer is known).
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub files: AtomicU64,
+    pub total: AtomicU64,
+    pub done: Arc<AtomicU64>,
 }
 
 /// A client endpoint with one identity; reusable for many jobs.
@@ -99,6 +112,7 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     disk: Disk,
     cache: Arc<HashCache>,
+    tally: Arc<Tally>,
 }
 
 impl Client {
@@ -124,6 +138,7 @@ impl Client {
             endpoint,
             disk,
             cache: Arc::new(HashCache::in_memory()),
+            tally: Arc::default(),
         })
     }
 
@@ -132,9 +147,27 @@ impl Client {
         self.cache = cache;
     }
 
+    /// Progress of the transfer under way (reset when one starts).
+    pub fn tally(&self) -> Arc<Tally> {
+        self.tally.clone()
+    }
+
+    fn start_tally(&self, files: usize, total: u64) {
+        self.tally.files.store(files as u64, Ordering::Relaxed);
+        self.tally.total.store(total, Ordering::Relaxed);
+        self.tally.done.store(0, Ordering::Relaxed);
+    }
+
     /// The hash cache, to see how many files a push had to read and hash.
     pub fn hash_cache(&self) -> &Arc<HashCache> {
         &self.cache
+    }
+
+    /// Waits (briefly) until every connection's close reached its peer: call before
+    /// the process exits, so agents do not hold the connection until it times out.
+    pub async fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
     /// Opens an authenticated connection to `peer`.
@@ -193,12 +226,15 @@ impl Client {
         }
         offer.tcp_lane = opts.tcp_lane;
         offer.hold = opts.hold;
+        self.start_tally(offer.files.len(), offer.total_bytes());
+        let mut fault = opts.fault.clone();
+        fault.progress = Some(self.tally.done.clone());
         let mut conns = vec![self.connect(peer).await?];
         for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
             conns.push(self.connect(peer).await?);
         }
         let (mut send, mut recv) = conns[0].open_bi().await?;
-        let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &opts.fault).await;
+        let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &fault).await;
         for c in &conns {
             c.close(quinn::VarInt::from_u32(0), b"done");
         }
@@ -342,7 +378,24 @@ impl Client {
                 return Err(TransferError::Rejected(r));
             }
         };
+        self.start_tally(job.paths.len(), job.offer.total_bytes());
+        self.tally
+            .done
+            .store(job.offer.total_bytes() - job.missing_bytes(), Ordering::Relaxed);
+        let meter = crate::metrics::Meter {
+            metrics: Arc::default(),
+            limits: Arc::default(),
+            peer: peer.to_string(),
+            progress: Some(self.tally.done.clone()),
+        };
         let mut report = PullReport {
+            job: job.id,
+            hashes: job
+                .offer
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), f.hashes.root))
+                .collect(),
             files: job.paths.len(),
             bytes: job.offer.total_bytes(),
             blocks_received: job.missing(),
@@ -362,10 +415,7 @@ impl Client {
                 .await
                 .expect("move task");
             res.map(|_| Received::Committed("pulled".to_string()))
-                .map_err(|e| Refusal {
-                    code: crate::proto::wire::code::EXISTS,
-                    reason: e.to_string(),
-                })
+                .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))
         };
         match transfer::receive_job(
             send,
@@ -376,6 +426,7 @@ impl Client {
                 peer,
                 disk: &self.disk,
                 table,
+                meter: Some(&meter),
                 tcp: None,
             },
             hook,
@@ -394,20 +445,14 @@ async fn prepare_pull(
     disk: &Disk,
 ) -> Result<(ReceiveJob, Stage), Refusal> {
     let mut job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
-    MoveHook.check(into, &job.paths).map_err(|e| Refusal {
-        code: crate::proto::wire::code::EXISTS,
-        reason: e.to_string(),
-    })?;
-    let io = |e: crate::stage::StageError| Refusal {
-        code: crate::proto::wire::code::IO,
-        reason: e.to_string(),
-    };
+    MoveHook
+        .check(into, &job.paths)
+        .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))?;
+    let io = |e: crate::stage::StageError| Refusal::new(crate::proto::wire::code::IO, e.to_string());
     let stage = Stage::open(into, &job).map_err(io)?;
     stage.scan(&mut job, disk).await;
-    check_space(into, job.offer.total_bytes()).map_err(|e| Refusal {
-        code: crate::proto::wire::code::NO_SPACE,
-        reason: e.to_string(),
-    })?;
+    check_space(into, job.offer.total_bytes())
+        .map_err(|e| Refusal::new(crate::proto::wire::code::NO_SPACE, e.to_string()))?;
     Ok((job, stage))
 }
 

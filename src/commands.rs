@@ -14,16 +14,19 @@ use barge::transfer::TransferError;
 use std::path::PathBuf;
 
 pub fn init_logging(cmd: &Command) {
-    let default = match cmd {
-        Command::Agent(_) => "info",
-        _ => "warn",
+    let (default, json) = match cmd {
+        Command::Agent(a) => ("info", a.log_format == crate::cli::LogFormat::Json),
+        _ => ("warn", false),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match json {
+        true => fmt.json().with_current_span(true).with_span_list(false).init(),
+        false => fmt.init(),
+    }
 }
 
 pub fn run(cmd: Command) -> Result<()> {
@@ -35,6 +38,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Pull(p) => runtime()?.block_on(pull(p)),
         Command::Ls(l) => runtime()?.block_on(ls(l)),
         Command::Jobs(j) => runtime()?.block_on(jobs(j)),
+        Command::Status(j) => runtime()?.block_on(status(j)),
         Command::Commit(j) => runtime()?.block_on(job_op(j, true)),
         Command::Abort(j) => runtime()?.block_on(job_op(j, false)),
         Command::ZdbHook(z) => runtime()?.block_on(zdb_hook(z)),
@@ -128,11 +132,61 @@ async fn agent(a: AgentArgs) -> Result<()> {
         Some(path) => Config::load(path)?,
         None => local_default(&a.data)?,
     };
-    let agent = Agent::start(config).await?;
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    agent.shutdown().await;
+    let drain = config.drain;
+    let socket = barge::systemd::activated_socket();
+    if socket.is_some() {
+        tracing::info!("listening on the socket systemd passed (the config's listen address is not used)");
+    }
+    let agent = Agent::start_on(config, Default::default(), socket).await?;
+    barge::systemd::notify(&format!("READY=1\nSTATUS=listening on {}", agent.local_addr()));
+    let watchdog = barge::systemd::watchdog_interval().map(|every| {
+        tokio::spawn(async move {
+            loop {
+                barge::systemd::notify("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
+    serve_until_stopped(&agent, a.config.as_deref()).await;
+    barge::systemd::notify("STOPPING=1");
+    tracing::info!(deadline_secs = drain.as_secs(), "stopping: draining running jobs");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    agent.drain(drain).await;
     Ok(())
+}
+
+/// Reloads the config on SIGHUP until SIGTERM or Ctrl-C.
+async fn serve_until_stopped(agent: &Agent, config: Option<&std::path::Path>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut hup = signal(SignalKind::hangup()).expect("signal handler");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => reload(agent, config),
+        }
+    }
+}
+
+fn reload(agent: &Agent, config: Option<&std::path::Path>) {
+    let Some(path) = config else {
+        tracing::warn!("SIGHUP: no --config to reload (the local default does not change)");
+        return;
+    };
+    barge::systemd::notify("RELOADING=1");
+    let result = Config::load(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(agent.reload(c)?));
+    match result {
+        Ok(()) => tracing::info!(config = %path.display(), "reloaded"),
+        Err(e) => {
+            tracing::error!(config = %path.display(), error = %format!("{e:#}"), "reload refused; the running config stays")
+        }
+    }
+    barge::systemd::notify("READY=1");
 }
 
 fn local_default(data: &std::path::Path) -> Result<Config> {
@@ -147,14 +201,6 @@ fn local_default(data: &std::path::Path) -> Result<Config> {
         "no --config: local default; import target `inbox`, export `outbox`, any peer of the dev CA allowed"
     );
     Ok(config)
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 fn client(id: &IdentityArgs) -> Result<Client> {
@@ -212,11 +258,15 @@ async fn push(p: PushArgs) -> Result<()> {
     };
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
-    let r = client
-        .push(&peer, &p.import, &p.paths, &opts)
-        .await
-        .with_context(|| format!("push to {peer} ({})", p.import))?;
+    let r = with_progress(&client, client.push(&peer, &p.import, &p.paths, &opts)).await;
+    client.close().await;
+    let r = r.with_context(|| format!("push to {peer} ({})", p.import))?;
     let secs = started.elapsed().as_secs_f64();
+    if p.json {
+        let extra = serde_json::json!({"held": r.held, "report": r.report, "sent_bytes": r.bytes_sent});
+        print_json(r.job, r.files, r.bytes_total, secs, &r.hashes, extra);
+        return Ok(());
+    }
     let verb = if r.held { "staged and held" } else { "committed" };
     println!(
         "{verb} {} files, {} bytes to {}:{} in {:.2}s ({:.1} MB/s); sent {} blocks, {} already there",
@@ -244,11 +294,19 @@ async fn pull(p: PullArgs) -> Result<()> {
     let peer: Peer = p.peer.parse().map_err(usage)?;
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
-    let r = match parse_range(p.range.as_deref())? {
-        Some(range) => client.pull_range(&peer, &p.export, &range, &p.into).await,
-        None => client.pull(&peer, &p.export, &p.files, &p.into).await,
+    let range = parse_range(p.range.as_deref())?;
+    let r = match &range {
+        Some(range) => with_progress(&client, client.pull_range(&peer, &p.export, range, &p.into)).await,
+        None => with_progress(&client, client.pull(&peer, &p.export, &p.files, &p.into)).await,
     };
+    client.close().await;
     let r = r.with_context(|| format!("pull from {peer} ({})", p.export))?;
+    if p.json {
+        let secs = started.elapsed().as_secs_f64();
+        let extra = serde_json::json!({"into": p.into, "received_blocks": r.blocks_received});
+        print_json(r.job, r.files, r.bytes, secs, &r.hashes, extra);
+        return Ok(());
+    }
     println!(
         "pulled {} files, {} bytes into {} in {:.2}s; received {} blocks, {} already there",
         r.files,
@@ -265,10 +323,9 @@ async fn ls(l: LsArgs) -> Result<()> {
     let peer: Peer = l.peer.parse().map_err(usage)?;
     let range = parse_range(l.range.as_deref())?;
     let client = client(&l.id)?;
-    let files = client
-        .list(&peer, &l.export, range.as_ref())
-        .await
-        .with_context(|| format!("listing {peer} ({})", l.export))?;
+    let files = client.list(&peer, &l.export, range.as_ref()).await;
+    client.close().await;
+    let files = files.with_context(|| format!("listing {peer} ({})", l.export))?;
     for f in files {
         let hash = barge::proto::blocks::hex(&f.root);
         if l.json {
@@ -289,7 +346,9 @@ async fn ls(l: LsArgs) -> Result<()> {
 async fn jobs(j: PeerArgs) -> Result<()> {
     let peer: Peer = j.peer.parse().map_err(usage)?;
     let client = client(&j.id)?;
-    let jobs = client.jobs(&peer).await.with_context(|| format!("jobs on {peer}"))?;
+    let jobs = client.jobs(&peer).await;
+    client.close().await;
+    let jobs = jobs.with_context(|| format!("jobs on {peer}"))?;
     println!(
         "{:<32}  {:<9}  {:<16}  {:>6}  {:>14}  {:>14}  {:>7}  PEER",
         "JOB", "STATE", "TARGET", "FILES", "BYTES", "DONE", "AGE(s)"
@@ -315,19 +374,17 @@ async fn job_op(j: JobArgs, commit: bool) -> Result<()> {
     let job: barge::proto::wire::JobId = j.job.parse().map_err(usage)?;
     let client = client(&j.id)?;
     if commit {
-        let report = client
-            .commit(&peer, job)
-            .await
-            .with_context(|| format!("commit {job} on {peer}"))?;
+        let report = client.commit(&peer, job).await;
+        client.close().await;
+        let report = report.with_context(|| format!("commit {job} on {peer}"))?;
         println!("committed job {job}");
         if !report.is_empty() {
             println!("import hook: {report}");
         }
     } else {
-        client
-            .abort(&peer, job)
-            .await
-            .with_context(|| format!("abort {job} on {peer}"))?;
+        let done = client.abort(&peer, job).await;
+        client.close().await;
+        done.with_context(|| format!("abort {job} on {peer}"))?;
         println!("aborted job {job}; its staged files are removed");
     }
     Ok(())
@@ -357,4 +414,93 @@ async fn zdb_clone(z: ZdbCloneArgs) -> Result<()> {
         z.namespace, r.data_files, r.index_files, r.bytes, config.peer
     );
     Ok(())
+}
+
+async fn status(j: PeerArgs) -> Result<()> {
+    let peer: Peer = j.peer.parse().map_err(usage)?;
+    let client = client(&j.id)?;
+    let jobs = client.jobs(&peer).await;
+    client.close().await;
+    let jobs = jobs.with_context(|| format!("status of {peer}"))?;
+    let receiving: Vec<_> = jobs.iter().filter(|j| j.state == "receiving").collect();
+    let held = jobs.len() - receiving.len();
+    println!("{peer}: {} jobs receiving, {held} held", receiving.len());
+    for j in receiving {
+        let pct = if j.bytes == 0 {
+            100.0
+        } else {
+            j.done as f64 * 100.0 / j.bytes as f64
+        };
+        let rate = j.done as f64 / (j.age_secs.max(1)) as f64;
+        let eta = match rate > 0.0 {
+            true => format!("{:.0}s", (j.bytes - j.done) as f64 / rate),
+            false => "-".into(),
+        };
+        println!(
+            "{}  {} <- {}  {} files  {}/{} bytes ({pct:.1}%)  {:.1} MB/s  ETA {eta}",
+            j.id,
+            j.target,
+            j.peer,
+            j.files,
+            j.done,
+            j.bytes,
+            rate / 1e6
+        );
+    }
+    Ok(())
+}
+
+/// Runs `work`, with a progress bar on stderr if stderr is a terminal.
+async fn with_progress<T>(client: &Client, work: impl std::future::Future<Output = T>) -> T {
+    use std::io::IsTerminal;
+    use std::sync::atomic::Ordering::Relaxed;
+    if !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .expect("progress template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    let (tally, shown) = (client.tally(), bar.clone());
+    let ticker = tokio::spawn(async move {
+        loop {
+            shown.set_length(tally.total.load(Relaxed));
+            shown.set_position(tally.done.load(Relaxed));
+            shown.set_message(format!("{} files", tally.files.load(Relaxed)));
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let out = work.await;
+    ticker.abort();
+    bar.finish_and_clear();
+    out
+}
+
+/// The one JSON result of `push --json` and `pull --json`.
+fn print_json(
+    job: barge::proto::wire::JobId,
+    files: usize,
+    bytes: u64,
+    secs: f64,
+    hashes: &[(String, barge::proto::blocks::Digest)],
+    extra: serde_json::Value,
+) {
+    let hashes: serde_json::Map<String, serde_json::Value> = hashes
+        .iter()
+        .map(|(name, root)| (name.clone(), barge::proto::blocks::hex(root).into()))
+        .collect();
+    let mut out = serde_json::json!({
+        "job": job.to_string(),
+        "files": files,
+        "bytes": bytes,
+        "seconds": (secs * 1000.0).round() / 1000.0,
+        "hashes": hashes,
+    });
+    if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    println!("{out}");
 }

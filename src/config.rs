@@ -15,6 +15,12 @@ pub const DEFAULT_PORT: u16 = 7878;
 pub const DEFAULT_STAGING_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Held jobs (`push --hold`) wait this long for commit or abort by default: a week.
 pub const DEFAULT_HOLD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// On SIGTERM, running jobs get this long to finish by default.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
+/// QUIC connections one agent keeps at once by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Free space kept on a target's file system by default.
+pub const DEFAULT_RESERVE: u64 = 64 << 20;
 /// Jobs one agent runs at once.
 pub const DEFAULT_MAX_JOBS: usize = 64;
 
@@ -43,6 +49,10 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     staging_ttl_secs: Option<u64>,
     hold_ttl_secs: Option<u64>,
+    drain_secs: Option<u64>,
+    metrics: Option<String>,
+    #[serde(default)]
+    limits: RawLimits,
     max_jobs: Option<usize>,
     tcp_port: Option<u16>,
     tls: RawTls,
@@ -69,6 +79,41 @@ struct RawTransport {
     bandwidth_mbit: Option<u64>,
     rtt_ms: Option<u64>,
     max_mtu: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    rate_mbit: Option<u64>,
+    peer_rate_mbit: Option<u64>,
+    max_connections: Option<usize>,
+    max_staged_mib: Option<u64>,
+    reserve_mib: Option<u64>,
+}
+
+/// Admission control and rate limits; all but the connection limit apply on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Data rates in bytes per second (received for pushes, sent for pulls).
+    pub rates: crate::ratelimit::Rates,
+    /// QUIC connections at once; more are closed with a reason.
+    pub max_connections: usize,
+    /// Bytes staged at once (jobs being received plus held jobs); a job that would
+    /// go over is refused before any data moves.
+    pub max_staged_bytes: Option<u64>,
+    /// Free space kept on a target's file system: a job that would eat into it is refused.
+    pub reserve_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            rates: Default::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_staged_bytes: None,
+            reserve_bytes: DEFAULT_RESERVE,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +196,11 @@ pub struct Config {
     pub staging_ttl: Duration,
     /// How long a held job (`push --hold`) waits for commit or abort before it is removed.
     pub hold_ttl: Duration,
+    /// On SIGTERM, how long running jobs may take to finish before the agent exits.
+    pub drain: Duration,
+    /// Loopback address of the Prometheus endpoint, if on.
+    pub metrics: Option<SocketAddr>,
+    pub limits: Limits,
     pub max_jobs: usize,
     pub tuning: Tuning,
     /// Port of the TCP data lane listener (0: any free port), if an import allows the lane.
@@ -259,6 +309,9 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_STAGING_TTL);
     let hold_ttl = raw.hold_ttl_secs.map(Duration::from_secs).unwrap_or(DEFAULT_HOLD_TTL);
+    let drain = raw.drain_secs.map(Duration::from_secs).unwrap_or(DEFAULT_DRAIN);
+    let metrics = raw.metrics.as_deref().map(metrics_addr).transpose()?;
+    let limits = limits(&raw.limits)?;
     let max_jobs = raw.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
     if max_jobs == 0 {
         return Err(invalid("max_jobs", "must be at least 1"));
@@ -290,8 +343,47 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             .collect(),
         staging_ttl,
         hold_ttl,
+        drain,
+        metrics,
+        limits,
         max_jobs,
         tcp_port: raw.tcp_port.unwrap_or(0),
+    })
+}
+
+fn metrics_addr(text: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| invalid("metrics", format!("{text:?} is not IP:PORT")))?;
+    if !addr.ip().is_loopback() {
+        return Err(invalid(
+            "metrics",
+            "must be a loopback address (metrics name peers and targets)",
+        ));
+    }
+    Ok(addr)
+}
+
+fn limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
+    let mbit = |key: &str, v: Option<u64>| match v {
+        Some(0) => Err(invalid(
+            format!("limits.{key}"),
+            "must be at least 1 (leave it out for no limit)",
+        )),
+        v => Ok(v.map(|m| m * 1_000_000 / 8)),
+    };
+    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(invalid("limits.max_connections", "must be at least 1"));
+    }
+    Ok(Limits {
+        rates: crate::ratelimit::Rates {
+            global: mbit("rate_mbit", raw.rate_mbit)?,
+            per_peer: mbit("peer_rate_mbit", raw.peer_rate_mbit)?,
+        },
+        max_connections,
+        max_staged_bytes: raw.max_staged_mib.map(|m| m << 20),
+        reserve_bytes: raw.reserve_mib.map_or(DEFAULT_RESERVE, |m| m << 20),
     })
 }
 

@@ -24,8 +24,8 @@ pub enum StageError {
     Exists(String),
     #[error("{0} would resolve outside the target (symlink)")]
     Escape(String),
-    #[error("not enough free space: {need} bytes needed, {free} free")]
-    NoSpace { need: u64, free: u64 },
+    #[error("not enough free space: {need} bytes needed, {free} free, {reserve} kept in reserve")]
+    NoSpace { need: u64, free: u64, reserve: u64 },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
@@ -382,10 +382,14 @@ pub fn free_space(path: &Path) -> io::Result<u64> {
 
 /// Checks that `need` bytes fit, keeping a small reserve.
 pub fn check_space(target: &Path, need: u64) -> Result<(), StageError> {
+    check_space_with(target, need, 64 << 20)
+}
+
+/// Refuses `need` more bytes on `target`'s file system unless `reserve` bytes stay free.
+pub fn check_space_with(target: &Path, need: u64, reserve: u64) -> Result<(), StageError> {
     let free = free_space(target).map_err(io_at(target))?;
-    let reserve = 64 << 20;
     if need.saturating_add(reserve) > free {
-        return Err(StageError::NoSpace { need, free });
+        return Err(StageError::NoSpace { need, free, reserve });
     }
     Ok(())
 }

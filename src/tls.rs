@@ -31,7 +31,7 @@ pub enum TlsError {
 }
 
 /// A CA, a certificate chain and its key: everything one end needs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,

@@ -38,9 +38,9 @@ pub enum TransferError {
     Wire(#[from] WireError),
     #[error("protocol violation: {0}")]
     Protocol(String),
-    #[error("refused by peer: {}", .0.reason)]
+    #[error("refused by peer: {0}")]
     Rejected(Refusal),
-    #[error("job failed at peer: {}", .0.reason)]
+    #[error("job failed at peer: {0}")]
     Failed(Refusal),
     #[error("{0}")]
     Job(#[from] JobError),
@@ -112,6 +112,8 @@ pub struct Fault {
     pub corrupt: Option<(u32, u32)>,
     /// Append a byte to the first source file once its blocks are sent.
     pub change_source: bool,
+    /// Not a fault: bytes sent so far on QUIC lanes are added here (progress bars).
+    pub progress: Option<Arc<AtomicU64>>,
 }
 
 impl Fault {
@@ -125,6 +127,8 @@ impl Fault {
 pub struct SendReport {
     /// The job's id (what `commit` and `abort` take for a held job).
     pub job: JobId,
+    /// Each file's name and blake3 root.
+    pub hashes: Vec<(String, crate::proto::blocks::Digest)>,
     pub files: usize,
     pub bytes_total: u64,
     pub blocks_sent: u64,
@@ -160,6 +164,7 @@ pub async fn send_job(
     let plan = SendPlan::new(&offer, &have, MAX_STREAMS)?;
     let mut report = SendReport {
         job: offer.job_id(),
+        hashes: offer.files.iter().map(|f| (f.path.clone(), f.hashes.root)).collect(),
         files: offer.files.len(),
         bytes_total: offer.total_bytes(),
         blocks_held: plan.held,
@@ -360,6 +365,9 @@ async fn send_lane(
         stream.write_chunk(data).await.map_err(write_err)?;
         blocks += 1;
         bytes += b.len as u64;
+        if let Some(p) = &ctx.fault.progress {
+            p.fetch_add(b.len as u64, Ordering::Relaxed);
+        }
     }
     reader.abort();
     stream.finish().map_err(stream_err)?;
@@ -396,6 +404,8 @@ pub struct Incoming {
     pub disk: Disk,
     pub progress: watch::Sender<Progress>,
     pub started: std::time::Instant,
+    /// The agent's metrics and rate limits for this job's sender.
+    pub meter: Option<crate::metrics::Meter>,
 }
 
 impl Incoming {
@@ -466,7 +476,15 @@ async fn receive_blocks(stream: &mut quinn::RecvStream, inc: &Incoming) -> Resul
 
 /// Verifies a received block, writes it to its staged file and records it.
 pub(crate) async fn take_block(inc: &Incoming, head: BlockHeader, data: Bytes) -> Result<(), TransferError> {
-    let offset = ReceiveJob::verify(&inc.offer, head.file, head.block, &data)?;
+    let len = data.len() as u64;
+    if let Some(m) = &inc.meter {
+        m.pace(len).await;
+    }
+    let offset = ReceiveJob::verify(&inc.offer, head.file, head.block, &data).inspect_err(|_| {
+        if let Some(m) = &inc.meter {
+            m.failed();
+        }
+    })?;
     let path = inc.stage.file(&inc.job.lock().expect("job").paths[head.file as usize]);
     // A failed or aborted job takes no more writes.
     let mut admitted = false;
@@ -483,6 +501,9 @@ pub(crate) async fn take_block(inc: &Incoming, head: BlockHeader, data: Bytes) -
     written.map_err(|source| TransferError::Io { path, source })?;
     inc.job.lock().expect("job").record(head.file, head.block);
     inc.progress.send_modify(|p| p.blocks += 1);
+    if let Some(m) = &inc.meter {
+        m.received(len);
+    }
     Ok(())
 }
 
@@ -492,10 +513,7 @@ pub(crate) fn stream_done(inc: &Incoming, result: &Result<(), TransferError>) {
         Ok(()) => inc.progress.send_modify(|p| p.streams_done += 1),
         Err(e) => inc.fail(match e {
             TransferError::Job(j) => j.refusal(),
-            other => Refusal {
-                code: code::IO,
-                reason: other.to_string(),
-            },
+            other => Refusal::new(code::IO, other.to_string()),
         }),
     }
 }
@@ -588,6 +606,8 @@ pub struct Receiver<'a> {
     pub disk: &'a Disk,
     /// Routes this connection's QUIC data streams to their job.
     pub table: &'a JobTable,
+    /// Metrics and rate limits (the agent), or none (a pulling client).
+    pub meter: Option<&'a crate::metrics::Meter>,
     /// The TCP lane, if the job's target allows it.
     pub tcp: Option<&'a crate::tcplane::TcpLanes>,
 }
@@ -620,6 +640,7 @@ where
         disk: at.disk.clone(),
         progress,
         started: std::time::Instant::now(),
+        meter: at.meter.cloned(),
     });
     let (table, tcp) = (at.table, at.tcp);
     table.lock().expect("job table").insert(id, inc.clone());
@@ -663,10 +684,7 @@ where
     let streams = match first {
         Message::Commit { streams } => streams,
         Message::Abort => {
-            let ack = Refusal {
-                code: code::ABORTED,
-                reason: "aborted by the sender".into(),
-            };
+            let ack = Refusal::new(code::ABORTED, "aborted by the sender");
             inc.fail(ack.clone());
             let _ = watch.wait_for(|p| p.writing == 0).await;
             inc.stage.remove();
@@ -677,10 +695,10 @@ where
         other => return Err(TransferError::Protocol(format!("expected commit, got {other:?}"))),
     };
     if streams as usize > MAX_STREAMS {
-        return Err(TransferError::Failed(Refusal {
-            code: code::LIMIT,
-            reason: format!("{streams} data streams"),
-        }));
+        return Err(TransferError::Failed(Refusal::new(
+            code::LIMIT,
+            format!("{streams} data streams"),
+        )));
     }
     let p = watch
         .wait_for(|p| p.error.is_some() || p.streams_done >= streams || inc.job.lock().expect("job").missing() == 0)
@@ -697,12 +715,10 @@ where
         .check_complete()
         .map_err(|e| TransferError::Failed(e.refusal()));
     job?;
-    inc.stage.seal(&inc.offer, &paths, &inc.disk).await.map_err(|e| {
-        TransferError::Failed(Refusal {
-            code: code::IO,
-            reason: e.to_string(),
-        })
-    })?;
+    inc.stage
+        .seal(&inc.offer, &paths, &inc.disk)
+        .await
+        .map_err(|e| TransferError::Failed(Refusal::new(code::IO, e.to_string())))?;
     let done = hook(inc.offer.clone(), paths).await.map_err(TransferError::Failed)?;
     let msg = match &done {
         Received::Committed(report) => Message::Committed { report: report.clone() },

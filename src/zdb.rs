@@ -242,9 +242,11 @@ pub async fn run_hook(config: &ZdbConfig, hook: &Hook) -> Result<String, ZdbErro
         Hook::MissingData { file } => {
             let f = locate(&config.data_dir, file, 'd')?;
             let client = Client::new(&config.tls)?;
-            client
+            let pulled = client
                 .pull(&config.peer, &config.data_export, &[f.rel()], &config.data_dir)
-                .await?;
+                .await;
+            client.close().await;
+            pulled?;
             if !file.is_file() {
                 return Err(ZdbError::StillMissing(file.clone()));
             }
@@ -273,8 +275,9 @@ async fn push(config: &ZdbConfig, target: &str, files: &[(String, PathBuf)]) -> 
     let client = Client::new(&config.tls)?;
     let r = client
         .push_named(&config.peer, target, files, &PushOptions::default())
-        .await?;
-    Ok(r.bytes_total)
+        .await;
+    client.close().await;
+    Ok(r?.bytes_total)
 }
 
 /// What a namespace clone sent.

@@ -421,3 +421,49 @@ fn a_bulk_load_through_the_cli_holds_lists_commits_and_aborts() {
         "only the header is left"
     );
 }
+
+#[test]
+fn json_results_and_status_for_scripts() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    ok(&barge(&["certs", "init", "--dir", "certs"], p));
+    for name in ["store-b", "ops"] {
+        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
+    }
+    std::fs::create_dir_all(p.join("in")).unwrap();
+    write(&p.join("data/a.sst"), &content(1, (1 << 20) + 7));
+    write(&p.join("data/b.sst"), &content(2, 10));
+    std::fs::write(
+        p.join("b.toml"),
+        "listen = \"127.0.0.1:0\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n\
+         [[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"back\"\npath = \"in\"\nallow = [\"ops\"]\n",
+    )
+    .unwrap();
+    let (_agent, addr) = agent(&["--config", "b.toml"], p);
+    let peer = format!("store-b@{addr}");
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--certs", "certs", "--identity", "ops", "--hash-cache", "off"]);
+        barge(&all, p)
+    };
+    let out = ok(&run(&["push", "data", "--to", &peer, "--import", "ingest", "--json"]));
+    assert_eq!(out.lines().count(), 1, "one JSON result: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["files"].as_u64(), v["bytes"].as_u64()),
+        (Some(2), Some((1 << 20) + 17))
+    );
+    assert_eq!(v["job"].as_str().unwrap().len(), 32);
+    let want = blake3::hash(&content(1, (1 << 20) + 7)).to_hex().to_string();
+    assert_eq!(v["hashes"]["data/a.sst"], want.as_str());
+    assert!(v["seconds"].as_f64().unwrap() >= 0.0);
+
+    let out = ok(&run(&["pull", &peer, "--export", "back", "--into", "got", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["files"].as_u64(), Some(2));
+    assert_eq!(v["hashes"]["data/a.sst"], want.as_str());
+    common::assert_same_tree(&p.join("in"), &p.join("got"));
+
+    let out = ok(&run(&["status", &peer]));
+    assert!(out.contains("0 jobs receiving, 0 held"), "{out}");
+}

@@ -20,7 +20,7 @@ impl JobCtx {
             }
             Message::ListJobs => Message::Jobs(self.jobs()),
             Message::List { export, range } => {
-                let ex = self.export_target(&export)?;
+                let ex = self.export_target(&self.shared.live(), &export)?;
                 Message::Listing(self.listing(&ex, range.as_ref()).await?)
             }
             other => return Err(refuse(code::BAD_MESSAGE, format!("not a request: {other:?}"))),
@@ -34,7 +34,8 @@ impl JobCtx {
         let job = holds
             .take(id)
             .ok_or_else(|| refuse(code::NOT_FOUND, format!("no held job {id}")))?;
-        let target = match self.import_target(&job.offer.target) {
+        let live = self.shared.live();
+        let target = match self.import_target(&live, &job.offer.target) {
             Ok(t) => t,
             Err(r) => {
                 holds.put_back(job);
@@ -55,8 +56,8 @@ impl JobCtx {
         };
         let stage = Stage::at(job.job_dir.clone());
         let import = import_job(&job.offer, paths, &stage, &target, job.peer.clone(), id.to_string());
-        let hook = self.shared.hooks[&target.name].clone();
-        match run_import(hook, import).await {
+        let hook = live.hooks[&target.name].clone();
+        match run_import(hook, import, &self.shared.metrics).await {
             Ok(report) => {
                 drop_held(&self.shared, &job);
                 info!(target = %target.name, %report, "held job committed");
@@ -72,7 +73,8 @@ impl JobCtx {
 
     /// Receiving and held jobs on the import targets this peer may write to.
     fn jobs(&self) -> Vec<JobInfo> {
-        let may_write = |t: &str| self.shared.config.import(t).is_some_and(|t| t.allow.allows(&self.peer));
+        let live = self.shared.live();
+        let may_write = |t: &str| live.config.import(t).is_some_and(|t| t.allow.allows(&self.peer));
         let mut out = vec![];
         for (id, inc) in self.table.lock().expect("job table").iter() {
             if !may_write(&inc.offer.target) {

@@ -4,6 +4,11 @@
 //! One task per connection (span `conn` with the peer's identity), one per job (span
 //! `job`). Staged jobs that are never resumed are swept after `staging_ttl`; held jobs
 //! (bulk loads) are journaled in `data_dir` and expire after `hold_ttl`.
+//!
+//! The targets, allow lists, hooks and limits live behind one lock and are swapped
+//! whole on [`Agent::reload`]; a job takes what it needs when it starts, so a reload
+//! never changes a job in flight. [`Agent::drain`] refuses new jobs (with a retry-after)
+//! and waits for running ones before the endpoint closes.
 
 mod control;
 
@@ -11,17 +16,20 @@ use crate::config::{AllowList, Config, Export, HookSpec, Import};
 use crate::disk::Disk;
 use crate::held::{Claim, HeldJob, Holds, Journal};
 use crate::hook::{ExecHook, ImportFile, ImportHook, ImportJob, MoveHook, ReplaceHook};
+use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::proto::blocks::hex;
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
 use crate::proto::wire::{code, JobId, Message, Offer, Refusal};
-use crate::stage::{check_space, sweep_expired, Stage};
+use crate::ratelimit::RateLimits;
+use crate::stage::{check_space_with, sweep_expired, Stage};
 use crate::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::transfer::{self, JobTable, Received, TransferError};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use tokio::sync::Semaphore;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tracing::{info, info_span, warn, Instrument};
 
 /// Why an agent could not start.
@@ -37,17 +45,30 @@ pub enum AgentError {
     MissingHook(String),
     #[error(transparent)]
     Journal(#[from] crate::held::HeldError),
+    #[error("{0} can not change on reload; restart the agent for it")]
+    NeedsRestart(&'static str),
 }
 
 /// Import hooks registered by a program that embeds the agent, by target name.
 pub type Hooks = HashMap<String, Arc<dyn ImportHook>>;
 
-struct Shared {
+/// What a reload replaces: the configuration and the hooks built from it.
+struct Live {
     config: Config,
     hooks: Hooks,
+}
+
+struct Shared {
+    live: RwLock<Arc<Live>>,
+    /// Hooks registered by the embedding program, to build `Live::hooks` again on reload.
+    custom: Hooks,
     disk: Disk,
     active: Mutex<HashSet<crate::proto::wire::JobId>>,
-    jobs: Semaphore,
+    /// Jobs running (pushes and pulls), against `max_jobs`.
+    running: AtomicUsize,
+    draining: AtomicBool,
+    metrics: Arc<Metrics>,
+    limits: Arc<RateLimits>,
     cache: Arc<crate::hashcache::HashCache>,
     tcp: Option<crate::tcplane::TcpLanes>,
     /// Jobs being received, from all connections.
@@ -57,11 +78,47 @@ struct Shared {
     journal: Journal,
 }
 
+impl Shared {
+    /// The configuration and hooks now; a job keeps the ones it started with.
+    fn live(&self) -> Arc<Live> {
+        self.live.read().expect("live config").clone()
+    }
+
+    fn config(&self) -> Config {
+        self.live().config.clone()
+    }
+
+    /// Jobs in flight and held, and bytes staged, for metrics and admission.
+    fn gauges(&self) -> Gauges {
+        let table = self.table.lock().expect("job table");
+        let receiving: u64 = table
+            .values()
+            .map(|inc| inc.offer.total_bytes() - inc.job.lock().expect("job").missing_bytes())
+            .sum();
+        let held = self.holds.list();
+        Gauges {
+            jobs_receiving: table.len() as u64,
+            jobs_held: held.len() as u64,
+            bytes_staged: receiving + held.iter().map(|h| h.offer.total_bytes()).sum::<u64>(),
+            draining: self.draining.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Bytes that jobs being received and held jobs may stage, in full.
+    fn staging_committed(&self) -> u64 {
+        let table = self.table.lock().expect("job table");
+        let receiving: u64 = table.values().map(|inc| inc.offer.total_bytes()).sum();
+        receiving + self.holds.list().iter().map(|h| h.offer.total_bytes()).sum::<u64>()
+    }
+}
+
 /// A running agent.
 pub struct Agent {
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Agent {
@@ -71,22 +128,24 @@ impl Agent {
     }
 
     /// Starts an agent; `hooks` serve the import targets configured with `hook = "custom"`.
-    pub async fn start_with_hooks(config: Config, hooks: Hooks) -> Result<Agent, AgentError> {
-        let hooks = resolve_hooks(&config, hooks)?;
-        let tls = TlsMaterial::load(&config.tls)?;
-        let endpoint =
-            quinn::Endpoint::server(tls.server_config(&config.tuning)?, config.listen).map_err(|source| {
-                AgentError::Bind {
-                    addr: config.listen,
-                    source,
-                }
-            })?;
+    pub async fn start_with_hooks(config: Config, custom: Hooks) -> Result<Agent, AgentError> {
+        Agent::start_on(config, custom, None).await
+    }
+
+    /// Starts an agent on `socket` if given (one systemd passed, for example), else
+    /// on the configured `listen` address.
+    pub async fn start_on(
+        config: Config,
+        custom: Hooks,
+        socket: Option<std::net::UdpSocket>,
+    ) -> Result<Agent, AgentError> {
+        let hooks = resolve_hooks(&config, &custom)?;
+        let endpoint = bind(&config, socket)?;
         let addr = endpoint.local_addr().map_err(|source| AgentError::Bind {
             addr: config.listen,
             source,
         })?;
         let disk = Disk::start().map_err(AgentError::Disk)?;
-        let jobs = Semaphore::new(config.max_jobs);
         let cache = Arc::new(open_cache(&config.data_dir));
         let journal = Journal::open(&config.data_dir)?;
         let holds = restore_held(&config, &journal);
@@ -104,30 +163,105 @@ impl Agent {
                 Some(lanes)
             }
         };
+        let metrics_at = config.metrics;
+        let limits = Arc::new(RateLimits::new(config.limits.rates));
         let shared = Arc::new(Shared {
-            config,
-            hooks,
+            live: RwLock::new(Arc::new(Live { config, hooks })),
+            custom,
             disk,
             active: Mutex::new(HashSet::new()),
-            jobs,
+            running: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::default()),
+            limits,
             cache,
             tcp,
             table: JobTable::default(),
             holds,
             journal,
         });
-        info!(%addr, imports = shared.config.imports.len(), exports = shared.config.exports.len(), "agent listening");
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
-        let sweep = tokio::spawn(sweep_loop(shared));
+        let mut tasks = vec![];
+        let mut metrics_addr = None;
+        if let Some(at) = metrics_at {
+            let (task, bound) = start_metrics(at, shared.clone()).await?;
+            tasks.push(task);
+            metrics_addr = Some(bound);
+        }
+        let live = shared.live();
+        info!(%addr, imports = live.config.imports.len(), exports = live.config.exports.len(), "agent listening");
+        tasks.push(tokio::spawn(accept_loop(endpoint.clone(), shared.clone())));
+        tasks.push(tokio::spawn(sweep_loop(shared.clone())));
         Ok(Agent {
             endpoint,
             addr,
-            tasks: vec![accept, sweep],
+            tasks,
+            shared,
+            metrics_addr,
         })
+    }
+
+    /// Where the Prometheus endpoint listens, if it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The agent's counters (what the metrics endpoint shows).
+    pub fn metrics(&self) -> String {
+        self.shared.metrics.render(self.shared.gauges())
+    }
+
+    /// Applies a new configuration: targets, allow lists, hooks, limits and timeouts.
+    /// Jobs in flight keep the settings they started with. `listen`, `tls`, `data_dir`,
+    /// `tcp_port` and `metrics` need a restart; a config that changes them is refused
+    /// and the old one stays.
+    pub fn reload(&self, config: Config) -> Result<(), AgentError> {
+        let old = self.shared.live();
+        let same = |a: &Config, b: &Config| -> Result<(), AgentError> {
+            let checks: [(&'static str, bool); 5] = [
+                ("listen", a.listen == b.listen),
+                ("tls", a.tls == b.tls),
+                ("data_dir", a.data_dir == b.data_dir),
+                ("tcp_port", a.tcp_port == b.tcp_port),
+                ("metrics", a.metrics == b.metrics),
+            ];
+            match checks.iter().find(|(_, ok)| !ok) {
+                Some((key, _)) => Err(AgentError::NeedsRestart(key)),
+                None => Ok(()),
+            }
+        };
+        same(&old.config, &config)?;
+        let hooks = resolve_hooks(&config, &self.shared.custom)?;
+        self.shared.limits.set(config.limits.rates);
+        *self.shared.live.write().expect("live config") = Arc::new(Live { config, hooks });
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Stops taking new jobs (they are refused as busy, with a retry-after), waits up
+    /// to `deadline` for running ones, then shuts down. Jobs still running then keep
+    /// their verified blocks staged and resume when sent again; held jobs stay held.
+    /// Returns how many jobs were cut off.
+    pub async fn drain(self, deadline: Duration) -> usize {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        let until = tokio::time::Instant::now() + deadline;
+        let running = || self.shared.running.load(Ordering::SeqCst);
+        while running() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let cut = running();
+        match cut {
+            0 => info!("drained: no job running"),
+            n => warn!(
+                jobs = n,
+                "drain deadline passed; cut-off jobs stay staged and resume when sent again"
+            ),
+        }
+        self.shutdown().await;
+        cut
     }
 
     /// Closes every connection and stops the agent.
@@ -149,7 +283,34 @@ fn open_cache(data_dir: &std::path::Path) -> crate::hashcache::HashCache {
     })
 }
 
-fn resolve_hooks(config: &Config, mut custom: Hooks) -> Result<Hooks, AgentError> {
+/// The QUIC endpoint, on the given socket or on `config.listen`.
+fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::Endpoint, AgentError> {
+    let server = TlsMaterial::load(&config.tls)?.server_config(&config.tuning)?;
+    let addr = config.listen;
+    let bind_err = |source| AgentError::Bind { addr, source };
+    match socket {
+        None => quinn::Endpoint::server(server, addr).map_err(bind_err),
+        Some(sock) => {
+            let runtime = Arc::new(quinn::TokioRuntime);
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), sock, runtime).map_err(bind_err)
+        }
+    }
+}
+
+async fn start_metrics(
+    at: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<(tokio::task::JoinHandle<()>, SocketAddr), AgentError> {
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .map_err(|source| AgentError::Bind { addr: at, source })?;
+    let addr = listener.local_addr().unwrap_or(at);
+    info!(%addr, "metrics endpoint on http://{addr}/metrics");
+    let render = move || shared.metrics.render(shared.gauges());
+    Ok((tokio::spawn(crate::metrics::serve(listener, render)), addr))
+}
+
+fn resolve_hooks(config: &Config, custom: &Hooks) -> Result<Hooks, AgentError> {
     let mut out = Hooks::new();
     for t in &config.imports {
         let hook: Arc<dyn ImportHook> = match &t.hook {
@@ -157,7 +318,8 @@ fn resolve_hooks(config: &Config, mut custom: Hooks) -> Result<Hooks, AgentError
             HookSpec::Replace => Arc::new(ReplaceHook),
             HookSpec::Exec(argv) => Arc::new(ExecHook { argv: argv.clone() }),
             HookSpec::Custom => custom
-                .remove(&t.name)
+                .get(&t.name)
+                .cloned()
                 .ok_or_else(|| AgentError::MissingHook(t.name.clone()))?,
         };
         out.insert(t.name.clone(), hook);
@@ -190,16 +352,17 @@ fn restore_held(config: &Config, journal: &Journal) -> Holds {
 }
 
 async fn sweep_loop(shared: Arc<Shared>) {
-    let ttl = shared.config.staging_ttl.min(shared.config.hold_ttl);
-    let period = (ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(600));
     loop {
-        for job in shared.holds.take_expired(shared.config.hold_ttl) {
+        let config = shared.config();
+        let ttl = config.staging_ttl.min(config.hold_ttl);
+        let period = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        for job in shared.holds.take_expired(config.hold_ttl) {
             info!(job = %job.id, target = %job.offer.target, "held job expired; staged files removed");
             drop_held(&shared, &job);
         }
         let keep = shared.holds.staged_names();
-        for t in &shared.config.imports {
-            sweep_expired(&t.path, shared.config.staging_ttl, &keep);
+        for t in &config.imports {
+            sweep_expired(&t.path, config.staging_ttl, &keep);
         }
         tokio::time::sleep(period).await;
     }
@@ -233,7 +396,15 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
         conn.close(quinn::VarInt::from_u32(code::NOT_ALLOWED as u32), b"no identity");
         return;
     };
+    let max = shared.config().limits.max_connections;
+    if shared.metrics.connections() >= max as u64 {
+        warn!(%peer, remote = %conn.remote_address(), "connection refused: at the connection limit");
+        let why = format!("agent is at its limit of {max} connections; retry after {RETRY_BUSY}s");
+        conn.close(quinn::VarInt::from_u32(code::BUSY as u32), why.as_bytes());
+        return;
+    }
     let span = info_span!("conn", %peer, remote = %conn.remote_address());
+    shared.metrics.connection_opened();
     async {
         info!("connected");
         let table = shared.table.clone();
@@ -251,7 +422,8 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
         info!("disconnected");
     }
     .instrument(span)
-    .await
+    .await;
+    shared.metrics.connection_closed();
 }
 
 struct JobCtx {
@@ -262,10 +434,7 @@ struct JobCtx {
 }
 
 fn refuse(code: u16, reason: impl Into<String>) -> Refusal {
-    Refusal {
-        code,
-        reason: reason.into(),
-    }
+    Refusal::new(code, reason)
 }
 
 impl JobCtx {
@@ -283,7 +452,8 @@ impl JobCtx {
             Err(e) => Err(refuse(code::BAD_MESSAGE, e.to_string())),
         };
         if let Err(r) = result {
-            warn!(code = r.code, reason = %r.reason, "job refused");
+            warn!(code = r.code, reason = %r, "job refused");
+            self.shared.metrics.job(Outcome::Refused);
             let _ = transfer::write_msg(&mut send, &Message::Reject(r)).await;
             let _ = send.finish();
             let _ = send.stopped().await;
@@ -297,19 +467,17 @@ impl JobCtx {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), Refusal> {
-        let target = self.import_target(&offer.target)?;
-        let hook = self.shared.hooks[&target.name].clone();
+        let live = self.shared.live();
+        let target = self.import_target(&live, &offer.target)?;
+        let hook = live.hooks[&target.name].clone();
         let job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
         let span =
             info_span!("job", id = %job.id, target = %target.name, files = job.paths.len(), hold = job.offer.hold);
-        let _permit = self
-            .shared
-            .jobs
-            .try_acquire()
-            .map_err(|_| refuse(code::BUSY, "agent is at its job limit"))?;
+        let _slot = JobSlot::claim(&self.shared, live.config.max_jobs)?;
         let _guard = ActiveGuard::claim(&self.shared, job.id)?;
         let _claim = self.claim_target(&target.name, job.id, job.offer.hold)?;
-        let (job, stage) = async { self.prepare(job, &target, hook.as_ref()).await }
+        let limits = &live.config.limits;
+        let (job, stage) = async { self.prepare(job, &target, hook.as_ref(), limits).await }
             .instrument(span.clone())
             .await?;
         let run = self.receive(job, stage, target, hook, send, recv);
@@ -365,8 +533,8 @@ impl JobCtx {
             .count()
     }
 
-    fn import_target(&self, name: &str) -> Result<Import, Refusal> {
-        let t = self.shared.config.import(name);
+    fn import_target(&self, live: &Live, name: &str) -> Result<Import, Refusal> {
+        let t = live.config.import(name);
         let t = self.checked(t.map(|t| (t, &t.allow)), "import target", "write to", name)?;
         Ok(t.clone())
     }
@@ -389,18 +557,34 @@ impl JobCtx {
         Ok(t)
     }
 
+    /// Checks, opens the staging folder, finds what an earlier attempt staged, and
+    /// refuses up front (with a retry-after) what would not fit: the staging limit, or
+    /// the target's free space less the reserve.
     async fn prepare(
         &self,
         mut job: ReceiveJob,
         target: &Import,
         hook: &dyn ImportHook,
+        limits: &crate::config::Limits,
     ) -> Result<(ReceiveJob, Stage), Refusal> {
         hook.check(&target.path, &job.paths)
             .map_err(|e| refuse(hook_code(&e), e.to_string()))?;
+        if let Some(max) = limits.max_staged_bytes {
+            let staged = self.shared.staging_committed();
+            if staged.saturating_add(job.offer.total_bytes()) > max {
+                let why = format!("staging is full: {staged} bytes staged or on their way, the limit is {max}");
+                return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
+            }
+        }
         let stage = Stage::open(&target.path, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
         let found = stage.scan(&mut job, &self.shared.disk).await;
         let need = job.missing_bytes();
-        check_space(&target.path, need).map_err(|e| refuse(code::NO_SPACE, e.to_string()))?;
+        if let Err(e) = check_space_with(&target.path, need, limits.reserve_bytes) {
+            if found == 0 {
+                stage.remove();
+            }
+            return Err(refuse(code::NO_SPACE, e.to_string()).retry_after(RETRY_SPACE));
+        }
         info!(resumed_blocks = found, missing = job.missing(), "offer accepted");
         Ok((job, stage))
     }
@@ -413,7 +597,7 @@ impl JobCtx {
         hook: Arc<dyn ImportHook>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
-    ) -> Result<(), TransferError> {
+    ) -> Result<Received, TransferError> {
         let (peer, job_id) = (self.peer.clone(), job.id.to_string());
         let tcp_allowed = target.tcp_lane;
         let stage2 = stage.clone();
@@ -423,26 +607,39 @@ impl JobCtx {
                 return hold(&shared, &offer, &peer, &stage2).map(|_| Received::Held);
             }
             let import = import_job(&offer, paths, &stage2, &target, peer, job_id);
-            run_import(hook, import).await.map(Received::Committed)
+            run_import(hook, import, &shared.metrics).await.map(Received::Committed)
         };
         let started = std::time::Instant::now();
         let tcp = self.shared.tcp.as_ref().filter(|_| tcp_allowed);
+        let meter = crate::metrics::Meter {
+            metrics: self.shared.metrics.clone(),
+            limits: self.shared.limits.clone(),
+            peer: self.peer.clone(),
+            progress: None,
+        };
         let at = transfer::Receiver {
             peer: &self.peer,
             disk: &self.shared.disk,
             table: &self.table,
+            meter: Some(&meter),
             tcp,
         };
-        let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await?;
-        let _ = send.stopped().await;
-        match out {
+        let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await;
+        self.shared.metrics.job(match &out {
+            Ok(Received::Committed(_)) => Outcome::Committed,
+            Ok(Received::Held) => Outcome::Held,
+            Ok(Received::Aborted) => Outcome::Aborted,
+            Err(_) => Outcome::Failed,
+        });
+        let out = out?;
+        match &out {
             Received::Committed(report) => {
                 info!(elapsed_ms = started.elapsed().as_millis() as u64, %report, "committed")
             }
             Received::Held => info!(elapsed_ms = started.elapsed().as_millis() as u64, "staged and held"),
             Received::Aborted => info!("aborted by sender; staging removed"),
         }
-        Ok(())
+        Ok(out)
     }
 
     /// A pull from one of our exports: we are the sender.
@@ -454,7 +651,9 @@ impl JobCtx {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), Refusal> {
-        let ex = self.export_target(&export)?;
+        let live = self.shared.live();
+        let ex = self.export_target(&live, &export)?;
+        let _slot = JobSlot::claim(&self.shared, live.config.max_jobs)?;
         let (list, offer) = self.export_offer(&ex, &files, range.as_ref()).await?;
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
         let fault = transfer::Fault::default();
@@ -469,15 +668,23 @@ impl JobCtx {
         )
         .instrument(span.clone())
         .await;
-        span.in_scope(|| match res {
-            Ok(r) => info!(blocks = r.blocks_sent, bytes = r.bytes_sent, "pull served"),
-            Err(e) => warn!(error = %e, "pull failed"),
+        let outcome = span.in_scope(|| match res {
+            Ok(r) => {
+                info!(blocks = r.blocks_sent, bytes = r.bytes_sent, "pull served");
+                self.shared.metrics.sent(&self.peer, r.blocks_sent, r.bytes_sent);
+                Outcome::Committed
+            }
+            Err(e) => {
+                warn!(error = %e, "pull failed");
+                Outcome::Failed
+            }
         });
+        self.shared.metrics.job(outcome);
         Ok(())
     }
 
-    fn export_target(&self, name: &str) -> Result<Export, Refusal> {
-        let t = self.shared.config.export(name);
+    fn export_target(&self, live: &Live, name: &str) -> Result<Export, Refusal> {
+        let t = live.config.export(name);
         let t = self.checked(t.map(|t| (t, &t.allow)), "export", "read", name)?;
         Ok(t.clone())
     }
@@ -495,10 +702,13 @@ fn hold(shared: &Shared, offer: &Offer, peer: &str, stage: &Stage) -> Result<(),
 }
 
 /// Runs an import hook on a blocking thread; removes the staging folder after success.
-async fn run_import(hook: Arc<dyn ImportHook>, import: ImportJob) -> Result<String, Refusal> {
+async fn run_import(hook: Arc<dyn ImportHook>, import: ImportJob, metrics: &Metrics) -> Result<String, Refusal> {
+    let started = std::time::Instant::now();
     let res = tokio::task::spawn_blocking(move || hook.import(&import).map(|r| (r, import)))
         .await
-        .map_err(|e| refuse(code::HOOK_FAILED, format!("hook panicked: {e}")))?;
+        .map_err(|e| refuse(code::HOOK_FAILED, format!("hook panicked: {e}")));
+    metrics.hook(started.elapsed(), matches!(res, Ok(Ok(_))));
+    let res = res?;
     match res {
         Ok((report, import)) => {
             if let Some(s) = &import.stage {
@@ -559,6 +769,35 @@ fn source_code(e: &crate::source::SourceError) -> u16 {
         S::TooMany { .. } => code::LIMIT,
         S::NotAligned { .. } => code::NOT_ALIGNED,
         _ => code::IO,
+    }
+}
+
+/// How long a refused sender should wait before trying again.
+const RETRY_BUSY: u32 = 10;
+const RETRY_SPACE: u32 = 60;
+const RETRY_DRAIN: u32 = 30;
+
+/// One of the agent's `max_jobs` job slots, given back on drop. None are given out
+/// while the agent drains for shutdown.
+struct JobSlot<'a>(&'a Shared);
+
+impl<'a> JobSlot<'a> {
+    fn claim(shared: &'a Shared, max_jobs: usize) -> Result<Self, Refusal> {
+        if shared.draining.load(Ordering::SeqCst) {
+            return Err(refuse(code::BUSY, "agent is shutting down").retry_after(RETRY_DRAIN));
+        }
+        if shared.running.fetch_add(1, Ordering::SeqCst) >= max_jobs {
+            shared.running.fetch_sub(1, Ordering::SeqCst);
+            let why = format!("agent is at its limit of {max_jobs} jobs");
+            return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
+        }
+        Ok(JobSlot(shared))
+    }
+}
+
+impl Drop for JobSlot<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

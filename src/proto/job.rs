@@ -48,10 +48,7 @@ impl JobError {
     }
 
     pub fn refusal(&self) -> Refusal {
-        Refusal {
-            code: self.code(),
-            reason: self.to_string(),
-        }
+        Refusal::new(self.code(), self.to_string())
     }
 }
 

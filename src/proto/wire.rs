@@ -125,6 +125,35 @@ pub struct TcpGrant {
 pub struct Refusal {
     pub code: u16,
     pub reason: String,
+    /// Seconds after which the same job may be sent again and is likely to be taken
+    /// (a busy or full receiver, one shutting down); 0: retrying will not help.
+    pub retry_after: u32,
+}
+
+impl Refusal {
+    pub fn new(code: u16, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            reason: reason.into(),
+            retry_after: 0,
+        }
+    }
+
+    /// The same refusal, to be retried after `secs` seconds.
+    pub fn retry_after(mut self, secs: u32) -> Refusal {
+        self.retry_after = secs;
+        self
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)?;
+        match self.retry_after {
+            0 => Ok(()),
+            n => write!(f, " (retry after {n}s)"),
+        }
+    }
 }
 
 /// Control messages on a job's bidirectional stream.
@@ -293,6 +322,7 @@ impl Message {
             Message::Reject(r) | Message::Failed(r) => {
                 w.extend_from_slice(&r.code.to_be_bytes());
                 put_string(w, &r.reason);
+                put_u32(w, r.retry_after);
             }
             Message::Commit { streams } => put_u32(w, *streams),
             Message::Abort | Message::Aborted | Message::ListJobs => {}
@@ -539,6 +569,7 @@ fn decode_refusal(r: &mut Reader) -> Result<Refusal, WireError> {
     Ok(Refusal {
         code,
         reason: r.string(MAX_REASON_LEN)?,
+        retry_after: r.u32()?,
     })
 }
 
@@ -713,11 +744,13 @@ mod tests {
     #[test]
     fn golden_bytes_of_commit_and_reject() {
         assert_eq!(Message::Commit { streams: 3 }.encode(), [0, 0, 0, 6, 1, 5, 0, 0, 0, 3]);
-        let r = Message::Reject(Refusal {
-            code: code::NOT_ALLOWED,
-            reason: "no".into(),
-        });
-        assert_eq!(r.encode(), [0, 0, 0, 10, 1, 4, 0, 3, 0, 0, 0, 2, b'n', b'o']);
+        let r = Message::Reject(Refusal::new(code::NOT_ALLOWED, "no"));
+        assert_eq!(
+            r.encode(),
+            [0, 0, 0, 14, 1, 4, 0, 3, 0, 0, 0, 2, b'n', b'o', 0, 0, 0, 0]
+        );
+        let busy = Message::Reject(Refusal::new(code::BUSY, "").retry_after(30));
+        assert_eq!(busy.encode(), [0, 0, 0, 12, 1, 4, 0, 8, 0, 0, 0, 0, 0, 0, 0, 30]);
         assert_eq!(Message::Abort.encode(), [0, 0, 0, 2, 1, 6]);
     }
 
@@ -790,17 +823,11 @@ mod tests {
                     token: [5; 32],
                 }),
             },
-            Message::Reject(Refusal {
-                code: 2,
-                reason: "unknown".into(),
-            }),
+            Message::Reject(Refusal::new(2, "unknown")),
             Message::Commit { streams: 8 },
             Message::Abort,
             Message::Committed { report: "ok".into() },
-            Message::Failed(Refusal {
-                code: 10,
-                reason: "bad".into(),
-            }),
+            Message::Failed(Refusal::new(10, "bad")),
         ];
         for m in msgs {
             let frame = m.encode();
