@@ -114,6 +114,8 @@ pub struct Fault {
     pub change_source: bool,
     /// Not a fault: bytes sent so far on QUIC lanes are added here (progress bars).
     pub progress: Option<Arc<AtomicU64>>,
+    /// Not a fault: the agent's rate limits for the peer it sends to (pulls).
+    pub pace: Option<crate::metrics::Meter>,
 }
 
 impl Fault {
@@ -347,6 +349,9 @@ async fn send_lane(
         let (b, mut data) = item?;
         if !ctx.take_budget() {
             break;
+        }
+        if let Some(m) = &ctx.fault.pace {
+            m.pace(b.len as u64).await;
         }
         if ctx.fault.corrupt == Some((b.file, b.block)) && !data.is_empty() {
             let mut m = BytesMut::from(&data[..]);

@@ -251,3 +251,55 @@ fn walk_size(dir: &Path) -> u64 {
         })
         .sum()
 }
+
+#[test]
+fn the_agent_takes_a_socket_from_socket_activation() {
+    if !have("systemd-socket-activate") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    barge(&["certs", "init", "--dir", "certs"], p);
+    for name in ["store-b", "ops"] {
+        barge(&["certs", "issue", name, "--dir", "certs"], p);
+    }
+    std::fs::create_dir_all(p.join("in")).unwrap();
+    // The config's listen address is unusable: only the passed socket can serve.
+    std::fs::write(p.join("agent.toml"), CONFIG.replace("127.0.0.1:0", "127.0.0.1:1")).unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut activator = Command::new("systemd-socket-activate")
+        .args([
+            "--datagram",
+            "-l",
+            &format!("127.0.0.1:{port}"),
+            env!("CARGO_BIN_EXE_barge"),
+        ])
+        .args(["agent", "--config", "agent.toml"])
+        .current_dir(p)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    write(&p.join("hello"), b"hello");
+    let out = Command::new(env!("CARGO_BIN_EXE_barge"))
+        .args([
+            "push",
+            "hello",
+            "--to",
+            &format!("store-b@127.0.0.1:{port}"),
+            "--import",
+            "in",
+        ])
+        .args(["--certs", "certs", "--identity", "ops", "--hash-cache", "off"])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    unsafe { libc::kill(activator.id() as i32, libc::SIGTERM) };
+    let _ = activator.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(p.join("in/hello")).unwrap(), b"hello");
+}

@@ -656,7 +656,15 @@ impl JobCtx {
         let _slot = JobSlot::claim(&self.shared, live.config.max_jobs)?;
         let (list, offer) = self.export_offer(&ex, &files, range.as_ref()).await?;
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
-        let fault = transfer::Fault::default();
+        let fault = transfer::Fault {
+            pace: Some(crate::metrics::Meter {
+                metrics: self.shared.metrics.clone(),
+                limits: self.shared.limits.clone(),
+                peer: self.peer.clone(),
+                progress: None,
+            }),
+            ..Default::default()
+        };
         let res = transfer::send_job(
             std::slice::from_ref(&self.conn),
             send,

@@ -113,11 +113,21 @@ fn put_str(h: &mut blake3::Hasher, s: &str) {
 }
 
 /// Where and how to open the TCP data lane of one job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TcpGrant {
     pub port: u16,
     /// Sent first on every TCP connection of the job; valid while the job runs.
     pub token: [u8; 32],
+}
+
+/// The token is a secret: it never reaches a log through `{:?}`.
+impl std::fmt::Debug for TcpGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpGrant")
+            .field("port", &self.port)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A refusal or failure with a wire code and a short reason.
@@ -888,6 +898,22 @@ mod tests {
         let mut bad = head;
         bad[0] = 7;
         assert_eq!(parse_data_stream_header(&bad), Err(WireError::Version(7)));
+    }
+
+    #[test]
+    fn the_tcp_lane_token_never_shows_in_debug_output() {
+        let g = TcpGrant {
+            port: 7,
+            token: [0xab; 32],
+        };
+        let text = format!(
+            "{:?}",
+            Message::Accept {
+                have: vec![],
+                tcp: Some(g)
+            }
+        );
+        assert!(text.contains("redacted") && !text.contains("171"), "{text}");
     }
 
     #[test]
