@@ -253,3 +253,33 @@ async fn staging_and_connection_limits_refuse_with_named_reasons() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_agent_refuses_a_job_over_max_jobs_with_a_retry_after() {
+    let env = env_with(
+        &format!("{SLOW}{}", targets("\"client\"")),
+        "max_jobs = 1",
+        Hooks::new(),
+    )
+    .await;
+    write(&env.src().join("big.sst"), &content(7, BIG));
+    write(&env.src().join("next"), b"next");
+    let client = env.client("client");
+    let (peer, src) = (env.peer(), vec![env.src().join("big.sst")]);
+    let running = tokio::spawn(async move { client.push(&peer, "in", &src, &PushOptions::default()).await });
+    until_receiving(&env).await;
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("next")], &PushOptions::default())
+        .await
+        .unwrap_err();
+    let r = refused(&err);
+    assert_eq!((r.code, r.retry_after), (code::BUSY, 10), "{err}");
+    assert!(r.reason.contains("limit of 1 jobs"), "{err}");
+    assert!(err.to_string().ends_with("(retry after 10s)"), "{err}");
+    running.await.unwrap().unwrap();
+    env.client("client")
+        .push(&env.peer(), "in", &[env.src().join("next")], &PushOptions::default())
+        .await
+        .expect("a slot is free again");
+}
