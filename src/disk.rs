@@ -5,6 +5,13 @@
 //! to one io_uring thread, each run there as its own task, so many are in flight at
 //! once. Buffers move by ownership: a read fills a `Vec` that becomes `Bytes` without a
 //! copy, and a write hands the `Bytes` received from quinn to the kernel as they are.
+//!
+//! Small reads and writes (below the O_DIRECT size, the bulk of a job of many small
+//! files) go to a plain thread instead, one after the other with ordinary system
+//! calls. On io_uring each of them is an open, a read or write and a close, and an
+//! open that creates a file can not complete inline: the kernel hands it to a worker
+//! thread, so every small file cost several thread switches. Measured on the 20,000 x
+//! 4 KiB workload, that was most of the receiver's CPU time.
 
 use bytes::Bytes;
 use std::io;
@@ -32,11 +39,16 @@ enum Request {
     },
 }
 
-/// Handle to the io_uring thread; cheap to clone. The thread ends with the last handle.
+/// Handle to the io_uring thread and the plain I/O thread; cheap to clone. The threads
+/// end with the last handle.
 #[derive(Clone, Debug)]
 pub struct Disk {
     tx: mpsc::UnboundedSender<Request>,
+    plain: std::sync::mpsc::Sender<Request>,
 }
+
+/// Below this, reads and writes go to the plain thread (see the module docs).
+const PLAIN_MAX: usize = 64 << 10;
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,23 +73,35 @@ impl Disk {
                 let _ = ready_tx.send(Err("io_uring runtime failed to start".to_string()));
             }
         })?;
+        let (plain, plain_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("barge-plain-io".into())
+            .spawn(move || plain_io(plain_rx))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Disk { tx }),
+            Ok(Ok(())) => Ok(Disk { tx, plain }),
             Ok(Err(e)) => Err(io::Error::other(e)),
             Err(_) => Err(io::Error::other("io_uring thread exited at start")),
         }
     }
 
-    /// Sends one request to the io_uring thread and waits for its answer.
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<io::Result<T>>) -> Request) -> io::Result<T> {
+    /// Sends one request to the io_uring thread (or, if `plain`, to the plain thread)
+    /// and waits for its answer.
+    async fn call<T>(
+        &self,
+        plain: bool,
+        make: impl FnOnce(oneshot::Sender<io::Result<T>>) -> Request,
+    ) -> io::Result<T> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| gone())?;
+        match plain {
+            true => self.plain.send(make(reply)).map_err(|_| gone())?,
+            false => self.tx.send(make(reply)).map_err(|_| gone())?,
+        }
         rx.await.map_err(|_| gone())?
     }
 
     /// Reads exactly `len` bytes at `offset`; a shorter file is an `UnexpectedEof`.
     pub async fn read_at(&self, path: PathBuf, offset: u64, len: usize) -> io::Result<Bytes> {
-        self.call(|reply| Request::Read {
+        self.call(len < PLAIN_MAX, |reply| Request::Read {
             path,
             offset,
             len,
@@ -88,7 +112,8 @@ impl Disk {
 
     /// Writes `data` at `offset`, creating the file if needed.
     pub async fn write_at(&self, path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
-        self.call(|reply| Request::Write {
+        let plain = !crate::buf::direct_ok(&data, offset) && data.len() < PLAIN_MAX;
+        self.call(plain, |reply| Request::Write {
             path,
             offset,
             data,
@@ -104,7 +129,8 @@ impl Disk {
 
     /// Creates the file if needed and sets its length to `len`; syncs it if `sync`.
     pub async fn finish(&self, path: PathBuf, len: u64, sync: bool) -> io::Result<()> {
-        self.call(|reply| Request::Finish { path, len, sync, reply }).await
+        self.call(false, |reply| Request::Finish { path, len, sync, reply })
+            .await
     }
 }
 
@@ -135,6 +161,41 @@ async fn handle(req: Request) {
         }
         Request::Finish { path, len, sync, reply } => {
             let _ = reply.send(finish(path, len, sync).await);
+        }
+    }
+}
+
+/// The plain thread: small reads and writes with ordinary system calls, in order.
+fn plain_io(rx: std::sync::mpsc::Receiver<Request>) {
+    use std::os::unix::fs::FileExt;
+    while let Ok(req) = rx.recv() {
+        match req {
+            Request::Read {
+                path,
+                offset,
+                len,
+                reply,
+            } => {
+                let mut buf = vec![0u8; len];
+                let r = std::fs::File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset));
+                let _ = reply.send(r.map(|_| Bytes::from(buf)));
+            }
+            Request::Write {
+                path,
+                offset,
+                data,
+                reply,
+            } => {
+                let open = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path);
+                let _ = reply.send(open.and_then(|f| f.write_all_at(&data, offset)));
+            }
+            Request::Finish { reply, .. } => {
+                let _ = reply.send(Err(io::Error::other("finish is not a plain request")));
+            }
         }
     }
 }

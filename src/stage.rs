@@ -107,6 +107,11 @@ impl Stage {
         let many = offer.files.len() > SYNCFS_FILES;
         let mut syncs = tokio::task::JoinSet::new();
         for (i, f) in offer.files.iter().enumerate() {
+            // A file whose last block was written has its full length already; only
+            // empty files (no block) and per-file syncs need the disk thread.
+            if many && f.hashes.size > 0 {
+                continue;
+            }
             let path = self.file(&paths[i]);
             let (disk, size) = (disk.clone(), f.hashes.size);
             syncs.spawn(async move { disk.finish(path.clone(), size, !many).await.map_err(|e| (path, e)) });

@@ -491,21 +491,33 @@ pub(crate) async fn take_block(inc: &Incoming, head: BlockHeader, data: Bytes) -
         }
     })?;
     let path = inc.stage.file(&inc.job.lock().expect("job").paths[head.file as usize]);
-    // A failed or aborted job takes no more writes.
+    // A failed or aborted job takes no more writes. Waiters are woken only for what
+    // they wait on (an abort waits for writes to end, a commit for the last block),
+    // not once per block: a job of 20,000 small files would wake them 60,000 times.
     let mut admitted = false;
     inc.progress.send_if_modified(|p| {
         admitted = p.error.is_none();
         p.writing += admitted as u32;
-        admitted
+        false
     });
     if !admitted {
         return Err(TransferError::Protocol("block for a job that already ended".into()));
     }
     let written = inc.disk.write_at(path.clone(), offset, data).await;
-    inc.progress.send_modify(|p| p.writing -= 1);
+    inc.progress.send_if_modified(|p| {
+        p.writing -= 1;
+        p.error.is_some() && p.writing == 0
+    });
     written.map_err(|source| TransferError::Io { path, source })?;
-    inc.job.lock().expect("job").record(head.file, head.block);
-    inc.progress.send_modify(|p| p.blocks += 1);
+    let last = {
+        let mut job = inc.job.lock().expect("job");
+        job.record(head.file, head.block);
+        job.missing() == 0
+    };
+    inc.progress.send_if_modified(|p| {
+        p.blocks += 1;
+        last
+    });
     if let Some(m) = &inc.meter {
         m.received(len);
     }
