@@ -13,6 +13,19 @@ use barge::tls::TlsFiles;
 use barge::transfer::TransferError;
 use std::path::PathBuf;
 
+/// `println!` that ends the process quietly when stdout is closed (`barge ls ... | head`),
+/// as other Unix tools do, instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 pub fn init_logging(cmd: &Command) {
     let (default, json) = match cmd {
         Command::Agent(a) => ("info", a.log_format == crate::cli::LogFormat::Json),
@@ -103,7 +116,7 @@ fn certs(c: CertsCommand) -> Result<()> {
     match c {
         CertsCommand::Init { dir } => {
             barge::certs::init_ca(&dir)?;
-            println!(
+            say!(
                 "made CA {} and {} (keep the key private)",
                 dir.join("ca.pem").display(),
                 dir.join("ca.key").display()
@@ -112,7 +125,7 @@ fn certs(c: CertsCommand) -> Result<()> {
         CertsCommand::Issue { name, dir, sans } => {
             barge::certs::issue(&dir, &name, &sans)?;
             let (cert, key) = barge::certs::host_paths(&dir, &name);
-            println!("issued {} and {} for identity {name}", cert.display(), key.display());
+            say!("issued {} and {} for identity {name}", cert.display(), key.display());
         }
     }
     Ok(())
@@ -122,7 +135,7 @@ fn hash(h: HashArgs) -> Result<()> {
     for f in &h.files {
         let size = std::fs::metadata(f).with_context(|| format!("{}", f.display()))?.len();
         let hashes = barge::source::hash_file(f, size)?;
-        println!("{}  {}", barge::proto::blocks::hex(&hashes.root), f.display());
+        say!("{}  {}", barge::proto::blocks::hex(&hashes.root), f.display());
     }
     Ok(())
 }
@@ -268,7 +281,7 @@ async fn push(p: PushArgs) -> Result<()> {
         return Ok(());
     }
     let verb = if r.held { "staged and held" } else { "committed" };
-    println!(
+    say!(
         "{verb} {} files, {} bytes to {}:{} in {:.2}s ({:.1} MB/s); sent {} blocks, {} already there",
         r.files,
         r.bytes_total,
@@ -280,11 +293,12 @@ async fn push(p: PushArgs) -> Result<()> {
         r.blocks_held
     );
     match r.held {
-        true => println!(
+        true => say!(
             "held as job {} until `barge commit {} {0}` or `barge abort {1} {0}`",
-            r.job, p.to
+            r.job,
+            p.to
         ),
-        false if !r.report.is_empty() => println!("import hook: {}", r.report),
+        false if !r.report.is_empty() => say!("import hook: {}", r.report),
         false => {}
     }
     Ok(())
@@ -307,7 +321,7 @@ async fn pull(p: PullArgs) -> Result<()> {
         print_json(r.job, r.files, r.bytes, secs, &r.hashes, extra);
         return Ok(());
     }
-    println!(
+    say!(
         "pulled {} files, {} bytes into {} in {:.2}s; received {} blocks, {} already there",
         r.files,
         r.bytes,
@@ -334,10 +348,10 @@ async fn ls(l: LsArgs) -> Result<()> {
                 .as_ref()
                 .map(|k| serde_json::json!({"smallest": k.smallest.hex(), "largest": k.largest.hex()}));
             let line = serde_json::json!({"path": f.path, "size": f.size, "blake3": hash, "keys": keys});
-            println!("{line}");
+            say!("{line}");
         } else {
             let keys = f.keys.map_or_else(|| "-".to_string(), |k| k.to_string());
-            println!("{:>12}  {hash}  {}  {keys}", f.size, f.path);
+            say!("{:>12}  {hash}  {}  {keys}", f.size, f.path);
         }
     }
     Ok(())
@@ -349,12 +363,18 @@ async fn jobs(j: PeerArgs) -> Result<()> {
     let jobs = client.jobs(&peer).await;
     client.close().await;
     let jobs = jobs.with_context(|| format!("jobs on {peer}"))?;
-    println!(
+    say!(
         "{:<32}  {:<9}  {:<16}  {:>6}  {:>14}  {:>14}  {:>7}  PEER",
-        "JOB", "STATE", "TARGET", "FILES", "BYTES", "DONE", "AGE(s)"
+        "JOB",
+        "STATE",
+        "TARGET",
+        "FILES",
+        "BYTES",
+        "DONE",
+        "AGE(s)"
     );
     for j in jobs {
-        println!(
+        say!(
             "{:<32}  {:<9}  {:<16}  {:>6}  {:>14}  {:>14}  {:>7}  {}",
             j.id.to_string(),
             j.state,
@@ -377,15 +397,15 @@ async fn job_op(j: JobArgs, commit: bool) -> Result<()> {
         let report = client.commit(&peer, job).await;
         client.close().await;
         let report = report.with_context(|| format!("commit {job} on {peer}"))?;
-        println!("committed job {job}");
+        say!("committed job {job}");
         if !report.is_empty() {
-            println!("import hook: {report}");
+            say!("import hook: {report}");
         }
     } else {
         let done = client.abort(&peer, job).await;
         client.close().await;
         done.with_context(|| format!("abort {job} on {peer}"))?;
-        println!("aborted job {job}; its staged files are removed");
+        say!("aborted job {job}; its staged files are removed");
     }
     Ok(())
 }
@@ -400,7 +420,7 @@ async fn zdb_hook(z: ZdbHookArgs) -> Result<()> {
     }
     let config = barge::zdb::ZdbConfig::load(&z.config)?;
     let line = barge::zdb::run_hook(&config, &hook).await?;
-    println!("{line}");
+    say!("{line}");
     Ok(())
 }
 
@@ -409,9 +429,13 @@ async fn zdb_clone(z: ZdbCloneArgs) -> Result<()> {
     let r = barge::zdb::clone_namespace(&config, &z.namespace)
         .await
         .with_context(|| format!("clone of namespace {:?} to {}", z.namespace, config.peer))?;
-    println!(
+    say!(
         "cloned namespace {}: {} data files and {} index files, {} bytes, verified, to {}",
-        z.namespace, r.data_files, r.index_files, r.bytes, config.peer
+        z.namespace,
+        r.data_files,
+        r.index_files,
+        r.bytes,
+        config.peer
     );
     Ok(())
 }
@@ -424,7 +448,7 @@ async fn status(j: PeerArgs) -> Result<()> {
     let jobs = jobs.with_context(|| format!("status of {peer}"))?;
     let receiving: Vec<_> = jobs.iter().filter(|j| j.state == "receiving").collect();
     let held = jobs.len() - receiving.len();
-    println!("{peer}: {} jobs receiving, {held} held", receiving.len());
+    say!("{peer}: {} jobs receiving, {held} held", receiving.len());
     for j in receiving {
         let pct = if j.bytes == 0 {
             100.0
@@ -436,7 +460,7 @@ async fn status(j: PeerArgs) -> Result<()> {
             true => format!("{:.0}s", (j.bytes - j.done) as f64 / rate),
             false => "-".into(),
         };
-        println!(
+        say!(
             "{}  {} <- {}  {} files  {}/{} bytes ({pct:.1}%)  {:.1} MB/s  ETA {eta}",
             j.id,
             j.target,
@@ -502,5 +526,5 @@ fn print_json(
     if let (Some(o), serde_json::Value::Object(e)) = (out.as_object_mut(), extra) {
         o.extend(e);
     }
-    println!("{out}");
+    say!("{out}");
 }

@@ -467,3 +467,29 @@ fn json_results_and_status_for_scripts() {
     let out = ok(&run(&["status", &peer]));
     assert!(out.contains("0 jobs receiving, 0 held"), "{out}");
 }
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let t = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..2000).map(|i| format!("f{i}")).collect();
+    for n in &names {
+        write(&t.path().join(n), n.as_bytes());
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_barge"))
+        .arg("hash")
+        .args(&names)
+        .current_dir(t.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.ends_with("  f0\n"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
