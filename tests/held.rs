@@ -207,3 +207,30 @@ exec = [\"sh\", \"-c\", \"test -e \\\"$BARGE_TARGET_DIR/../engine-ready\\\" || {
     assert_eq!(client.commit(&env.peer(), r.job).await.unwrap(), "ingested 1");
     assert!(journal(&env).is_empty() && staged(&env).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_entry_pointing_outside_the_staging_area_is_dropped_not_followed() {
+    let env = env_with(DEFAULT_TARGETS, "data_dir = \".\"", Hooks::new()).await;
+    write(&env.src().join("a.sst"), &content(9, 1000));
+    let r = env
+        .client("client")
+        .push(&env.peer(), "in", &[env.src().join("a.sst")], &hold())
+        .await
+        .unwrap();
+    let entry = env.root().join("jobs").join(format!("{}.json", r.job));
+    let precious = env.root().join("precious");
+    write(&precious.join("keep"), b"keep");
+    let text = std::fs::read_to_string(&entry).unwrap();
+    let staged = env.inbox().join(".barge-staging").join(r.job.to_string());
+    let moved = text.replace(&*staged.to_string_lossy(), &precious.to_string_lossy());
+    assert_ne!(moved, text, "the entry names the staging folder");
+    std::fs::write(&entry, moved).unwrap();
+    let env = env.restart().await;
+    assert!(env.client("client").jobs(&env.peer()).await.unwrap().is_empty());
+    assert!(!entry.exists(), "the entry is dropped");
+    assert_eq!(
+        std::fs::read(precious.join("keep")).unwrap(),
+        b"keep",
+        "nothing outside is deleted"
+    );
+}

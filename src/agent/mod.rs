@@ -335,18 +335,29 @@ fn restore_held(config: &Config, journal: &Journal) -> Holds {
         vec![]
     });
     for entry in entries {
-        match entry {
-            Ok(job) if config.import(&job.offer.target).is_some() && job.job_dir.is_dir() => {
-                info!(job = %job.id, target = %job.offer.target, "held job restored");
-                holds.insert(job);
+        let job = match entry {
+            Ok(job) => job,
+            Err(e) => {
+                warn!(error = %e, "held job not restored");
+                continue;
             }
-            Ok(job) => {
-                warn!(job = %job.id, target = %job.offer.target, "held job dropped: its target or staged files are gone");
-                Stage::at(job.job_dir.clone()).remove();
-                let _ = journal.remove(job.id);
-            }
-            Err(e) => warn!(error = %e, "held job not restored"),
+        };
+        // Only a folder directly in its target's staging area is the job's: a journal
+        // entry never makes the agent keep or delete anything else.
+        let staging = config
+            .import(&job.offer.target)
+            .map(|t| t.path.join(crate::proto::path::STAGING_DIR));
+        let own = staging.is_some_and(|st| job.job_dir.parent() == Some(st.as_path()));
+        if own && job.job_dir.is_dir() {
+            info!(job = %job.id, target = %job.offer.target, "held job restored");
+            holds.insert(job);
+            continue;
         }
+        warn!(job = %job.id, target = %job.offer.target, "held job dropped: its target or staged files are gone");
+        if own {
+            Stage::at(job.job_dir.clone()).remove();
+        }
+        let _ = journal.remove(job.id);
     }
     holds
 }
