@@ -64,12 +64,24 @@ struct RawConfig {
     import: Vec<RawTarget>,
 }
 
+/// The `[tls]` table as written (also used by the zdb hook's config).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTls {
+pub(crate) struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+}
+
+impl RawTls {
+    /// The files, relative paths taken from `base`.
+    pub(crate) fn under(self, base: &Path) -> TlsFiles {
+        TlsFiles {
+            ca: base.join(self.ca),
+            cert: base.join(self.cert),
+            key: base.join(self.key),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -283,10 +295,11 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     };
     let data_dir = base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("barge-data")));
     std::fs::create_dir_all(&data_dir).map_err(|e| invalid("data_dir", format!("{}: {e}", data_dir.display())))?;
+    let tls = raw.tls.under(base);
     let tls = TlsFiles {
-        ca: existing_file("tls.ca", &base.join(raw.tls.ca))?,
-        cert: existing_file("tls.cert", &base.join(raw.tls.cert))?,
-        key: existing_file("tls.key", &base.join(raw.tls.key))?,
+        ca: existing_file("tls.ca", &tls.ca)?,
+        cert: existing_file("tls.cert", &tls.cert)?,
+        key: existing_file("tls.key", &tls.key)?,
     };
     TlsMaterial::load(&tls).map_err(|e| invalid(tls_key(&tls, &e), e.to_string()))?;
     let exports = raw

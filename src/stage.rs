@@ -273,13 +273,7 @@ pub fn move_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Resul
         }
         return Err(e);
     }
-    let mut dirs: Vec<PathBuf> = units
-        .iter()
-        .filter_map(|p| p.under(target).parent().map(Path::to_path_buf))
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    sync_dirs(&dirs, target)
+    sync_parents(target, &units)
 }
 
 /// Renames every staged file to its place under `target`, replacing a file that is
@@ -295,6 +289,11 @@ pub fn replace_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Re
         }
         std::fs::rename(stage.file(rel), &dest).map_err(io_at(&dest))?;
     }
+    sync_parents(target, paths)
+}
+
+/// Syncs the folder of each of `paths` under `target`, and those above it up to `target`.
+fn sync_parents(target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
     let mut dirs: Vec<PathBuf> = paths
         .iter()
         .filter_map(|p| p.under(target).parent().map(Path::to_path_buf))

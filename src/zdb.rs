@@ -157,15 +157,7 @@ struct RawZdbConfig {
     data_target: String,
     index_target: String,
     data_export: String,
-    tls: RawTls,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+    tls: crate::config::RawTls,
 }
 
 /// What `barge zdb-hook` and `barge zdb-clone` need to know: where 0-db keeps its
@@ -202,11 +194,7 @@ impl ZdbConfig {
             data_dir: base.join(raw.data_dir),
             index_dir: base.join(raw.index_dir),
             peer,
-            tls: TlsFiles {
-                ca: base.join(raw.tls.ca),
-                cert: base.join(raw.tls.cert),
-                key: base.join(raw.tls.key),
-            },
+            tls: raw.tls.under(base),
             data_target: raw.data_target,
             index_target: raw.index_target,
             data_export: raw.data_export,
