@@ -37,6 +37,24 @@ fn fails(out: &Output, code: i32, want: &str) {
     assert!(lines[0].contains(want), "expected {want:?} in {err}");
 }
 
+/// A CA in `p/certs` and an identity for each of `names`, made by `barge certs`.
+fn make_certs(p: &Path, names: &[&str]) {
+    ok(&barge(&["certs", "init", "--dir", "certs"], p));
+    for name in names {
+        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
+    }
+}
+
+/// `p/b.toml`: agent `store-b` on 127.0.0.1:0 with `top` keys and `targets` tables.
+fn store_b_config(p: &Path, top: &str, targets: &str) {
+    let tls = "[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n";
+    std::fs::write(
+        p.join("b.toml"),
+        format!("listen = \"127.0.0.1:0\"\n{top}\n{tls}{targets}"),
+    )
+    .unwrap();
+}
+
 /// Starts `barge agent` and returns it with the address from its log.
 fn agent(args: &[&str], cwd: &Path) -> (KillOnDrop, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_barge"))
@@ -170,22 +188,18 @@ fn bad_configs_are_refused_at_start_naming_the_key() {
 fn push_and_pull_through_the_cli_with_documented_exit_codes() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path();
-    ok(&barge(&["certs", "init", "--dir", "certs"], p));
-    for name in ["store-b", "ops", "intruder"] {
-        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
-    }
+    make_certs(p, &["store-b", "ops", "intruder"]);
     for d in ["in", "out", "data/sub"] {
         std::fs::create_dir_all(p.join(d)).unwrap();
     }
     write(&p.join("data/sub/a.sst"), &content(1, 3 << 20));
     write(&p.join("data/b.sst"), &content(2, 77));
     write(&p.join("out/exported.sst"), &content(3, 1234));
-    std::fs::write(
-        p.join("b.toml"),
-        "listen = \"127.0.0.1:0\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n\
-         [[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"ssts\"\npath = \"out\"\nallow = [\"ops\"]\n",
-    )
-    .unwrap();
+    store_b_config(
+        p,
+        "",
+        "[[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"ssts\"\npath = \"out\"\nallow = [\"ops\"]\n",
+    );
     let (_agent, addr) = agent(&["--config", "b.toml"], p);
     let peer = format!("store-b@{addr}");
     let id = ["--certs", "certs", "--identity", "ops"];
@@ -300,10 +314,7 @@ fn wait_for_staged(dir: &Path, bytes: u64) -> bool {
 fn an_agent_killed_mid_job_resumes_from_its_staged_blocks() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path();
-    ok(&barge(&["certs", "init", "--dir", "certs"], p));
-    for name in ["store-b", "ops"] {
-        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
-    }
+    make_certs(p, &["store-b", "ops"]);
     std::fs::create_dir_all(p.join("in")).unwrap();
     let big = content(7, 64 << 20);
     write(&p.join("src/big.sst"), &big);
@@ -351,21 +362,17 @@ fn an_agent_killed_mid_job_resumes_from_its_staged_blocks() {
 fn a_bulk_load_through_the_cli_holds_lists_commits_and_aborts() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path();
-    ok(&barge(&["certs", "init", "--dir", "certs"], p));
-    for name in ["store-b", "ops"] {
-        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
-    }
+    make_certs(p, &["store-b", "ops"]);
     for d in ["in", "state"] {
         std::fs::create_dir_all(p.join(d)).unwrap();
     }
     write(&p.join("load/1.sst"), &content(1, 2 << 20));
     write(&p.join("other.sst"), &content(2, 10));
-    std::fs::write(
-        p.join("b.toml"),
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n\
-         [[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"inbox\"\npath = \"in\"\nallow = [\"ops\"]\n",
-    )
-    .unwrap();
+    store_b_config(
+        p,
+        "data_dir = \"state\"",
+        "[[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"inbox\"\npath = \"in\"\nallow = [\"ops\"]\n",
+    );
     let (_agent, addr) = agent(&["--config", "b.toml"], p);
     let peer = format!("store-b@{addr}");
     let run = |args: &[&str]| {
@@ -426,19 +433,15 @@ fn a_bulk_load_through_the_cli_holds_lists_commits_and_aborts() {
 fn json_results_and_status_for_scripts() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path();
-    ok(&barge(&["certs", "init", "--dir", "certs"], p));
-    for name in ["store-b", "ops"] {
-        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
-    }
+    make_certs(p, &["store-b", "ops"]);
     std::fs::create_dir_all(p.join("in")).unwrap();
     write(&p.join("data/a.sst"), &content(1, (1 << 20) + 7));
     write(&p.join("data/b.sst"), &content(2, 10));
-    std::fs::write(
-        p.join("b.toml"),
-        "listen = \"127.0.0.1:0\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n\
-         [[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"back\"\npath = \"in\"\nallow = [\"ops\"]\n",
-    )
-    .unwrap();
+    store_b_config(
+        p,
+        "",
+        "[[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"back\"\npath = \"in\"\nallow = [\"ops\"]\n",
+    );
     let (_agent, addr) = agent(&["--config", "b.toml"], p);
     let peer = format!("store-b@{addr}");
     let run = |args: &[&str]| {
