@@ -220,7 +220,9 @@ impl Client {
             let picked = crate::source::select_sst(files, opts.range.as_ref(), &self.cache)?;
             (files, spans) = picked.into_iter().map(|(f, s)| (f, Some(s))).unzip();
         }
+        let t = std::time::Instant::now();
         let mut offer = crate::source::make_offer(target, &files, opts.meta.clone(), &self.cache).await?;
+        tracing::debug!(files = files.len(), ms = t.elapsed().as_millis() as u64, "offer made");
         for (f, span) in offer.files.iter_mut().zip(spans) {
             f.keys = span;
         }
@@ -233,6 +235,7 @@ impl Client {
         for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
             conns.push(self.connect(peer).await?);
         }
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "connected");
         let (mut send, mut recv) = conns[0].open_bi().await?;
         let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &fault).await;
         for c in &conns {

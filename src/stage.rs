@@ -40,6 +40,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
 pub struct Stage {
     pub job_dir: PathBuf,
     pub files_dir: PathBuf,
+    /// Made by this `open`: nothing can be staged in it yet, so there is nothing to scan.
+    fresh: bool,
 }
 
 impl Stage {
@@ -49,6 +51,16 @@ impl Stage {
         ensure_real_dir(&staging, STAGING_DIR)?;
         let job_dir = staging.join(job.id.to_string());
         let files_dir = job_dir.join("files");
+        let fresh = match std::fs::create_dir(&job_dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => {
+                return Err(StageError::Io {
+                    path: job_dir,
+                    source: e,
+                })
+            }
+        };
         std::fs::create_dir_all(&files_dir).map_err(io_at(&files_dir))?;
         // Touch the folder: its mtime is what the expiry sweep looks at.
         let now = std::fs::FileTimes::new().set_modified(SystemTime::now());
@@ -62,13 +74,21 @@ impl Stage {
                 std::fs::create_dir_all(&parent).map_err(io_at(&parent))?;
             }
         }
-        Ok(Stage { job_dir, files_dir })
+        Ok(Stage {
+            job_dir,
+            files_dir,
+            fresh,
+        })
     }
 
     /// The staging folder of an earlier job, by its folder.
     pub fn at(job_dir: PathBuf) -> Stage {
         let files_dir = job_dir.join("files");
-        Stage { job_dir, files_dir }
+        Stage {
+            job_dir,
+            files_dir,
+            fresh: false,
+        }
     }
 
     pub fn file(&self, rel: &RelPath) -> PathBuf {
@@ -76,9 +96,13 @@ impl Stage {
     }
 
     /// Re-verifies what an earlier attempt staged and records the good blocks.
-    /// Returns how many blocks were found.
+    /// Returns how many blocks were found. A folder this job just made is not read:
+    /// for 20,000 files that saves as many failed lookups before the first block.
     pub async fn scan(&self, job: &mut ReceiveJob, disk: &Disk) -> u64 {
         let mut found = 0;
+        if self.fresh {
+            return found;
+        }
         let offer = job.offer.clone();
         for (i, f) in offer.files.iter().enumerate() {
             let path = self.file(&job.paths[i]);
@@ -452,13 +476,40 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn a_new_staging_folder_is_not_scanned_and_a_reopened_one_is() {
+        use crate::proto::blocks::FileHashes;
+        use crate::proto::wire::OfferFile;
+        let t = tempfile::tempdir().unwrap();
+        let data = b"staged before the cut";
+        let offer = Offer {
+            target: "t".into(),
+            files: vec![OfferFile {
+                path: "d/f".into(),
+                hashes: FileHashes::from_reader(&data[..], data.len() as u64).unwrap(),
+                keys: None,
+            }],
+            meta: vec![],
+            tcp_lane: false,
+            hold: false,
+        };
+        let disk = Disk::start().unwrap();
+        let mut job = ReceiveJob::new(offer.clone()).unwrap();
+        let stage = Stage::open(t.path(), &job).unwrap();
+        assert!(stage.fresh);
+        std::fs::write(stage.file(&rel("d/f")), data).unwrap();
+        assert_eq!(stage.scan(&mut job, &disk).await, 0, "made by this open: not read");
+        let mut again = ReceiveJob::new(offer).unwrap();
+        let reopened = Stage::open(t.path(), &again).unwrap();
+        assert!(!reopened.fresh);
+        assert_eq!(reopened.scan(&mut again, &disk).await, 1, "the staged block is found");
+        assert_eq!(again.missing(), 0);
+    }
+
     #[test]
     fn a_failed_move_puts_everything_back() {
         let t = tempfile::tempdir().unwrap();
-        let stage = Stage {
-            job_dir: t.path().join("job"),
-            files_dir: t.path().join("job/files"),
-        };
+        let stage = Stage::at(t.path().join("job"));
         std::fs::create_dir_all(stage.files_dir.join("a")).unwrap();
         std::fs::write(stage.files_dir.join("a/1"), b"1").unwrap();
         std::fs::write(stage.files_dir.join("z"), b"2").unwrap();
@@ -487,10 +538,7 @@ mod tests {
         let paths = [rel("new/a"), rel("new/b/c"), rel("old/d"), rel("top")];
         let units = rename_units(&target, &paths).unwrap();
         assert_eq!(units, [rel("new"), rel("old/d"), rel("top")]);
-        let stage = Stage {
-            job_dir: t.path().join("job"),
-            files_dir: t.path().join("job/files"),
-        };
+        let stage = Stage::at(t.path().join("job"));
         for p in &paths {
             write_staged(&stage, p);
         }

@@ -578,6 +578,7 @@ impl JobCtx {
         hook: &dyn ImportHook,
         limits: &crate::config::Limits,
     ) -> Result<(ReceiveJob, Stage), Refusal> {
+        let t = std::time::Instant::now();
         hook.check(&target.path, &job.paths)
             .map_err(|e| refuse(hook_code(&e), e.to_string()))?;
         if let Some(max) = limits.max_staged_bytes {
@@ -588,7 +589,9 @@ impl JobCtx {
             }
         }
         let stage = Stage::open(&target.path, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
+        let opened_ms = t.elapsed().as_millis() as u64;
         let found = stage.scan(&mut job, &self.shared.disk).await;
+        tracing::debug!(opened_ms, ready_ms = t.elapsed().as_millis() as u64, "staging ready");
         let need = job.missing_bytes();
         if let Err(e) = check_space_with(&target.path, need, limits.reserve_bytes) {
             if found == 0 {
