@@ -4,6 +4,7 @@
 #
 #   sudo benches/link.sh            # 1 Gbit/s, 20 ms RTT, clean and with 0.5 % loss
 #   SIZE_MIB=256 ROUNDS=3 benches/link.sh
+#   CONNS=2 LOSSES=0 benches/link.sh   # adds a row with 2 connections; clean link only
 #
 # The link is made by shared/tools/linkem (netem where the kernel has it, otherwise its
 # NFQUEUE emulator). Rows per link: tcp (the transfer bench's sendfile copy, receiver
@@ -68,7 +69,7 @@ run_barge() {  # $1 = congestion controller
   sleep 0.7
   local t0; t0=$(now)
   bash "$LINKEM" exec a "$BARGE" push "$WORK/src/data" --to b@10.251.0.2:7878 --import in \
-    --certs "$WORK/c" --identity a --congestion "$1" >/dev/null
+    --certs "$WORK/c" --identity a --congestion "$1" --connections "${2:-1}" >/dev/null
   local t; t=$(echo "$(now) - $t0" | bc)
   pkill -f "barge agent --config $WORK" || true
   sleep 0.3
@@ -77,7 +78,7 @@ run_barge() {  # $1 = congestion controller
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-for loss in 0 0.5; do
+for loss in ${LOSSES:-0 0.5}; do
   bash "$LINKEM" up --delay 10 --rate 1000 --loss "$loss" >/dev/null 2>&1 &
   sleep 3
   for ns in lem-a lem-b; do ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control=bbr || true; done
@@ -85,12 +86,13 @@ for loss in 0 0.5; do
   for _ in $(seq "$ROUNDS"); do
     T[tcp]+="$(run_tcp) "
     T[bbr]+="$(run_barge bbr) "
+    [ -n "${CONNS:-}" ] && T[bbr-x$CONNS]+="$(run_barge bbr "$CONNS") "
     # cubic under loss crawls at about 1 MB/s (measured once: 64 MiB in 59 s); clean link only.
     [ "$loss" = 0 ] && T[cubic]+="$(run_barge cubic) "
   done
   echo "link: 1 Gbit/s, 20 ms RTT, loss ${loss}%, ${SIZE_MIB} MiB, median of $ROUNDS"
   base=$(echo "${T[tcp]}" | tr ' ' '\n' | grep . | median)
-  for row in tcp bbr cubic; do
+  for row in tcp bbr ${CONNS:+bbr-x$CONNS} cubic; do
     [ -n "${T[$row]:-}" ] || continue
     s=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | median)
     printf '  %-12s %8.1f MB/s  %5.2fx tcp\n' "$([ $row = tcp ] && echo tcp-bbr || echo barge-$row)" \

@@ -15,6 +15,9 @@
 //! - `quinn` (W1 only): quinn alone, memory to memory, barge's transport settings, no
 //!   disk and no hashing: the ceiling of the QUIC path with both ends on these cores.
 //!
+//! `BARGE_BENCH_ROWS=cp,barge` runs only those rows (and `tcp`, the baseline);
+//! `BARGE_BENCH_ONLY=W3` only that workload.
+//!
 //! Every row runs as two processes (or one for `cp`), and their CPU time and peak
 //! memory come from `wait4`. Before each timed run the previous copy is deleted, the
 //! page cache dropped (when root) and the source read again, so each run starts warm
@@ -65,6 +68,11 @@ fn main() {
             vec![("tcp", vec![]), ("cp", vec![]), ("barge", vec![]), ("b-tcp", vec![])];
         if name == "W1" {
             rows.push(("quinn", vec![]));
+        }
+        let keep = std::env::var("BARGE_BENCH_ROWS").unwrap_or_default();
+        if !keep.is_empty() {
+            // Always keep the first row (tcp): every ratio is against it.
+            rows.retain(|(r, _)| *r == "tcp" || keep.split(',').any(|k| k == *r));
         }
         for round in 0..rounds {
             // Rotate the order each round so no row always runs first after the reset.
@@ -319,6 +327,12 @@ fn run_barge(work: &Path, certs: &Path, src: &Path, dst: &Path, tcp_lane: bool) 
         .spawn()
         .unwrap();
     let addr = agent_addr(&mut agent);
+    if std::env::var_os("BARGE_BENCH_VERBOSE").is_some() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        eprintln!("push starts at unix {:.3}", now.as_secs_f64());
+    }
     let t = Instant::now();
     let mut push = Command::new(BARGE)
         .arg("push")
@@ -351,7 +365,11 @@ fn agent_addr(agent: &mut Child) -> String {
         assert!(err.read_line(&mut line).unwrap() > 0, "agent exited");
         if let Some(rest) = line.split("addr=").nth(1).filter(|_| line.contains("agent listening")) {
             let addr = rest.split_whitespace().next().unwrap().to_string();
-            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+            // BARGE_BENCH_VERBOSE shows the agent's log (its job timings) on stderr.
+            match std::env::var_os("BARGE_BENCH_VERBOSE") {
+                Some(_) => std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr())),
+                None => std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink())),
+            };
             return addr;
         }
     }
