@@ -11,8 +11,9 @@ use crate::hashcache::HashCache;
 use crate::hook::{ImportHook, MoveHook};
 use crate::proto::job::ReceiveJob;
 use crate::proto::keys::KeyRange;
-use crate::proto::wire::{JobId, JobInfo, JobOp, ListedFile, Message, Refusal};
+use crate::proto::wire::{JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
 use crate::quic::Tuning;
+use crate::source::SourceFile;
 use crate::stage::{check_space, move_into_place, Stage};
 use crate::tls::{TlsFiles, TlsMaterial};
 use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError};
@@ -192,8 +193,10 @@ impl Client {
         paths: &[PathBuf],
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
-        let files = crate::source::collect_push(paths)?;
-        self.send(peer, target, files, opts).await
+        let paths = paths.to_vec();
+        let walk = tokio::task::spawn_blocking(move || crate::source::collect_push(&paths));
+        self.send(peer, target, async { walk.await.expect("walk task") }, opts)
+            .await
     }
 
     /// Pushes files under names the caller chose: `(relative name, local path)`.
@@ -204,17 +207,42 @@ impl Client {
         files: &[(String, PathBuf)],
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
-        let files = crate::source::collect_named(files)?;
-        self.send(peer, target, files, opts).await
+        let files = crate::source::collect_named(files);
+        self.send(peer, target, async { files }, opts).await
     }
 
+    /// Sends what `files` yields. The first connection's handshake runs while the files
+    /// are listed and hashed; whichever of the two fails first is the error.
     async fn send(
         &self,
         peer: &Peer,
         target: &str,
-        mut files: Vec<crate::source::SourceFile>,
+        files: impl std::future::Future<Output = Result<Vec<SourceFile>, crate::source::SourceError>>,
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
+        let prepare = async { self.prepare(target, files.await?, opts).await };
+        let ((offer, files), first) = tokio::try_join!(prepare, self.connect(peer))?;
+        let mut conns = vec![first];
+        for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
+            conns.push(self.connect(peer).await?);
+        }
+        let mut fault = opts.fault.clone();
+        fault.progress = Some(self.tally.done.clone());
+        let (mut send, mut recv) = conns[0].open_bi().await?;
+        let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &fault).await;
+        for c in &conns {
+            c.close(quinn::VarInt::from_u32(0), b"done");
+        }
+        result
+    }
+
+    /// The offer for `files` (only the SST files in range, if asked), and the files it lists.
+    async fn prepare(
+        &self,
+        target: &str,
+        mut files: Vec<SourceFile>,
+        opts: &PushOptions,
+    ) -> Result<(Offer, Vec<SourceFile>), TransferError> {
         let mut spans = vec![];
         if opts.sst || opts.range.is_some() {
             let picked = crate::source::select_sst(files, opts.range.as_ref(), &self.cache)?;
@@ -229,19 +257,7 @@ impl Client {
         offer.tcp_lane = opts.tcp_lane;
         offer.hold = opts.hold;
         self.start_tally(offer.files.len(), offer.total_bytes());
-        let mut fault = opts.fault.clone();
-        fault.progress = Some(self.tally.done.clone());
-        let mut conns = vec![self.connect(peer).await?];
-        for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
-            conns.push(self.connect(peer).await?);
-        }
-        tracing::debug!(ms = t.elapsed().as_millis() as u64, "connected");
-        let (mut send, mut recv) = conns[0].open_bi().await?;
-        let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &fault).await;
-        for c in &conns {
-            c.close(quinn::VarInt::from_u32(0), b"done");
-        }
-        result
+        Ok((offer, files))
     }
 
     /// Pulls `files` (all if empty) of `export` on `peer` into `into`.

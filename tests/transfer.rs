@@ -395,3 +395,21 @@ async fn a_large_job_spread_over_several_connections_arrives_verified() {
     assert_eq!(r.connections, 3, "streams on every connection");
     assert_same_tree(&env.src(), &env.inbox());
 }
+
+/// The walk of the sources and the handshake run at once: a source that is not there
+/// ends the push with an error naming it, and nothing reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_source_fails_naming_it() {
+    let env = env().await;
+    let missing = env.src().join("not-there");
+    let err = env
+        .client("client")
+        .push(&env.peer(), "in", &[missing], &PushOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Source(_)) && err.to_string().contains("not-there"),
+        "{err}"
+    );
+    assert!(list(&env.inbox()).is_empty(), "nothing arrived");
+}
