@@ -4,10 +4,13 @@
 //! contiguous once anyway, so it is gathered into a 4 KiB-aligned buffer. That buffer
 //! then goes to the disk with O_DIRECT: the kernel moves it by DMA instead of copying
 //! it into the page cache, which was the receiver's largest single CPU cost. Buffers
-//! come back to the pool when the last `Bytes` pointing at them is dropped.
+//! come back to the pool when the last `Bytes` pointing at them is dropped. A shorter
+//! block (the 256 KiB file, the tail of a large one) uses the front of a pooled buffer:
+//! a fresh allocation of that size is fresh pages from the kernel, zeroed and faulted
+//! in for every block.
 
 use bytes::Bytes;
-use std::alloc::{alloc, dealloc, Layout};
+use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::{Arc, Mutex};
 
 /// Alignment O_DIRECT needs for address, length and offset.
@@ -24,6 +27,8 @@ const POOL_MAX: usize = 32;
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
+    /// Bytes allocated (`len` or more).
+    cap: usize,
     pool: Option<Arc<Pool>>,
 }
 
@@ -40,11 +45,16 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes.
     pub fn new(len: usize) -> AlignedBuf {
         // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
+        let ptr = unsafe { alloc_zeroed(Self::layout(len)) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(Self::layout(len));
         }
-        AlignedBuf { ptr, len, pool: None }
+        AlignedBuf {
+            ptr,
+            len,
+            cap: len,
+            pool: None,
+        }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -69,17 +79,18 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
             let mut free = pool.free.lock().expect("buffer pool");
-            if free.len() < POOL_MAX && self.len == pool.len {
+            if free.len() < POOL_MAX && self.cap == pool.len {
                 free.push(AlignedBuf {
                     ptr: self.ptr,
-                    len: self.len,
+                    len: self.cap,
+                    cap: self.cap,
                     pool: None,
                 });
                 return;
             }
         }
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { dealloc(self.ptr, Self::layout(self.len)) };
+        // SAFETY: allocated with this layout (`new` or `Pool::take`), freed once.
+        unsafe { dealloc(self.ptr, Self::layout(self.cap)) };
     }
 }
 
@@ -100,14 +111,16 @@ impl Pool {
     /// A buffer from the pool (contents unspecified) or a new one.
     pub fn take(self: &Arc<Pool>) -> AlignedBuf {
         let mut buf = self.free.lock().expect("buffer pool").pop().unwrap_or_else(|| {
+            // Zeroed once when made, so no slice over it is ever uninitialised.
             // SAFETY: non-zero size; checked for null below.
-            let ptr = unsafe { alloc(AlignedBuf::layout(self.len)) };
+            let ptr = unsafe { alloc_zeroed(AlignedBuf::layout(self.len)) };
             if ptr.is_null() {
                 std::alloc::handle_alloc_error(AlignedBuf::layout(self.len));
             }
             AlignedBuf {
                 ptr,
                 len: self.len,
+                cap: self.len,
                 pool: None,
             }
         });
@@ -126,10 +139,13 @@ pub fn wants_direct(len: usize) -> bool {
     len >= DIRECT_MIN && len % ALIGN == 0
 }
 
-/// An aligned buffer of `len` bytes: from `pool` if it has that size, else new.
+/// An aligned buffer of `len` bytes (contents unspecified): the front of a pooled one
+/// if it fits, else a new one.
 pub fn aligned(pool: &Arc<Pool>, len: usize) -> AlignedBuf {
-    if len == pool.len {
-        pool.take()
+    if len <= pool.len {
+        let mut buf = pool.take();
+        buf.len = len;
+        buf
     } else {
         AlignedBuf::new(len)
     }
@@ -161,5 +177,10 @@ mod tests {
         );
         assert!(direct_ok(&aligned(&pool, 256 << 10).freeze(), 4096));
         assert!(!direct_ok(&aligned(&pool, 256 << 10).freeze(), 100), "unaligned offset");
+        let short = aligned(&pool, 256 << 10);
+        assert_eq!(short.as_ref().len(), 256 << 10);
+        assert_eq!(short.as_ref().as_ptr(), ptr, "a shorter block uses a pooled buffer");
+        drop(short);
+        assert_eq!(pool.take().as_ref().len(), 1 << 20, "and it goes back whole");
     }
 }

@@ -13,7 +13,8 @@
 //!   [`proto::keys`] names key ranges and places a file's keys against them.
 //! - [`certs`]: a private CA and host certificates; a host's identity is its DNS name.
 //! - [`tls`]: rustls/quinn configuration with mutual authentication, peer identity.
-//! - [`quic`]: transport tuning: windows from bandwidth x RTT, MTU ceiling, congestion control.
+//! - [`quic`]: transport tuning: connection window from bandwidth x RTT, a fixed stream
+//!   window, MTU ceiling, congestion control.
 //! - [`config`]: the agent's TOML configuration, validated in one place.
 //! - [`disk`]: reads, writes and syncs on an io_uring thread (O_DIRECT for whole blocks).
 //! - [`buf`]: aligned, pooled block buffers.
