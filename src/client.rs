@@ -211,8 +211,10 @@ impl Client {
         self.send(peer, target, async { files }, opts).await
     }
 
-    /// Sends what `files` yields. The first connection's handshake runs while the files
-    /// are listed and hashed; whichever of the two fails first is the error.
+    /// Sends what `files` yields, connecting once the offer is ready. (Connecting while
+    /// the files were listed and hashed saved a round trip but left a half-made
+    /// connection on the agent whenever the offer failed, and an agent's shutdown then
+    /// waited for it to time out.)
     async fn send(
         &self,
         peer: &Peer,
@@ -220,9 +222,8 @@ impl Client {
         files: impl std::future::Future<Output = Result<Vec<SourceFile>, crate::source::SourceError>>,
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
-        let prepare = async { self.prepare(target, files.await?, opts).await };
-        let ((offer, files), first) = tokio::try_join!(prepare, self.connect(peer))?;
-        let mut conns = vec![first];
+        let (offer, files) = self.prepare(target, files.await?, opts).await?;
+        let mut conns = vec![self.connect(peer).await?];
         for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
             conns.push(self.connect(peer).await?);
         }

@@ -396,8 +396,8 @@ async fn a_large_job_spread_over_several_connections_arrives_verified() {
     assert_same_tree(&env.src(), &env.inbox());
 }
 
-/// The walk of the sources and the handshake run at once: a source that is not there
-/// ends the push with an error naming it, and nothing reaches the target.
+/// A source that is not there ends the push with an error naming it, and nothing
+/// reaches the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_source_fails_naming_it() {
     let env = env().await;
