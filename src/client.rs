@@ -195,8 +195,8 @@ impl Client {
     ) -> Result<SendReport, TransferError> {
         let paths = paths.to_vec();
         let walk = tokio::task::spawn_blocking(move || crate::source::collect_push(&paths));
-        self.send(peer, target, async { walk.await.expect("walk task") }, opts)
-            .await
+        let files = walk.await.expect("walk task")?;
+        self.send(peer, target, files, opts).await
     }
 
     /// Pushes files under names the caller chose: `(relative name, local path)`.
@@ -207,22 +207,20 @@ impl Client {
         files: &[(String, PathBuf)],
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
-        let files = crate::source::collect_named(files);
-        self.send(peer, target, async { files }, opts).await
+        let files = crate::source::collect_named(files)?;
+        self.send(peer, target, files, opts).await
     }
 
-    /// Sends what `files` yields, connecting once the offer is ready. (Connecting while
-    /// the files were listed and hashed saved a round trip but left a half-made
-    /// connection on the agent whenever the offer failed, and an agent's shutdown then
-    /// waited for it to time out.)
+    /// Sends `files`, connecting only once the offer is ready: an offer that fails then
+    /// leaves no half-made connection on the agent.
     async fn send(
         &self,
         peer: &Peer,
         target: &str,
-        files: impl std::future::Future<Output = Result<Vec<SourceFile>, crate::source::SourceError>>,
+        files: Vec<SourceFile>,
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
-        let (offer, files) = self.prepare(target, files.await?, opts).await?;
+        let (offer, files) = self.prepare(target, files, opts).await?;
         let mut conns = vec![self.connect(peer).await?];
         for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
             conns.push(self.connect(peer).await?);
