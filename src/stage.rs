@@ -54,12 +54,7 @@ impl Stage {
         let fresh = match std::fs::create_dir(&job_dir) {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-            Err(e) => {
-                return Err(StageError::Io {
-                    path: job_dir,
-                    source: e,
-                })
-            }
+            Err(e) => return Err(io_at(&job_dir)(e)),
         };
         std::fs::create_dir_all(&files_dir).map_err(io_at(&files_dir))?;
         // Touch the folder: its mtime is what the expiry sweep looks at.
