@@ -208,19 +208,22 @@ pub async fn send_job(
         return Err(TransferError::Interrupted(blocks));
     }
     if let Err(e) = check_unchanged(&sources, fault) {
-        write_msg(send, &Message::Abort).await?;
-        let _ = send.finish();
-        // Wait for the receiver's acknowledgement, so the abort is not lost in the close.
-        let _ = tokio::time::timeout(REPLY_GRACE, control).await;
+        // A receiver that stopped reading has failed the job already; the change is still the reason.
+        if write_msg(send, &Message::Abort).await.is_ok() {
+            let _ = send.finish();
+            // Wait for the receiver's acknowledgement, so the abort is not lost in the close.
+            let _ = tokio::time::timeout(REPLY_GRACE, control).await;
+        }
         return Err(e);
     }
-    write_msg(
-        send,
-        &Message::Commit {
-            streams: report.streams as u32,
-        },
-    )
-    .await?;
+    let commit = Message::Commit {
+        streams: report.streams as u32,
+    };
+    // The receiver may have failed the job (a bad block on the TCP lane) and stopped
+    // reading just as the last data went out: its reason, not the refused write, is the error.
+    if let Err(e) = write_msg(send, &commit).await {
+        return Err(explain(control, e).await);
+    }
     match control.await? {
         Message::Committed { report: r } => {
             report.report = r;
