@@ -8,9 +8,11 @@
 #
 # The link is made by shared/tools/linkem (netem where the kernel has it, otherwise its
 # NFQUEUE emulator). Rows per link: tcp (the transfer bench's sendfile copy, receiver
-# syncs; TCP congestion control bbr), barge over QUIC with bbr and (clean link only)
-# cubic. Every row
-# writes to disk and is durable before it counts. Medians of ROUNDS, MB/s and ratio to tcp.
+# syncs; TCP congestion control bbr), barge over QUIC with its default controller
+# (bbr-bounded), with quinn's plain bbr and (clean link only) cubic. Every row
+# writes to disk and is durable before it counts. Medians of ROUNDS: MB/s, ratio to tcp,
+# and for barge the share of its QUIC packets lost (the link's random loss plus what the
+# controller overflowed the link's queue with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -63,17 +65,25 @@ run_tcp() {
   echo "$(now) - $t0" | bc
 }
 
-run_barge() {  # $1 = congestion controller
+run_barge() {  # $1 = congestion controller, $2 = connections; prints seconds and % of packets lost
   reset
   bash "$LINKEM" exec b "$BARGE" agent --config "$WORK/agent.toml" >/dev/null 2>&1 &
   sleep 0.7
   local t0; t0=$(now)
-  bash "$LINKEM" exec a "$BARGE" push "$WORK/src/data" --to b@10.251.0.2:7878 --import in \
-    --certs "$WORK/c" --identity a --congestion "$1" --connections "${2:-1}" >/dev/null
+  bash "$LINKEM" exec a env RUST_LOG=barge::client=debug NO_COLOR=1 "$BARGE" push "$WORK/src/data" \
+    --to b@10.251.0.2:7878 --import in --certs "$WORK/c" --identity a --congestion "$1" \
+    --connections "${2:-1}" >/dev/null 2>"$WORK/push.log"
   local t; t=$(echo "$(now) - $t0" | bc)
   pkill -f "barge agent --config $WORK" || true
   sleep 0.3
-  echo "$t"
+  # The client logs each connection's packets sent and lost (path stats) at debug level.
+  local pct; pct=$(sed -n 's/.* sent=\([0-9]*\) lost=\([0-9]*\).*/\1 \2/p' "$WORK/push.log" |
+    awk '{s+=$1; l+=$2} END {printf "%.1f", s ? 100*l/s : 0}')
+  echo "$t $pct"
+}
+row() {  # $1 = row name, rest: run_barge's arguments; adds to T (seconds) and L (loss %)
+  local r; r=$(run_barge "${@:2}")
+  T[$1]+="${r% *} "; L[$1]+="${r#* } "
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -82,22 +92,25 @@ for loss in ${LOSSES:-0 0.5}; do
   bash "$LINKEM" up --delay 10 --rate 1000 --loss "$loss" >/dev/null 2>&1 &
   sleep 3
   for ns in lem-a lem-b; do ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control=bbr || true; done
-  declare -A T=()
+  declare -A T=() L=()
   for _ in $(seq "$ROUNDS"); do
     T[tcp]+="$(run_tcp) "
-    T[bbr]+="$(run_barge bbr) "
-    [ -n "${CONNS:-}" ] && T[bbr-x$CONNS]+="$(run_barge bbr "$CONNS") "
+    row bbr-bounded bbr-bounded
+    row bbr bbr
+    [ -n "${CONNS:-}" ] && row "bbr-bounded-x$CONNS" bbr-bounded "$CONNS"
     # cubic under loss crawls at about 1 MB/s (measured once: 64 MiB in 59 s); clean link only.
-    [ "$loss" = 0 ] && T[cubic]+="$(run_barge cubic) "
+    [ "$loss" = 0 ] && row cubic cubic
   done
   echo "link: 1 Gbit/s, 20 ms RTT, loss ${loss}%, ${SIZE_MIB} MiB, median of $ROUNDS"
   base=$(echo "${T[tcp]}" | tr ' ' '\n' | grep . | median)
-  for row in tcp bbr ${CONNS:+bbr-x$CONNS} cubic; do
+  for row in tcp bbr-bounded bbr ${CONNS:+bbr-bounded-x$CONNS} cubic; do
     [ -n "${T[$row]:-}" ] || continue
     s=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | median)
-    printf '  %-12s %8.1f MB/s  %5.2fx tcp\n' "$([ $row = tcp ] && echo tcp-bbr || echo barge-$row)" \
-      "$(echo "$SIZE_MIB * 1.048576 / $s" | bc -l)" "$(echo "$base / $s" | bc -l)"
+    lost=$(echo "${L[$row]:-}" | tr ' ' '\n' | { grep . || true; } | median)
+    printf '  %-18s %8.1f MB/s  %5.2fx tcp  %s\n' "$([ $row = tcp ] && echo tcp-bbr || echo barge-$row)" \
+      "$(echo "$SIZE_MIB * 1.048576 / $s" | bc -l)" "$(echo "$base / $s" | bc -l)" \
+      "${lost:+packets lost ${lost}%}"
   done
-  unset T
+  unset T L
   bash "$LINKEM" down >/dev/null 2>&1
 done

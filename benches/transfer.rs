@@ -505,13 +505,19 @@ mod roles {
         barge::tls::TlsMaterial::load(&barge::tls::TlsFiles::in_dir(certs, name)).unwrap()
     }
 
+    /// A quinn endpoint on a socket made as barge makes its own (buffer sizes included).
+    fn endpoint(addr: &str, server: Option<quinn::ServerConfig>, tuning: &barge::quic::Tuning) -> quinn::Endpoint {
+        let sock = barge::quic::udp_socket(addr.parse().unwrap(), tuning).unwrap();
+        let runtime = std::sync::Arc::new(quinn::TokioRuntime);
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), server, sock, runtime).unwrap()
+    }
+
     fn quinn_recv(certs: &Path) {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let tls = quinn_endpoint_configs(certs, "agent");
             let tuning = bench_tuning();
-            let ep =
-                quinn::Endpoint::server(tls.server_config(&tuning).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+            let ep = endpoint("127.0.0.1:0", Some(tls.server_config(&tuning).unwrap()), &tuning);
             println!("listening {}", ep.local_addr().unwrap());
             std::io::stdout().flush().unwrap();
             let conn = ep.accept().await.unwrap().await.unwrap();
@@ -528,7 +534,7 @@ mod roles {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let tls = quinn_endpoint_configs(certs, "client");
-            let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+            let mut ep = endpoint("0.0.0.0:0", None, &bench_tuning());
             ep.set_default_client_config(tls.client_config(&bench_tuning()).unwrap());
             let conn = ep.connect(addr.parse().unwrap(), "agent").unwrap().await.unwrap();
             let mut s = conn.open_uni().await.unwrap();

@@ -112,7 +112,8 @@ pub struct IdentityArgs {
     /// [default: $XDG_CACHE_HOME/barge/hashes or ~/.cache/barge/hashes]
     #[arg(long, env = "BARGE_HASH_CACHE", value_name = "FILE")]
     pub hash_cache: Option<String>,
-    /// Congestion controller when this side sends: cubic, bbr or newreno
+    /// Congestion controller when this side sends: bbr-bounded (BBR that backs off on
+    /// heavy loss), bbr, cubic or newreno [default: bbr-bounded]
     #[arg(long, env = "BARGE_CONGESTION", value_name = "CC")]
     pub congestion: Option<String>,
 }

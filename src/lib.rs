@@ -15,6 +15,7 @@
 //! - [`tls`]: rustls/quinn configuration with mutual authentication, peer identity.
 //! - [`quic`]: transport tuning: connection window from bandwidth x RTT, a fixed stream
 //!   window, MTU ceiling, congestion control.
+//! - [`congestion`]: BBR bounded by loss (the default controller).
 //! - [`config`]: the agent's TOML configuration, validated in one place.
 //! - [`disk`]: reads, writes and syncs on an io_uring thread (O_DIRECT for whole blocks).
 //! - [`buf`]: aligned, pooled block buffers.
@@ -87,6 +88,7 @@ pub mod buf;
 pub mod certs;
 pub mod client;
 pub mod config;
+pub mod congestion;
 pub mod disk;
 pub mod hashcache;
 pub mod held;

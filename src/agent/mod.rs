@@ -288,13 +288,15 @@ fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::E
     let server = TlsMaterial::load(&config.tls)?.server_config(&config.tuning)?;
     let addr = config.listen;
     let bind_err = |source| AgentError::Bind { addr, source };
-    match socket {
-        None => quinn::Endpoint::server(server, addr).map_err(bind_err),
+    let sock = match socket {
+        None => crate::quic::udp_socket(addr, &config.tuning).map_err(bind_err)?,
         Some(sock) => {
-            let runtime = Arc::new(quinn::TokioRuntime);
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), sock, runtime).map_err(bind_err)
+            crate::quic::size_buffers(&sock, config.tuning.socket_buffer());
+            sock
         }
-    }
+    };
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), sock, runtime).map_err(bind_err)
 }
 
 async fn start_metrics(
