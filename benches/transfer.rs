@@ -507,7 +507,7 @@ mod roles {
 
     /// A quinn endpoint on a socket made as barge makes its own (buffer sizes included).
     fn endpoint(addr: &str, server: Option<quinn::ServerConfig>, tuning: &barge::quic::Tuning) -> quinn::Endpoint {
-        let sock = barge::quic::udp_socket(addr.parse().unwrap(), tuning).unwrap();
+        let (sock, _) = barge::quic::udp_socket(addr.parse().unwrap(), tuning).unwrap();
         let runtime = std::sync::Arc::new(quinn::TokioRuntime);
         quinn::Endpoint::new(quinn::EndpointConfig::default(), server, sock, runtime).unwrap()
     }

@@ -130,7 +130,9 @@ impl Client {
             path: "udp socket".into(),
             source: e,
         };
-        let sock = crate::quic::udp_socket(bind, tuning).map_err(udp_err)?;
+        let (sock, buffers) = crate::quic::udp_socket(bind, tuning).map_err(udp_err)?;
+        // The CLI warns only on request: a user's push still works with smaller buffers.
+        tracing::debug!(?buffers, "udp socket");
         let runtime = Arc::new(quinn::TokioRuntime);
         let mut endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, runtime).map_err(udp_err)?;

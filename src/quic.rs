@@ -133,44 +133,60 @@ impl Tuning {
     }
 }
 
+/// The buffer sizes a socket asked for and got, bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffers {
+    pub asked: usize,
+    pub receive: usize,
+    pub send: usize,
+}
+
+impl Buffers {
+    /// Got less than asked (the kernel's `net.core.rmem_max` / `wmem_max` capped it).
+    pub fn short(&self) -> bool {
+        self.receive < self.asked || self.send < self.asked
+    }
+}
+
 /// A UDP socket bound to `addr` with buffers sized by `tuning`.
-pub fn udp_socket(addr: std::net::SocketAddr, tuning: &Tuning) -> std::io::Result<std::net::UdpSocket> {
+pub fn udp_socket(addr: std::net::SocketAddr, tuning: &Tuning) -> std::io::Result<(std::net::UdpSocket, Buffers)> {
     let sock = std::net::UdpSocket::bind(addr)?;
-    size_buffers(&sock, tuning.socket_buffer());
-    Ok(sock)
+    let got = size_buffers(&sock, tuning.socket_buffer());
+    Ok((sock, got))
 }
 
 /// Asks for `size`-byte socket buffers: beyond `net.core.rmem_max` / `wmem_max` when the
 /// process may (CAP_NET_ADMIN), else up to those limits; never shrinks a buffer (one that
-/// systemd's `ReceiveBuffer=` set, say). Less than asked is logged, not an error: the
-/// transfer still works, only more slowly under load.
-pub fn size_buffers(sock: &impl std::os::fd::AsRawFd, size: usize) {
+/// systemd's `ReceiveBuffer=` set, say). Getting less is not an error (the transfer still
+/// works, only more slowly under load); the caller decides whether to warn.
+pub fn size_buffers(sock: &impl std::os::fd::AsRawFd, size: usize) -> Buffers {
     let fd = sock.as_raw_fd();
-    for (force, plain, limit, name) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "rmem_max", "receive"),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "wmem_max", "send"),
-    ] {
+    let mut got = [0; 2];
+    for (i, (force, plain, limit)) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "rmem_max"),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "wmem_max"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         // Linux reports twice the size set (it counts its bookkeeping too).
         let now = || get_int(fd, plain).unwrap_or(0) / 2;
         let before = now();
-        if before >= size || set_int(fd, force, size).is_ok() {
-            continue;
+        if before < size && set_int(fd, force, size).is_err() {
+            let max = std::fs::read_to_string(format!("/proc/sys/net/core/{limit}"))
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if max.min(size) > before {
+                let _ = set_int(fd, plain, size);
+            }
         }
-        let max = std::fs::read_to_string(format!("/proc/sys/net/core/{limit}"))
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        if max.min(size) > before {
-            let _ = set_int(fd, plain, size);
-        }
-        let got = now();
-        if got < size {
-            tracing::warn!(
-                asked = size,
-                got,
-                "UDP {name} buffer smaller than asked: allow more with net.core.{limit} (systemd/99-barge.conf)"
-            );
-        }
+        got[i] = now();
+    }
+    Buffers {
+        asked: size,
+        receive: got[0],
+        send: got[1],
     }
 }
 
@@ -235,8 +251,9 @@ mod tests {
         use std::os::fd::AsRawFd;
         let t = Tuning::default();
         assert_eq!(t.socket_buffer(), MIN_SOCKET_BUFFER);
-        let sock = udp_socket("127.0.0.1:0".parse().unwrap(), &t).unwrap();
+        let (sock, buffers) = udp_socket("127.0.0.1:0".parse().unwrap(), &t).unwrap();
         let got = get_int(sock.as_raw_fd(), libc::SO_RCVBUF).unwrap() / 2;
+        assert_eq!(buffers.receive, got);
         // Without CAP_NET_ADMIN the kernel's limit (rmem_max) caps it; either way it is
         // more than the default of 208 KiB on any host tuned for barge. Root gets all.
         let limit = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
@@ -250,5 +267,9 @@ mod tests {
             limit.min(MIN_SOCKET_BUFFER)
         };
         assert!(got >= want, "receive buffer {got} < {want}");
+        assert_eq!(
+            buffers.short(),
+            got < MIN_SOCKET_BUFFER || buffers.send < MIN_SOCKET_BUFFER
+        );
     }
 }

@@ -288,13 +288,22 @@ fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::E
     let server = TlsMaterial::load(&config.tls)?.server_config(&config.tuning)?;
     let addr = config.listen;
     let bind_err = |source| AgentError::Bind { addr, source };
-    let sock = match socket {
+    let (sock, buffers) = match socket {
         None => crate::quic::udp_socket(addr, &config.tuning).map_err(bind_err)?,
         Some(sock) => {
-            crate::quic::size_buffers(&sock, config.tuning.socket_buffer());
-            sock
+            let got = crate::quic::size_buffers(&sock, config.tuning.socket_buffer());
+            (sock, got)
         }
     };
+    if buffers.short() {
+        warn!(
+            asked = buffers.asked,
+            receive = buffers.receive,
+            send = buffers.send,
+            "UDP buffers smaller than asked: datagrams may be dropped under load; \
+             raise net.core.rmem_max and wmem_max (systemd/99-barge.conf)"
+        );
+    }
     let runtime = Arc::new(quinn::TokioRuntime);
     quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), sock, runtime).map_err(bind_err)
 }
