@@ -8,9 +8,10 @@
 //! one packet in five: 52-69 MB/s where TCP moved 115. The bound here is the missing
 //! piece, in the spirit of BBRv2's `inflight_hi`: a round trip that loses more than 2 %
 //! of its bytes caps the window at 80 % of what that round trip delivered (the path's
-//! pipe and queue); after 32 clean round trips the cap rises by a step that doubles each
-//! round trip, so a path that got faster is found again, and the cap goes away once BBR's
-//! own window is the smaller one. Random loss under 2 % (the 0.5 % of a lossy WAN, which is why
+//! pipe and queue). Losses of packets sent before that cut do not cut again (one cut per
+//! overflow, as in TCP's recovery). After 32 clean round trips the cap rises by a step
+//! that doubles each round trip up to an eighth of the cap, so a path that got faster is
+//! found again and a long clean stretch lifts the cap out of BBR's way. Random loss under 2 % (the 0.5 % of a lossy WAN, which is why
 //! BBR is used at all) never sets it.
 //!
 //! [`LossBound`] is the bookkeeping, free of quinn and tested on its own; [`Bounded`]
@@ -44,6 +45,8 @@ pub struct LossBound {
     step: u64,
     /// Clean round trips still to wait before raising the cap.
     hold: u32,
+    /// When the cap was last cut.
+    cut_at: Option<Instant>,
 }
 
 impl LossBound {
@@ -57,6 +60,7 @@ impl LossBound {
             cap: None,
             step: mtu.into(),
             hold: 0,
+            cut_at: None,
         }
     }
 
@@ -69,8 +73,12 @@ impl LossBound {
         self.acked += bytes;
     }
 
-    pub fn on_loss(&mut self, bytes: u64) {
-        self.lost += bytes;
+    /// `bytes` were lost, the last of them sent at `sent`. Losses of packets sent before
+    /// the last cut were already answered by it: they do not count again.
+    pub fn on_loss(&mut self, sent: Instant, bytes: u64) {
+        if self.cut_at.is_none_or(|cut| sent >= cut) {
+            self.lost += bytes;
+        }
     }
 
     /// Bytes in flight after a batch of acknowledgements.
@@ -81,13 +89,6 @@ impl LossBound {
     /// The window to use given the inner controller's `window`.
     pub fn window(&self, window: u64) -> u64 {
         self.cap.map_or(window, |c| c.min(window))
-    }
-
-    /// Drops the cap once the inner window is the tighter bound anyway.
-    pub fn forget_if_above(&mut self, window: u64) {
-        if self.cap.is_some_and(|c| c > window) {
-            self.cap = None;
-        }
     }
 
     pub fn cap(&self) -> Option<u64> {
@@ -108,11 +109,21 @@ impl LossBound {
             self.cap = Some((seen * CUT_PERCENT / 100).max(MIN_PACKETS * self.mtu));
             self.step = self.mtu;
             self.hold = HOLD_ROUNDS;
+            self.cut_at = Some(now);
+            tracing::trace!(
+                cap = self.cap,
+                acked = self.acked,
+                lost = self.lost,
+                in_flight = self.max_in_flight,
+                "loss cap set"
+            );
         } else if self.hold > 0 {
             self.hold -= 1;
         } else if let Some(c) = self.cap {
-            self.cap = Some(c + self.step);
-            self.step = self.step.saturating_mul(2);
+            // The queue overflows a round trip before the loss shows: at most an eighth
+            // more per round trip keeps that overshoot small.
+            self.cap = Some(c.saturating_add(self.step));
+            self.step = self.step.saturating_mul(2).min(c / 8).max(self.mtu);
         }
         self.round_start = Some(now);
         (self.acked, self.lost, self.max_in_flight) = (0, 0, 0);
@@ -138,12 +149,11 @@ impl Controller for Bounded {
     fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, largest: Option<u64>) {
         self.inner.on_end_acks(now, in_flight, app_limited, largest);
         self.bound.on_in_flight(in_flight);
-        self.bound.forget_if_above(self.inner.window());
     }
 
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, persistent: bool, lost_bytes: u64) {
         self.inner.on_congestion_event(now, sent, persistent, lost_bytes);
-        self.bound.on_loss(lost_bytes);
+        self.bound.on_loss(sent, lost_bytes);
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
@@ -192,43 +202,48 @@ mod tests {
     use std::time::Duration;
 
     const MTU: u64 = 1452;
+    const RTT: Duration = Duration::from_millis(20);
 
-    /// Plays one round trip: `packets` sent during the previous one are acknowledged, `lost`
-    /// of them lost, with `in_flight` bytes outstanding. Returns the time after it.
+    /// Plays one round trip starting at `t`: `packets` sent half a round trip before are
+    /// acknowledged or (`lost` of them) lost, with `in_flight` bytes outstanding; the first
+    /// acknowledgement of the next round trip closes it. Returns when the next one starts.
     fn round(b: &mut LossBound, t: Instant, packets: u64, lost: u64, in_flight: u64) -> Instant {
-        let rtt = Duration::from_millis(20);
-        let sent = t - rtt / 2;
-        b.on_loss(lost * MTU);
+        let sent = t - RTT / 2;
+        b.on_loss(sent, lost * MTU);
         for i in 0..packets - lost {
             b.on_ack(t + Duration::from_micros(i), sent, MTU);
         }
         b.on_in_flight(in_flight);
-        // The first acknowledgement of the next round closes this one.
-        let next = t + rtt;
-        b.on_ack(next, t + rtt / 2, MTU);
-        next
+        b.on_ack(t + RTT, t + RTT / 2, MTU);
+        t + RTT
+    }
+
+    fn started() -> (LossBound, Instant) {
+        let mut b = LossBound::new(MTU as u16);
+        let t = Instant::now();
+        b.on_ack(t, t, 0);
+        (b, t)
     }
 
     #[test]
-    fn heavy_loss_caps_the_window_below_what_was_in_flight() {
-        let mut b = LossBound::new(MTU as u16);
-        let mut t = Instant::now();
-        b.on_ack(t, t, 0);
+    fn heavy_loss_caps_the_window_below_what_the_round_delivered() {
+        let (mut b, mut t) = started();
         t = round(&mut b, t, 4000, 800, 9_000_000);
         let cap = b.cap().expect("20 % loss sets a cap");
         assert_eq!(cap, 3200 * MTU * 80 / 100, "80 % of what the round delivered");
         assert_eq!(b.window(6_000_000), cap);
         assert_eq!(b.window(1_000_000), 1_000_000, "a smaller inner window still rules");
-        // Still lossy: the cap comes down again, from itself.
+        // The next round's losses are of packets sent before the cut: no second cut.
+        t = round(&mut b, t, 4000, 800, 9_000_000);
+        assert_eq!(b.cap(), Some(cap), "one cut per overflow");
+        // Losses of packets sent after the cut count: down again, from the cap.
         round(&mut b, t, 4000, 400, 9_000_000);
-        assert_eq!(b.cap(), Some(cap * 80 / 100), "from the cap, now the smaller");
+        assert_eq!(b.cap(), Some(cap * 80 / 100));
     }
 
     #[test]
     fn random_loss_under_two_percent_leaves_the_window_alone() {
-        let mut b = LossBound::new(MTU as u16);
-        let mut t = Instant::now();
-        b.on_ack(t, t, 0);
+        let (mut b, mut t) = started();
         for _ in 0..50 {
             t = round(&mut b, t, 2000, 10, 3_000_000);
         }
@@ -237,37 +252,38 @@ mod tests {
     }
 
     #[test]
-    fn after_a_while_clean_rounds_lift_the_cap_faster_and_faster_until_it_is_gone() {
-        let mut b = LossBound::new(MTU as u16);
-        let mut t = Instant::now();
-        b.on_ack(t, t, 0);
+    fn after_a_while_clean_rounds_lift_the_cap_faster_and_faster() {
+        let (mut b, mut t) = started();
         t = round(&mut b, t, 1000, 100, 2_000_000);
         let cut = b.cap().unwrap();
         for _ in 0..HOLD_ROUNDS {
             t = round(&mut b, t, 1000, 0, 1_000_000);
         }
         assert_eq!(b.cap(), Some(cut), "held while the path settles");
-        t = round(&mut b, t, 1000, 0, 1_000_000);
-        let first = b.cap().unwrap();
-        t = round(&mut b, t, 1000, 0, 1_000_000);
-        let second = b.cap().unwrap();
-        t = round(&mut b, t, 1000, 0, 1_000_000);
-        let third = b.cap().unwrap();
-        assert!(second > first && third - second == 2 * (second - first));
-        b.forget_if_above(10_000_000);
-        assert!(b.cap().is_some(), "still below the inner window");
-        for _ in 0..20 {
+        let mut caps = vec![];
+        for _ in 0..3 {
             t = round(&mut b, t, 1000, 0, 1_000_000);
+            caps.push(b.cap().unwrap());
         }
-        b.forget_if_above(10_000_000);
-        assert_eq!(b.cap(), None);
+        assert_eq!(caps[0] - cut, MTU);
+        assert_eq!(caps[2] - caps[1], 2 * (caps[1] - caps[0]));
+        let mut last = caps[2];
+        for _ in 0..100 {
+            t = round(&mut b, t, 1000, 0, 1_000_000);
+            let now = b.cap().unwrap();
+            assert!(now - last <= last / 8, "at most an eighth more per round trip");
+            last = now;
+        }
+        assert_eq!(
+            b.window(50_000_000),
+            50_000_000,
+            "a long clean stretch lifts it out of the way"
+        );
     }
 
     #[test]
     fn the_cap_never_falls_below_a_few_packets() {
-        let mut b = LossBound::new(MTU as u16);
-        let mut t = Instant::now();
-        b.on_ack(t, t, 0);
+        let (mut b, mut t) = started();
         for _ in 0..30 {
             t = round(&mut b, t, 10, 5, 10 * MTU);
         }
