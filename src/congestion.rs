@@ -26,7 +26,7 @@ use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
 use std::any::Any;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// A round trip losing more than 1 / LOSS_DIVISOR of its bytes (2 %) sets the cap.
 const LOSS_DIVISOR: u64 = 50;
@@ -36,9 +36,6 @@ const CUT_PERCENT: u64 = 80;
 const MIN_PACKETS: u64 = 16;
 /// Clean round trips after a cut before the cap starts to rise.
 const HOLD_ROUNDS: u32 = 32;
-/// Queueing delay that ends the start: the smoothed round trip this far above the
-/// minimum (at least half the minimum).
-const START_QUEUE_DELAY: Duration = Duration::from_millis(4);
 
 /// Loss per round trip, and the in-flight cap it implies.
 #[derive(Debug, Clone)]
@@ -55,10 +52,6 @@ pub struct LossBound {
     hold: u32,
     /// When the cap was last cut.
     cut_at: Option<Instant>,
-    /// Smoothed and minimum round trip, as last reported.
-    rtt: Option<(Duration, Duration)>,
-    /// The start (no cap yet, BBR doubling) is over.
-    started: bool,
 }
 
 impl LossBound {
@@ -73,8 +66,6 @@ impl LossBound {
             step: mtu.into(),
             hold: 0,
             cut_at: None,
-            rtt: None,
-            started: false,
         }
     }
 
@@ -95,26 +86,9 @@ impl LossBound {
         }
     }
 
-    pub fn on_rtt(&mut self, smoothed: Duration, min: Duration) {
-        self.rtt = Some((smoothed, min));
-    }
-
-    /// Bytes in flight after a batch of acknowledgements. During the start, a queue
-    /// building up on the path (the round trip growing, as in TCP's HyStart) caps the
-    /// window at what is in flight: BBR's start would otherwise keep doubling until the
-    /// queue overflows, and lose a third of a round trip on the emulated link.
-    pub fn on_in_flight(&mut self, now: Instant, bytes: u64) {
+    /// Bytes in flight after a batch of acknowledgements.
+    pub fn on_in_flight(&mut self, bytes: u64) {
         self.max_in_flight = self.max_in_flight.max(bytes);
-        let Some((smoothed, min)) = self.rtt.filter(|_| !self.started) else {
-            return;
-        };
-        if smoothed > min + START_QUEUE_DELAY.max(min / 2) {
-            self.cap = Some(bytes.max(MIN_PACKETS * self.mtu));
-            self.started = true;
-            self.hold = HOLD_ROUNDS;
-            self.cut_at = Some(now);
-            tracing::trace!(cap = self.cap, ?smoothed, ?min, "start ended by queueing delay");
-        }
     }
 
     /// The window to use given the inner controller's `window`.
@@ -141,7 +115,6 @@ impl LossBound {
             self.step = self.mtu;
             self.hold = HOLD_ROUNDS;
             self.cut_at = Some(now);
-            self.started = true;
             tracing::trace!(
                 cap = self.cap,
                 acked = self.acked,
@@ -176,12 +149,11 @@ impl Controller for Bounded {
     fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
         self.inner.on_ack(now, sent, bytes, app_limited, rtt);
         self.bound.on_ack(now, sent, bytes);
-        self.bound.on_rtt(rtt.get(), rtt.min());
     }
 
     fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, largest: Option<u64>) {
         self.inner.on_end_acks(now, in_flight, app_limited, largest);
-        self.bound.on_in_flight(now, in_flight);
+        self.bound.on_in_flight(in_flight);
     }
 
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, persistent: bool, lost_bytes: u64) {
@@ -232,6 +204,7 @@ impl ControllerFactory for BoundedBbr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const MTU: u64 = 1452;
     const RTT: Duration = Duration::from_millis(20);
@@ -245,7 +218,7 @@ mod tests {
         for i in 0..packets - lost {
             b.on_ack(t + Duration::from_micros(i), sent, MTU);
         }
-        b.on_in_flight(t + RTT / 2, in_flight);
+        b.on_in_flight(in_flight);
         b.on_ack(t + RTT, t + RTT / 2, MTU);
         t + RTT
     }
@@ -311,29 +284,6 @@ mod tests {
             50_000_000,
             "a long clean stretch lifts it out of the way"
         );
-    }
-
-    #[test]
-    fn a_queue_building_during_the_start_caps_the_window_at_what_is_in_flight() {
-        let (mut b, t) = started();
-        b.on_rtt(Duration::from_millis(22), Duration::from_millis(20));
-        b.on_in_flight(t, 2_000_000);
-        assert_eq!(b.cap(), None, "2 ms above the minimum: no queue to speak of");
-        b.on_rtt(Duration::from_millis(31), Duration::from_millis(20));
-        b.on_in_flight(t, 3_000_000);
-        assert_eq!(b.cap(), Some(3_000_000));
-        // Only the start ends this way; later, loss alone moves the cap.
-        b.on_rtt(Duration::from_millis(60), Duration::from_millis(20));
-        b.on_in_flight(t, 1_000_000);
-        assert_eq!(b.cap(), Some(3_000_000));
-    }
-
-    #[test]
-    fn a_loopback_round_trip_needs_milliseconds_of_queue_not_a_multiple() {
-        let (mut b, t) = started();
-        b.on_rtt(Duration::from_micros(900), Duration::from_micros(50));
-        b.on_in_flight(t, 2_000_000);
-        assert_eq!(b.cap(), None, "18 times the minimum, but under 4 ms");
     }
 
     #[test]
