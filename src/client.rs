@@ -108,6 +108,9 @@ pub struct Tally {
     pub done: Arc<AtomicU64>,
 }
 
+/// How long a pull waits for the exporter to acknowledge its final answer.
+const REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A client endpoint with one identity; reusable for many jobs.
 pub struct Client {
     endpoint: quinn::Endpoint,
@@ -389,6 +392,12 @@ impl Client {
         )
         .await?;
         let result = self.receive_pull(&peer.name, &into, &table, &mut send, &mut recv).await;
+        if result.is_ok() {
+            // Our last word (committed) is only queued: closing now would drop it, and
+            // the exporter would count a pull that worked as failed. Wait until the
+            // exporter has acknowledged it (transport-level, not read), briefly.
+            let _ = tokio::time::timeout(REPLY_WAIT, send.stopped()).await;
+        }
         router.abort();
         conn.close(quinn::VarInt::from_u32(0), b"done");
         result

@@ -283,3 +283,30 @@ async fn a_busy_agent_refuses_a_job_over_max_jobs_with_a_retry_after() {
         .await
         .expect("a slot is free again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_served_pull_counts_as_committed_on_the_exporter() {
+    let env = env_with(DEFAULT_TARGETS, "metrics = \"127.0.0.1:0\"", Hooks::new()).await;
+    let addr = env.agent.metrics_addr().expect("metrics on");
+    write(&env.outbox().join("x/a"), &content(7, 300_000));
+    let client = env.client("client");
+    for i in 0..6 {
+        let into = env.root().join(format!("pulled{i}"));
+        client.pull(&env.peer(), "out", &[], &into).await.unwrap();
+    }
+    // The agent's count follows the client's answer; give it a moment to get there.
+    let mut text = scrape(addr).await;
+    for _ in 0..100 {
+        if value(&text, "barge_jobs_total{outcome=\"committed\"}")
+            + value(&text, "barge_jobs_total{outcome=\"failed\"}")
+            >= 6
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = scrape(addr).await;
+    }
+    // The puller's last word (committed) must reach the exporter before the close.
+    assert_eq!(value(&text, "barge_jobs_total{outcome=\"failed\"}"), 0, "{text}");
+    assert_eq!(value(&text, "barge_jobs_total{outcome=\"committed\"}"), 6);
+}
