@@ -508,8 +508,7 @@ mod roles {
     /// A quinn endpoint on a socket made as barge makes its own (buffer sizes included).
     fn endpoint(addr: &str, server: Option<quinn::ServerConfig>, tuning: &barge::quic::Tuning) -> quinn::Endpoint {
         let (sock, _) = barge::quic::udp_socket(addr.parse().unwrap(), tuning).unwrap();
-        let runtime = std::sync::Arc::new(quinn::TokioRuntime);
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), server, sock, runtime).unwrap()
+        barge::quic::endpoint(sock, server).unwrap()
     }
 
     fn quinn_recv(certs: &Path) {

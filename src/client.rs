@@ -108,9 +108,6 @@ pub struct Tally {
     pub done: Arc<AtomicU64>,
 }
 
-/// How long a pull waits for the exporter to acknowledge its final answer.
-const REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// A client endpoint with one identity; reusable for many jobs.
 pub struct Client {
     endpoint: quinn::Endpoint,
@@ -136,9 +133,7 @@ impl Client {
         let (sock, buffers) = crate::quic::udp_socket(bind, tuning).map_err(udp_err)?;
         // The CLI warns only on request: a user's push still works with smaller buffers.
         tracing::debug!(?buffers, "udp socket");
-        let runtime = Arc::new(quinn::TokioRuntime);
-        let mut endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, runtime).map_err(udp_err)?;
+        let mut endpoint = crate::quic::endpoint(sock, None).map_err(udp_err)?;
         endpoint.set_default_client_config(material.client_config(tuning)?);
         let disk = Disk::start().map_err(|e| TransferError::Io {
             path: "io_uring".into(),
@@ -396,7 +391,7 @@ impl Client {
             // Our last word (committed) is only queued: closing now would drop it, and
             // the exporter would count a pull that worked as failed. Wait until the
             // exporter has acknowledged it (transport-level, not read), briefly.
-            let _ = tokio::time::timeout(REPLY_WAIT, send.stopped()).await;
+            let _ = tokio::time::timeout(transfer::REPLY_GRACE, send.stopped()).await;
         }
         router.abort();
         conn.close(quinn::VarInt::from_u32(0), b"done");

@@ -157,6 +157,12 @@ pub fn udp_socket(addr: std::net::SocketAddr, tuning: &Tuning) -> std::io::Resul
     Ok((sock, got))
 }
 
+/// A quinn endpoint on `sock` (a server if `server` is given) on the tokio runtime.
+pub fn endpoint(sock: std::net::UdpSocket, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, sock, runtime)
+}
+
 /// Asks for `size`-byte socket buffers: beyond `net.core.rmem_max` / `wmem_max` when the
 /// process may (CAP_NET_ADMIN), else up to those limits; never shrinks a buffer (one that
 /// systemd's `ReceiveBuffer=` set, say). Getting less is not an error (the transfer still
@@ -211,7 +217,8 @@ fn set_int(fd: i32, opt: libc::c_int, value: usize) -> std::io::Result<()> {
     }
 }
 
-fn get_int(fd: i32, opt: libc::c_int) -> std::io::Result<usize> {
+/// An integer `SOL_SOCKET` option of `fd`.
+pub(crate) fn get_int(fd: i32, opt: libc::c_int) -> std::io::Result<usize> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of_val(&v) as libc::socklen_t;
     // SAFETY: v and len are ours and sized for the option.

@@ -71,19 +71,7 @@ pub fn activated_socket() -> Option<std::net::UdpSocket> {
 }
 
 fn is_udp_socket(fd: i32) -> bool {
-    let mut kind: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `kind`; a bad fd only fails.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut kind as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    r == 0 && kind == libc::SOCK_DGRAM
+    crate::quic::get_int(fd, libc::SO_TYPE).is_ok_and(|kind| kind == libc::SOCK_DGRAM as usize)
 }
 
 #[cfg(test)]

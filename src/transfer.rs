@@ -254,8 +254,9 @@ fn check_unchanged(sources: &[SourceFile], fault: &Fault) -> Result<(), Transfer
     Ok(())
 }
 
-/// How long a sender waits for the receiver's word after a data stream failed.
-const REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one side waits for the other's last word: the receiver's reason after a data
+/// stream failed, or the acknowledgement of a puller's final answer.
+pub(crate) const REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A data stream failed: the receiver says why on the control stream, if it can.
 async fn explain(

@@ -304,8 +304,7 @@ fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::E
              raise net.core.rmem_max and wmem_max (systemd/99-barge.conf)"
         );
     }
-    let runtime = Arc::new(quinn::TokioRuntime);
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), sock, runtime).map_err(bind_err)
+    crate::quic::endpoint(sock, Some(server)).map_err(bind_err)
 }
 
 async fn start_metrics(
