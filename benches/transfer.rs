@@ -18,6 +18,10 @@
 //! `BARGE_BENCH_ROWS=cp,barge` runs only those rows (and `tcp`, the baseline);
 //! `BARGE_BENCH_ONLY=W3` only that workload.
 //!
+//! The QUIC rows (`barge` and `quinn`) let path-MTU discovery go to 8,952 bytes
+//! (`BARGE_BENCH_MTU`), as an operator sets `max_mtu` on a jumbo-frame network: loopback
+//! carries 64 KiB packets, and the TCP baseline uses them too.
+//!
 //! Every row runs as two processes (or one for `cp`), and their CPU time and peak
 //! memory come from `wait4`. Before each timed run the previous copy is deleted, the
 //! page cache dropped (when root) and the source read again, so each run starts warm
@@ -308,14 +312,21 @@ fn run_cp(src: &Path, dst: &Path) -> Sample {
     }
 }
 
+/// Ceiling of path-MTU discovery for the QUIC rows (see the module docs).
+fn bench_mtu() -> u16 {
+    std::env::var("BARGE_BENCH_MTU").map_or(8952, |m| m.parse().expect("BARGE_BENCH_MTU is a number"))
+}
+
 fn run_barge(work: &Path, certs: &Path, src: &Path, dst: &Path, tcp_lane: bool) -> Sample {
     let config = work.join("agent.toml");
     let text = format!(
         "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/agent.pem\"\nkey = \"{c}/agent.key\"\n\
+         [transport]\nmax_mtu = {mtu}\n\
          [[import]]\nname = \"bench\"\npath = \"{}\"\nallow = [\"client\"]\ntcp_lane = true\n",
         work.join("agent-data").display(),
         dst.display(),
-        c = certs.display()
+        c = certs.display(),
+        mtu = bench_mtu()
     );
     std::fs::write(&config, text).unwrap();
     let mut agent = Command::new(BARGE)
@@ -339,7 +350,7 @@ fn run_barge(work: &Path, certs: &Path, src: &Path, dst: &Path, tcp_lane: bool) 
         .arg(src)
         .args(["--to", &format!("agent@{addr}"), "--import", "bench", "--certs"])
         .arg(certs)
-        .args(["--identity", "client"])
+        .args(["--identity", "client", "--max-mtu", &bench_mtu().to_string()])
         .args(if tcp_lane { &["--tcp-lane"][..] } else { &[][..] })
         .stdout(Stdio::null())
         .spawn()
@@ -486,15 +497,14 @@ mod roles {
         }
     }
 
-    /// barge's default tuning, or what BARGE_BENCH_CC / BARGE_BENCH_MTU / BARGE_BENCH_BW_MBIT say.
+    /// barge's default tuning with the bench's MTU ceiling, or what BARGE_BENCH_CC /
+    /// BARGE_BENCH_BW_MBIT say.
     fn bench_tuning() -> barge::quic::Tuning {
         let mut t = barge::quic::Tuning::default();
         if let Ok(cc) = std::env::var("BARGE_BENCH_CC") {
             t.congestion = cc.parse().unwrap();
         }
-        if let Ok(m) = std::env::var("BARGE_BENCH_MTU") {
-            t.max_mtu = m.parse().unwrap();
-        }
+        t.max_mtu = super::bench_mtu();
         if let Ok(b) = std::env::var("BARGE_BENCH_BW_MBIT") {
             t.bandwidth_mbit = b.parse().unwrap();
         }
@@ -508,7 +518,7 @@ mod roles {
     /// A quinn endpoint on a socket made as barge makes its own (buffer sizes included).
     fn endpoint(addr: &str, server: Option<quinn::ServerConfig>, tuning: &barge::quic::Tuning) -> quinn::Endpoint {
         let (sock, _) = barge::quic::udp_socket(addr.parse().unwrap(), tuning).unwrap();
-        barge::quic::endpoint(sock, server).unwrap()
+        barge::quic::endpoint(sock, server, tuning).unwrap()
     }
 
     fn quinn_recv(certs: &Path) {

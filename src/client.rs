@@ -133,7 +133,7 @@ impl Client {
         let (sock, buffers) = crate::quic::udp_socket(bind, tuning).map_err(udp_err)?;
         // The CLI warns only on request: a user's push still works with smaller buffers.
         tracing::debug!(?buffers, "udp socket");
-        let mut endpoint = crate::quic::endpoint(sock, None).map_err(udp_err)?;
+        let mut endpoint = crate::quic::endpoint(sock, None, tuning).map_err(udp_err)?;
         endpoint.set_default_client_config(material.client_config(tuning)?);
         let disk = Disk::start().map_err(|e| TransferError::Io {
             path: "io_uring".into(),

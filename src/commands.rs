@@ -229,6 +229,9 @@ fn client(id: &IdentityArgs) -> Result<Client> {
     if let Some(cc) = &id.congestion {
         tuning.congestion = cc.parse().map_err(|e| usage(format!("--congestion: {e}")))?;
     }
+    if let Some(mtu) = id.max_mtu {
+        tuning.max_mtu = mtu;
+    }
     let mut client = Client::with_tuning(&TlsFiles::in_dir(&dir, &name), &tuning)?;
     let cache_path = match id.hash_cache.as_deref() {
         Some("off") => None,

@@ -360,35 +360,15 @@ mod tests {
 
     #[tokio::test]
     async fn data_flows_without_a_probe_rtt_at_its_start() {
-        use crate::quic::{Congestion, Tuning};
-        use crate::tls::{TlsFiles, TlsMaterial};
-        let dir = tempfile::tempdir().unwrap();
-        crate::certs::init_ca(dir.path()).unwrap();
-        crate::certs::issue(dir.path(), "server", &[]).unwrap();
-        crate::certs::issue(dir.path(), "client", &[]).unwrap();
-        let tuning = Tuning {
-            congestion: Congestion::BbrBounded,
-            ..Tuning::default()
+        let tuning = crate::quic::Tuning {
+            congestion: crate::quic::Congestion::BbrBounded,
+            ..Default::default()
         };
-        let tls = |name| TlsMaterial::load(&TlsFiles::in_dir(dir.path(), name)).unwrap();
-        let sock = |addr| crate::quic::udp_socket(addr, &tuning).unwrap().0;
-        let server_config = tls("server").server_config(&tuning).unwrap();
-        let server = crate::quic::endpoint(sock("127.0.0.1:0".parse().unwrap()), Some(server_config)).unwrap();
-        let mut client = crate::quic::endpoint(sock("127.0.0.1:0".parse().unwrap()), None).unwrap();
-        client.set_default_client_config(tls("client").client_config(&tuning).unwrap());
-        let addr = server.local_addr().unwrap();
-        let receiver = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            let mut s = conn.accept_uni().await.unwrap();
-            s.read_to_end(usize::MAX).await.unwrap().len()
-        });
-        let conn = client.connect(addr, "server").unwrap().await.unwrap();
-        let mut s = conn.open_uni().await.unwrap();
-        s.write_all(&vec![7u8; 1 << 20]).await.unwrap();
-        s.finish().unwrap();
-        assert_eq!(receiver.await.unwrap(), 1 << 20);
+        let pair = crate::quic::testing::loopback_pair(&tuning).await;
+        crate::quic::testing::send(&pair, 1 << 20).await;
+        let conn = &pair.client;
         // Well within 200 ms of the first data: quinn's BBR alone would be in ProbeRTT now.
-        let state = inner_state(&conn);
+        let state = inner_state(conn);
         let mode = field(&state, "mode");
         assert!(
             mode != "ProbeRtt",

@@ -304,7 +304,7 @@ fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::E
              raise net.core.rmem_max and wmem_max (systemd/99-barge.conf)"
         );
     }
-    crate::quic::endpoint(sock, Some(server)).map_err(bind_err)
+    crate::quic::endpoint(sock, Some(server), &config.tuning).map_err(bind_err)
 }
 
 async fn start_metrics(
