@@ -106,10 +106,13 @@ for loss in ${LOSSES:-0 0.5}; do
   for row in tcp bbr-bounded bbr ${CONNS:+bbr-bounded-x$CONNS} cubic; do
     [ -n "${T[$row]:-}" ] || continue
     s=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | median)
+    slow=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | sort -g | tail -1)
+    fast=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | sort -g | head -1)
     lost=$(echo "${L[$row]:-}" | tr ' ' '\n' | { grep . || true; } | median)
-    printf '  %-18s %8.1f MB/s  %5.2fx tcp  %s\n' "$([ $row = tcp ] && echo tcp-bbr || echo barge-$row)" \
-      "$(echo "$SIZE_MIB * 1.048576 / $s" | bc -l)" "$(echo "$base / $s" | bc -l)" \
-      "${lost:+packets lost ${lost}%}"
+    printf '  %-18s %8.1f MB/s (%5.1f-%5.1f)  %5.2fx tcp  %s\n' \
+      "$([ $row = tcp ] && echo tcp-bbr || echo barge-$row)" "$(echo "$SIZE_MIB * 1.048576 / $s" | bc -l)" \
+      "$(echo "$SIZE_MIB * 1.048576 / $slow" | bc -l)" "$(echo "$SIZE_MIB * 1.048576 / $fast" | bc -l)" \
+      "$(echo "$base / $s" | bc -l)" "${lost:+packets lost ${lost}%}"
   done
   unset T L
   bash "$LINKEM" down >/dev/null 2>&1
