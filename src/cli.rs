@@ -118,9 +118,8 @@ pub struct IdentityArgs {
     pub congestion: Option<String>,
     /// Largest UDP payload path-MTU discovery may try when this side sends: 1452 suits
     /// any Ethernet path; 8952 for jumbo frames [default: 1452]
-    #[arg(long, env = "BARGE_MAX_MTU", value_name = "BYTES",
-          value_parser = clap::value_parser!(u16).range(1200..=65_000))]
-    pub max_mtu: Option<u16>,
+    #[arg(long, env = "BARGE_MAX_MTU", value_name = "BYTES")]
+    pub max_mtu: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -229,8 +229,11 @@ fn client(id: &IdentityArgs) -> Result<Client> {
     if let Some(cc) = &id.congestion {
         tuning.congestion = cc.parse().map_err(|e| usage(format!("--congestion: {e}")))?;
     }
-    if let Some(mtu) = id.max_mtu {
-        tuning.max_mtu = mtu;
+    if let Some(mtu) = &id.max_mtu {
+        tuning.max_mtu = match mtu.parse() {
+            Ok(m @ 1200..=65_000) => m,
+            _ => return Err(usage(format!("--max-mtu: {mtu} is not a size from 1200 to 65000")).into()),
+        };
     }
     let mut client = Client::with_tuning(&TlsFiles::in_dir(&dir, &name), &tuning)?;
     let cache_path = match id.hash_cache.as_deref() {

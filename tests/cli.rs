@@ -250,6 +250,15 @@ fn push_and_pull_through_the_cli_with_documented_exit_codes() {
         2,
         "not HOST:PORT",
     );
+    let jumbo = |mtu: &str| {
+        let mut args = vec!["push", "data", "--to", &peer, "--import", "ingest", "--max-mtu", mtu];
+        args.extend(id);
+        barge(&args, p)
+    };
+    fails(&jumbo("70000"), 2, "--max-mtu: 70000 is not a size from 1200 to 65000");
+    std::fs::remove_dir_all(p.join("in/data")).unwrap();
+    assert!(ok(&jumbo("8952")).contains("committed 2 files"));
+    common::assert_same_tree(&p.join("data"), &p.join("in/data"));
 
     let mut pull = vec!["pull", peer.as_str(), "--export", "ssts", "--into", "got"];
     pull.extend(id);
