@@ -26,10 +26,11 @@
 //! no record of a ProbeRTT until its first one, so it deems its min RTT expired and enters
 //! ProbeRTT at the first acknowledgement that is not app-limited: the moment data starts
 //! to flow. For 200 ms and a round trip it then keeps in flight 3/4 of the
-//! bandwidth-delay product its first, tiny samples imply. On the 20 ms link that stalled every push at about 18 packets per
-//! round trip for ~230 ms, 10 % of a 256 MiB push. [`Bounded`] lets that first ProbeRTT
-//! happen on the connection's first acknowledgement, dated far enough back that it is
-//! already over; the next comes 10 s later, as BBR intends.
+//! bandwidth-delay product its first, tiny samples imply. On the 20 ms link that held
+//! every push at about 18 packets per round trip for ~230 ms, 10 % of a 256 MiB push.
+//! [`Bounded`] lets that first ProbeRTT happen on the connection's first
+//! acknowledgement, dated far enough back that it is already over; the next comes 10 s
+//! later, as BBR intends.
 //!
 //! [`LossBound`] is the loss bookkeeping, free of quinn and tested on its own; [`Bounded`]
 //! puts it over the inner controller.
@@ -131,13 +132,6 @@ impl LossBound {
             self.step = self.mtu;
             self.hold = HOLD_ROUNDS;
             self.cut_at = Some(now);
-            tracing::trace!(
-                cap = self.cap,
-                acked = self.acked,
-                lost = self.lost,
-                in_flight = self.max_in_flight,
-                "loss cap set"
-            );
         } else if self.hold > 0 {
             self.hold -= 1;
         } else if let Some(c) = self.cap {
@@ -146,6 +140,7 @@ impl LossBound {
             self.cap = Some(c.saturating_add(self.step));
             self.step = self.step.saturating_mul(2).min(c / 8).max(self.mtu);
         }
+        // One line per round trip (what it delivered and lost, and the cap after it).
         tracing::trace!(
             acked = self.acked,
             lost = self.lost,
