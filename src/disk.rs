@@ -18,7 +18,7 @@
 
 use bytes::Bytes;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
 
 enum Request {
@@ -113,7 +113,7 @@ impl Disk {
         .await
     }
 
-    /// Writes `data` at `offset`, creating the file if needed.
+    /// Writes `data` at `offset`, creating the file (and its folder) if needed.
     pub async fn write_at(&self, path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
         let plain = data.len() < PLAIN_MAX;
         self.call(plain, |reply| Request::Write {
@@ -130,7 +130,8 @@ impl Disk {
         self.finish(path, len, true).await
     }
 
-    /// Creates the file if needed and sets its length to `len`; syncs it if `sync`.
+    /// Creates the file (and its folder) if needed and sets its length to `len`; syncs
+    /// it if `sync`.
     pub async fn finish(&self, path: PathBuf, len: u64, sync: bool) -> io::Result<()> {
         self.call(false, |reply| Request::Finish { path, len, sync, reply })
             .await
@@ -197,7 +198,7 @@ fn plain_io(rx: std::sync::mpsc::Receiver<Request>) {
 
 /// Reads exactly `len` bytes at `offset` into a buffer that is not zeroed first (that
 /// cost more than the read itself for 256 KiB blocks).
-fn read_plain(path: &std::path::Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+fn read_plain(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     use std::io::{Read, Seek};
     let mut file = std::fs::File::open(path)?;
     file.seek(io::SeekFrom::Start(offset))?;
@@ -211,12 +212,12 @@ fn read_plain(path: &std::path::Path, offset: u64, len: usize) -> io::Result<Vec
 
 /// A write with ordinary system calls: O_DIRECT when the data allows it (and the file
 /// system takes it), buffered otherwise.
-fn write_plain(path: &std::path::Path, offset: u64, data: &[u8]) -> io::Result<()> {
+fn write_plain(path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let mut o = std::fs::OpenOptions::new();
     o.write(true).create(true).truncate(false);
     if crate::buf::direct_ok(data, offset) {
-        match o.clone().custom_flags(libc::O_DIRECT).open(path) {
+        match open_making_folder(path, |p| o.clone().custom_flags(libc::O_DIRECT).open(p)) {
             Ok(f) => match f.write_all_at(data, offset) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 other => return other,
@@ -225,7 +226,43 @@ fn write_plain(path: &std::path::Path, offset: u64, data: &[u8]) -> io::Result<(
             Err(e) => return Err(e),
         }
     }
-    o.open(path)?.write_all_at(data, offset)
+    open_making_folder(path, |p| o.open(p))?.write_all_at(data, offset)
+}
+
+/// Opens with `open`; if the file's folder is missing, makes it and opens again.
+///
+/// Staging folders are made as their first file arrives, not all before the first
+/// block. ext4 places a new folder's inodes by how full the inode groups are when the
+/// folder is made: 256 folders made at once all land in one group, which 20,000 small
+/// files then overflow, spilling each folder's rest into a group of its own far away.
+/// Made as they fill, the folders spread over neighbouring groups as `cp` leaves them.
+/// Measured: that halved the receiver's time in ext4's inode allocator.
+fn open_making_folder<T>(path: &Path, open: impl Fn(&Path) -> io::Result<T>) -> io::Result<T> {
+    match open(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            make_folder(path)?;
+            open(path)
+        }
+        other => other,
+    }
+}
+
+fn make_folder(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::create_dir_all(dir),
+        None => Err(io::ErrorKind::NotFound.into()),
+    }
+}
+
+/// [`open_making_folder`] on io_uring.
+async fn open_uring(o: &tokio_uring::fs::OpenOptions, path: &Path) -> io::Result<tokio_uring::fs::File> {
+    match o.open(path).await {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            make_folder(path)?;
+            o.open(path).await
+        }
+        other => other,
+    }
 }
 
 async fn read(path: PathBuf, offset: u64, len: usize) -> io::Result<Bytes> {
@@ -250,7 +287,7 @@ async fn write(path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
             other => return other,
         }
     }
-    let file = open_for_write().open(&path).await?;
+    let file = open_uring(&open_for_write(), &path).await?;
     let (res, _) = file.write_all_at(data, offset).await;
     let closed = file.close().await;
     res?;
@@ -258,11 +295,11 @@ async fn write(path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
 }
 
 /// Writes aligned data with O_DIRECT: by DMA, not copied into the page cache.
-async fn write_direct(path: &std::path::Path, offset: u64, data: Bytes) -> io::Result<()> {
+async fn write_direct(path: &Path, offset: u64, data: Bytes) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut o = open_for_write();
     o.custom_flags(libc::O_DIRECT);
-    let file = o.open(path).await?;
+    let file = open_uring(&o, path).await?;
     let (res, _) = file.write_all_at(data, offset).await;
     let closed = file.close().await;
     res?;
@@ -274,7 +311,7 @@ async fn finish(path: PathBuf, len: u64, sync: bool) -> io::Result<()> {
         // Its last block was written, so it exists with its full length.
         return Ok(());
     }
-    let file = open_for_write().open(&path).await?;
+    let file = open_uring(&open_for_write(), &path).await?;
     let res = async {
         if std::fs::metadata(&path)?.len() != len {
             // Only for an empty file, which no block write created.
@@ -309,6 +346,29 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         let missing = disk.read_at(dir.path().join("nope"), 0, 1).await.unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn writes_make_the_folders_of_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::start().unwrap();
+        // A small block (plain thread), a whole block (io_uring) and an empty file.
+        let small = dir.path().join("a/b/small");
+        disk.write_at(small.clone(), 0, Bytes::from_static(b"x")).await.unwrap();
+        let pool = crate::buf::Pool::new(1 << 20);
+        let big = dir.path().join("a/c/big");
+        disk.write_at(big.clone(), 0, crate::buf::aligned(&pool, 1 << 20).freeze())
+            .await
+            .unwrap();
+        let empty = dir.path().join("d/e/empty");
+        disk.finish(empty.clone(), 0, false).await.unwrap();
+        assert_eq!(std::fs::read(&small).unwrap(), b"x");
+        assert_eq!(std::fs::metadata(&big).unwrap().len(), 1 << 20);
+        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+        // A folder is never made out of a file that is in the way.
+        std::fs::write(dir.path().join("f"), b"").unwrap();
+        let err = disk.write_at(dir.path().join("f/g"), 0, Bytes::from_static(b"x")).await;
+        assert!(err.is_err());
     }
 
     #[tokio::test]

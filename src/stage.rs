@@ -45,7 +45,9 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// Creates (or reopens) the staging folder of `job` inside `target`.
+    /// Creates (or reopens) the staging folder of `job` inside `target`. The folders
+    /// below it are made by the disk thread as their first file is written (see
+    /// [`Disk::write_at`]).
     pub fn open(target: &Path, job: &ReceiveJob) -> Result<Stage, StageError> {
         let staging = target.join(STAGING_DIR);
         ensure_real_dir(&staging, STAGING_DIR)?;
@@ -62,13 +64,6 @@ impl Stage {
         std::fs::File::open(&job_dir)
             .and_then(|f| f.set_times(now))
             .map_err(io_at(&job_dir))?;
-        let mut made = std::collections::HashSet::new();
-        for p in &job.paths {
-            let parent = p.under(&files_dir).parent().map(Path::to_path_buf);
-            if let Some(parent) = parent.filter(|d| made.insert(d.clone())) {
-                std::fs::create_dir_all(&parent).map_err(io_at(&parent))?;
-            }
-        }
         Ok(Stage {
             job_dir,
             files_dir,
@@ -492,7 +487,8 @@ mod tests {
         let mut job = ReceiveJob::new(offer.clone()).unwrap();
         let stage = Stage::open(t.path(), &job).unwrap();
         assert!(stage.fresh);
-        std::fs::write(stage.file(&rel("d/f")), data).unwrap();
+        let staged = stage.file(&rel("d/f"));
+        disk.write_at(staged, 0, bytes::Bytes::from_static(data)).await.unwrap();
         assert_eq!(stage.scan(&mut job, &disk).await, 0, "made by this open: not read");
         let mut again = ReceiveJob::new(offer).unwrap();
         let reopened = Stage::open(t.path(), &again).unwrap();
