@@ -201,8 +201,13 @@ impl Client {
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
         let paths = paths.to_vec();
-        let walk = tokio::task::spawn_blocking(move || crate::source::collect_push(&paths));
-        let files = walk.await.expect("walk task")?;
+        let files = async {
+            let t = std::time::Instant::now();
+            let walk = tokio::task::spawn_blocking(move || crate::source::collect_push(&paths));
+            let files = walk.await.expect("walk task")?;
+            tracing::debug!(files = files.len(), ms = t.elapsed().as_millis() as u64, "walked");
+            Ok(files)
+        };
         self.send(peer, target, files, opts).await
     }
 
@@ -215,23 +220,28 @@ impl Client {
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
         let files = crate::source::collect_named(files)?;
-        self.send(peer, target, files, opts).await
+        self.send(peer, target, async { Ok(files) }, opts).await
     }
 
-    /// Sends `files`, connecting only once the offer is ready: an offer that fails then
-    /// leaves no half-made connection on the agent.
+    /// Sends `files` once listed. Connecting runs meanwhile, so the handshake is not on
+    /// the way of the first block; if listing or hashing fails, that error returns at
+    /// once and the connections are dropped (closed) unused.
     async fn send(
         &self,
         peer: &Peer,
         target: &str,
-        files: Vec<SourceFile>,
+        files: impl std::future::Future<Output = Result<Vec<SourceFile>, TransferError>>,
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
-        let (offer, files) = self.prepare(target, files, opts).await?;
-        let mut conns = vec![self.connect(peer).await?];
-        for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
-            conns.push(self.connect(peer).await?);
-        }
+        let prepared = async { self.prepare(target, files.await?, opts).await };
+        let connected = async {
+            let mut conns = vec![self.connect(peer).await?];
+            for _ in 1..opts.connections.clamp(1, MAX_CONNECTIONS) {
+                conns.push(self.connect(peer).await?);
+            }
+            Ok::<_, TransferError>(conns)
+        };
+        let ((offer, files), conns) = tokio::try_join!(prepared, connected)?;
         let mut fault = opts.fault.clone();
         fault.progress = Some(self.tally.done.clone());
         let (mut send, mut recv) = conns[0].open_bi().await?;

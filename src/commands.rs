@@ -242,10 +242,7 @@ fn client(id: &IdentityArgs) -> Result<Client> {
         None => barge::hashcache::HashCache::default_path(),
     };
     if let Some(path) = cache_path {
-        match barge::hashcache::HashCache::open(&path) {
-            Ok(cache) => client.set_hash_cache(std::sync::Arc::new(cache)),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "hash cache not used"),
-        }
+        client.set_hash_cache(std::sync::Arc::new(barge::hashcache::HashCache::load(&path)));
     }
     Ok(client)
 }

@@ -26,7 +26,9 @@ enum Request {
         path: PathBuf,
         offset: u64,
         len: usize,
-        reply: oneshot::Sender<io::Result<Bytes>>,
+        /// Also stat the file, through the descriptor the block was read from.
+        stat: bool,
+        reply: oneshot::Sender<io::Result<(Bytes, Option<std::fs::Metadata>)>>,
     },
     Write {
         path: PathBuf,
@@ -104,10 +106,33 @@ impl Disk {
 
     /// Reads exactly `len` bytes at `offset`; a shorter file is an `UnexpectedEof`.
     pub async fn read_at(&self, path: PathBuf, offset: u64, len: usize) -> io::Result<Bytes> {
+        Ok(self.read(path, offset, len, false).await?.0)
+    }
+
+    /// Like [`Disk::read_at`], and the file's metadata as it was just after the read,
+    /// taken from the same open file (no second walk of the path).
+    pub async fn read_and_stat(
+        &self,
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<(Bytes, std::fs::Metadata)> {
+        let (data, meta) = self.read(path, offset, len, true).await?;
+        Ok((data, meta.ok_or_else(|| io::Error::other("no metadata"))?))
+    }
+
+    async fn read(
+        &self,
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        stat: bool,
+    ) -> io::Result<(Bytes, Option<std::fs::Metadata>)> {
         self.call(len < PLAIN_MAX, |reply| Request::Read {
             path,
             offset,
             len,
+            stat,
             reply,
         })
         .await
@@ -151,9 +176,10 @@ async fn handle(req: Request) {
             path,
             offset,
             len,
+            stat,
             reply,
         } => {
-            let _ = reply.send(read(path, offset, len).await);
+            let _ = reply.send(read(path, offset, len, stat).await);
         }
         Request::Write {
             path,
@@ -177,9 +203,10 @@ fn plain_io(rx: std::sync::mpsc::Receiver<Request>) {
                 path,
                 offset,
                 len,
+                stat,
                 reply,
             } => {
-                let _ = reply.send(read_plain(&path, offset, len).map(Bytes::from));
+                let _ = reply.send(read_plain(&path, offset, len, stat));
             }
             Request::Write {
                 path,
@@ -198,16 +225,17 @@ fn plain_io(rx: std::sync::mpsc::Receiver<Request>) {
 
 /// Reads exactly `len` bytes at `offset` into a buffer that is not zeroed first (that
 /// cost more than the read itself for 256 KiB blocks).
-fn read_plain(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+fn read_plain(path: &Path, offset: u64, len: usize, stat: bool) -> io::Result<(Bytes, Option<std::fs::Metadata>)> {
     use std::io::{Read, Seek};
     let mut file = std::fs::File::open(path)?;
     file.seek(io::SeekFrom::Start(offset))?;
     let mut buf = Vec::with_capacity(len);
-    file.take(len as u64).read_to_end(&mut buf)?;
+    (&mut file).take(len as u64).read_to_end(&mut buf)?;
     if buf.len() < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    Ok(buf)
+    let meta = if stat { Some(file.metadata()?) } else { None };
+    Ok((Bytes::from(buf), meta))
 }
 
 /// A write with ordinary system calls: O_DIRECT when the data allows it (and the file
@@ -265,13 +293,23 @@ async fn open_uring(o: &tokio_uring::fs::OpenOptions, path: &Path) -> io::Result
     }
 }
 
-async fn read(path: PathBuf, offset: u64, len: usize) -> io::Result<Bytes> {
+async fn read(path: PathBuf, offset: u64, len: usize, stat: bool) -> io::Result<(Bytes, Option<std::fs::Metadata>)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
     let file = tokio_uring::fs::File::open(&path).await?;
     let (res, buf) = file.read_exact_at(Vec::with_capacity(len), offset).await;
+    let meta = match (&res, stat) {
+        (Ok(()), true) => {
+            // SAFETY: the descriptor stays open until `close` below, and ManuallyDrop
+            // keeps this borrowed `File` from closing it.
+            let borrowed = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(file.as_raw_fd()) });
+            Some(borrowed.metadata())
+        }
+        _ => None,
+    };
     let closed = file.close().await;
     res?;
     closed?;
-    Ok(Bytes::from(buf))
+    Ok((Bytes::from(buf), meta.transpose()?))
 }
 
 fn open_for_write() -> tokio_uring::fs::OpenOptions {

@@ -154,6 +154,11 @@ pub fn collect_export(root: &Path, names: &[String]) -> Result<Vec<SourceFile>, 
 
 fn add_entry(path: &Path, name: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
     let meta = std::fs::symlink_metadata(path).map_err(io_at(path))?;
+    add_found(path, name, meta, out)
+}
+
+/// Adds the file or folder at `path`, whose own (not followed) metadata is `meta`.
+fn add_found(path: &Path, name: &str, meta: std::fs::Metadata, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
     if meta.file_type().is_symlink() {
         return Err(SourceError::Symlink(path.to_path_buf()));
     }
@@ -184,7 +189,10 @@ fn walk(dir: &Path, prefix: Option<&str>, out: &mut Vec<SourceFile>) -> Result<(
             Some(p) => format!("{p}/{fname}"),
             None => fname.to_string(),
         };
-        add_entry(&entry.path(), &name, out)?;
+        // Stat relative to the open folder: no walk of the whole path per file.
+        let path = entry.path();
+        let meta = entry.metadata().map_err(io_at(&path))?;
+        add_found(&path, &name, meta, out)?;
         if out.len() > MAX_FILES {
             return Err(SourceError::TooMany { got: out.len() });
         }

@@ -347,23 +347,28 @@ async fn an_unchanged_file_is_hashed_once_and_a_changed_one_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_that_changes_while_it_is_sent_aborts_the_job() {
     let env = env().await;
-    write(&env.src().join("w/growing.log"), &content(3, 3 * MIB));
-    let opts = PushOptions {
-        fault: Fault {
-            change_source: true,
+    // A file of several blocks is checked by path after its last read; a file of one
+    // block through the descriptor it was read from.
+    for (name, size) in [("growing.log", 3 * MIB), ("small.log", 1000)] {
+        let dir = env.src().join(name.replace('.', "-"));
+        write(&dir.join(name), &content(3, size));
+        let opts = PushOptions {
+            fault: Fault {
+                change_source: true,
+                ..Default::default()
+            },
             ..Default::default()
-        },
-        ..Default::default()
-    };
-    let err = env
-        .client("client")
-        .push(&env.peer(), "in", &[env.src().join("w")], &opts)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, TransferError::SourceChanged(ref p) if p.ends_with("w/growing.log")),
-        "{err}"
-    );
+        };
+        let err = env
+            .client("client")
+            .push(&env.peer(), "in", &[dir], &opts)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransferError::SourceChanged(ref p) if p.ends_with(name)),
+            "{err}"
+        );
+    }
     assert!(list(&env.inbox()).is_empty(), "nothing of the job is visible");
     let staging = env.inbox().join(".barge-staging");
     let mut left = usize::MAX;
