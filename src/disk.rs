@@ -21,6 +21,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
 
+/// What a write does when it has ended.
+pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
+
 enum Request {
     Read {
         path: PathBuf,
@@ -34,7 +37,8 @@ enum Request {
         path: PathBuf,
         offset: u64,
         data: Bytes,
-        reply: oneshot::Sender<io::Result<()>>,
+        /// Called on the disk thread with the outcome.
+        done: Done,
     },
     Finish {
         path: PathBuf,
@@ -140,14 +144,29 @@ impl Disk {
 
     /// Writes `data` at `offset`, creating the file (and its folder) if needed.
     pub async fn write_at(&self, path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        let done = Box::new(move |r| {
+            let _ = reply.send(r);
+        });
+        self.write_then(path, offset, data, done)?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Starts writing `data` at `offset` (like [`Disk::write_at`]) and returns at once;
+    /// `done` is called on the disk thread when the write has ended. Nobody waits for
+    /// each write, so a stream of small blocks wakes no task per block.
+    pub fn write_then(&self, path: PathBuf, offset: u64, data: Bytes, done: Done) -> io::Result<()> {
         let plain = data.len() < PLAIN_MAX;
-        self.call(plain, |reply| Request::Write {
+        let req = Request::Write {
             path,
             offset,
             data,
-            reply,
-        })
-        .await
+            done,
+        };
+        match plain {
+            true => self.plain.send(req).map_err(|_| gone()),
+            false => self.tx.send(req).map_err(|_| gone()),
+        }
     }
 
     /// Creates the file if needed, sets its length to `len` and syncs it to disk.
@@ -185,10 +204,8 @@ async fn handle(req: Request) {
             path,
             offset,
             data,
-            reply,
-        } => {
-            let _ = reply.send(write(path, offset, data).await);
-        }
+            done,
+        } => done(write(path, offset, data).await),
         Request::Finish { path, len, sync, reply } => {
             let _ = reply.send(finish(path, len, sync).await);
         }
@@ -212,10 +229,8 @@ fn plain_io(rx: std::sync::mpsc::Receiver<Request>) {
                 path,
                 offset,
                 data,
-                reply,
-            } => {
-                let _ = reply.send(write_plain(&path, offset, &data));
-            }
+                done,
+            } => done(write_plain(&path, offset, &data)),
             Request::Finish { reply, .. } => {
                 let _ = reply.send(Err(io::Error::other("finish is not a plain request")));
             }

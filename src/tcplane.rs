@@ -11,7 +11,7 @@
 
 use crate::proto::job::BlockRef;
 use crate::proto::wire::{BlockHeader, TcpGrant};
-use crate::transfer::{expected_len, stream_done, take_block, Fault, Incoming, TransferError};
+use crate::transfer::{expected_len, stream_done, take_block, Fault, Incoming, TransferError, Writes};
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::io::Write;
@@ -87,12 +87,20 @@ async fn serve(mut stream: tokio::net::TcpStream, tokens: &Tokens) -> Result<(),
     let Some(inc) = inc else {
         return Err(TransferError::Protocol("tcp lane: unknown token".into()));
     };
-    let result = receive(&mut stream, &inc).await;
+    let writes = Writes::new();
+    let mut result = receive(&mut stream, &inc, &writes).await;
+    if result.is_ok() {
+        result = writes.drain().await;
+    }
     stream_done(&inc, &result);
     result
 }
 
-async fn receive(stream: &mut tokio::net::TcpStream, inc: &Incoming) -> Result<(), TransferError> {
+async fn receive(
+    stream: &mut tokio::net::TcpStream,
+    inc: &Arc<Incoming>,
+    writes: &Writes,
+) -> Result<(), TransferError> {
     let io = |e: std::io::Error| TransferError::Stream(e.to_string());
     loop {
         let mut h = [0u8; BlockHeader::LEN];
@@ -112,7 +120,7 @@ async fn receive(stream: &mut tokio::net::TcpStream, inc: &Incoming) -> Result<(
             stream.read_exact(&mut buf).await.map_err(io)?;
             buf.freeze()
         };
-        take_block(inc, head, data).await?;
+        take_block(inc, head, data, writes).await?;
     }
 }
 
