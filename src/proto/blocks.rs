@@ -178,9 +178,16 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Lower-case hex of a digest, as `b3sum` prints it.
-pub fn hex(d: &Digest) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
+/// Lower-case hex of bytes (a digest prints as `b3sum` prints it).
+pub fn hex(d: &[u8]) -> String {
+    // Not `format!` per byte: an import of 20,000 files spent 70 ms on that alone.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * d.len());
+    for b in d {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ impl Key {
 
     /// Lower-case hex without prefix (for JSON and machine use).
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        super::blocks::hex(&self.0)
     }
 }
 
