@@ -51,7 +51,7 @@ pub struct SourceFile {
     pub name: RelPath,
     pub path: PathBuf,
     pub size: u64,
-    /// The version of the file that is offered; checked again after sending.
+    /// The version of the file that is offered; checked again once it has been read.
     pub stamp: FileStamp,
 }
 
