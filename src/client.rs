@@ -6,6 +6,7 @@
 //! moves the files into place only when all of them arrived. Held jobs are committed
 //! or aborted, and jobs and exports listed, with one request and one answer each.
 
+use crate::commit::{JobRef, Kind, Ledger};
 use crate::disk::Disk;
 use crate::hashcache::HashCache;
 use crate::hook::{ImportHook, MoveHook};
@@ -14,7 +15,7 @@ use crate::proto::keys::KeyRange;
 use crate::proto::wire::{JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
 use crate::quic::Tuning;
 use crate::source::SourceFile;
-use crate::stage::{check_space, move_into_place, Stage};
+use crate::stage::{check_space, Stage};
 use crate::tls::{TlsFiles, TlsMaterial};
 use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError};
 use std::net::SocketAddr;
@@ -97,6 +98,31 @@ pub struct PullReport {
     pub bytes: u64,
     pub blocks_received: u64,
     pub blocks_resumed: u64,
+}
+
+impl PullReport {
+    /// The report of a pull whose files were placed by an earlier run.
+    fn already_placed(job: &ReceiveJob) -> PullReport {
+        let blocks = job
+            .offer
+            .files
+            .iter()
+            .map(|f| crate::proto::blocks::block_count(f.hashes.size))
+            .sum();
+        PullReport {
+            job: job.id,
+            hashes: job
+                .offer
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), f.hashes.root))
+                .collect(),
+            files: job.paths.len(),
+            bytes: job.offer.total_bytes(),
+            blocks_received: 0,
+            blocks_resumed: blocks,
+        }
+    }
 }
 
 /// How far the current transfer is, for progress bars: bytes verified or sent so far
@@ -421,6 +447,11 @@ impl Client {
             Message::Reject(r) => return Err(TransferError::Rejected(r)),
             other => return Err(TransferError::Protocol(format!("expected offer, got {other:?}"))),
         };
+        if let Some(job) = finish_cut_off_pull(&offer, into) {
+            let report = PullReport::already_placed(&job);
+            transfer::confirm_committed(send, recv, &job, "pulled before".into()).await?;
+            return Ok(report);
+        }
         let (job, stage) = match prepare_pull(offer, into, &self.disk).await {
             Ok(x) => x,
             Err(r) => {
@@ -460,11 +491,22 @@ impl Client {
             .sum();
         report.blocks_resumed = total - job.missing();
         let st = stage.clone();
-        let into2 = into.to_path_buf();
+        let (into2, peer2, id) = (into.to_path_buf(), peer.to_string(), job.id.to_string());
         let hook = move |_offer, paths: Vec<crate::proto::path::RelPath>| async move {
-            let res = tokio::task::spawn_blocking(move || move_into_place(&st, &into2, &paths).map(|_| st.remove()))
-                .await
-                .expect("move task");
+            let place = move || {
+                let info = JobRef {
+                    job: id,
+                    target: "pull",
+                    target_dir: &into2,
+                    peer: &peer2,
+                    held: false,
+                };
+                // The intent lives in the job's staging folder: a pull cut off while
+                // placing finishes when the same pull runs again.
+                let ledger = Ledger::open(st.job_dir.clone())?;
+                crate::commit::place(Kind::Move, &st, &paths, info, &ledger).map(|_| st.remove())
+            };
+            let res = tokio::task::spawn_blocking(place).await.expect("move task");
             res.map(|_| Received::Committed("pulled".to_string()))
                 .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))
         };
@@ -486,6 +528,30 @@ impl Client {
         {
             Received::Committed(_) | Received::Held => Ok(report),
             Received::Aborted => Err(TransferError::Protocol("the exporter aborted the pull".into())),
+        }
+    }
+}
+
+/// Finishes a pull of the same job that a crash cut off while it placed the files; if
+/// that placed them, returns the job, for the exporter to be told it is done.
+fn finish_cut_off_pull(offer: &Offer, into: &Path) -> Option<ReceiveJob> {
+    let id = offer.job_id().to_string();
+    let job_dir = into.join(crate::proto::path::STAGING_DIR).join(&id);
+    let ledger = Ledger::open(job_dir.clone()).ok().filter(|_| job_dir.is_dir())?;
+    let intent = ledger.intent(&id)?.ok()?;
+    if intent.target_dir != into || intent.job_dir != job_dir {
+        return None;
+    }
+    match intent.apply() {
+        Ok(()) => {
+            Stage::at(job_dir).remove();
+            ReceiveJob::new(offer.clone()).ok()
+        }
+        Err(u) => {
+            if u.back.is_ok() {
+                let _ = ledger.abandon(&id);
+            }
+            None
         }
     }
 }

@@ -4,8 +4,9 @@
 //! decides commit or failure. `move` renames the files into the target folder, all or
 //! none; `exec` runs a command; engines that embed barge implement [`ImportHook`].
 
+use crate::commit::{CommitError, JobRef, Kind, Ledger};
 use crate::proto::path::RelPath;
-use crate::stage::{move_into_place, replace_into_place, Stage, StageError};
+use crate::stage::{Stage, StageError};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ use std::process::{Command, Stdio};
 pub enum HookError {
     #[error(transparent)]
     Stage(#[from] StageError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
     #[error("hook command {program:?} could not start: {source}")]
     Spawn { program: String, source: std::io::Error },
     #[error("hook command exited with {status}: {stderr}")]
@@ -73,6 +76,37 @@ pub struct ImportJob {
     pub(crate) stage: Option<Stage>,
     #[serde(skip)]
     pub(crate) paths: Vec<RelPath>,
+    /// Where `move` and `replace` write their intent (the agent's ledger); without
+    /// one, in the job's staging folder.
+    #[serde(skip)]
+    pub(crate) ledger: Option<std::sync::Arc<Ledger>>,
+    /// The job was held (`push --hold`) before this commit.
+    #[serde(skip)]
+    pub(crate) held: bool,
+}
+
+impl ImportJob {
+    /// Places the staged files with `kind`, crash-safe (see [`crate::commit`]): the
+    /// intent is written first; if the files can not all be placed, those placed go
+    /// back to staging and the job fails.
+    fn place(&self, kind: Kind) -> Result<String, HookError> {
+        let stage = self
+            .stage
+            .as_ref()
+            .ok_or_else(|| HookError::Other("no staging folder".into()))?;
+        let info = JobRef {
+            job: self.job.clone(),
+            target: &self.target,
+            target_dir: &self.target_dir,
+            peer: &self.peer,
+            held: self.held,
+        };
+        let ledger = match &self.ledger {
+            Some(l) => l.clone(),
+            None => std::sync::Arc::new(Ledger::open(stage.job_dir.clone())?),
+        };
+        Ok(crate::commit::place(kind, stage, &self.paths, info, &ledger)?)
+    }
 }
 
 /// Hands a verified job to an engine. Runs on a blocking thread; the returned text is
@@ -94,34 +128,29 @@ pub struct MoveHook;
 
 impl ImportHook for MoveHook {
     fn check(&self, target_dir: &Path, files: &[RelPath]) -> Result<(), HookError> {
-        Ok(crate::stage::check_destinations(target_dir, files)?)
+        Ok(crate::commit::check_destinations(target_dir, files)?)
     }
 
     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
-        let stage = job
-            .stage
-            .as_ref()
-            .ok_or_else(|| HookError::Other("no staging folder".into()))?;
-        move_into_place(stage, &job.target_dir, &job.paths)?;
-        Ok(format!("moved {} files into {}", job.files.len(), job.target))
+        job.place(Kind::Move)
     }
 }
 
-/// Renames each file into the target folder, replacing an older file of the same name.
-/// Each file is replaced atomically (a reader sees the old or the new one), the job as
-/// a whole is not: for mutable files that are sent again and again, such as 0-db
-/// index files.
+/// Renames each file into the target folder, replacing an older file of the same name
+/// (never a folder or a symlink): for mutable files that are sent again and again, such
+/// as 0-db index files. Each file is replaced atomically, and the job as a whole after a
+/// crash: the older files are kept until the commit is done, so one that can not finish
+/// puts them back.
 #[derive(Debug, Default)]
 pub struct ReplaceHook;
 
 impl ImportHook for ReplaceHook {
+    fn check(&self, target_dir: &Path, files: &[RelPath]) -> Result<(), HookError> {
+        Ok(crate::commit::check_replaceable(target_dir, files)?)
+    }
+
     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
-        let stage = job
-            .stage
-            .as_ref()
-            .ok_or_else(|| HookError::Other("no staging folder".into()))?;
-        replace_into_place(stage, &job.target_dir, &job.paths)?;
-        Ok(format!("placed {} files into {}", job.files.len(), job.target))
+        job.place(Kind::Replace)
     }
 }
 
@@ -209,6 +238,8 @@ mod tests {
             meta: [("region".to_string(), "2".to_string())].into(),
             stage: None,
             paths: vec![],
+            ledger: None,
+            held: false,
         }
     }
 

@@ -23,7 +23,11 @@
 //! - [`hashcache`]: hash once: roots and block values (and SST key spans) cached by
 //!   inode, size and mtime.
 //! - [`sst`]: the smallest and largest key of a RocksDB SST file, read from the file.
-//! - [`stage`]: the receiving side's staging folder, resume scan, atomic placement.
+//! - [`stage`]: the receiving side's staging folder, resume scan, syncs, free space.
+//! - [`commit`]: the hand-over of a staged job to its target, crash-safe: an intent
+//!   written before the first rename, finished or undone after a crash; outcomes kept
+//!   so a job sent again is answered "committed".
+//! - [`failpoint`]: places where tests make the process die on purpose.
 //! - [`hook`]: import hooks (`move`, `replace`, `exec`, and the [`hook::ImportHook`] trait).
 //! - [`held`]: bulk loads: held jobs, the targets they claim, their journal.
 //! - [`transfer`]: sender and receiver of one job over a QUIC connection.
@@ -87,9 +91,11 @@ pub mod agent;
 pub mod buf;
 pub mod certs;
 pub mod client;
+pub mod commit;
 pub mod config;
 pub mod congestion;
 pub mod disk;
+pub mod failpoint;
 pub mod hashcache;
 pub mod held;
 pub mod hook;

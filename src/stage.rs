@@ -13,6 +13,7 @@ use crate::proto::path::{RelPath, STAGING_DIR};
 use crate::proto::wire::Offer;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// Why staging or placing files failed.
@@ -112,6 +113,43 @@ impl Stage {
             }
         }
         found
+    }
+
+    /// Reads every staged block again and checks it against the offer; returns the
+    /// names of the files that do not match (missing, of another length, or with a bad
+    /// block). A held job's blocks sat on disk for as long as it was held, perhaps
+    /// across restarts: they are checked like this before it commits.
+    pub async fn verify(&self, offer: Arc<Offer>, paths: &[RelPath], disk: &Disk) -> Vec<String> {
+        const IN_FLIGHT: usize = 8;
+        let mut bad = std::collections::BTreeSet::new();
+        let mut reads = tokio::task::JoinSet::new();
+        for (i, f) in offer.files.iter().enumerate() {
+            let path = self.file(&paths[i]);
+            let size = f.hashes.size;
+            if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == size) {
+                bad.insert(i);
+                continue;
+            }
+            for b in 0..block_count(size) {
+                while reads.len() >= IN_FLIGHT {
+                    if let Some(Ok(Some(i))) = reads.join_next().await {
+                        bad.insert(i);
+                    }
+                }
+                let (disk, path, offer) = (disk.clone(), path.clone(), offer.clone());
+                reads.spawn(async move {
+                    let data = disk.read_at(path, b * BLOCK_SIZE, block_len(size, b)).await;
+                    let ok = data.is_ok_and(|d| ReceiveJob::verify(&offer, i as u32, b as u32, &d).is_ok());
+                    (!ok).then_some(i)
+                });
+            }
+        }
+        while let Some(r) = reads.join_next().await {
+            if let Ok(Some(i)) = r {
+                bad.insert(i);
+            }
+        }
+        bad.into_iter().map(|i| paths[i].to_string()).collect()
     }
 
     /// Syncs every staged file (creating empty ones) and every staged folder. A job of
@@ -217,175 +255,6 @@ fn ensure_real_dir(path: &Path, name: &str) -> Result<(), StageError> {
     }
 }
 
-/// Checks that every file can be placed under `target`: no existing file there, and no
-/// symlink among the folders on the way.
-pub fn check_destinations(target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
-    // Folders already seen to be real folders, or to be missing (then nothing below exists).
-    let mut dirs_ok = std::collections::HashSet::new();
-    let mut missing = std::collections::HashSet::new();
-    for rel in paths {
-        let parts: Vec<&str> = rel.components().collect();
-        let mut prefix = String::new();
-        for (i, c) in parts.iter().enumerate() {
-            if i > 0 {
-                prefix.push('/');
-            }
-            prefix.push_str(c);
-            let last = i + 1 == parts.len();
-            if missing.contains(&prefix) {
-                break;
-            }
-            if !last && dirs_ok.contains(&prefix) {
-                continue;
-            }
-            let cur = target.join(&prefix);
-            match std::fs::symlink_metadata(&cur) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    missing.insert(prefix.clone());
-                    break;
-                }
-                Err(e) => return Err(StageError::Io { path: cur, source: e }),
-                Ok(m) if m.file_type().is_symlink() => return Err(StageError::Escape(rel.to_string())),
-                Ok(m) if !last && m.is_dir() => {
-                    dirs_ok.insert(prefix.clone());
-                }
-                Ok(_) => return Err(StageError::Exists(prefix)),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Renames every staged file into place under `target`, all or nothing: on any error
-/// what was already moved goes back to staging. A top-level folder of the job that the
-/// target does not have yet moves in one rename (cheap and atomic for many files);
-/// files under folders that exist already move one by one. Then syncs the folders.
-pub fn move_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
-    check_destinations(target, paths)?;
-    let units = rename_units(target, paths)?;
-    let mut moved: Vec<&RelPath> = Vec::with_capacity(units.len());
-    let mut made_dirs = Vec::new();
-    let result = units.iter().try_for_each(|rel| {
-        let dest = rel.under(target);
-        make_parents(target, rel, &mut made_dirs)?;
-        rename_no_replace(&stage.file(rel), &dest).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => StageError::Exists(rel.to_string()),
-            _ => StageError::Io {
-                path: dest.clone(),
-                source: e,
-            },
-        })?;
-        moved.push(rel);
-        Ok(())
-    });
-    if let Err(e) = result {
-        for rel in moved {
-            let _ = std::fs::rename(rel.under(target), stage.file(rel));
-        }
-        for d in made_dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
-        }
-        return Err(e);
-    }
-    sync_parents(target, &units)
-}
-
-/// Renames every staged file to its place under `target`, replacing a file that is
-/// there (never a folder or a symlink), then syncs the folders. Atomic per file only.
-pub fn replace_into_place(stage: &Stage, target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
-    let mut made = Vec::new();
-    for rel in paths {
-        let dest = rel.under(target);
-        make_parents(target, rel, &mut made)?;
-        match std::fs::symlink_metadata(&dest) {
-            Ok(m) if !m.is_file() => return Err(StageError::Exists(rel.to_string())),
-            _ => {}
-        }
-        std::fs::rename(stage.file(rel), &dest).map_err(io_at(&dest))?;
-    }
-    sync_parents(target, paths)
-}
-
-/// Syncs the folder of each of `paths` under `target`, and those above it up to `target`.
-fn sync_parents(target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
-    let mut dirs: Vec<PathBuf> = paths
-        .iter()
-        .filter_map(|p| p.under(target).parent().map(Path::to_path_buf))
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    sync_dirs(&dirs, target)
-}
-
-/// What to rename: whole top-level folders the target lacks, single files otherwise.
-fn rename_units(target: &Path, paths: &[RelPath]) -> Result<Vec<RelPath>, StageError> {
-    let mut fresh = std::collections::HashMap::new();
-    let mut units = Vec::new();
-    for rel in paths {
-        let top = rel.components().next().expect("a name has a component");
-        if top.len() == rel.as_str().len() {
-            units.push(rel.clone());
-            continue;
-        }
-        let is_fresh = match fresh.get(top) {
-            Some(f) => *f,
-            None => {
-                let f = !target.join(top).exists();
-                fresh.insert(top.to_string(), f);
-                if f {
-                    units.push(RelPath::new(top).map_err(|_| StageError::Escape(rel.to_string()))?);
-                }
-                f
-            }
-        };
-        if !is_fresh {
-            units.push(rel.clone());
-        }
-    }
-    Ok(units)
-}
-
-fn make_parents(target: &Path, rel: &RelPath, made: &mut Vec<PathBuf>) -> Result<(), StageError> {
-    let parts: Vec<&str> = rel.components().collect();
-    let mut cur = target.to_path_buf();
-    for c in &parts[..parts.len() - 1] {
-        cur.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => return Err(StageError::Escape(rel.to_string())),
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(StageError::Exists(rel.to_string())),
-            Err(_) => {
-                std::fs::create_dir(&cur).map_err(io_at(&cur))?;
-                made.push(cur.clone());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `rename` that fails instead of replacing an existing destination.
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
-    let (f, t) = (c(from)?, c(to)?);
-    // SAFETY: both are valid NUL-terminated paths; renameat2 reads them only.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Bytes available to unprivileged writers on the file system holding `path`.
 pub fn free_space(path: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -445,27 +314,6 @@ mod tests {
         RelPath::new(s).unwrap()
     }
 
-    #[test]
-    fn destinations_that_exist_or_pass_a_symlink_are_refused() {
-        let t = tempfile::tempdir().unwrap();
-        std::fs::create_dir(t.path().join("d")).unwrap();
-        std::fs::write(t.path().join("d/f"), b"x").unwrap();
-        std::os::unix::fs::symlink("/tmp", t.path().join("link")).unwrap();
-        check_destinations(t.path(), &[rel("d/g"), rel("new/a/b")]).unwrap();
-        assert!(matches!(
-            check_destinations(t.path(), &[rel("d/f")]),
-            Err(StageError::Exists(_))
-        ));
-        assert!(matches!(
-            check_destinations(t.path(), &[rel("d/f/x")]),
-            Err(StageError::Exists(_))
-        ));
-        assert!(matches!(
-            check_destinations(t.path(), &[rel("link/x")]),
-            Err(StageError::Escape(_))
-        ));
-    }
-
     #[tokio::test]
     async fn a_new_staging_folder_is_not_scanned_and_a_reopened_one_is() {
         use crate::proto::blocks::FileHashes;
@@ -495,86 +343,6 @@ mod tests {
         assert!(!reopened.fresh);
         assert_eq!(reopened.scan(&mut again, &disk).await, 1, "the staged block is found");
         assert_eq!(again.missing(), 0);
-    }
-
-    #[test]
-    fn a_failed_move_puts_everything_back() {
-        let t = tempfile::tempdir().unwrap();
-        let stage = Stage::at(t.path().join("job"));
-        std::fs::create_dir_all(stage.files_dir.join("a")).unwrap();
-        std::fs::write(stage.files_dir.join("a/1"), b"1").unwrap();
-        std::fs::write(stage.files_dir.join("z"), b"2").unwrap();
-        let target = t.path().join("target");
-        std::fs::create_dir(&target).unwrap();
-        // `z` will collide after `a/1` was moved.
-        std::fs::write(target.join("z"), b"old").unwrap();
-        let paths = [rel("a/1"), rel("z")];
-        assert!(matches!(
-            move_into_place(&stage, &target, &paths),
-            Err(StageError::Exists(_))
-        ));
-        assert!(!target.join("a").exists(), "nothing of the job stays visible");
-        assert!(stage.files_dir.join("a/1").exists());
-        std::fs::remove_file(target.join("z")).unwrap();
-        move_into_place(&stage, &target, &paths).unwrap();
-        assert_eq!(std::fs::read(target.join("a/1")).unwrap(), b"1");
-    }
-
-    #[test]
-    fn new_folders_move_whole_and_existing_ones_take_files_one_by_one() {
-        let t = tempfile::tempdir().unwrap();
-        let target = t.path().join("target");
-        std::fs::create_dir_all(target.join("old")).unwrap();
-        std::fs::write(target.join("old/kept"), b"k").unwrap();
-        let paths = [rel("new/a"), rel("new/b/c"), rel("old/d"), rel("top")];
-        let units = rename_units(&target, &paths).unwrap();
-        assert_eq!(units, [rel("new"), rel("old/d"), rel("top")]);
-        let stage = Stage::at(t.path().join("job"));
-        for p in &paths {
-            write_staged(&stage, p);
-        }
-        move_into_place(&stage, &target, &paths).unwrap();
-        for p in &paths {
-            assert_eq!(std::fs::read(p.under(&target)).unwrap(), p.as_str().as_bytes());
-        }
-        assert_eq!(std::fs::read(target.join("old/kept")).unwrap(), b"k");
-    }
-
-    fn write_staged(stage: &Stage, p: &RelPath) {
-        let f = stage.file(p);
-        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-        std::fs::write(f, p.as_str()).unwrap();
-    }
-
-    #[test]
-    fn replace_puts_new_files_over_old_ones_but_not_over_folders() {
-        let t = tempfile::tempdir().unwrap();
-        let target = t.path().join("target");
-        std::fs::create_dir_all(target.join("ns")).unwrap();
-        std::fs::write(target.join("ns/i1"), b"old").unwrap();
-        let job = ReceiveJob::new(crate::proto::wire::Offer {
-            target: "t".into(),
-            files: vec![],
-            meta: vec![],
-            tcp_lane: false,
-            hold: false,
-        })
-        .unwrap();
-        let stage = Stage::open(&target, &job).unwrap();
-        let paths = [rel("ns/i1"), rel("ns/zdb-namespace")];
-        paths.iter().for_each(|p| write_staged(&stage, p));
-        replace_into_place(&stage, &target, &paths).unwrap();
-        assert_eq!(std::fs::read(target.join("ns/i1")).unwrap(), b"ns/i1");
-        assert_eq!(
-            std::fs::read(target.join("ns/zdb-namespace")).unwrap(),
-            b"ns/zdb-namespace"
-        );
-        std::fs::create_dir(target.join("ns/dir")).unwrap();
-        write_staged(&stage, &rel("ns/dir"));
-        assert!(matches!(
-            replace_into_place(&stage, &target, &[rel("ns/dir")]),
-            Err(StageError::Exists(_))
-        ));
     }
 
     #[test]

@@ -499,12 +499,25 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    fn fail(&self, r: Refusal) {
+    /// Fails the job with `r` unless it failed already; returns whether this did.
+    fn fail(&self, r: Refusal) -> bool {
+        let mut first = false;
         self.progress.send_modify(|p| {
             if p.error.is_none() {
                 p.error = Some(r);
+                first = true;
             }
         });
+        first
+    }
+
+    /// Ends this attempt because its sender started the job again (see
+    /// `agent::ActiveGuard::take_over`); returns whether it was still running.
+    pub fn take_over(&self) -> bool {
+        self.fail(Refusal::new(
+            code::ABORTED,
+            "taken over by a newer attempt of the same sender",
+        ))
     }
 }
 
@@ -693,10 +706,12 @@ impl Drop for PendingWrite {
 pub(crate) fn stream_done(inc: &Incoming, result: &Result<(), TransferError>) {
     match result {
         Ok(()) => inc.progress.send_modify(|p| p.streams_done += 1),
-        Err(e) => inc.fail(match e {
-            TransferError::Job(j) => j.refusal(),
-            other => Refusal::new(code::IO, other.to_string()),
-        }),
+        Err(e) => {
+            inc.fail(match e {
+                TransferError::Job(j) => j.refusal(),
+                other => Refusal::new(code::IO, other.to_string()),
+            });
+        }
     }
 }
 
@@ -771,6 +786,29 @@ async fn read_aligned_block(stream: &mut quinn::RecvStream, len: usize) -> Resul
     Ok(buf.freeze())
 }
 
+/// How long a failed job waits for its block writes under way to end.
+const WRITES_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Answers the offer of a job that committed before (sent again after a crash or a
+/// lost answer): every block is held, and the commit is confirmed with `report`.
+pub async fn confirm_committed(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    job: &ReceiveJob,
+    report: String,
+) -> Result<(), TransferError> {
+    write_msg(send, &job.accept_all()).await?;
+    let answer = match expect_msg(recv).await? {
+        Message::Commit { .. } => Message::Committed { report },
+        Message::Abort => Message::Failed(Refusal::new(code::ABORTED, "aborted by the sender")),
+        other => return Err(TransferError::Protocol(format!("expected commit, got {other:?}"))),
+    };
+    write_msg(send, &answer).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(REPLY_GRACE, send.stopped()).await;
+    Ok(())
+}
+
 /// How a received job ended.
 #[derive(Debug)]
 pub enum Received {
@@ -833,6 +871,13 @@ where
     let result = drive_receive(send, recv, &inc, &mut watch, accept, paths, hook).await;
     if let (Some(lanes), Some(g)) = (tcp, grant) {
         lanes.revoke(&g.token);
+    }
+    if let Err(e) = &result {
+        // No block is written after the job is given up: a new attempt may scan and
+        // write the same staged files as soon as this one is out of the table.
+        inc.fail(Refusal::new(code::ABORTED, e.to_string()));
+        let drained = watch.wait_for(|p| p.writing == 0);
+        let _ = tokio::time::timeout(WRITES_GRACE, drained).await;
     }
     table.lock().expect("job table").remove(&id);
     if let Err(TransferError::Rejected(r) | TransferError::Failed(r)) = &result {

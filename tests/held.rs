@@ -52,10 +52,17 @@ async fn a_held_job_is_invisible_until_commit() {
     assert_same_tree(&env.src(), &env.inbox());
     assert!(staged(&env).is_empty() && journal(&env).is_empty());
     assert!(client.jobs(&env.peer()).await.unwrap().is_empty());
-    let again = client.commit(&env.peer(), r.job).await.unwrap_err();
+    // A commit sent again (its answer lost, say) is confirmed, not refused; an abort of
+    // a committed job is refused, naming why.
+    let again = client.commit(&env.peer(), r.job).await.unwrap();
     assert!(
-        matches!(&again, TransferError::Rejected(x) if x.code == code::NOT_FOUND),
+        again.contains("moved 2 files") && again.contains("sent again"),
         "{again}"
+    );
+    let abort = client.abort(&env.peer(), r.job).await.unwrap_err();
+    assert!(
+        matches!(&abort, TransferError::Rejected(x) if x.code == code::NOT_FOUND && x.reason.contains("committed")),
+        "{abort}"
     );
 }
 

@@ -1,7 +1,8 @@
 //! Requests that are not transfers: commit or abort a held job, list jobs, list an
 //! export. Each is one request and one answer on its own stream.
 
-use super::{drop_held, import_job, refuse, run_import, source_code, JobCtx};
+use super::handover::{self, drop_held, import_job, Handover};
+use super::{refuse, source_code, ActiveGuard, JobCtx, RETRY_BUSY};
 use crate::config::{Export, ExportKind};
 use crate::proto::job::ReceiveJob;
 use crate::proto::keys::KeyRange;
@@ -30,10 +31,13 @@ impl JobCtx {
     }
 
     async fn job_op(&self, op: JobOp, id: JobId) -> Result<Message, Refusal> {
+        let _active = ActiveGuard::try_claim(&self.shared, id, &self.peer).map_err(|_| {
+            refuse(code::BUSY, format!("job {id} is being received or committed now")).retry_after(RETRY_BUSY)
+        })?;
         let holds = &self.shared.holds;
-        let job = holds
-            .take(id)
-            .ok_or_else(|| refuse(code::NOT_FOUND, format!("no held job {id}")))?;
+        let Some(job) = holds.take(id) else {
+            return self.not_held(op, id);
+        };
         let live = self.shared.live();
         let target = match self.import_target(&live, &job.offer.target) {
             Ok(t) => t,
@@ -55,9 +59,17 @@ impl JobCtx {
             }
         };
         let stage = Stage::at(job.job_dir.clone());
-        let import = import_job(&job.offer, paths, &stage, &target, job.peer.clone(), id.to_string());
-        let hook = live.hooks[&target.name].clone();
-        match run_import(hook, import, &self.shared.metrics).await {
+        let offer = std::sync::Arc::new(job.offer.clone());
+        let bad = stage.verify(offer, &paths, &self.shared.disk).await;
+        if !bad.is_empty() {
+            warn!(target = %target.name, files = bad.len(), "held job's staged files changed; not committed");
+            holds.put_back(job);
+            return Err(refuse(code::BAD_BLOCK, changed_while_held(id, &bad)));
+        }
+        let mut import = import_job(&job.offer, paths, &stage, &target, job.peer.clone());
+        import.held = true;
+        let handover = Handover::new(&target, live.hooks[&target.name].clone(), self.shared.commits.clone());
+        match handover.run(import, &self.shared.metrics).await {
             Ok(report) => {
                 drop_held(&self.shared, &job);
                 info!(target = %target.name, %report, "held job committed");
@@ -68,6 +80,26 @@ impl JobCtx {
                 holds.put_back(job);
                 Err(r)
             }
+        }
+    }
+
+    /// The answer about a job that is not held: committed before (a lost answer, or a
+    /// commit a restart finished), or unknown.
+    fn not_held(&self, op: JobOp, id: JobId) -> Result<Message, Refusal> {
+        let live = self.shared.live();
+        let done = self.shared.commits.done(id).filter(|d| {
+            let target = live.config.import(&d.target);
+            target.is_some_and(|t| t.allow.allows(&self.peer))
+        });
+        match (done, op) {
+            (Some(d), JobOp::Commit) => Ok(Message::Committed {
+                report: handover::again(&d),
+            }),
+            (Some(d), JobOp::Abort) => Err(refuse(
+                code::NOT_FOUND,
+                format!("job {id} committed {}s ago; it can not be aborted", d.age().as_secs()),
+            )),
+            (None, _) => Err(refuse(code::NOT_FOUND, format!("no held job {id}"))),
         }
     }
 
@@ -155,6 +187,19 @@ impl JobCtx {
         }
         Ok((list, offer))
     }
+}
+
+/// Why a held job was not committed: its staged files no longer verify.
+fn changed_while_held(id: JobId, bad: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut names = bad.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if bad.len() > SHOWN {
+        names.push_str(&format!(" and {} more", bad.len() - SHOWN));
+    }
+    format!(
+        "held job {id} not committed: staged files no longer match their blake3 hashes: {names}; \
+         push the same files with --hold again to replace the bad blocks, or abort the job"
+    )
 }
 
 fn info(id: JobId, state: &str, offer: &Offer, peer: &str, missing: u64, age: std::time::Duration) -> JobInfo {

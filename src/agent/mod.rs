@@ -11,13 +11,14 @@
 //! and waits for running ones before the endpoint closes.
 
 mod control;
+mod handover;
 
+use crate::commit::Ledger;
 use crate::config::{AllowList, Config, Export, HookSpec, Import};
 use crate::disk::Disk;
-use crate::held::{Claim, HeldJob, Holds, Journal};
-use crate::hook::{ExecHook, ImportFile, ImportHook, ImportJob, MoveHook, ReplaceHook};
+use crate::held::{Claim, Holds, Journal};
+use crate::hook::{ExecHook, ImportHook, MoveHook, ReplaceHook};
 use crate::metrics::{Gauges, Metrics, Outcome};
-use crate::proto::blocks::hex;
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
 use crate::proto::wire::{code, JobId, Message, Offer, Refusal};
@@ -25,7 +26,8 @@ use crate::ratelimit::RateLimits;
 use crate::stage::{check_space_with, sweep_expired, Stage};
 use crate::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::transfer::{self, JobTable, Received, TransferError};
-use std::collections::{HashMap, HashSet};
+use handover::{drop_held, Handover};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -45,6 +47,8 @@ pub enum AgentError {
     MissingHook(String),
     #[error(transparent)]
     Journal(#[from] crate::held::HeldError),
+    #[error(transparent)]
+    Commits(#[from] crate::commit::CommitError),
     #[error("{0} can not change on reload; restart the agent for it")]
     NeedsRestart(&'static str),
 }
@@ -63,7 +67,8 @@ struct Shared {
     /// Hooks registered by the embedding program, to build `Live::hooks` again on reload.
     custom: Hooks,
     disk: Disk,
-    active: Mutex<HashSet<crate::proto::wire::JobId>>,
+    /// Jobs being received or committed, and who sends each.
+    active: Mutex<HashMap<JobId, String>>,
     /// Jobs running (pushes and pulls), against `max_jobs`.
     running: AtomicUsize,
     draining: AtomicBool,
@@ -76,6 +81,8 @@ struct Shared {
     /// Held jobs and the targets they claim, and their journal.
     holds: Holds,
     journal: Journal,
+    /// Intents of commits under way and outcomes of finished ones.
+    commits: Arc<Ledger>,
 }
 
 impl Shared {
@@ -148,7 +155,9 @@ impl Agent {
         let disk = Disk::start().map_err(AgentError::Disk)?;
         let cache = Arc::new(open_cache(&config.data_dir));
         let journal = Journal::open(&config.data_dir)?;
-        let holds = restore_held(&config, &journal);
+        let commits = Arc::new(Ledger::open(config.data_dir.join("commits"))?);
+        handover::recover(&config, &commits, &journal);
+        let holds = handover::restore_held(&config, &journal, &commits);
         let tcp = match config.imports.iter().any(|t| t.tcp_lane) {
             false => None,
             true => {
@@ -169,7 +178,7 @@ impl Agent {
             live: RwLock::new(Arc::new(Live { config, hooks })),
             custom,
             disk,
-            active: Mutex::new(HashSet::new()),
+            active: Mutex::new(HashMap::new()),
             running: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             metrics: Arc::new(Metrics::default()),
@@ -179,6 +188,7 @@ impl Agent {
             table: JobTable::default(),
             holds,
             journal,
+            commits,
         });
         let mut tasks = vec![];
         let mut metrics_addr = None;
@@ -337,41 +347,6 @@ fn resolve_hooks(config: &Config, custom: &Hooks) -> Result<Hooks, AgentError> {
     Ok(out)
 }
 
-/// Held jobs from the journal whose target and staging folder still exist.
-fn restore_held(config: &Config, journal: &Journal) -> Holds {
-    let holds = Holds::default();
-    let entries = journal.load().unwrap_or_else(|e| {
-        warn!(error = %e, "job journal unreadable; no held jobs restored");
-        vec![]
-    });
-    for entry in entries {
-        let job = match entry {
-            Ok(job) => job,
-            Err(e) => {
-                warn!(error = %e, "held job not restored");
-                continue;
-            }
-        };
-        // Only a folder directly in its target's staging area is the job's: a journal
-        // entry never makes the agent keep or delete anything else.
-        let staging = config
-            .import(&job.offer.target)
-            .map(|t| t.path.join(crate::proto::path::STAGING_DIR));
-        let own = staging.is_some_and(|st| job.job_dir.parent() == Some(st.as_path()));
-        if own && job.job_dir.is_dir() {
-            info!(job = %job.id, target = %job.offer.target, "held job restored");
-            holds.insert(job);
-            continue;
-        }
-        warn!(job = %job.id, target = %job.offer.target, "held job dropped: its target or staged files are gone");
-        if own {
-            Stage::at(job.job_dir.clone()).remove();
-        }
-        let _ = journal.remove(job.id);
-    }
-    holds
-}
-
 async fn sweep_loop(shared: Arc<Shared>) {
     loop {
         let config = shared.config();
@@ -381,21 +356,13 @@ async fn sweep_loop(shared: Arc<Shared>) {
             info!(job = %job.id, target = %job.offer.target, "held job expired; staged files removed");
             drop_held(&shared, &job);
         }
+        shared.commits.forget(config.staging_ttl);
         let keep = shared.holds.staged_names();
         for t in &config.imports {
             sweep_expired(&t.path, config.staging_ttl, &keep);
         }
         tokio::time::sleep(period).await;
     }
-}
-
-/// Removes a held job's staged files and journal entry and frees its target.
-fn drop_held(shared: &Shared, job: &HeldJob) {
-    Stage::at(job.job_dir.clone()).remove();
-    if let Err(e) = shared.journal.remove(job.id) {
-        warn!(job = %job.id, error = %e, "journal entry not removed");
-    }
-    shared.holds.release(&job.offer.target, job.id);
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
@@ -494,8 +461,18 @@ impl JobCtx {
         let job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
         let span =
             info_span!("job", id = %job.id, target = %target.name, files = job.paths.len(), hold = job.offer.hold);
+        let _guard = ActiveGuard::take_over(&self.shared, job.id, &self.peer)
+            .instrument(span.clone())
+            .await?;
         let _slot = JobSlot::claim(&self.shared, live.config.max_jobs)?;
-        let _guard = ActiveGuard::claim(&self.shared, job.id)?;
+        if let Some(done) = handover::committed_before(&self.shared.commits, job.id, &target, &job.paths) {
+            span.in_scope(|| info!(report = %done.report, "committed before; sent again, confirmed without data"));
+            let confirm = transfer::confirm_committed(send, recv, &job, handover::again(&done));
+            if let Err(e) = confirm.await {
+                span.in_scope(|| warn!(error = %e, "confirming an earlier commit failed"));
+            }
+            return Ok(());
+        }
         let _claim = self.claim_target(&target.name, job.id, job.offer.hold)?;
         let limits = &live.config.limits;
         let (job, stage) = async { self.prepare(job, &target, hook.as_ref(), limits).await }
@@ -590,7 +567,7 @@ impl JobCtx {
     ) -> Result<(ReceiveJob, Stage), Refusal> {
         let t = std::time::Instant::now();
         hook.check(&target.path, &job.paths)
-            .map_err(|e| refuse(hook_code(&e), e.to_string()))?;
+            .map_err(|e| refuse(handover::hook_code(&e), e.to_string()))?;
         if let Some(max) = limits.max_staged_bytes {
             let staged = self.shared.staging_committed();
             if staged.saturating_add(job.offer.total_bytes()) > max {
@@ -622,16 +599,17 @@ impl JobCtx {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<Received, TransferError> {
-        let (peer, job_id) = (self.peer.clone(), job.id.to_string());
+        let peer = self.peer.clone();
         let tcp_allowed = target.tcp_lane;
         let stage2 = stage.clone();
         let shared = self.shared.clone();
         let run_hook = move |offer: Arc<Offer>, paths: Vec<RelPath>| async move {
             if offer.hold {
-                return hold(&shared, &offer, &peer, &stage2).map(|_| Received::Held);
+                return handover::hold(&shared, &offer, &peer, &stage2).map(|_| Received::Held);
             }
-            let import = import_job(&offer, paths, &stage2, &target, peer, job_id);
-            run_import(hook, import, &shared.metrics).await.map(Received::Committed)
+            let import = handover::import_job(&offer, paths, &stage2, &target, peer);
+            let handover = Handover::new(&target, hook, shared.commits.clone());
+            handover.run(import, &shared.metrics).await.map(Received::Committed)
         };
         let started = std::time::Instant::now();
         let tcp = self.shared.tcp.as_ref().filter(|_| tcp_allowed);
@@ -722,77 +700,6 @@ impl JobCtx {
     }
 }
 
-/// Journals a staged `hold` job and records it as held (its target stays claimed).
-fn hold(shared: &Shared, offer: &Offer, peer: &str, stage: &Stage) -> Result<(), Refusal> {
-    let job = HeldJob::new(offer.clone(), peer, stage.job_dir.clone());
-    shared
-        .journal
-        .record(&job)
-        .map_err(|e| refuse(code::IO, e.to_string()))?;
-    shared.holds.insert(job);
-    Ok(())
-}
-
-/// Runs an import hook on a blocking thread; removes the staging folder after success.
-async fn run_import(hook: Arc<dyn ImportHook>, import: ImportJob, metrics: &Metrics) -> Result<String, Refusal> {
-    let started = std::time::Instant::now();
-    let res = tokio::task::spawn_blocking(move || hook.import(&import).map(|r| (r, import)))
-        .await
-        .map_err(|e| refuse(code::HOOK_FAILED, format!("hook panicked: {e}")));
-    metrics.hook(started.elapsed(), matches!(res, Ok(Ok(_))));
-    let res = res?;
-    match res {
-        Ok((report, import)) => {
-            if let Some(s) = &import.stage {
-                s.remove();
-            }
-            Ok(report)
-        }
-        Err(e) => Err(refuse(hook_code(&e), format!("import hook failed: {e}"))),
-    }
-}
-
-fn import_job(
-    offer: &Offer,
-    paths: Vec<RelPath>,
-    stage: &Stage,
-    target: &Import,
-    peer: String,
-    job: String,
-) -> ImportJob {
-    let files = offer
-        .files
-        .iter()
-        .zip(&paths)
-        .map(|(f, p)| ImportFile {
-            name: p.to_string(),
-            path: stage.file(p),
-            size: f.hashes.size,
-            blake3: hex(&f.hashes.root),
-            keys: f.keys.as_ref().map(Into::into),
-        })
-        .collect();
-    ImportJob {
-        job,
-        target: target.name.clone(),
-        target_dir: target.path.clone(),
-        staged_dir: stage.files_dir.clone(),
-        peer,
-        files,
-        meta: offer.meta.iter().cloned().collect(),
-        stage: Some(stage.clone()),
-        paths,
-    }
-}
-
-fn hook_code(e: &crate::hook::HookError) -> u16 {
-    match e {
-        crate::hook::HookError::Stage(crate::stage::StageError::Exists(_)) => code::EXISTS,
-        crate::hook::HookError::Stage(crate::stage::StageError::Escape(_)) => code::BAD_NAME,
-        _ => code::HOOK_FAILED,
-    }
-}
-
 fn source_code(e: &crate::source::SourceError) -> u16 {
     use crate::source::SourceError as S;
     match e {
@@ -855,18 +762,55 @@ impl Drop for ClaimGuard<'_> {
     }
 }
 
-/// Marks a job id as running so a second sender of the same job is refused.
+/// Marks a job id as running (being received or committed), and by whom.
 struct ActiveGuard<'a> {
     shared: &'a Shared,
-    id: crate::proto::wire::JobId,
+    id: JobId,
 }
 
+/// How long a sender's new attempt waits for its orphaned earlier one to let go.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
 impl<'a> ActiveGuard<'a> {
-    fn claim(shared: &'a Shared, id: crate::proto::wire::JobId) -> Result<Self, Refusal> {
-        if !shared.active.lock().expect("active jobs").insert(id) {
-            return Err(refuse(code::BUSY, format!("job {id} is already running")));
+    /// Claims `id` for `peer`, or says who has it.
+    fn try_claim(shared: &'a Shared, id: JobId, peer: &str) -> Result<Self, Option<String>> {
+        let mut active = shared.active.lock().expect("active jobs");
+        match active.get(&id) {
+            None => {
+                active.insert(id, peer.to_string());
+                Ok(ActiveGuard { shared, id })
+            }
+            Some(holder) => Err(Some(holder.clone()).filter(|h| h != peer)),
         }
-        Ok(ActiveGuard { shared, id })
+    }
+
+    /// Claims `id` for `peer`. If the same sender's earlier attempt still has it (a
+    /// sender that died or gave up leaves its job waiting until the connection times
+    /// out), that attempt is failed and this one takes over once it has let go: its
+    /// verified blocks stay staged and count for this one. Another sender is refused.
+    async fn take_over(shared: &'a Shared, id: JobId, peer: &str) -> Result<Self, Refusal> {
+        let until = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        loop {
+            match ActiveGuard::try_claim(shared, id, peer) {
+                Ok(g) => return Ok(g),
+                Err(Some(other)) => {
+                    let why = format!("job {id} is being sent by {other}");
+                    return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
+                }
+                Err(None) => {}
+            }
+            let earlier = shared.table.lock().expect("job table").get(&id).cloned();
+            if let Some(inc) = earlier {
+                if inc.take_over() {
+                    info!("taking over the same sender's earlier attempt at this job");
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                let why = format!("job {id} is still finishing an earlier attempt of the same sender");
+                return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

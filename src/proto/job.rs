@@ -139,6 +139,14 @@ impl ReceiveJob {
         }
     }
 
+    /// An `Accept` that says every block is held (a job that committed before).
+    pub fn accept_all(&self) -> Message {
+        Message::Accept {
+            have: self.held.iter().map(|h| to_bitmap(&vec![true; h.len()])).collect(),
+            tcp: None,
+        }
+    }
+
     /// Whether the job may commit.
     pub fn check_complete(&self) -> Result<(), JobError> {
         match self.missing {
