@@ -120,6 +120,14 @@ pub struct IdentityArgs {
     /// any Ethernet path; 8952 for jumbo frames [default: 1452]
     #[arg(long, env = "BARGE_MAX_MTU", value_name = "BYTES")]
     pub max_mtu: Option<String>,
+    /// Seconds a new connection may take to answer before the command fails (exit 4)
+    /// [default: 5]
+    #[arg(long, env = "BARGE_CONNECT_TIMEOUT", value_name = "SECS")]
+    pub connect_timeout: Option<String>,
+    /// Seconds of silence after which the peer counts as dead; keep-alives go out four
+    /// times as often [default: 10]
+    #[arg(long, env = "BARGE_IDLE_TIMEOUT", value_name = "SECS")]
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Args)]

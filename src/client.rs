@@ -15,7 +15,8 @@ use crate::proto::keys::KeyRange;
 use crate::proto::wire::{JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
 use crate::quic::Tuning;
 use crate::source::SourceFile;
-use crate::stage::{check_space, Stage};
+use crate::space::{check_space, DEFAULT_RESERVE};
+use crate::stage::Stage;
 use crate::tls::{TlsFiles, TlsMaterial};
 use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError};
 use std::net::SocketAddr;
@@ -39,7 +40,8 @@ pub struct BadPeer(String);
 impl FromStr for Peer {
     type Err = BadPeer;
 
-    /// `HOST:PORT` (HOST is also the expected name) or `NAME@ADDR:PORT`.
+    /// `HOST:PORT` (HOST is also the expected name) or `NAME@ADDR:PORT`, where ADDR is
+    /// a host name, an IPv4 address or a bracketed IPv6 address, and PORT is 1-65535.
     fn from_str(s: &str) -> Result<Peer, BadPeer> {
         let bad = || BadPeer(s.to_string());
         let (name, addr) = match s.split_once('@') {
@@ -49,11 +51,28 @@ impl FromStr for Peer {
                 (host.trim_matches(['[', ']']).to_string(), s.to_string())
             }
         };
-        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-        if name.is_empty() || host.is_empty() || port.parse::<u16>().is_err() {
+        let name_ok = !name.is_empty() && (is_host_name(&name) || name.parse::<std::net::IpAddr>().is_ok());
+        if !name_ok || !is_address(&addr) {
             return Err(bad());
         }
         Ok(Peer { name, addr })
+    }
+}
+
+/// Letters, digits, `-`, `_` and `.`, in labels that are not empty.
+fn is_host_name(s: &str) -> bool {
+    let chars = s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    chars && !s.is_empty() && s.split('.').all(|label| !label.is_empty())
+}
+
+/// `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`, with a port other than 0.
+fn is_address(addr: &str) -> bool {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return a.port() != 0;
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) => is_host_name(host) && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
     }
 }
 
@@ -137,6 +156,7 @@ pub struct Tally {
 /// A client endpoint with one identity; reusable for many jobs.
 pub struct Client {
     endpoint: quinn::Endpoint,
+    connect_timeout: std::time::Duration,
     disk: Disk,
     cache: Arc<HashCache>,
     tally: Arc<Tally>,
@@ -167,6 +187,7 @@ impl Client {
         })?;
         Ok(Client {
             endpoint,
+            connect_timeout: tuning.connect_timeout,
             disk,
             cache: Arc::new(HashCache::in_memory()),
             tally: Arc::default(),
@@ -215,7 +236,11 @@ impl Client {
             .endpoint
             .connect(addr, &peer.name)
             .map_err(|e| connect_err(peer, e))?;
-        connecting.await.map_err(|e| connect_err(peer, e))
+        let limit = self.connect_timeout;
+        match tokio::time::timeout(limit, connecting).await {
+            Ok(r) => r.map_err(|e| connect_err(peer, e)),
+            Err(_) => Err(connect_err(peer, format!("no answer within {}s", limit.as_secs()))),
+        }
     }
 
     /// Pushes files and folders into `target` on `peer` and waits for the commit.
@@ -510,22 +535,17 @@ impl Client {
             res.map(|_| Received::Committed("pulled".to_string()))
                 .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))
         };
-        match transfer::receive_job(
-            send,
-            recv,
-            job,
-            stage,
-            transfer::Receiver {
-                peer,
-                disk: &self.disk,
-                table,
-                meter: Some(&meter),
-                tcp: None,
-            },
-            hook,
-        )
-        .await?
-        {
+        let at = transfer::Receiver {
+            peer,
+            disk: &self.disk,
+            table,
+            meter: Some(&meter),
+            tcp: None,
+            budget: None,
+            space: None,
+        };
+        let received = transfer::receive_job(send, recv, job, stage, at, hook).await;
+        match received.map_err(transfer::after_accept)? {
             Received::Committed(_) | Received::Held => Ok(report),
             Received::Aborted => Err(TransferError::Protocol("the exporter aborted the pull".into())),
         }
@@ -568,7 +588,7 @@ async fn prepare_pull(
     let io = |e: crate::stage::StageError| Refusal::new(crate::proto::wire::code::IO, e.to_string());
     let stage = Stage::open(into, &job).map_err(io)?;
     stage.scan(&mut job, disk).await;
-    check_space(into, job.offer.total_bytes())
+    check_space(into, job.missing_bytes(), DEFAULT_RESERVE)
         .map_err(|e| Refusal::new(crate::proto::wire::code::NO_SPACE, e.to_string()))?;
     Ok((job, stage))
 }
@@ -606,7 +626,23 @@ mod tests {
                 addr: "127.0.0.1:9000".into()
             }
         );
-        for bad in ["nohost", "a@b", "x:notaport", "@1.2.3.4:5", ":80"] {
+        let p: Peer = "b@[::1]:9000".parse().unwrap();
+        assert_eq!(p.addr, "[::1]:9000");
+        let p: Peer = "[::1]:9000".parse().unwrap();
+        assert_eq!(p.name, "::1");
+        for bad in [
+            "nohost",
+            "a@b",
+            "x:notaport",
+            "@1.2.3.4:5",
+            ":80",
+            "recv@[::1:18701",
+            "recv@127.0.0.1:18701:5",
+            "recv@host:0",
+            "re cv@1.2.3.4:5",
+            "a..b:80",
+            "[::1:80",
+        ] {
             assert!(bad.parse::<Peer>().is_err(), "{bad}");
         }
     }

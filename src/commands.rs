@@ -111,7 +111,7 @@ fn transfer_code(t: &TransferError) -> u8 {
     match t {
         TransferError::Connect { .. } | TransferError::Connection(_) => 4,
         TransferError::Rejected(_) => 5,
-        TransferError::Failed(_) | TransferError::Job(_) | TransferError::Interrupted(_) => 6,
+        TransferError::Failed(_) | TransferError::Job(_) | TransferError::Interrupted(_) | TransferError::Lost(_) => 6,
         TransferError::Source(_) | TransferError::Io { .. } | TransferError::SourceChanged(_) => 1,
         TransferError::Tls(_) => 3,
         _ => 6,
@@ -241,6 +241,12 @@ fn client(id: &IdentityArgs) -> Result<Client> {
             _ => return Err(usage(format!("--max-mtu: {mtu} is not a size from 1200 to 65000")).into()),
         };
     }
+    tuning.connect_timeout = seconds(
+        "--connect-timeout",
+        id.connect_timeout.as_deref(),
+        tuning.connect_timeout,
+    )?;
+    tuning.idle_timeout = seconds("--idle-timeout", id.idle_timeout.as_deref(), tuning.idle_timeout)?;
     let mut client = Client::with_tuning(&TlsFiles::in_dir(&dir, &name), &tuning)?;
     let cache_path = match id.hash_cache.as_deref() {
         Some("off") => None,
@@ -251,6 +257,19 @@ fn client(id: &IdentityArgs) -> Result<Client> {
         client.set_hash_cache(std::sync::Arc::new(barge::hashcache::HashCache::load(&path)));
     }
     Ok(client)
+}
+
+/// A number of seconds from 1 to 600 given for `flag`, or `default`.
+fn seconds(flag: &str, value: Option<&str>, default: std::time::Duration) -> Result<std::time::Duration> {
+    match value.map(str::parse::<u64>) {
+        None => Ok(default),
+        Some(Ok(s @ 1..=600)) => Ok(std::time::Duration::from_secs(s)),
+        Some(_) => Err(usage(format!(
+            "{flag}: {} is not a number of seconds from 1 to 600",
+            value.unwrap_or("")
+        ))
+        .into()),
+    }
 }
 
 fn parse_meta(meta: &[String]) -> Result<Vec<(String, String)>> {

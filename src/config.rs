@@ -20,7 +20,9 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 /// QUIC connections one agent keeps at once by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 /// Free space kept on a target's file system by default.
-pub const DEFAULT_RESERVE: u64 = 64 << 20;
+pub const DEFAULT_RESERVE: u64 = crate::space::DEFAULT_RESERVE;
+/// Memory for received blocks in flight, all jobs together, by default.
+pub const DEFAULT_BUFFER: u64 = 64 << 20;
 /// Jobs one agent runs at once.
 pub const DEFAULT_MAX_JOBS: usize = 64;
 
@@ -91,6 +93,7 @@ struct RawTransport {
     bandwidth_mbit: Option<u64>,
     rtt_ms: Option<u64>,
     max_mtu: Option<u16>,
+    idle_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +104,7 @@ struct RawLimits {
     max_connections: Option<usize>,
     max_staged_mib: Option<u64>,
     reserve_mib: Option<u64>,
+    buffer_mib: Option<u64>,
 }
 
 /// Admission control and rate limits; all but the connection limit apply on reload.
@@ -115,6 +119,8 @@ pub struct Limits {
     pub max_staged_bytes: Option<u64>,
     /// Free space kept on a target's file system: a job that would eat into it is refused.
     pub reserve_bytes: u64,
+    /// Memory for received blocks being verified and written, all jobs together.
+    pub buffer_bytes: u64,
 }
 
 impl Default for Limits {
@@ -124,6 +130,7 @@ impl Default for Limits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_staged_bytes: None,
             reserve_bytes: DEFAULT_RESERVE,
+            buffer_bytes: DEFAULT_BUFFER,
         }
     }
 }
@@ -317,6 +324,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     check_unique("export", exports.iter().map(|e| &e.0.name))?;
     check_unique("import", imports.iter().map(|e| &e.0.name))?;
     check_no_overlap(&imports)?;
+    check_data_dir(&data_dir, imports.iter().map(|t| ("import", &t.0)))?;
+    check_data_dir(&data_dir, exports.iter().map(|t| ("export", &t.0)))?;
     let staging_ttl = raw
         .staging_ttl_secs
         .map(Duration::from_secs)
@@ -397,6 +406,11 @@ fn limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
         max_connections,
         max_staged_bytes: raw.max_staged_mib.map(|m| m << 20),
         reserve_bytes: raw.reserve_mib.map_or(DEFAULT_RESERVE, |m| m << 20),
+        buffer_bytes: match raw.buffer_mib {
+            None => DEFAULT_BUFFER,
+            Some(m @ 8..=65_536) => m << 20,
+            Some(_) => return Err(invalid("limits.buffer_mib", "must be 8 to 65536")),
+        },
     })
 }
 
@@ -407,7 +421,12 @@ fn tuning(raw: &RawTransport) -> Result<Tuning, ConfigError> {
         bandwidth_mbit: raw.bandwidth_mbit.unwrap_or(d.bandwidth_mbit),
         rtt_ms: raw.rtt_ms.unwrap_or(d.rtt_ms),
         max_mtu: raw.max_mtu.unwrap_or(d.max_mtu),
+        idle_timeout: raw.idle_timeout_secs.map_or(d.idle_timeout, Duration::from_secs),
+        connect_timeout: d.connect_timeout,
     };
+    if !(1..=600).contains(&t.idle_timeout.as_secs()) {
+        return Err(invalid("transport.idle_timeout_secs", "must be 1 to 600"));
+    }
     if !(1..=1_000_000).contains(&t.bandwidth_mbit) {
         return Err(invalid("transport.bandwidth_mbit", "must be 1 to 1000000"));
     }
@@ -500,7 +519,7 @@ fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result
         ("move" | "custom", Some(_)) => Err(invalid(format!("{key}.exec"), "only used with hook = \"exec\"")),
         (other, _) => Err(invalid(
             format!("{key}.hook"),
-            format!("{other:?} is not one of move, exec, custom"),
+            format!("{other:?} is not one of move, replace, exec, custom"),
         )),
     }
 }
@@ -529,6 +548,29 @@ fn check_unique<'a>(kind: &str, names: impl Iterator<Item = &'a String>) -> Resu
     for n in names {
         if !seen.insert(n) {
             return Err(invalid(format!("{kind}.name"), format!("{n:?} is defined twice")));
+        }
+    }
+    Ok(())
+}
+
+/// The agent's own state (journal, commit ledger, hash cache) must not be inside a
+/// target, where the engine would see it, or a peer could pull it.
+fn check_data_dir<'a>(
+    data_dir: &Path,
+    targets: impl Iterator<Item = (&'a str, &'a Target)>,
+) -> Result<(), ConfigError> {
+    let dir = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    for (kind, t) in targets {
+        if dir.starts_with(&t.path) {
+            return Err(invalid(
+                "data_dir",
+                format!(
+                    "{} is inside {kind} {:?} ({}): the agent's own files would appear there",
+                    dir.display(),
+                    t.name,
+                    t.path.display()
+                ),
+            ));
         }
     }
     Ok(())
@@ -623,6 +665,15 @@ mod tests {
             "name",
         );
         refused(&dir, "bogus = 1\n", "bogus");
+        // The agent's own files may not land inside a target.
+        let inside = "data_dir = \"in1/state\"\n[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\n";
+        let err = Config::parse(&format!("{inside}{TLS}"), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config key `data_dir`") && err.contains("inside import \"x\""),
+            "{err}"
+        );
         let err = Config::parse(
             "listen = \"nowhere\"\n[tls]\nca=\"certs/ca.pem\"\ncert=\"certs/a.pem\"\nkey=\"certs/a.key\"\n",
             dir.path(),
@@ -642,6 +693,14 @@ mod tests {
         let text = text.replace("none.key", "junk.key");
         let err = Config::parse(&text, dir.path()).unwrap_err().to_string();
         assert!(err.contains("tls.key"), "{err}");
+        // A key of another identity: named as the key that does not match.
+        crate::certs::issue(&dir.path().join("certs"), "b", &[]).unwrap();
+        let text = text.replace("junk.key", "b.key");
+        let err = Config::parse(&text, dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("config key `tls.key`") && err.contains("does not match"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //!   inode, size and mtime.
 //! - [`sst`]: the smallest and largest key of a RocksDB SST file, read from the file.
 //! - [`stage`]: the receiving side's staging folder, resume scan, syncs, free space.
+//! - [`space`]: free space, counting what admitted jobs have still to write.
 //! - [`commit`]: the hand-over of a staged job to its target, crash-safe: an intent
 //!   written before the first rename, finished or undone after a crash; outcomes kept
 //!   so a job sent again is answered "committed".
@@ -104,6 +105,7 @@ pub mod proto;
 pub mod quic;
 pub mod ratelimit;
 pub mod source;
+pub mod space;
 pub mod sst;
 pub mod stage;
 pub mod systemd;

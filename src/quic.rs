@@ -75,6 +75,12 @@ pub struct Tuning {
     pub rtt_ms: u64,
     /// Largest UDP payload path-MTU discovery may try (1452 for Ethernet, up to 8952 for jumbo frames).
     pub max_mtu: u16,
+    /// A connection that hears nothing from its peer for this long is dead (keep-alives
+    /// go out four times as often, so a live peer is never taken for dead): a peer that
+    /// died is noticed in seconds, not at QUIC's usual minute.
+    pub idle_timeout: Duration,
+    /// How long a new connection may take to answer before it counts as refused.
+    pub connect_timeout: Duration,
 }
 
 impl Default for Tuning {
@@ -84,9 +90,16 @@ impl Default for Tuning {
             bandwidth_mbit: 10_000,
             rtt_ms: 2,
             max_mtu: 1452,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
+
+/// Default [`Tuning::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`Tuning::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Socket buffers asked for, whatever the bandwidth-delay product (see [`Tuning::socket_buffer`]).
 const MIN_SOCKET_BUFFER: usize = 8 << 20;
@@ -117,6 +130,12 @@ impl Tuning {
         (self.bdp() as usize * 2).clamp(MIN_SOCKET_BUFFER, MAX_SOCKET_BUFFER)
     }
 
+    /// How often an idle connection sends a keep-alive: four per idle timeout, so three
+    /// lost in a row still do not end a live connection.
+    pub fn keep_alive(&self) -> Duration {
+        (self.idle_timeout / 4).max(Duration::from_millis(250))
+    }
+
     /// Receive window of a connection (all its streams).
     pub fn connection_window(&self) -> u64 {
         (self.bdp() * 2).clamp(MIN_CONNECTION_WINDOW, 1 << 31)
@@ -131,8 +150,9 @@ impl Tuning {
         t.send_window(self.connection_window());
         t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
-        t.keep_alive_interval(Some(Duration::from_secs(5)));
-        t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000))));
+        t.keep_alive_interval(Some(self.keep_alive()));
+        let idle_ms = self.idle_timeout.as_millis().clamp(1_000, 600_000) as u32;
+        t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(idle_ms))));
         t.enable_segmentation_offload(self.max_mtu <= GSO_MAX_MTU);
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_mtu.max(1200));

@@ -55,10 +55,15 @@ pub struct SourceFile {
     pub stamp: FileStamp,
 }
 
-/// Lists the files of a push: each path under its own name, folders recursively.
+/// Lists the files of a push: each path under its own name, folders recursively. A path
+/// that is itself a symlink is refused, as any symlink inside a folder is: sending what
+/// it points to under the link's name is rarely what was meant.
 pub fn collect_push(paths: &[PathBuf]) -> Result<Vec<SourceFile>, SourceError> {
     let mut out = Vec::new();
     for p in paths {
+        if std::fs::symlink_metadata(p).map_err(io_at(p))?.file_type().is_symlink() {
+            return Err(SourceError::Symlink(p.clone()));
+        }
         let abs = p.canonicalize().map_err(io_at(p))?;
         let name = abs.file_name().ok_or_else(|| SourceError::NotFile(p.clone()))?;
         let name = name.to_str().ok_or_else(|| SourceError::NotUtf8(p.clone()))?;
@@ -300,6 +305,10 @@ mod tests {
             collect_push(&[t.path().join("a")]),
             Err(SourceError::Symlink(_))
         ));
+        // A path given on its own that is a symlink is refused the same way, by name.
+        std::os::unix::fs::symlink(t.path().join("a/x/f"), t.path().join("l")).unwrap();
+        let err = collect_push(&[t.path().join("l")]).unwrap_err();
+        assert!(err.to_string().ends_with("l: symlinks are not sent"), "{err}");
         assert!(matches!(
             collect_push(&[t.path().join("none")]),
             Err(SourceError::Io { .. })

@@ -25,8 +25,6 @@ pub enum StageError {
     Exists(String),
     #[error("{0} would resolve outside the target (symlink)")]
     Escape(String),
-    #[error("not enough free space: {need} bytes needed, {free} free, {reserve} kept in reserve")]
-    NoSpace { need: u64, free: u64, reserve: u64 },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
@@ -255,32 +253,6 @@ fn ensure_real_dir(path: &Path, name: &str) -> Result<(), StageError> {
     }
 }
 
-/// Bytes available to unprivileged writers on the file system holding `path`.
-pub fn free_space(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(s.f_bavail as u64 * s.f_frsize as u64)
-}
-
-/// Checks that `need` bytes fit, keeping a small reserve.
-pub fn check_space(target: &Path, need: u64) -> Result<(), StageError> {
-    check_space_with(target, need, 64 << 20)
-}
-
-/// Refuses `need` more bytes on `target`'s file system unless `reserve` bytes stay free.
-pub fn check_space_with(target: &Path, need: u64, reserve: u64) -> Result<(), StageError> {
-    let free = free_space(target).map_err(io_at(target))?;
-    if need.saturating_add(reserve) > free {
-        return Err(StageError::NoSpace { need, free, reserve });
-    }
-    Ok(())
-}
-
 /// Removes staged jobs of `target` untouched for longer than `ttl`, except those named
 /// in `keep` (held jobs, which expire on their own clock); returns how many.
 pub fn sweep_expired(target: &Path, ttl: Duration, keep: &std::collections::HashSet<String>) -> usize {
@@ -355,15 +327,5 @@ mod tests {
         assert_eq!(sweep_expired(t.path(), Duration::ZERO, &keep), 1);
         assert!(!t.path().join(STAGING_DIR).join("job1").exists());
         assert!(t.path().join(STAGING_DIR).join("held").exists(), "held jobs are kept");
-    }
-
-    #[test]
-    fn space_check_refuses_impossible_jobs() {
-        let t = tempfile::tempdir().unwrap();
-        check_space(t.path(), 1).unwrap();
-        assert!(matches!(
-            check_space(t.path(), u64::MAX / 2),
-            Err(StageError::NoSpace { .. })
-        ));
     }
 }

@@ -111,6 +111,7 @@ async fn receive(
         stream.read_exact(&mut h[1..]).await.map_err(io)?;
         let head = BlockHeader::decode(&h);
         let len = expected_len(&inc.offer, head)?;
+        let memory = crate::transfer::block_memory(inc, len).await?;
         let data = if crate::buf::wants_direct(len) {
             let mut buf = crate::buf::aligned(&crate::transfer::BLOCK_POOL, len);
             stream.read_exact(buf.as_mut_slice()).await.map_err(io)?;
@@ -120,7 +121,7 @@ async fn receive(
             stream.read_exact(&mut buf).await.map_err(io)?;
             buf.freeze()
         };
-        take_block(inc, head, data, writes).await?;
+        take_block(inc, head, data, writes, memory).await?;
     }
 }
 
@@ -129,7 +130,7 @@ pub async fn send_lanes(
     ip: IpAddr,
     grant: TcpGrant,
     lanes: Vec<Vec<BlockRef>>,
-    sources: Arc<Vec<PathBuf>>,
+    sources: Arc<Vec<crate::source::SourceFile>>,
     fault: &Fault,
 ) -> Result<(u64, u64), TransferError> {
     let addr = SocketAddr::new(ip, grant.port);
@@ -153,7 +154,7 @@ fn send_lane(
     addr: SocketAddr,
     token: [u8; 32],
     lane: Vec<BlockRef>,
-    sources: &[PathBuf],
+    sources: &[crate::source::SourceFile],
     budget: &AtomicU64,
     corrupt: Option<(u32, u32)>,
 ) -> Result<(u64, u64), TransferError> {
@@ -177,7 +178,7 @@ fn send_lane(
         {
             break;
         }
-        let path = &sources[b.file as usize];
+        let (path, stamp) = (&sources[b.file as usize].path, sources[b.file as usize].stamp);
         if open.as_ref().map(|(f, _)| *f) != Some(b.file) {
             open = Some((b.file, std::fs::File::open(path).map_err(io(path))?));
         }
@@ -195,6 +196,11 @@ fn send_lane(
             sock.write_all(&data).map_err(io(&peer))?;
         } else {
             sendfile_all(&sock, file, b.offset, b.len as usize).map_err(io(path))?;
+        }
+        // What went out must have been the offered version (see `transfer::SourceWatch`).
+        let now = file.metadata().map_err(io(path))?;
+        if crate::hashcache::FileStamp::of(&now) != stamp {
+            return Err(TransferError::SourceChanged(path.clone()));
         }
         blocks += 1;
         bytes += b.len as u64;

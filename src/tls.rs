@@ -24,6 +24,12 @@ pub enum TlsError {
     },
     #[error("{path}: no {what} found in the file")]
     Empty { path: PathBuf, what: &'static str },
+    #[error("{key}: the private key does not match the certificate {cert} ({reason})")]
+    KeyMismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        reason: String,
+    },
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("TLS setup: {0}")]
@@ -80,6 +86,13 @@ impl TlsMaterial {
         let key = std::fs::read(&files.key)
             .map_err(|e| read_err(&files.key, "private key", e))
             .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem).map_err(|e| read_err(&files.key, "private key", e)))?;
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()).map_err(|e| {
+            TlsError::KeyMismatch {
+                key: files.key.clone(),
+                cert: files.cert.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         Ok(TlsMaterial {
             roots: Arc::new(store),
             chain,

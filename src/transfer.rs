@@ -32,6 +32,8 @@ pub enum TransferError {
     Tls(#[from] crate::tls::TlsError),
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    #[error("connection lost after the job was accepted: {0}; sending the job again resumes it")]
+    Lost(quinn::ConnectionError),
     #[error("stream: {0}")]
     Stream(String),
     #[error("bad message from peer: {0}")]
@@ -164,6 +166,39 @@ pub async fn send_job(
         Message::Reject(r) => return Err(TransferError::Rejected(r)),
         other => return Err(TransferError::Protocol(format!("expected accept, got {other:?}"))),
     };
+    let accepted = Accepted { have, grant };
+    send_accepted(conns, send, recv, offer, sources, disk, fault, accepted)
+        .await
+        .map_err(after_accept)
+}
+
+/// A connection lost once the job was accepted is the job's failure, not a failure to
+/// connect: the receiver may hold part of it.
+pub(crate) fn after_accept(e: TransferError) -> TransferError {
+    match e {
+        TransferError::Connection(c) => TransferError::Lost(c),
+        other => other,
+    }
+}
+
+/// What the receiver's `Accept` said.
+struct Accepted {
+    have: Vec<Vec<u8>>,
+    grant: Option<crate::proto::wire::TcpGrant>,
+}
+
+/// The rest of [`send_job`] once the offer is accepted: blocks, then commit.
+#[allow(clippy::too_many_arguments)]
+async fn send_accepted(
+    conns: &[quinn::Connection],
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    offer: Offer,
+    sources: Vec<SourceFile>,
+    disk: &Disk,
+    fault: &Fault,
+    Accepted { have, grant }: Accepted,
+) -> Result<SendReport, TransferError> {
     let plan = SendPlan::new(&offer, &have, MAX_STREAMS)?;
     let mut report = SendReport {
         job: offer.job_id(),
@@ -175,7 +210,7 @@ pub async fn send_job(
         ..Default::default()
     };
     let paths = Arc::new(sources.iter().map(|s| s.path.clone()).collect());
-    let watch = Arc::new(SourceWatch::new(&sources, &plan, fault.change_source));
+    let watch = Arc::new(SourceWatch::new(&sources, fault.change_source));
     report.tcp_lane = grant.is_some() && offer.tcp_lane;
     report.connections = if report.tcp_lane {
         0
@@ -184,7 +219,10 @@ pub async fn send_job(
     };
     let lanes = async {
         match grant.filter(|_| offer.tcp_lane) {
-            Some(g) => crate::tcplane::send_lanes(conns[0].remote_address().ip(), g, plan.lanes, paths, fault).await,
+            Some(g) => {
+                let files = Arc::new(sources.clone());
+                crate::tcplane::send_lanes(conns[0].remote_address().ip(), g, plan.lanes, files, fault).await
+            }
             None => run_lanes(conns, offer.job_id(), plan, paths, watch.clone(), disk, fault).await,
         }
     };
@@ -254,67 +292,45 @@ async fn abort(
 /// Whether the files being sent are still the versions offered. A file that changed
 /// while it was sent would commit a mix of versions, so that fails the job.
 ///
-/// Each file is checked once the last of its blocks in this job has been read: a
-/// file with one block through the descriptor it was read from, others by path. What
-/// changes after that was not read, so the job still carries the offered version.
-/// Files not read here (held by the receiver, or sent over the TCP lane) are checked
-/// by path before the commit. Checking all 20,000 files of a job that way, after the
-/// last block, had held back the commit by about 80 ms.
+/// Each block is checked as it is read: the file's metadata, taken through the
+/// descriptor the block was just read from, must still be the offered version's. So a
+/// block of a file overwritten in place (same size, new modification time) is never
+/// sent: the push stops with "changed while it was sent" (and aborts the job, so the
+/// receiver drops what it staged) instead of the receiver failing the job on a block
+/// that does not match its hash. Files not read here (held by the receiver, or sent over
+/// the TCP lane, which checks after each block it sent) are checked by path before the
+/// commit.
 struct SourceWatch {
     stamps: Vec<FileStamp>,
-    /// Blocks of each file in the plan, and how many are still to be read.
-    planned: Vec<u32>,
-    left: Vec<std::sync::atomic::AtomicU32>,
     checked: Vec<std::sync::atomic::AtomicBool>,
     /// Test fault: change the first file once (see [`Fault::change_source`]).
     change_first: std::sync::atomic::AtomicBool,
 }
 
 impl SourceWatch {
-    fn new(sources: &[SourceFile], plan: &SendPlan, change_first: bool) -> SourceWatch {
-        let mut planned = vec![0u32; sources.len()];
-        plan.lanes.iter().flatten().for_each(|b| planned[b.file as usize] += 1);
+    fn new(sources: &[SourceFile], change_first: bool) -> SourceWatch {
         SourceWatch {
             stamps: sources.iter().map(|s| s.stamp).collect(),
-            left: planned.iter().map(|&n| n.into()).collect(),
-            planned,
             checked: sources.iter().map(|_| false.into()).collect(),
             change_first: change_first.into(),
         }
     }
 
-    /// Reads block `b` of the file at `path`, checking the file if it was its last.
+    /// Reads block `b` of the file at `path` and checks that the file is unchanged.
     async fn read(&self, disk: &Disk, path: PathBuf, b: &crate::proto::job::BlockRef) -> Result<Bytes, TransferError> {
         let i = b.file as usize;
-        let (offset, len) = (b.offset, b.len as usize);
         if i == 0 && self.change_first.swap(false, Ordering::SeqCst) {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new().append(true).open(&path);
             let _ = f.as_mut().map(|f| f.write_all(b"!"));
         }
-        if self.planned[i] == 1 {
-            let read = disk.read_and_stat(path.clone(), offset, len).await;
-            let (data, meta) = read.map_err(|e| source_read_error(path.clone(), e))?;
-            self.settle(i, path, FileStamp::of(&meta))?;
-            return Ok(data);
-        }
-        let data = disk
-            .read_at(path.clone(), offset, len)
-            .await
-            .map_err(|e| source_read_error(path.clone(), e))?;
-        if self.left[i].fetch_sub(1, Ordering::AcqRel) == 1 {
-            let now = FileStamp::now(&path).map_err(|_| TransferError::SourceChanged(path.clone()))?;
-            self.settle(i, path, now)?;
-        }
-        Ok(data)
-    }
-
-    fn settle(&self, i: usize, path: PathBuf, now: FileStamp) -> Result<(), TransferError> {
-        if now != self.stamps[i] {
+        let read = disk.read_and_stat(path.clone(), b.offset, b.len as usize).await;
+        let (data, meta) = read.map_err(|e| source_read_error(path.clone(), e))?;
+        if FileStamp::of(&meta) != self.stamps[i] {
             return Err(TransferError::SourceChanged(path));
         }
         self.checked[i].store(true, Ordering::Release);
-        Ok(())
+        Ok(data)
     }
 
     /// Checks, by path, every file not checked as it was read.
@@ -496,6 +512,10 @@ pub struct Incoming {
     pub started: std::time::Instant,
     /// The agent's metrics and rate limits for this job's sender.
     pub meter: Option<crate::metrics::Meter>,
+    /// Memory for this job's blocks in flight, shared with other jobs.
+    pub budget: Option<Budget>,
+    /// What the job has still to write, promised on its file system.
+    pub space: Option<crate::space::Reservation>,
 }
 
 impl Incoming {
@@ -580,8 +600,9 @@ async fn receive_blocks(
         }
         let head = BlockHeader::decode(&h);
         let expected = expected_len(&inc.offer, head)?;
+        let memory = block_memory(inc, expected).await?;
         let data = read_block(stream, expected).await?;
-        take_block(inc, head, data, writes).await?;
+        take_block(inc, head, data, writes, memory).await?;
     }
 }
 
@@ -618,8 +639,15 @@ pub(crate) async fn take_block(
     head: BlockHeader,
     data: Bytes,
     writes: &Writes,
+    memory: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(), TransferError> {
     let len = data.len();
+    if let Some(space) = &inc.space {
+        space.check(len as u64).map_err(|e| {
+            let r = Refusal::new(code::NO_SPACE, e.to_string()).retry_after(RETRY_SPACE);
+            TransferError::Failed(r)
+        })?;
+    }
     if let Some(m) = &inc.meter {
         m.pace(len as u64).await;
     }
@@ -648,6 +676,7 @@ pub(crate) async fn take_block(
         head,
         path: Some(path.clone()),
         _permit: permit,
+        _memory: memory,
     };
     let done = Box::new(move |r: std::io::Result<()>| pending.end(r));
     inc.disk
@@ -662,6 +691,7 @@ struct PendingWrite {
     head: BlockHeader,
     path: Option<PathBuf>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl PendingWrite {
@@ -674,12 +704,15 @@ impl PendingWrite {
         let inc = &self.inc;
         let last = match r {
             Ok(()) => {
+                if let Some(space) = &inc.space {
+                    space.written(self.head.len as u64);
+                }
                 let mut job = inc.job.lock().expect("job");
                 job.record(self.head.file, self.head.block);
                 Some(job.missing() == 0)
             }
             Err(source) => {
-                inc.fail(Refusal::new(code::IO, TransferError::Io { path, source }.to_string()));
+                inc.fail(write_failure(path, source));
                 None
             }
         };
@@ -702,6 +735,61 @@ impl Drop for PendingWrite {
     }
 }
 
+/// How a failed block write fails its job: a full file system is named as such (and
+/// the job's staging is then removed, see [`receive_job`]).
+fn write_failure(path: PathBuf, source: std::io::Error) -> Refusal {
+    match source.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => Refusal::new(
+            code::NO_SPACE,
+            format!("the target's file system is full: {}: {source}", path.display()),
+        )
+        .retry_after(RETRY_SPACE),
+        _ => Refusal::new(code::IO, TransferError::Io { path, source }.to_string()),
+    }
+}
+
+/// How long a sender refused for space should wait before it tries again.
+pub const RETRY_SPACE: u32 = 60;
+
+/// Memory for received blocks, shared by every job of an agent: a block is read off the
+/// network only once its bytes fit, and they are given back when its write has ended.
+/// Bounded per stream alone (one block in flight each), 64 jobs of 8 streams could hold
+/// 512 MiB.
+#[derive(Clone, Debug)]
+pub struct Budget(Arc<tokio::sync::Semaphore>);
+
+impl Budget {
+    const UNIT: usize = 4096;
+
+    /// A budget of `bytes` (at least one whole block).
+    pub fn new(bytes: u64) -> Budget {
+        let units = (bytes as usize / Budget::UNIT).max(Budget::max_units());
+        Budget(Arc::new(tokio::sync::Semaphore::new(units)))
+    }
+
+    fn max_units() -> usize {
+        crate::proto::blocks::BLOCK_SIZE as usize / Budget::UNIT
+    }
+
+    /// Waits until `len` more bytes fit.
+    pub(crate) async fn take(&self, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, TransferError> {
+        let units = len.div_ceil(Budget::UNIT).clamp(1, Budget::max_units()) as u32;
+        let permit = self.0.clone().acquire_many_owned(units).await;
+        permit.map_err(|_| TransferError::Protocol("memory budget closed".into()))
+    }
+}
+
+/// Takes the memory for a block of `len` bytes from the job's budget, if it has one.
+pub(crate) async fn block_memory(
+    inc: &Incoming,
+    len: usize,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, TransferError> {
+    match &inc.budget {
+        Some(b) => Ok(Some(b.take(len).await?)),
+        None => Ok(None),
+    }
+}
+
 /// Marks one data stream (QUIC or TCP) of a job as read to its end, or the job failed.
 pub(crate) fn stream_done(inc: &Incoming, result: &Result<(), TransferError>) {
     match result {
@@ -709,6 +797,7 @@ pub(crate) fn stream_done(inc: &Incoming, result: &Result<(), TransferError>) {
         Err(e) => {
             inc.fail(match e {
                 TransferError::Job(j) => j.refusal(),
+                TransferError::Failed(r) => r.clone(),
                 other => Refusal::new(code::IO, other.to_string()),
             });
         }
@@ -830,6 +919,10 @@ pub struct Receiver<'a> {
     pub meter: Option<&'a crate::metrics::Meter>,
     /// The TCP lane, if the job's target allows it.
     pub tcp: Option<&'a crate::tcplane::TcpLanes>,
+    /// Memory for blocks in flight, shared with other jobs (an agent), if bounded.
+    pub budget: Option<&'a Budget>,
+    /// The job's share of its file system's free space (an agent), if counted.
+    pub space: Option<&'a crate::space::Reservation>,
 }
 
 /// Receives an accepted job: registers it, sends `Accept`, takes data until `Commit`,
@@ -861,6 +954,8 @@ where
         progress,
         started: std::time::Instant::now(),
         meter: at.meter.cloned(),
+        budget: at.budget.cloned(),
+        space: at.space.cloned(),
     });
     let (table, tcp) = (at.table, at.tcp);
     table.lock().expect("job table").insert(id, inc.clone());
@@ -878,6 +973,11 @@ where
         inc.fail(Refusal::new(code::ABORTED, e.to_string()));
         let drained = watch.wait_for(|p| p.writing == 0);
         let _ = tokio::time::timeout(WRITES_GRACE, drained).await;
+        // Short of space, what was staged goes: keeping it would leave the file system
+        // full for the engine, and the job must be sent again later anyway.
+        if matches!(e, TransferError::Failed(r) if r.code == code::NO_SPACE) {
+            inc.stage.remove();
+        }
     }
     table.lock().expect("job table").remove(&id);
     if let Err(TransferError::Rejected(r) | TransferError::Failed(r)) = &result {

@@ -2,48 +2,12 @@
 
 mod common;
 
+use common::proc::{barge, fails, make_certs, ok, AgentProc};
 use common::{content, list, write};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-
-fn barge(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_barge"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("BARGE_CERTS")
-        .env_remove("BARGE_IDENTITY")
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// Asserts exit code `code` and a single error line on stderr containing `want`.
-fn fails(out: &Output, code: i32, want: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("barge:")).collect();
-    assert_eq!(lines.len(), 1, "one error line: {err}");
-    assert!(lines[0].contains(want), "expected {want:?} in {err}");
-}
-
-/// A CA in `p/certs` and an identity for each of `names`, made by `barge certs`.
-fn make_certs(p: &Path, names: &[&str]) {
-    ok(&barge(&["certs", "init", "--dir", "certs"], p));
-    for name in names {
-        ok(&barge(&["certs", "issue", name, "--dir", "certs"], p));
-    }
-}
+use std::process::{Command, Stdio};
 
 /// `p/b.toml`: agent `store-b` on 127.0.0.1:0 with `top` keys and `targets` tables.
 fn store_b_config(p: &Path, top: &str, targets: &str) {
@@ -56,59 +20,10 @@ fn store_b_config(p: &Path, top: &str, targets: &str) {
 }
 
 /// Starts `barge agent` and returns it with the address from its log.
-fn agent(args: &[&str], cwd: &Path) -> (KillOnDrop, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_barge"))
-        .arg("agent")
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let mut log = String::new();
-    let addr = loop {
-        let Some(Ok(line)) = lines.next() else {
-            panic!("agent exited: {log}")
-        };
-        log.push_str(&line);
-        log.push('\n');
-        let plain = strip_ansi(&line);
-        if let Some(rest) = plain
-            .split("addr=")
-            .nth(1)
-            .filter(|_| plain.contains("agent listening"))
-        {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (KillOnDrop(child, log), addr)
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut esc = false;
-    for c in s.chars() {
-        match (esc, c) {
-            (false, '\x1b') => esc = true,
-            (true, 'm') => esc = false,
-            (true, _) => {}
-            (false, c) => out.push(c),
-        }
-    }
-    out
-}
-
-struct KillOnDrop(Child, String);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn agent(args: &[&str], cwd: &Path) -> (AgentProc, String) {
+    let a = AgentProc::start(args, cwd, &[]);
+    let addr = a.addr.clone();
+    (a, addr)
 }
 
 #[test]
@@ -272,7 +187,7 @@ fn agent_without_config_runs_the_local_default() {
     let t = tempfile::tempdir().unwrap();
     let (agent, addr) = agent(&["--data", "state"], t.path());
     assert!(addr.ends_with(":7878"), "{addr}");
-    assert!(agent.1.contains("development certificates"), "{}", agent.1);
+    assert!(agent.log().contains("development certificates"), "{}", agent.log());
     assert!(t.path().join("state/certs/client.key").exists());
     write(&t.path().join("hello.txt"), b"hello barge");
     let out = ok(&barge(
@@ -351,8 +266,7 @@ fn an_agent_killed_mid_job_resumes_from_its_staged_blocks() {
         wait_for_staged(&p.join("in/.barge-staging"), 8 << 20),
         "the push never started"
     );
-    first.0.kill().unwrap();
-    first.0.wait().unwrap();
+    first.kill();
     push.abort();
     assert!(list(&p.join("in")).is_empty(), "nothing is visible after the kill");
 

@@ -23,7 +23,8 @@ use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
 use crate::proto::wire::{code, JobId, Message, Offer, Refusal};
 use crate::ratelimit::RateLimits;
-use crate::stage::{check_space_with, sweep_expired, Stage};
+use crate::space::Reservation;
+use crate::stage::{sweep_expired, Stage};
 use crate::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::transfer::{self, JobTable, Received, TransferError};
 use handover::{drop_held, Handover};
@@ -83,6 +84,10 @@ struct Shared {
     journal: Journal,
     /// Intents of commits under way and outcomes of finished ones.
     commits: Arc<Ledger>,
+    /// What admitted jobs have still to write, per file system.
+    space: Arc<crate::space::Ledger>,
+    /// Memory for received blocks in flight, all jobs together.
+    budget: transfer::Budget,
 }
 
 impl Shared {
@@ -174,6 +179,7 @@ impl Agent {
         };
         let metrics_at = config.metrics;
         let limits = Arc::new(RateLimits::new(config.limits.rates));
+        let budget = transfer::Budget::new(config.limits.buffer_bytes);
         let shared = Arc::new(Shared {
             live: RwLock::new(Arc::new(Live { config, hooks })),
             custom,
@@ -189,6 +195,8 @@ impl Agent {
             holds,
             journal,
             commits,
+            space: Arc::default(),
+            budget,
         });
         let mut tasks = vec![];
         let mut metrics_addr = None;
@@ -475,10 +483,10 @@ impl JobCtx {
         }
         let _claim = self.claim_target(&target.name, job.id, job.offer.hold)?;
         let limits = &live.config.limits;
-        let (job, stage) = async { self.prepare(job, &target, hook.as_ref(), limits).await }
+        let (job, stage, space) = async { self.prepare(job, &target, hook.as_ref(), limits).await }
             .instrument(span.clone())
             .await?;
-        let run = self.receive(job, stage, target, hook, send, recv);
+        let run = self.receive(job, stage, space, target, hook, send, recv);
         if let Err(e) = run.instrument(span.clone()).await {
             span.in_scope(|| warn!(error = %e, "job failed"));
         }
@@ -564,7 +572,7 @@ impl JobCtx {
         target: &Import,
         hook: &dyn ImportHook,
         limits: &crate::config::Limits,
-    ) -> Result<(ReceiveJob, Stage), Refusal> {
+    ) -> Result<(ReceiveJob, Stage, Reservation), Refusal> {
         let t = std::time::Instant::now();
         hook.check(&target.path, &job.paths)
             .map_err(|e| refuse(handover::hook_code(&e), e.to_string()))?;
@@ -580,20 +588,25 @@ impl JobCtx {
         let found = stage.scan(&mut job, &self.shared.disk).await;
         tracing::debug!(opened_ms, ready_ms = t.elapsed().as_millis() as u64, "staging ready");
         let need = job.missing_bytes();
-        if let Err(e) = check_space_with(&target.path, need, limits.reserve_bytes) {
-            if found == 0 {
-                stage.remove();
+        let space = match self.shared.space.admit(&target.path, need, limits.reserve_bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                if found == 0 {
+                    stage.remove();
+                }
+                return Err(refuse(code::NO_SPACE, e.to_string()).retry_after(RETRY_SPACE));
             }
-            return Err(refuse(code::NO_SPACE, e.to_string()).retry_after(RETRY_SPACE));
-        }
+        };
         info!(resumed_blocks = found, missing = job.missing(), "offer accepted");
-        Ok((job, stage))
+        Ok((job, stage, space))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn receive(
         &self,
         job: ReceiveJob,
         stage: Stage,
+        space: Reservation,
         target: Import,
         hook: Arc<dyn ImportHook>,
         send: &mut quinn::SendStream,
@@ -625,6 +638,8 @@ impl JobCtx {
             table: &self.table,
             meter: Some(&meter),
             tcp,
+            budget: Some(&self.shared.budget),
+            space: Some(&space),
         };
         let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await;
         self.shared.metrics.job(match &out {
@@ -713,7 +728,7 @@ fn source_code(e: &crate::source::SourceError) -> u16 {
 
 /// How long a refused sender should wait before trying again.
 const RETRY_BUSY: u32 = 10;
-const RETRY_SPACE: u32 = 60;
+const RETRY_SPACE: u32 = transfer::RETRY_SPACE;
 const RETRY_DRAIN: u32 = 30;
 
 /// One of the agent's `max_jobs` job slots, given back on drop. None are given out

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, a client with its own identity.
 #![allow(dead_code)]
 
+pub mod proc;
+
 use barge::agent::{Agent, Hooks};
 use barge::client::{Client, Peer};
 use barge::config::Config;
