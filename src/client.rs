@@ -436,7 +436,7 @@ impl Client {
         })?;
         let conn = self.connect(peer).await?;
         let table = JobTable::default();
-        let router = transfer::spawn_data_router(conn.clone(), table.clone(), peer.name.clone());
+        let router = transfer::spawn_data_router(conn.clone(), table.clone(), peer.name.clone(), None);
         let (mut send, mut recv) = conn.open_bi().await?;
         transfer::write_msg(
             &mut send,
@@ -541,7 +541,6 @@ impl Client {
             table,
             meter: Some(&meter),
             tcp: None,
-            budget: None,
             space: None,
         };
         let received = transfer::receive_job(send, recv, job, stage, at, hook).await;

@@ -304,7 +304,13 @@ async fn push(p: PushArgs) -> Result<()> {
     let r = r.with_context(|| format!("push to {peer} ({})", p.import))?;
     let secs = started.elapsed().as_secs_f64();
     if p.json {
-        let extra = serde_json::json!({"held": r.held, "report": r.report, "sent_bytes": r.bytes_sent});
+        let extra = serde_json::json!({
+            "held": r.held,
+            "report": r.report,
+            "sent_bytes": r.bytes_sent,
+            "sent_blocks": r.blocks_sent,
+            "held_blocks": r.blocks_held,
+        });
         print_json(r.job, r.files, r.bytes_total, secs, &r.hashes, extra);
         return Ok(());
     }

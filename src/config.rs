@@ -21,8 +21,8 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 /// Free space kept on a target's file system by default.
 pub const DEFAULT_RESERVE: u64 = crate::space::DEFAULT_RESERVE;
-/// Memory for received blocks in flight, all jobs together, by default.
-pub const DEFAULT_BUFFER: u64 = 64 << 20;
+/// Memory for received data (data streams open at once), all jobs together, by default.
+pub const DEFAULT_MEMORY: u64 = 192 << 20;
 /// Jobs one agent runs at once.
 pub const DEFAULT_MAX_JOBS: usize = 64;
 
@@ -104,7 +104,7 @@ struct RawLimits {
     max_connections: Option<usize>,
     max_staged_mib: Option<u64>,
     reserve_mib: Option<u64>,
-    buffer_mib: Option<u64>,
+    memory_mib: Option<u64>,
 }
 
 /// Admission control and rate limits; all but the connection limit apply on reload.
@@ -119,8 +119,9 @@ pub struct Limits {
     pub max_staged_bytes: Option<u64>,
     /// Free space kept on a target's file system: a job that would eat into it is refused.
     pub reserve_bytes: u64,
-    /// Memory for received blocks being verified and written, all jobs together.
-    pub buffer_bytes: u64,
+    /// Memory for received data, all connections and jobs together: it sets how many
+    /// data streams may be open at once (see `credit`).
+    pub memory_bytes: u64,
 }
 
 impl Default for Limits {
@@ -130,7 +131,7 @@ impl Default for Limits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_staged_bytes: None,
             reserve_bytes: DEFAULT_RESERVE,
-            buffer_bytes: DEFAULT_BUFFER,
+            memory_bytes: DEFAULT_MEMORY,
         }
     }
 }
@@ -406,10 +407,10 @@ fn limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
         max_connections,
         max_staged_bytes: raw.max_staged_mib.map(|m| m << 20),
         reserve_bytes: raw.reserve_mib.map_or(DEFAULT_RESERVE, |m| m << 20),
-        buffer_bytes: match raw.buffer_mib {
-            None => DEFAULT_BUFFER,
-            Some(m @ 8..=65_536) => m << 20,
-            Some(_) => return Err(invalid("limits.buffer_mib", "must be 8 to 65536")),
+        memory_bytes: match raw.memory_mib {
+            None => DEFAULT_MEMORY,
+            Some(m @ 24..=1_048_576) => m << 20,
+            Some(_) => return Err(invalid("limits.memory_mib", "must be 24 to 1048576")),
         },
     })
 }

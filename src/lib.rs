@@ -16,6 +16,8 @@
 //! - [`quic`]: transport tuning: connection window from bandwidth x RTT, a fixed stream
 //!   window, MTU ceiling, congestion control.
 //! - [`congestion`]: BBR bounded by loss (the default controller).
+//! - [`credit`]: data streams an agent lets its connections open, shared, so memory
+//!   stays bounded however many jobs run.
 //! - [`config`]: the agent's TOML configuration, validated in one place.
 //! - [`disk`]: reads, writes and syncs on an io_uring thread (O_DIRECT for whole blocks).
 //! - [`buf`]: aligned, pooled block buffers.
@@ -95,6 +97,7 @@ pub mod client;
 pub mod commit;
 pub mod config;
 pub mod congestion;
+pub mod credit;
 pub mod disk;
 pub mod failpoint;
 pub mod hashcache;

@@ -143,12 +143,19 @@ impl Tuning {
 
     /// The quinn transport configuration.
     pub fn transport(&self) -> Arc<quinn::TransportConfig> {
+        self.transport_with_uni_streams(64)
+    }
+
+    /// The transport configuration, letting the peer open `uni` data streams at first
+    /// (an agent starts every connection with few and gives more to those that carry
+    /// data, see [`crate::credit`]).
+    pub fn transport_with_uni_streams(&self, uni: u32) -> Arc<quinn::TransportConfig> {
         let var = |v: u64| quinn::VarInt::from_u64(v).expect("window fits a varint");
         let mut t = quinn::TransportConfig::default();
         t.stream_receive_window(var(STREAM_WINDOW));
         t.receive_window(var(self.connection_window()));
         t.send_window(self.connection_window());
-        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
+        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(uni));
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
         t.keep_alive_interval(Some(self.keep_alive()));
         let idle_ms = self.idle_timeout.as_millis().clamp(1_000, 600_000) as u32;

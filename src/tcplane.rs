@@ -111,7 +111,6 @@ async fn receive(
         stream.read_exact(&mut h[1..]).await.map_err(io)?;
         let head = BlockHeader::decode(&h);
         let len = expected_len(&inc.offer, head)?;
-        let memory = crate::transfer::block_memory(inc, len).await?;
         let data = if crate::buf::wants_direct(len) {
             let mut buf = crate::buf::aligned(&crate::transfer::BLOCK_POOL, len);
             stream.read_exact(buf.as_mut_slice()).await.map_err(io)?;
@@ -121,7 +120,7 @@ async fn receive(
             stream.read_exact(&mut buf).await.map_err(io)?;
             buf.freeze()
         };
-        take_block(inc, head, data, writes, memory).await?;
+        take_block(inc, head, data, writes).await?;
     }
 }
 

@@ -95,10 +95,15 @@ pub async fn expect_msg(recv: &mut quinn::RecvStream) -> Result<Message, Transfe
 }
 
 pub async fn write_msg(send: &mut quinn::SendStream, msg: &Message) -> Result<(), TransferError> {
-    send.write_all(&msg.encode()).await.map_err(|e| match e {
+    send.write_all(&msg.encode()).await.map_err(write_error)
+}
+
+/// A failed write: a lost connection is named as such (see [`after_accept`]).
+fn write_error(e: quinn::WriteError) -> TransferError {
+    match e {
         quinn::WriteError::ConnectionLost(c) => TransferError::Connection(c),
         other => stream_err(other),
-    })
+    }
 }
 
 /// Test-only fault injection on the sending side.
@@ -427,7 +432,7 @@ async fn send_lane(
     lane: Vec<crate::proto::job::BlockRef>,
     ctx: LaneCtx,
 ) -> Result<(u64, u64), TransferError> {
-    let write_err = |e: quinn::WriteError| stream_err(e);
+    let write_err = write_error;
     stream
         .write_all(&data_stream_header(ctx.job))
         .await
@@ -512,8 +517,6 @@ pub struct Incoming {
     pub started: std::time::Instant,
     /// The agent's metrics and rate limits for this job's sender.
     pub meter: Option<crate::metrics::Meter>,
-    /// Memory for this job's blocks in flight, shared with other jobs.
-    pub budget: Option<Budget>,
     /// What the job has still to write, promised on its file system.
     pub space: Option<crate::space::Reservation>,
 }
@@ -547,14 +550,24 @@ impl Incoming {
 pub type JobTable = Arc<Mutex<HashMap<JobId, Arc<Incoming>>>>;
 
 /// Accepts data streams on `conn`, whose peer is `peer`, for as long as it lives.
-pub fn spawn_data_router(conn: quinn::Connection, table: JobTable, peer: String) -> tokio::task::JoinHandle<()> {
+/// An agent passes its shared stream credit, so a connection gets its share of data
+/// streams while it carries data.
+pub fn spawn_data_router(
+    conn: quinn::Connection,
+    table: JobTable,
+    peer: String,
+    credit: Option<Arc<crate::credit::Credit>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let id = conn.stable_id();
         while let Ok(stream) = conn.accept_uni().await {
-            let (table, peer) = (table.clone(), peer.clone());
+            let (table, peer, credit) = (table.clone(), peer.clone(), credit.clone());
             tokio::spawn(async move {
+                credit.as_ref().inspect(|c| c.stream(id, true));
                 if let Err(e) = receive_stream(stream, &table, &peer).await {
                     tracing::debug!(error = %e, "data stream ended with an error");
                 }
+                credit.as_ref().inspect(|c| c.stream(id, false));
             });
         }
     })
@@ -600,9 +613,8 @@ async fn receive_blocks(
         }
         let head = BlockHeader::decode(&h);
         let expected = expected_len(&inc.offer, head)?;
-        let memory = block_memory(inc, expected).await?;
         let data = read_block(stream, expected).await?;
-        take_block(inc, head, data, writes, memory).await?;
+        take_block(inc, head, data, writes).await?;
     }
 }
 
@@ -639,7 +651,6 @@ pub(crate) async fn take_block(
     head: BlockHeader,
     data: Bytes,
     writes: &Writes,
-    memory: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(), TransferError> {
     let len = data.len();
     if let Some(space) = &inc.space {
@@ -676,7 +687,6 @@ pub(crate) async fn take_block(
         head,
         path: Some(path.clone()),
         _permit: permit,
-        _memory: memory,
     };
     let done = Box::new(move |r: std::io::Result<()>| pending.end(r));
     inc.disk
@@ -691,7 +701,6 @@ struct PendingWrite {
     head: BlockHeader,
     path: Option<PathBuf>,
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl PendingWrite {
@@ -750,45 +759,6 @@ fn write_failure(path: PathBuf, source: std::io::Error) -> Refusal {
 
 /// How long a sender refused for space should wait before it tries again.
 pub const RETRY_SPACE: u32 = 60;
-
-/// Memory for received blocks, shared by every job of an agent: a block is read off the
-/// network only once its bytes fit, and they are given back when its write has ended.
-/// Bounded per stream alone (one block in flight each), 64 jobs of 8 streams could hold
-/// 512 MiB.
-#[derive(Clone, Debug)]
-pub struct Budget(Arc<tokio::sync::Semaphore>);
-
-impl Budget {
-    const UNIT: usize = 4096;
-
-    /// A budget of `bytes` (at least one whole block).
-    pub fn new(bytes: u64) -> Budget {
-        let units = (bytes as usize / Budget::UNIT).max(Budget::max_units());
-        Budget(Arc::new(tokio::sync::Semaphore::new(units)))
-    }
-
-    fn max_units() -> usize {
-        crate::proto::blocks::BLOCK_SIZE as usize / Budget::UNIT
-    }
-
-    /// Waits until `len` more bytes fit.
-    pub(crate) async fn take(&self, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, TransferError> {
-        let units = len.div_ceil(Budget::UNIT).clamp(1, Budget::max_units()) as u32;
-        let permit = self.0.clone().acquire_many_owned(units).await;
-        permit.map_err(|_| TransferError::Protocol("memory budget closed".into()))
-    }
-}
-
-/// Takes the memory for a block of `len` bytes from the job's budget, if it has one.
-pub(crate) async fn block_memory(
-    inc: &Incoming,
-    len: usize,
-) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, TransferError> {
-    match &inc.budget {
-        Some(b) => Ok(Some(b.take(len).await?)),
-        None => Ok(None),
-    }
-}
 
 /// Marks one data stream (QUIC or TCP) of a job as read to its end, or the job failed.
 pub(crate) fn stream_done(inc: &Incoming, result: &Result<(), TransferError>) {
@@ -919,8 +889,6 @@ pub struct Receiver<'a> {
     pub meter: Option<&'a crate::metrics::Meter>,
     /// The TCP lane, if the job's target allows it.
     pub tcp: Option<&'a crate::tcplane::TcpLanes>,
-    /// Memory for blocks in flight, shared with other jobs (an agent), if bounded.
-    pub budget: Option<&'a Budget>,
     /// The job's share of its file system's free space (an agent), if counted.
     pub space: Option<&'a crate::space::Reservation>,
 }
@@ -954,7 +922,6 @@ where
         progress,
         started: std::time::Instant::now(),
         meter: at.meter.cloned(),
-        budget: at.budget.cloned(),
         space: at.space.cloned(),
     });
     let (table, tcp) = (at.table, at.tcp);

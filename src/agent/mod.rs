@@ -86,8 +86,8 @@ struct Shared {
     commits: Arc<Ledger>,
     /// What admitted jobs have still to write, per file system.
     space: Arc<crate::space::Ledger>,
-    /// Memory for received blocks in flight, all jobs together.
-    budget: transfer::Budget,
+    /// Data streams open at once, shared by the connections that carry data.
+    credit: Arc<crate::credit::Credit>,
 }
 
 impl Shared {
@@ -179,7 +179,7 @@ impl Agent {
         };
         let metrics_at = config.metrics;
         let limits = Arc::new(RateLimits::new(config.limits.rates));
-        let budget = transfer::Budget::new(config.limits.buffer_bytes);
+        let credit = crate::credit::Credit::for_memory(config.limits.memory_bytes);
         let shared = Arc::new(Shared {
             live: RwLock::new(Arc::new(Live { config, hooks })),
             custom,
@@ -196,7 +196,7 @@ impl Agent {
             journal,
             commits,
             space: Arc::default(),
-            budget,
+            credit: Arc::new(credit),
         });
         let mut tasks = vec![];
         let mut metrics_addr = None;
@@ -303,7 +303,10 @@ fn open_cache(data_dir: &std::path::Path) -> crate::hashcache::HashCache {
 
 /// The QUIC endpoint, on the given socket or on `config.listen`.
 fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::Endpoint, AgentError> {
-    let server = TlsMaterial::load(&config.tls)?.server_config(&config.tuning)?;
+    let mut server = TlsMaterial::load(&config.tls)?.server_config(&config.tuning)?;
+    // A connection may open more data streams only once it carries data (see `credit`):
+    // credit given in the handshake could not be taken back.
+    server.transport_config(config.tuning.transport_with_uni_streams(crate::credit::MIN_STREAMS));
     let addr = config.listen;
     let bind_err = |source| AgentError::Bind { addr, source };
     let (sock, buffers) = match socket {
@@ -404,7 +407,9 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
     async {
         info!("connected");
         let table = shared.table.clone();
-        let router = transfer::spawn_data_router(conn.clone(), table.clone(), peer.clone());
+        shared.credit.add(&conn);
+        let credit = Some(shared.credit.clone());
+        let router = transfer::spawn_data_router(conn.clone(), table.clone(), peer.clone(), credit);
         while let Ok((send, recv)) = conn.accept_bi().await {
             let ctx = JobCtx {
                 conn: conn.clone(),
@@ -415,6 +420,7 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
             tokio::spawn(ctx.run(send, recv).instrument(tracing::Span::current()));
         }
         router.abort();
+        shared.credit.remove(conn.stable_id());
         info!("disconnected");
     }
     .instrument(span)
@@ -638,7 +644,6 @@ impl JobCtx {
             table: &self.table,
             meter: Some(&meter),
             tcp,
-            budget: Some(&self.shared.budget),
             space: Some(&space),
         };
         let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await;
