@@ -419,3 +419,143 @@ fn a_closed_stdout_ends_the_command_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+#[test]
+fn bad_input_gets_its_documented_exit_code_and_a_dead_peer_is_noticed_in_seconds() {
+    use std::time::{Duration, Instant};
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    make_certs(p, &["store-b", "ops"]);
+    std::fs::create_dir_all(p.join("in")).unwrap();
+    write(&p.join("data/a"), b"a");
+    std::os::unix::fs::symlink(p.join("data/a"), p.join("link")).unwrap();
+    let id = ["--certs", "certs", "--identity", "ops"];
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(id);
+        barge(&all, p)
+    };
+    // Usage and local errors, before anything connects.
+    fails(
+        &run(&["push", "link", "--to", "x@127.0.0.1:9", "--import", "in"]),
+        1,
+        "link: symlinks are not sent",
+    );
+    for peer in ["recv@[::1:18701", "recv@127.0.0.1:18701:5", "recv@host:0"] {
+        fails(
+            &run(&["push", "data", "--to", peer, "--import", "in"]),
+            2,
+            "is not HOST:PORT",
+        );
+    }
+    let timeout = [
+        "push",
+        "data",
+        "--to",
+        "x@127.0.0.1:9",
+        "--import",
+        "in",
+        "--connect-timeout",
+        "0",
+    ];
+    fails(&run(&timeout), 2, "--connect-timeout: 0 is not a number of seconds");
+
+    // Configs that must not start an agent, each naming its key.
+    let tls =
+        |key: &str| format!("[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/{key}\"\n");
+    let target = "[[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"ops\"]\n";
+    std::fs::write(p.join("k.toml"), format!("{}{target}", tls("ops.key"))).unwrap();
+    fails(&barge(&["agent", "--config", "k.toml"], p), 3, "config key `tls.key`");
+    std::fs::write(
+        p.join("d.toml"),
+        format!("data_dir = \"in/state\"\n{}{target}", tls("store-b.key")),
+    )
+    .unwrap();
+    fails(&barge(&["agent", "--config", "d.toml"], p), 3, "config key `data_dir`");
+
+    // Nothing listens: refused after the connect timeout, not a minute.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nobody = format!("store-b@127.0.0.1:{port}");
+    let started = Instant::now();
+    let out = run(&[
+        "push",
+        "data",
+        "--to",
+        &nobody,
+        "--import",
+        "in",
+        "--connect-timeout",
+        "2",
+    ]);
+    fails(&out, 4, "no answer within 2s");
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+
+    // The agent dies after accepting a (slow) job: exit 6 within the idle timeout.
+    store_b_config(p, "[limits]\npeer_rate_mbit = 80", target);
+    let (mut agent, addr) = agent(&["--config", "b.toml"], p);
+    write(&p.join("slow/data"), &content(3, 64 << 20));
+    let peer = format!("store-b@{addr}");
+    let mut args = vec!["push", "slow", "--to", &peer, "--import", "in", "--idle-timeout", "3"];
+    args.extend(id);
+    let push = common::proc::command(&args, p).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.kill();
+    let killed = Instant::now();
+    let out = push.wait_with_output().unwrap();
+    fails(&out, 6, "connection lost after the job was accepted");
+    assert!(killed.elapsed() < Duration::from_secs(8), "{:?}", killed.elapsed());
+}
+
+#[test]
+fn a_file_overwritten_in_place_while_sent_fails_the_push_locally_and_leaves_nothing_staged() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    make_certs(p, &["store-b", "ops"]);
+    std::fs::create_dir_all(p.join("in")).unwrap();
+    // 10 MB/s: the sender reads at most some 60 MiB ahead of what the agent took, so
+    // the block changed at 90 MiB is read after the change.
+    store_b_config(
+        p,
+        "[limits]\npeer_rate_mbit = 80",
+        "[[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"ops\"]\n",
+    );
+    let (_agent, addr) = agent(&["--config", "b.toml"], p);
+    let file = p.join("src/data");
+    write(&file, &content(4, 96 << 20));
+    let peer = format!("store-b@{addr}");
+    let args = [
+        "push",
+        "src",
+        "--to",
+        &peer,
+        "--import",
+        "in",
+        "--certs",
+        "certs",
+        "--identity",
+        "ops",
+    ];
+    let push = common::proc::command(&args, p).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(&[0xAB; 4096], 90 << 20).unwrap();
+    }
+    let out = push.wait_with_output().unwrap();
+    fails(&out, 1, "changed while it was sent");
+    // The sender aborted the job: the agent removed what it had staged.
+    let staged = p.join("in/.barge-staging");
+    for _ in 0..100 {
+        if list(&staged).is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(list(&staged).is_empty(), "{:?}", list(&staged));
+    assert!(list(&p.join("in")).is_empty());
+}

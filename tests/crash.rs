@@ -211,7 +211,7 @@ fn a_held_job_whose_commit_was_cut_off_is_committed_after_the_restart() {
     let mut first = first;
     let id = ["--certs", "certs", "--identity", "ops"];
     let peer = format!("store-b@{addr}");
-    let mut commit = vec!["commit", peer.as_str(), job.as_str()];
+    let mut commit = vec!["commit", peer.as_str(), job.as_str(), "--idle-timeout", "2"];
     commit.extend(id);
     let _ = barge(&commit, p);
     assert!(first.wait_exit(Duration::from_secs(30)).is_some(), "{}", first.log());
@@ -226,4 +226,48 @@ fn a_held_job_whose_commit_was_cut_off_is_committed_after_the_restart() {
     assert!(!second.log().contains("held job restored"), "{}", second.log());
     let again = ok(&barge(&commit, p));
     assert!(again.contains("sent again"), "{again}");
+}
+
+#[test]
+fn a_killed_senders_job_is_taken_over_by_its_next_push_and_refused_to_others() {
+    let targets = "[[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"ops\", \"ops2\"]\n";
+    let (t, addr) = host(&format!("[limits]\npeer_rate_mbit = 200\n{targets}"));
+    let p = t.path();
+    ok(&barge(&["certs", "issue", "ops2", "--dir", "certs"], p));
+    write(&p.join("src/big/data"), &content(21, 48 << 20));
+    let _agent = agent(p, None);
+    let args = push_args(&addr, "src/big", "in");
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut sender = common::proc::command(&argv, p)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let staged = |p: &Path| list(&p.join("in/.barge-staging")).len();
+    let started = std::time::Instant::now();
+    while staged(p) == 0 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SIGKILL: no close reaches the agent, whose job waits for a sender that is gone.
+    sender.kill().unwrap();
+    sender.wait().unwrap();
+
+    let other: Vec<&str> = argv.iter().map(|a| if *a == "ops" { "ops2" } else { a }).collect();
+    let refused = barge(&other, p);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("being sent by ops") && err.contains("retry after"),
+        "{err}"
+    );
+
+    let again = std::time::Instant::now();
+    let r = push_ok(p, &args);
+    assert!(r["held_blocks"].as_u64().unwrap() > 0, "the orphan's blocks count: {r}");
+    assert!(
+        again.elapsed() < Duration::from_secs(8),
+        "taken over at once, not after the idle timeout: {:?}",
+        again.elapsed()
+    );
+    assert_eq!(read(&p.join("in/big/data")), content(21, 48 << 20));
 }

@@ -241,3 +241,44 @@ async fn a_journal_entry_pointing_outside_the_staging_area_is_dropped_not_follow
         "nothing outside is deleted"
     );
 }
+
+/// Flips one byte of `path` at `at`.
+fn flip(path: &std::path::Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_job_whose_staged_bytes_changed_is_not_committed_until_sent_again() {
+    let env = env_with(DEFAULT_TARGETS, "data_dir = \".\"", Hooks::new()).await;
+    write(&env.src().join("load/big.sst"), &content(11, (3 << 20) + 5));
+    write(&env.src().join("load/small.sst"), &content(12, 700));
+    let client = env.client("client");
+    let src = [env.src().join("load")];
+    let r = client.push(&env.peer(), "in", &src, &hold()).await.unwrap();
+    let staged = env.inbox().join(".barge-staging").join(r.job.to_string());
+    flip(&staged.join("files/load/big.sst"), (1 << 20) + 77);
+
+    let err = client.commit(&env.peer(), r.job).await.unwrap_err();
+    let TransferError::Rejected(refusal) = &err else {
+        panic!("refused: {err}")
+    };
+    assert_eq!(refusal.code, code::BAD_BLOCK);
+    assert!(
+        refusal.reason.contains("load/big.sst") && !refusal.reason.contains("small"),
+        "names the bad file only: {}",
+        refusal.reason
+    );
+    assert!(list(&env.inbox()).is_empty(), "nothing visible");
+    let jobs = client.jobs(&env.peer()).await.unwrap();
+    assert_eq!(jobs.iter().map(|j| j.state.as_str()).collect::<Vec<_>>(), ["held"]);
+
+    // The same push again sends just the bad block; then the commit goes through.
+    let again = client.push(&env.peer(), "in", &src, &hold()).await.unwrap();
+    assert_eq!((again.blocks_sent, again.blocks_held), (1, 4), "{again:?}");
+    client.commit(&env.peer(), r.job).await.unwrap();
+    assert_same_tree(&env.src(), &env.inbox());
+}

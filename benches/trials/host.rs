@@ -81,7 +81,10 @@ impl Host {
         self.stop();
         self.write_config();
         let mut cmd = Command::new(BARGE);
-        cmd.args(["agent", "--config", "b.toml"])
+        // The absolute path names the agent as the trials' own (trials.sh stops them by it).
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(self.dir.join("b.toml"))
             .current_dir(&self.dir)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info,barge::transfer=debug")

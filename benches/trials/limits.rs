@@ -447,15 +447,8 @@ pub fn lossy_link(ctx: &mut Ctx) -> Row {
     )
     .unwrap();
     let mut agent = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            "lem-b",
-            crate::host::BARGE,
-            "agent",
-            "--config",
-            "b.toml",
-        ])
+        .args(["netns", "exec", "lem-b", crate::host::BARGE, "agent", "--config"])
+        .arg(dir.join("b.toml"))
         .current_dir(&dir)
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -1,0 +1,149 @@
+//! Admission on a small file system (a 200 MiB ext4 on a loop device): jobs that
+//! together do not fit are refused up front, space taken from outside during a job
+//! stops it with a named error, and the reserve is kept. Needs root, `mkfs.ext4`,
+//! `mount` and `fallocate`; skipped with a message without them, except under CI=true.
+
+mod common;
+
+use barge::client::PushOptions;
+use barge::proto::wire::code;
+use barge::transfer::TransferError;
+use common::{content, list, write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const RESERVE: u64 = 64 << 20;
+
+/// A 200 MiB ext4 file system mounted at `dir`; unmounted when dropped.
+struct LoopFs(PathBuf);
+
+impl LoopFs {
+    fn mount(dir: &Path) -> Option<LoopFs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let image = dir.with_extension("img");
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+        let made = ok(Command::new("truncate").arg("-s").arg("200M").arg(&image))
+            && ok(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&image))
+            && ok(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(dir));
+        made.then(|| LoopFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn free(dir: &Path) -> u64 {
+    barge::space::free_space(dir).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_together_do_not_fit_are_refused_up_front_and_the_reserve_is_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let Some(fs) = LoopFs::mount(&t.path().join("small")) else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true: this test needs root and a loop file system (mkfs.ext4, mount)");
+        }
+        eprintln!("skipping: needs root and a loop file system (mkfs.ext4, mount)");
+        return;
+    };
+    let small = fs.0.clone();
+    // 25 MB/s for the sender, so the jobs overlap and one runs long enough to take
+    // space from under it.
+    let targets = format!(
+        "[[import]]\nname = \"small\"\npath = \"{}\"\nallow = [\"client\"]\n",
+        small.display()
+    );
+    let env = common::env_with(&targets, "[limits]\npeer_rate_mbit = 200", Default::default()).await;
+    let client = std::sync::Arc::new(env.client("client"));
+    let opts = PushOptions::default();
+
+    // Three jobs of 40 % of what may be used: each fits alone, two together, not three.
+    let each = (free(&small) - RESERVE) * 2 / 5;
+    let srcs: Vec<PathBuf> = (0..3u64)
+        .map(|i| {
+            let d = env.src().join(format!("third{i}"));
+            write(&d.join("data"), &content(i, each as usize));
+            d
+        })
+        .collect();
+    let pushes = srcs.iter().map(|s| {
+        let (client, peer, s, opts) = (client.clone(), env.peer(), s.clone(), opts.clone());
+        tokio::spawn(async move { client.push(&peer, "small", &[s], &opts).await })
+    });
+    let mut results = vec![];
+    for p in pushes.collect::<Vec<_>>() {
+        results.push(p.await.unwrap());
+    }
+    let refused: Vec<_> = results
+        .iter()
+        .filter_map(|r| match r {
+            Err(TransferError::Rejected(x)) => Some(x.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 2, "{results:?}");
+    assert_eq!(refused.len(), 1, "{results:?}");
+    assert_eq!(refused[0].code, code::NO_SPACE);
+    assert!(
+        refused[0].reason.contains("promised to jobs in flight"),
+        "{}",
+        refused[0].reason
+    );
+    assert!(refused[0].retry_after > 0);
+    assert!(free(&small) >= RESERVE);
+    for s in &srcs {
+        let _ = std::fs::remove_dir_all(small.join(s.file_name().unwrap()));
+    }
+
+    // Space taken from outside while a job runs: it stops before the reserve is gone,
+    // with a named error, and what it staged is removed.
+    let big = env.src().join("big");
+    write(
+        &big.join("data"),
+        &content(9, ((free(&small) - RESERVE) * 7 / 10) as usize),
+    );
+    let job = {
+        let (client, peer, big, opts) = (client.clone(), env.peer(), big.clone(), opts.clone());
+        tokio::spawn(async move { client.push(&peer, "small", &[big], &opts).await })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let filler = small.join("filler");
+    let st = Command::new("fallocate")
+        .arg("-l")
+        .arg((free(&small) / 2).to_string())
+        .arg(&filler)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let err = job.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Failed(x) if x.code == code::NO_SPACE && x.reason.contains("filled up")),
+        "{err}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let visible: Vec<String> = list(&small)
+        .into_iter()
+        .filter(|f| !f.starts_with("lost+found"))
+        .collect();
+    assert!(visible.is_empty(), "{visible:?}");
+    let staging = small.join(".barge-staging");
+    assert!(
+        std::fs::read_dir(&staging).map_or(true, |mut d| d.next().is_none()),
+        "staging emptied"
+    );
+    // And the agent serves afterwards.
+    write(&env.src().join("after/a"), b"a");
+    client
+        .push(&env.peer(), "small", &[env.src().join("after")], &opts)
+        .await
+        .unwrap();
+    env.agent.shutdown().await;
+}
