@@ -187,7 +187,8 @@ async fn metrics_change_as_a_job_runs() {
     // The agent finishes its bookkeeping just after the client hears "committed".
     let mut after = scrape(addr).await;
     for _ in 0..100 {
-        if value(&after, "barge_jobs{state=\"receiving\"}") == 0 {
+        let done = value(&after, "barge_jobs_total{outcome=\"committed\"}") == 1;
+        if done && value(&after, "barge_jobs{state=\"receiving\"}") == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

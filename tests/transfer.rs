@@ -38,10 +38,7 @@ async fn push_delivers_every_size_and_2000_small_files_verified() {
     assert_eq!(r.files, SIZES.len() + 2 + 2000);
     assert!(r.streams > 1, "blocks were spread over several streams");
     assert_same_tree(&env.src(), &env.inbox());
-    assert!(
-        list(&env.inbox().join(".barge-staging")).is_empty(),
-        "staging is cleaned up"
-    );
+    assert!(emptied(&env.inbox().join(".barge-staging")), "staging is cleaned up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,7 +87,7 @@ impl Host {
             .arg(self.dir.join("b.toml"))
             .current_dir(&self.dir)
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info,barge::transfer=debug")
+            .env("RUST_LOG", "info,barge::transfer=debug,barge::agent::handover=debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(f) = failpoint {
             cmd.env("BARGE_FAILPOINT", f);

@@ -159,14 +159,15 @@ pub fn hook_kills(ctx: &mut Ctx, existing: bool) -> Row {
             write(&target.join("w3/keep"), b"kept");
         }
     };
-    // How long the hand-over takes: from "staged files synced" to "hook done".
+    // How long the hand-over takes: from "staged files synced" until its outcome is
+    // recorded (after the sender's answer).
     let mut spans = vec![];
     for _ in 0..2 {
         reset(&target);
         host.start(None);
         let push = host.push("ops", &[&what], "in", &[]);
         let a = host.agent().wait_line("staged files synced", Duration::from_secs(120));
-        let b = host.agent().wait_line("hook done", Duration::from_secs(120));
+        let b = host.agent().wait_line("outcome recorded", Duration::from_secs(120));
         let r = push.wait();
         assert_eq!(r.code, 0, "{}", r.stderr);
         spans.push((b.unwrap() - a.unwrap()).as_secs_f64());

@@ -417,11 +417,15 @@ pub fn lossy_link(ctx: &mut Ctx) -> Row {
         row.record(Err(format!("linkem not found at {}", linkem.display())));
         return row;
     }
+    // Not `output()`: the emulator it starts keeps the pipes open.
     let up = Command::new("bash")
         .arg(&linkem)
         .args(["up", "--delay", "5", "--rate", "200", "--loss", "5"])
-        .output();
-    if !up.as_ref().is_ok_and(|o| o.status.success()) {
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !up.is_ok_and(|s| s.success()) {
         row.record(Err("linkem up failed".into()));
         return row;
     }
@@ -489,6 +493,11 @@ pub fn lossy_link(ctx: &mut Ctx) -> Row {
     }
     let _ = agent.kill();
     let _ = agent.wait();
-    let _ = Command::new("bash").arg(&linkem).arg("down").output();
+    let _ = Command::new("bash")
+        .arg(&linkem)
+        .arg("down")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
     row
 }

@@ -72,6 +72,13 @@ impl Row {
             }
         }
         self.secs = self.started.elapsed().as_secs_f64();
+        let n = self.passed + self.failed;
+        if n % 10 == 0 {
+            eprintln!(
+                "   {n} done: {} passed, {} failed, {:.0} s",
+                self.passed, self.failed, self.secs
+            );
+        }
     }
 
     pub fn note(&mut self, n: String) {

@@ -70,7 +70,8 @@ impl JobCtx {
         import.held = true;
         let handover = Handover::new(&target, live.hooks[&target.name].clone(), self.shared.commits.clone());
         match handover.run(import, &self.shared.metrics).await {
-            Ok(report) => {
+            Ok((report, recording)) => {
+                recording.record_async().await;
                 drop_held(&self.shared, &job);
                 info!(target = %target.name, %report, "held job committed");
                 Ok(Message::Committed { report })

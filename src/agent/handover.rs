@@ -35,9 +35,11 @@ impl Handover {
         }
     }
 
-    /// Runs the hook on a blocking thread; once it succeeded, records the outcome and
-    /// removes the staging folder.
-    pub async fn run(self, mut import: ImportJob, metrics: &Metrics) -> Result<String, Refusal> {
+    /// Runs the hook on a blocking thread. Once it succeeded, the outcome is still to be
+    /// recorded: the returned [`Recording`] does that (and removes the staging folder).
+    /// The sender may be answered first: until it is recorded, the intent of a `move` or
+    /// `replace` stays, so a crash in between is finished at the next start.
+    pub async fn run(self, mut import: ImportJob, metrics: &Metrics) -> Result<(String, Recording), Refusal> {
         import.ledger = Some(self.ledger.clone());
         let started = std::time::Instant::now();
         let hook = self.hook.clone();
@@ -45,23 +47,50 @@ impl Handover {
             .await
             .map_err(|e| refuse(code::HOOK_FAILED, format!("hook panicked: {e}")));
         metrics.hook(started.elapsed(), matches!(res, Ok(Ok(_))));
-        let (report, import) = match res? {
-            Ok(done) => done,
-            Err(e) => return Err(refuse(hook_code(&e), format!("import hook failed: {e}"))),
-        };
-        let placed = self
-            .places
-            .then(|| fingerprint(&import.target_dir, &import.paths))
-            .flatten();
-        let done = done_record(&import.job, &import.target, &import.peer, &report, placed);
+        match res? {
+            Ok((report, import)) => {
+                let recording = Recording {
+                    ledger: self.ledger,
+                    places: self.places,
+                    report: report.clone(),
+                    import,
+                };
+                Ok((report, recording))
+            }
+            Err(e) => Err(refuse(hook_code(&e), format!("import hook failed: {e}"))),
+        }
+    }
+}
+
+/// The outcome of a commit that is placed and not yet recorded.
+pub(super) struct Recording {
+    ledger: Arc<Ledger>,
+    places: bool,
+    report: String,
+    import: ImportJob,
+}
+
+impl Recording {
+    /// Records the outcome (with a fingerprint of the placed files: 20,000 of them take
+    /// some 40 ms to stat, which is why this may wait until the sender has its answer),
+    /// drops the intent and removes the staging folder.
+    pub fn record(self) {
+        let i = &self.import;
+        let placed = self.places.then(|| fingerprint(&i.target_dir, &i.paths)).flatten();
+        let done = done_record(&i.job, &i.target, &i.peer, &self.report, placed);
         if let Err(e) = self.ledger.finish(&done) {
             // The files are placed; only a later "committed" answer to a re-send is lost.
             warn!(error = %e, "outcome of the commit not recorded");
         }
-        if let Some(s) = &import.stage {
+        if let Some(s) = &i.stage {
             s.remove();
         }
-        Ok(report)
+        tracing::debug!("outcome recorded");
+    }
+
+    /// [`Recording::record`] on a blocking thread.
+    pub async fn record_async(self) {
+        let _ = tokio::task::spawn_blocking(move || self.record()).await;
     }
 }
 

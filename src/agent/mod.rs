@@ -368,7 +368,10 @@ async fn sweep_loop(shared: Arc<Shared>) {
             drop_held(&shared, &job);
         }
         shared.commits.forget(config.staging_ttl);
-        let keep = shared.holds.staged_names();
+        // Held jobs expire on their own clock; a commit that could neither finish nor
+        // be put back keeps its staging for the next start.
+        let mut keep = shared.holds.staged_names();
+        keep.extend(shared.commits.pending().into_iter().flatten().map(|i| i.job));
         for t in &config.imports {
             sweep_expired(&t.path, config.staging_ttl, &keep);
         }
@@ -481,6 +484,14 @@ impl JobCtx {
         let _slot = JobSlot::claim(&self.shared, live.config.max_jobs)?;
         if let Some(done) = handover::committed_before(&self.shared.commits, job.id, &target, &job.paths) {
             span.in_scope(|| info!(report = %done.report, "committed before; sent again, confirmed without data"));
+            // What a commit cut off after its outcome was recorded left in staging.
+            Stage::at(
+                target
+                    .path
+                    .join(crate::proto::path::STAGING_DIR)
+                    .join(job.id.to_string()),
+            )
+            .remove();
             let confirm = transfer::confirm_committed(send, recv, &job, handover::again(&done));
             if let Err(e) = confirm.await {
                 span.in_scope(|| warn!(error = %e, "confirming an earlier commit failed"));
@@ -622,13 +633,19 @@ impl JobCtx {
         let tcp_allowed = target.tcp_lane;
         let stage2 = stage.clone();
         let shared = self.shared.clone();
+        // The commit's outcome is recorded once the sender has its answer (see
+        // `Handover::run`), and also if the answer could not be sent.
+        let recording = Arc::new(Mutex::new(None));
+        let slot = recording.clone();
         let run_hook = move |offer: Arc<Offer>, paths: Vec<RelPath>| async move {
             if offer.hold {
                 return handover::hold(&shared, &offer, &peer, &stage2).map(|_| Received::Held);
             }
             let import = handover::import_job(&offer, paths, &stage2, &target, peer);
             let handover = Handover::new(&target, hook, shared.commits.clone());
-            handover.run(import, &shared.metrics).await.map(Received::Committed)
+            let (report, placed) = handover.run(import, &shared.metrics).await?;
+            *slot.lock().expect("recording") = Some(placed);
+            Ok(Received::Committed(report))
         };
         let started = std::time::Instant::now();
         let tcp = self.shared.tcp.as_ref().filter(|_| tcp_allowed);
@@ -647,12 +664,16 @@ impl JobCtx {
             space: Some(&space),
         };
         let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await;
-        self.shared.metrics.job(match &out {
-            Ok(Received::Committed(_)) => Outcome::Committed,
-            Ok(Received::Held) => Outcome::Held,
-            Ok(Received::Aborted) => Outcome::Aborted,
-            Err(_) => Outcome::Failed,
+        let placed = recording.lock().expect("recording").take();
+        self.shared.metrics.job(match (&out, &placed) {
+            (Ok(Received::Committed(_)), _) | (Err(_), Some(_)) => Outcome::Committed,
+            (Ok(Received::Held), _) => Outcome::Held,
+            (Ok(Received::Aborted), _) => Outcome::Aborted,
+            (Err(_), None) => Outcome::Failed,
         });
+        if let Some(p) = placed {
+            p.record_async().await;
+        }
         let out = out?;
         match &out {
             Received::Committed(report) => {

@@ -128,6 +128,18 @@ pub fn list(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Waits (up to 5 s) until no file is left under `dir`: an agent removes a job's
+/// staging folder just after the sender got its answer. Returns whether it is empty.
+pub fn emptied(dir: &Path) -> bool {
+    for _ in 0..250 {
+        if list(dir).is_empty() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    list(dir).is_empty()
+}
+
 /// Asserts that `dst` holds exactly the files of `src` with equal blake3 hashes.
 pub fn assert_same_tree(src: &Path, dst: &Path) {
     let (a, b) = (list(src), list(dst));
