@@ -3,7 +3,7 @@
 # killed with SIGKILL at random moments, deaths at failpoints inside the hand-over, a
 # full disk (a 200 MiB loop file system), bytes flipped in staging, 8 clients x 8 jobs,
 # a link that loses 5 % of packets (shared/tools/linkem) and a matrix of bad input.
-# Prints a table: trial | count | passed | failed. About 30 minutes on 2 cores.
+# Prints a table: trial | count | passed | failed. About 20-25 minutes on 2 cores.
 #
 #   sudo benches/trials.sh
 #   TRIALS_SCALE=0.1 benches/trials.sh          # a tenth of the counts (and smaller files)

@@ -1,8 +1,12 @@
 //! Import hooks: how a received, verified and synced job is handed to the engine.
 //!
 //! A hook runs once per job, after every file is staged and on disk, and its result
-//! decides commit or failure. `move` renames the files into the target folder, all or
-//! none; `exec` runs a command; engines that embed barge implement [`ImportHook`].
+//! decides commit or failure. `move` renames the files into the target folder and
+//! `replace` over older ones, all or none even across crashes (their plan is written
+//! first, see [`crate::commit`]); `exec` runs a command; engines that embed barge
+//! implement [`ImportHook`]. barge can not see inside those two: they run at least once,
+//! again if the agent died while they ran and the job is sent again (`BARGE_JOB` names
+//! it, so they can notice).
 
 use crate::commit::{CommitError, JobRef, Kind, Ledger};
 use crate::proto::path::RelPath;

@@ -4,7 +4,9 @@
 //! Each job stages under `<target>/.barge-staging/<job-id>/files/<name>`, on the same
 //! file system as the target so the final rename is cheap. The job id is derived from
 //! the offer, so the same push sent again finds its staged blocks, re-verifies them
-//! from disk and asks only for what is missing, even after the agent restarted.
+//! from disk and asks only for what is missing, even after the agent restarted. A held
+//! job's blocks are all verified again before it commits ([`Stage::verify`]). Placing
+//! the staged files into the target is [`crate::commit`]'s.
 
 use crate::disk::Disk;
 use crate::proto::blocks::{block_count, block_len, BLOCK_SIZE};

@@ -64,6 +64,38 @@ fn calibrate(host: &mut Host, what: &str, target: &Path, n: usize) -> f64 {
     secs[secs.len() / 2]
 }
 
+/// Where the kills landed, as the restarted agent found things.
+#[derive(Default)]
+struct Landed {
+    /// Nothing visible: the job was cut off before its commit, and resumes.
+    resumed: u32,
+    /// The job had committed before the kill.
+    before: u32,
+    /// The kill cut a commit off; the restarted agent finished it.
+    finished: u32,
+}
+
+impl Landed {
+    fn count(&mut self, host: &mut Host, job: &Job, target: &Path) {
+        let log = host.agent().log().join("\n");
+        match (
+            log.contains("commit cut off by a restart finished"),
+            visible(job, target),
+        ) {
+            (true, _) => self.finished += 1,
+            (false, Visible::All) => self.before += 1,
+            _ => self.resumed += 1,
+        }
+    }
+
+    fn note(&self) -> String {
+        format!(
+            "after the restart {} jobs resumed, {} had committed before the kill, {} were cut off in their commit and finished by the restart",
+            self.resumed, self.before, self.finished
+        )
+    }
+}
+
 /// Checks what a restarted agent shows, pushes again, and checks the end state.
 fn after_restart(
     host: &mut Host,
@@ -117,6 +149,7 @@ pub fn receiver_kills(ctx: &mut Ctx) -> Row {
     let what = src.to_str().unwrap().to_string();
     host.start(None);
     let full = calibrate(&mut host, &what, &target, 2);
+    let mut landed = Landed::default();
     for _ in 0..ctx.count(100) {
         clear(&target);
         if !host.running() {
@@ -128,12 +161,14 @@ pub fn receiver_kills(ctx: &mut Ctx) -> Row {
         push.kill();
         let held = settled(&job, &target);
         host.start(None);
+        landed.count(&mut host, &job, &target);
         row.record(after_restart(&mut host, &job, &what, &target, Some(held)));
     }
     row.note(format!(
         "a complete push took {full:.2} s; kills uniform over 0-{:.2} s",
         full * 1.1
     ));
+    row.note(landed.note());
     row
 }
 
@@ -173,6 +208,7 @@ pub fn hook_kills(ctx: &mut Ctx, existing: bool) -> Row {
         spans.push((b.unwrap() - a.unwrap()).as_secs_f64());
     }
     let hook = spans.iter().copied().fold(0.0, f64::max);
+    let mut landed = Landed::default();
     for _ in 0..ctx.count(50) {
         reset(&target);
         host.start(None);
@@ -190,6 +226,7 @@ pub fn hook_kills(ctx: &mut Ctx, existing: bool) -> Row {
         host.kill();
         push.kill();
         host.start(None);
+        landed.count(&mut host, &job, &target);
         let mut result = after_restart(&mut host, &job, &what, &target, None);
         if existing && std::fs::read(target.join("w3/keep")).ok().as_deref() != Some(b"kept") {
             result = Err("the target's own file was lost".into());
@@ -201,6 +238,7 @@ pub fn hook_kills(ctx: &mut Ctx, existing: bool) -> Row {
         hook * 1e3,
         hook * 1.2e3
     ));
+    row.note(landed.note());
     row
 }
 
