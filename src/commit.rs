@@ -524,9 +524,9 @@ pub struct Done {
     /// Seconds since the epoch.
     pub at: u64,
     /// For `move` and `replace`: a fingerprint of the placed files (names, inodes,
-    /// sizes, modification times). The record answers for the job only while the
-    /// target still holds exactly those files. None for hooks whose effect barge can
-    /// not see (`exec`, custom).
+    /// sizes, modification times; empty if one was gone already). The record answers
+    /// for the job only while the target still holds exactly those files. None for
+    /// hooks whose effect barge can not see (`exec`, custom).
     pub placed: Option<String>,
 }
 
@@ -856,6 +856,15 @@ mod tests {
         assert!(
             !done.still_holds(&target, &paths),
             "a file gone: the record no longer answers"
+        );
+        let gone_before = Done {
+            placed: Some(String::new()),
+            ..done.clone()
+        };
+        std::fs::write(target.join("f"), b"f").unwrap();
+        assert!(
+            !gone_before.still_holds(&target, &paths),
+            "an empty fingerprint answers for nothing"
         );
         assert_eq!(ledger.forget(Duration::from_secs(3600)), 0);
         assert_eq!(ledger.forget(Duration::ZERO), 1);

@@ -76,7 +76,7 @@ impl Recording {
     /// drops the intent and removes the staging folder.
     pub fn record(self) {
         let i = &self.import;
-        let placed = self.places.then(|| fingerprint(&i.target_dir, &i.paths)).flatten();
+        let placed = self.places.then(|| placed_fingerprint(&i.target_dir, &i.paths));
         let done = done_record(&i.job, &i.target, &i.peer, &self.report, placed);
         if let Err(e) = self.ledger.finish(&done) {
             // The files are placed; only a later "committed" answer to a re-send is lost.
@@ -92,6 +92,12 @@ impl Recording {
     pub async fn record_async(self) {
         let _ = tokio::task::spawn_blocking(move || self.record()).await;
     }
+}
+
+/// The fingerprint of what a `move` or `replace` placed; empty if a file is gone
+/// already, which no later fingerprint equals, so the record then answers for nothing.
+fn placed_fingerprint(dir: &std::path::Path, paths: &[RelPath]) -> String {
+    fingerprint(dir, paths).unwrap_or_default()
 }
 
 fn done_record(job: &str, target: &str, peer: &str, report: &str, placed: Option<String>) -> Done {
@@ -218,7 +224,7 @@ pub(super) fn recover(config: &Config, ledger: &Ledger, journal: &Journal) {
         match intent.apply() {
             Ok(()) => {
                 let paths = intent.rel_paths().unwrap_or_default();
-                let placed = fingerprint(&intent.target_dir, &paths);
+                let placed = Some(placed_fingerprint(&intent.target_dir, &paths));
                 let report = format!("{} (finished after a restart)", intent.report);
                 if let Err(e) = ledger.finish(&done_record(&intent.job, &intent.target, &intent.peer, &report, placed))
                 {
