@@ -542,6 +542,7 @@ impl Client {
             meter: Some(&meter),
             tcp: None,
             space: None,
+            stall: None,
         };
         let received = transfer::receive_job(send, recv, job, stage, at, hook).await;
         match received.map_err(transfer::after_accept)? {

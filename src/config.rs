@@ -105,6 +105,12 @@ struct RawLimits {
     max_staged_mib: Option<u64>,
     reserve_mib: Option<u64>,
     memory_mib: Option<u64>,
+    identity_connections: Option<usize>,
+    identity_jobs: Option<usize>,
+    identity_streams: Option<usize>,
+    identity_staged_mib: Option<u64>,
+    stall_secs: Option<u64>,
+    idle_connection_secs: Option<u64>,
 }
 
 /// Admission control and rate limits; all but the connection limit apply on reload.
@@ -122,6 +128,37 @@ pub struct Limits {
     /// Memory for received data, all connections and jobs together: it sets how many
     /// data streams may be open at once (see `credit`).
     pub memory_bytes: u64,
+    /// What one peer identity may take of the agent, so that no identity locks out
+    /// the others.
+    pub identity: IdentityLimits,
+    /// A job whose data does not move for this long is given up (it resumes when sent
+    /// again); a pull whose client does not answer likewise.
+    pub stall: Duration,
+    /// A connection with no request open for this long is closed.
+    pub idle_connection: Duration,
+}
+
+/// Limits per peer identity. The defaults leave a quarter of each agent-wide limit to
+/// the other identities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityLimits {
+    pub connections: usize,
+    pub jobs: usize,
+    /// Requests (control streams) being served at once.
+    pub streams: usize,
+    pub staged_bytes: Option<u64>,
+}
+
+/// Requests one identity may have served at once by default.
+pub const DEFAULT_IDENTITY_STREAMS: usize = 32;
+/// A job without progress for this long is given up, by default.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
+/// A connection with no request open is closed after this long, by default.
+pub const DEFAULT_IDLE_CONNECTION: Duration = Duration::from_secs(60);
+
+/// Three quarters of an agent-wide limit, at least 1: one identity's default share.
+fn share(total: usize) -> usize {
+    (total - total / 4).max(1)
 }
 
 impl Default for Limits {
@@ -132,6 +169,14 @@ impl Default for Limits {
             max_staged_bytes: None,
             reserve_bytes: DEFAULT_RESERVE,
             memory_bytes: DEFAULT_MEMORY,
+            identity: IdentityLimits {
+                connections: share(DEFAULT_MAX_CONNECTIONS),
+                jobs: share(DEFAULT_MAX_JOBS),
+                streams: DEFAULT_IDENTITY_STREAMS,
+                staged_bytes: None,
+            },
+            stall: DEFAULT_STALL,
+            idle_connection: DEFAULT_IDLE_CONNECTION,
         }
     }
 }
@@ -148,6 +193,8 @@ struct RawTarget {
     #[serde(default)]
     tcp_lane: bool,
     kind: Option<ExportKind>,
+    #[serde(default)]
+    operators: Vec<String>,
 }
 
 /// What an export holds, and so how a range selects its files.
@@ -203,6 +250,8 @@ pub struct Import {
     pub hook: HookSpec,
     /// Whether senders may use the unencrypted TCP data lane for this target.
     pub tcp_lane: bool,
+    /// Identities that may list, commit and abort other senders' held jobs here.
+    pub operators: AllowList,
 }
 
 /// A validated agent configuration.
@@ -292,6 +341,14 @@ allow = ["*"]
     pub fn export(&self, name: &str) -> Option<&Export> {
         self.exports.iter().find(|t| t.name == name)
     }
+
+    /// Whether `identity` is on any allow or operators list: an identity on none may
+    /// open nothing on this agent.
+    pub fn knows(&self, identity: &str) -> bool {
+        let imports = self.imports.iter().flat_map(|t| [&t.allow, &t.operators]);
+        let exports = self.exports.iter().map(|t| &t.allow);
+        imports.chain(exports).any(|a| a.allows(identity))
+    }
 }
 
 fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
@@ -334,11 +391,11 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     let hold_ttl = raw.hold_ttl_secs.map(Duration::from_secs).unwrap_or(DEFAULT_HOLD_TTL);
     let drain = raw.drain_secs.map(Duration::from_secs).unwrap_or(DEFAULT_DRAIN);
     let metrics = raw.metrics.as_deref().map(metrics_addr).transpose()?;
-    let limits = limits(&raw.limits)?;
     let max_jobs = raw.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
     if max_jobs == 0 {
         return Err(invalid("max_jobs", "must be at least 1"));
     }
+    let limits = limits(&raw.limits, max_jobs)?;
     let tuning = tuning(&raw.transport)?;
     Ok(Config {
         tuning,
@@ -362,6 +419,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 allow: t.allow,
                 hook,
                 tcp_lane: t.tcp_lane,
+                operators: t.operators,
             })
             .collect(),
         staging_ttl,
@@ -387,7 +445,7 @@ fn metrics_addr(text: &str) -> Result<SocketAddr, ConfigError> {
     Ok(addr)
 }
 
-fn limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
+fn limits(raw: &RawLimits, max_jobs: usize) -> Result<Limits, ConfigError> {
     let mbit = |key: &str, v: Option<u64>| match v {
         Some(0) => Err(invalid(
             format!("limits.{key}"),
@@ -412,6 +470,40 @@ fn limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
             Some(m @ 24..=1_048_576) => m << 20,
             Some(_) => return Err(invalid("limits.memory_mib", "must be 24 to 1048576")),
         },
+        identity: identity_limits(raw, max_connections, max_jobs)?,
+        stall: secs("limits.stall_secs", raw.stall_secs, DEFAULT_STALL)?,
+        idle_connection: secs(
+            "limits.idle_connection_secs",
+            raw.idle_connection_secs,
+            DEFAULT_IDLE_CONNECTION,
+        )?,
+    })
+}
+
+/// A number of seconds from 1 to a day.
+fn secs(key: &str, v: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s @ 1..=86_400) => Ok(Duration::from_secs(s)),
+        Some(_) => Err(invalid(key, "must be 1 to 86400")),
+    }
+}
+
+fn identity_limits(raw: &RawLimits, max_connections: usize, max_jobs: usize) -> Result<IdentityLimits, ConfigError> {
+    let at_least_one = |key: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(invalid(format!("limits.{key}"), "must be at least 1")),
+        v => Ok(v.unwrap_or(default)),
+    };
+    let staged = match raw.identity_staged_mib {
+        Some(0) => return Err(invalid("limits.identity_staged_mib", "must be at least 1")),
+        Some(m) => Some(m << 20),
+        None => raw.max_staged_mib.map(|m| (m - m / 4) << 20),
+    };
+    Ok(IdentityLimits {
+        connections: at_least_one("identity_connections", raw.identity_connections, share(max_connections))?,
+        jobs: at_least_one("identity_jobs", raw.identity_jobs, share(max_jobs))?,
+        streams: at_least_one("identity_streams", raw.identity_streams, DEFAULT_IDENTITY_STREAMS)?,
+        staged_bytes: staged,
     })
 }
 
@@ -457,6 +549,7 @@ struct Target {
     allow: AllowList,
     tcp_lane: bool,
     kind: ExportKind,
+    operators: AllowList,
 }
 
 fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target, HookSpec), ConfigError> {
@@ -483,6 +576,12 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
     if import && t.kind.is_some() {
         return Err(invalid(format!("{key}.kind"), "only exports have a kind"));
     }
+    if !import && !t.operators.is_empty() {
+        return Err(invalid(
+            format!("{key}.operators"),
+            "only import targets have operators",
+        ));
+    }
     let hook = if import {
         hook_spec(&key, t.hook.as_deref(), t.exec)?
     } else if t.hook.is_some() || t.exec.is_some() {
@@ -502,6 +601,7 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             allow: AllowList(t.allow),
             tcp_lane: t.tcp_lane,
             kind: t.kind.unwrap_or_default(),
+            operators: AllowList(t.operators),
         },
         hook,
     ))

@@ -189,7 +189,9 @@ impl Holds {
     pub fn claim(&self, target: &str, claim: Claim) -> Result<(), Claim> {
         let mut claims = self.claims.lock().expect("claims");
         match claims.get(target) {
-            Some(c) if c.job != claim.job => Err(c.clone()),
+            // The same job from another sender is not the same claim: a job belongs
+            // to the identity that staged it.
+            Some(c) if c.job != claim.job || c.peer != claim.peer => Err(c.clone()),
             _ => {
                 claims.insert(target.to_string(), claim);
                 Ok(())

@@ -31,7 +31,7 @@ pub enum TransferError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("connection lost: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     #[error("connection lost after the job was accepted: {0}; sending the job again resumes it")]
     Lost(quinn::ConnectionError),
     #[error("stream: {0}")]
@@ -58,6 +58,24 @@ pub enum TransferError {
     Interrupted(u64),
 }
 
+/// A connection the peer closed with one of our refusal codes (an agent refusing an
+/// identity or a connection over a limit) is a refusal; any other end is a lost
+/// connection.
+impl From<quinn::ConnectionError> for TransferError {
+    fn from(c: quinn::ConnectionError) -> TransferError {
+        if let quinn::ConnectionError::ApplicationClosed(close) = &c {
+            let n = close.error_code.into_inner();
+            if n == code::NOT_ALLOWED as u64 || n == code::BUSY as u64 {
+                let reason = String::from_utf8_lossy(&close.reason).into_owned();
+                let r = Refusal::new(n as u16, reason);
+                let retry = if n == code::BUSY as u64 { RETRY_BUSY } else { 0 };
+                return TransferError::Rejected(r.retry_after(retry));
+            }
+        }
+        TransferError::Connection(c)
+    }
+}
+
 fn stream_err(e: impl std::fmt::Display) -> TransferError {
     TransferError::Stream(e.to_string())
 }
@@ -82,7 +100,7 @@ pub async fn read_msg(recv: &mut quinn::RecvStream) -> Result<Option<Message>, T
 
 fn read_error(e: quinn::ReadError) -> TransferError {
     match e {
-        quinn::ReadError::ConnectionLost(c) => TransferError::Connection(c),
+        quinn::ReadError::ConnectionLost(c) => c.into(),
         other => stream_err(other),
     }
 }
@@ -101,7 +119,7 @@ pub async fn write_msg(send: &mut quinn::SendStream, msg: &Message) -> Result<()
 /// A failed write: a lost connection is named as such (see [`after_accept`]).
 fn write_error(e: quinn::WriteError) -> TransferError {
     match e {
-        quinn::WriteError::ConnectionLost(c) => TransferError::Connection(c),
+        quinn::WriteError::ConnectionLost(c) => c.into(),
         other => stream_err(other),
     }
 }
@@ -503,6 +521,8 @@ pub struct Progress {
     pub error: Option<Refusal>,
     /// Block writes under way; an abort waits for them before removing the staging.
     pub writing: u32,
+    /// Every block is in: what is left (sealing, the hook) is the receiver's own work.
+    pub data_in: bool,
 }
 
 /// A job being received, shared by its control task and its data streams.
@@ -757,6 +777,10 @@ fn write_failure(path: PathBuf, source: std::io::Error) -> Refusal {
     }
 }
 
+/// How long a sender refused as busy should wait (a connection closed as busy says
+/// no more).
+pub const RETRY_BUSY: u32 = 10;
+
 /// How long a sender refused for space should wait before it tries again.
 pub const RETRY_SPACE: u32 = 60;
 
@@ -891,6 +915,9 @@ pub struct Receiver<'a> {
     pub tcp: Option<&'a crate::tcplane::TcpLanes>,
     /// The job's share of its file system's free space (an agent), if counted.
     pub space: Option<&'a crate::space::Reservation>,
+    /// Give the job up if no block arrives for this long before its commit (an
+    /// agent: a sender that stops sending must not hold a job slot for ever).
+    pub stall: Option<std::time::Duration>,
 }
 
 /// Receives an accepted job: registers it, sends `Accept`, takes data until `Commit`,
@@ -930,7 +957,11 @@ where
     if let Message::Accept { tcp, .. } = &mut accept {
         *tcp = grant;
     }
-    let result = drive_receive(send, recv, &inc, &mut watch, accept, paths, hook).await;
+    let stalled = stalled(watch.clone(), at.stall);
+    let result = tokio::select! {
+        r = drive_receive(send, recv, &inc, &mut watch, accept, paths, hook) => r,
+        r = stalled => Err(TransferError::Failed(r)),
+    };
     if let (Some(lanes), Some(g)) = (tcp, grant) {
         lanes.revoke(&g.token);
     }
@@ -952,6 +983,31 @@ where
         let _ = send.finish();
     }
     result
+}
+
+/// Resolves once no block has arrived for `limit` while the job still has blocks to
+/// come; never if there is no limit.
+async fn stalled(progress: watch::Receiver<Progress>, limit: Option<std::time::Duration>) -> Refusal {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let (mut last, mut since) = (progress.borrow().blocks, tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep((limit / 4).max(std::time::Duration::from_millis(50))).await;
+        let p = progress.borrow().clone();
+        if p.data_in {
+            return std::future::pending().await;
+        }
+        if p.blocks != last {
+            (last, since) = (p.blocks, tokio::time::Instant::now());
+        } else if since.elapsed() >= limit {
+            let secs = limit.as_secs();
+            return Refusal::new(
+                code::ABORTED,
+                format!("no data arrived for {secs}s: the job was given up; send it again to resume"),
+            );
+        }
+    }
 }
 
 async fn drive_receive<H, F>(
@@ -1002,6 +1058,10 @@ where
     if let Some(r) = p.error {
         return Err(TransferError::Failed(r));
     }
+    inc.progress.send_if_modified(|p| {
+        p.data_in = true;
+        false
+    });
     let job = inc
         .job
         .lock()

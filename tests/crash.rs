@@ -257,7 +257,7 @@ fn a_killed_senders_job_is_taken_over_by_its_next_push_and_refused_to_others() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(5), "{err}");
     assert!(
-        err.contains("being sent by ops") && err.contains("retry after"),
+        err.contains("being sent by another sender") && err.contains("retry after") && !err.contains("ops"),
         "{err}"
     );
 

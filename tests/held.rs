@@ -171,8 +171,10 @@ async fn two_clients_racing_for_one_target_get_one_hold() {
     };
     assert_eq!(refusal.code, code::HELD, "{}", refusal.reason);
     assert!(
-        refusal.reason.contains(&won.job.to_string()) && refusal.reason.contains(winner),
-        "the refusal names the holder: {}",
+        refusal.reason.contains("held by another sender's job")
+            && !refusal.reason.contains(&won.job.to_string())
+            && !refusal.reason.contains(winner),
+        "the refusal says the target is held, not by whom: {}",
         refusal.reason
     );
     // A plain push is kept out too, until the holder commits.
@@ -185,8 +187,15 @@ async fn two_clients_racing_for_one_target_get_one_hold() {
         matches!(&err, TransferError::Rejected(x) if x.code == code::HELD),
         "{err}"
     );
-    // Only the holder's peers may see it; the loser may also commit (same allow list).
-    loser.commit(&env.peer(), won.job).await.unwrap();
+    // The job is its sender's: to the loser it is as if there were none.
+    let err = loser.commit(&env.peer(), won.job).await.unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Rejected(x) if x.code == code::NOT_FOUND),
+        "{err}"
+    );
+    assert!(loser.jobs(&env.peer()).await.unwrap().is_empty(), "nor listed to it");
+    let holder = if winner == "client" { &ca } else { &cb };
+    holder.commit(&env.peer(), won.job).await.unwrap();
     loser
         .push(&env.peer(), "in", &[env.src().join("c")], &PushOptions::default())
         .await

@@ -39,12 +39,12 @@ impl JobCtx {
             return self.not_held(op, id);
         };
         let live = self.shared.live();
-        let target = match self.import_target(&live, &job.offer.target) {
-            Ok(t) => t,
-            Err(r) => {
-                holds.put_back(job);
-                return Err(r);
-            }
+        let target = live.config.import(&job.offer.target);
+        let Some(target) = target.filter(|t| self.may_operate(&job.peer, t)).cloned() else {
+            // Someone else's job, or a target closed to this peer since: answered as
+            // if there were none.
+            holds.put_back(job);
+            return Err(refuse(code::NOT_FOUND, format!("no held job {id}")));
         };
         if op == JobOp::Abort {
             drop_held(&self.shared, &job);
@@ -90,7 +90,7 @@ impl JobCtx {
         let live = self.shared.live();
         let done = self.shared.commits.done(id).filter(|d| {
             let target = live.config.import(&d.target);
-            target.is_some_and(|t| t.allow.allows(&self.peer))
+            target.is_some_and(|t| self.may_operate(&d.peer, t))
         });
         match (done, op) {
             (Some(d), JobOp::Commit) => Ok(Message::Committed {
@@ -104,13 +104,21 @@ impl JobCtx {
         }
     }
 
-    /// Receiving and held jobs on the import targets this peer may write to.
+    /// Whether this peer may see and operate on a job `owner` sent into `target`: its
+    /// own while it may still write there, or any there if it is one of the target's
+    /// operators.
+    fn may_operate(&self, owner: &str, target: &crate::config::Import) -> bool {
+        let own = owner == self.peer && target.allow.allows(&self.peer);
+        own || target.operators.allows(&self.peer)
+    }
+
+    /// This peer's receiving and held jobs, and others' on the targets it operates.
     fn jobs(&self) -> Vec<JobInfo> {
         let live = self.shared.live();
-        let may_write = |t: &str| live.config.import(t).is_some_and(|t| t.allow.allows(&self.peer));
+        let may_write = |t: &str, owner: &str| live.config.import(t).is_some_and(|t| self.may_operate(owner, t));
         let mut out = vec![];
         for (id, inc) in self.table.lock().expect("job table").iter() {
-            if !may_write(&inc.offer.target) {
+            if !may_write(&inc.offer.target, &inc.peer) {
                 continue;
             }
             let missing = inc.job.lock().expect("job").missing_bytes();
@@ -124,7 +132,7 @@ impl JobCtx {
             ));
         }
         for h in self.shared.holds.list() {
-            if may_write(&h.offer.target) {
+            if may_write(&h.offer.target, &h.peer) {
                 out.push(info(h.id, "held", &h.offer, &h.peer, 0, h.age()));
             }
         }

@@ -163,9 +163,17 @@ pub(super) fn hook_code(e: &crate::hook::HookError) -> u16 {
 
 /// The recorded outcome of `job` into `target`, if it committed and (for hooks that
 /// place files) the target still holds what it placed.
-pub(super) fn committed_before(ledger: &Ledger, job: JobId, target: &Import, paths: &[RelPath]) -> Option<Done> {
+/// Only its own sender is answered from the record: to another, the job is new.
+pub(super) fn committed_before(
+    ledger: &Ledger,
+    job: JobId,
+    peer: &str,
+    target: &Import,
+    paths: &[RelPath],
+) -> Option<Done> {
     let done = ledger.done(job)?;
-    (done.target == target.name && done.still_holds(&target.path, paths)).then_some(done)
+    let ours = done.target == target.name && done.peer == peer;
+    (ours && done.still_holds(&target.path, paths)).then_some(done)
 }
 
 /// What the sender of a job that committed before is told.

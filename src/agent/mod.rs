@@ -11,6 +11,7 @@
 //! and waits for running ones before the endpoint closes.
 
 mod control;
+mod gate;
 mod handover;
 
 use crate::commit::Ledger;
@@ -88,6 +89,10 @@ struct Shared {
     space: Arc<crate::space::Ledger>,
     /// Data streams open at once, shared by the connections that carry data.
     credit: Arc<crate::credit::Credit>,
+    /// Connections, requests, jobs and large reads of each peer identity.
+    peers: Arc<gate::Peers>,
+    /// Refused connections and requests are logged, but not every one of a flood.
+    refusal_log: gate::LogLimit,
 }
 
 impl Shared {
@@ -116,11 +121,18 @@ impl Shared {
         }
     }
 
-    /// Bytes that jobs being received and held jobs may stage, in full.
-    fn staging_committed(&self) -> u64 {
+    /// Bytes that jobs being received and held jobs may stage, in full: all of them,
+    /// or those of one peer.
+    fn staging_committed(&self, peer: Option<&str>) -> u64 {
+        let of = |p: &str| peer.is_none_or(|peer| peer == p);
         let table = self.table.lock().expect("job table");
-        let receiving: u64 = table.values().map(|inc| inc.offer.total_bytes()).sum();
-        receiving + self.holds.list().iter().map(|h| h.offer.total_bytes()).sum::<u64>()
+        let receiving: u64 = table
+            .values()
+            .filter(|inc| of(&inc.peer))
+            .map(|inc| inc.offer.total_bytes())
+            .sum();
+        let held = self.holds.list().into_iter().filter(|h| of(&h.peer));
+        receiving + held.map(|h| h.offer.total_bytes()).sum::<u64>()
     }
 }
 
@@ -197,6 +209,8 @@ impl Agent {
             commits,
             space: Arc::default(),
             credit: Arc::new(credit),
+            peers: Arc::default(),
+            refusal_log: gate::LogLimit::new(20, Duration::from_secs(10)),
         });
         let mut tasks = vec![];
         let mut metrics_addr = None;
@@ -398,13 +412,9 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
         conn.close(quinn::VarInt::from_u32(code::NOT_ALLOWED as u32), b"no identity");
         return;
     };
-    let max = shared.config().limits.max_connections;
-    if shared.metrics.connections() >= max as u64 {
-        warn!(%peer, remote = %conn.remote_address(), "connection refused: at the connection limit");
-        let why = format!("agent is at its limit of {max} connections; retry after {RETRY_BUSY}s");
-        conn.close(quinn::VarInt::from_u32(code::BUSY as u32), why.as_bytes());
+    let Some(_taken) = admit_conn(&conn, &peer, &shared) else {
         return;
-    }
+    };
     let span = info_span!("conn", %peer, remote = %conn.remote_address());
     shared.metrics.connection_opened();
     async {
@@ -413,14 +423,18 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
         shared.credit.add(&conn);
         let credit = Some(shared.credit.clone());
         let router = transfer::spawn_data_router(conn.clone(), table.clone(), peer.clone(), credit);
-        while let Ok((send, recv)) = conn.accept_bi().await {
+        let idle = shared.config().limits.idle_connection;
+        while let Some((send, recv)) = next_request(&conn, &peer, &shared, idle).await {
             let ctx = JobCtx {
                 conn: conn.clone(),
                 shared: shared.clone(),
                 peer: peer.clone(),
                 table: table.clone(),
             };
-            tokio::spawn(ctx.run(send, recv).instrument(tracing::Span::current()));
+            let Some(request) = admit_request(ctx, send, recv) else {
+                continue;
+            };
+            tokio::spawn(request.instrument(tracing::Span::current()));
         }
         router.abort();
         shared.credit.remove(conn.stable_id());
@@ -429,6 +443,95 @@ async fn serve_conn(conn: quinn::Connection, shared: Arc<Shared>) {
     .instrument(span)
     .await;
     shared.metrics.connection_closed();
+}
+
+/// Closes a connection with its reason, and logs it (not every one of a flood).
+fn close_refused(conn: &quinn::Connection, shared: &Shared, peer: &str, code: u16, why: &str) {
+    if let Some(held_back) = shared.refusal_log.allow() {
+        warn!(%peer, remote = %conn.remote_address(), held_back, "connection refused: {why}");
+    }
+    conn.close(quinn::VarInt::from_u32(code as u32), why.as_bytes());
+}
+
+/// Lets a connection in if its identity is on some allow list and under its own and
+/// the agent's connection limits.
+fn admit_conn(conn: &quinn::Connection, peer: &str, shared: &Arc<Shared>) -> Option<gate::Taken> {
+    let live = shared.live();
+    let limits = &live.config.limits;
+    if !live.config.knows(peer) {
+        let why = format!("{peer} is on no allow list of this agent");
+        close_refused(conn, shared, peer, code::NOT_ALLOWED, &why);
+        return None;
+    }
+    let max = limits.max_connections;
+    if shared.metrics.connections() >= max as u64 {
+        let why = format!("agent is at its limit of {max} connections");
+        close_refused(conn, shared, peer, code::BUSY, &why);
+        return None;
+    }
+    let per = limits.identity.connections;
+    match shared.peers.take(peer, gate::Kind::Connections, 1, per as u64) {
+        Ok(taken) => Some(taken),
+        Err(_) => {
+            let why = format!("{peer} has {per} connections open, its limit");
+            close_refused(conn, shared, peer, code::BUSY, &why);
+            None
+        }
+    }
+}
+
+/// The next request stream, or `None` once the connection is gone or has been idle
+/// (no request of its identity open) for `idle`, in which case it is closed.
+async fn next_request(
+    conn: &quinn::Connection,
+    peer: &str,
+    shared: &Shared,
+    idle: Duration,
+) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let wait = (since + idle).saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(wait, conn.accept_bi()).await {
+            Ok(stream) => return stream.ok(),
+            Err(_) if shared.peers.holds(peer, gate::Kind::Requests) > 0 => {
+                since = tokio::time::Instant::now();
+            }
+            Err(_) => {
+                info!(idle_secs = idle.as_secs(), "closing an idle connection");
+                conn.close(quinn::VarInt::from_u32(0), b"idle: no request open");
+                return None;
+            }
+        }
+    }
+}
+
+/// Serves a request if its identity is under its limit of requests at once; else
+/// refuses it without reading it.
+fn admit_request(
+    ctx: JobCtx,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let per = ctx.shared.config().limits.identity.streams;
+    match ctx.shared.peers.take(&ctx.peer, gate::Kind::Requests, 1, per as u64) {
+        Ok(taken) => Some(async move {
+            ctx.run(send, recv).await;
+            drop(taken);
+        }),
+        Err(_) => {
+            let why = format!("{} has {per} requests open, its limit", ctx.peer);
+            let r = refuse(code::BUSY, why).retry_after(RETRY_BUSY);
+            if let Some(held_back) = ctx.shared.refusal_log.allow() {
+                warn!(held_back, reason = %r, "request refused");
+            }
+            let _ = recv.stop(quinn::VarInt::from_u32(0));
+            tokio::spawn(async move {
+                let _ = transfer::write_msg(&mut send, &Message::Reject(r)).await;
+                let _ = send.finish();
+            });
+            None
+        }
+    }
 }
 
 struct JobCtx {
@@ -444,7 +547,8 @@ fn refuse(code: u16, reason: impl Into<String>) -> Refusal {
 
 impl JobCtx {
     async fn run(self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let result = match transfer::expect_msg(&mut recv).await {
+        let authorize = |target: &str, len: u64| self.may_send_large(target, len);
+        let result = match gate::read_request(&mut recv, authorize).await {
             Ok(Message::Offer(offer)) => self.push(offer, &mut send, &mut recv).await,
             Ok(Message::Fetch { export, files, range }) => self.pull(export, files, range, &mut send, &mut recv).await,
             Ok(m @ (Message::JobOp { .. } | Message::ListJobs | Message::List { .. })) => {
@@ -454,15 +558,31 @@ impl JobCtx {
                 code::BAD_MESSAGE,
                 format!("a stream starts with an offer, fetch, job operation or listing, not {other:?}"),
             )),
-            Err(e) => Err(refuse(code::BAD_MESSAGE, e.to_string())),
+            Err(r) => Err(r),
         };
         if let Err(r) = result {
-            warn!(code = r.code, reason = %r, "job refused");
+            if let Some(held_back) = self.shared.refusal_log.allow() {
+                warn!(code = r.code, reason = %r, held_back, "job refused");
+            }
             self.shared.metrics.job(Outcome::Refused);
             let _ = transfer::write_msg(&mut send, &Message::Reject(r)).await;
             let _ = send.finish();
             let _ = send.stopped().await;
         }
+    }
+
+    /// Whether this peer may have an offer of more than a few KiB read: only into a
+    /// target it may write to, and within its share of memory for such reads.
+    fn may_send_large(&self, target: &str, len: u64) -> Result<gate::Taken, Refusal> {
+        self.import_target(&self.shared.live(), target)?;
+        let budget = gate::LARGE_BUDGET;
+        self.shared
+            .peers
+            .take(&self.peer, gate::Kind::Reading, len, budget)
+            .map_err(|_| {
+                let why = format!("{} is sending other large offers; retry", self.peer);
+                refuse(code::BUSY, why).retry_after(RETRY_BUSY)
+            })
     }
 
     /// A push into one of our import targets. `Err` means refused before accepting.
@@ -481,8 +601,8 @@ impl JobCtx {
         let _guard = ActiveGuard::take_over(&self.shared, job.id, &self.peer)
             .instrument(span.clone())
             .await?;
-        let _slot = JobSlot::claim(&self.shared, live.config.max_jobs)?;
-        if let Some(done) = handover::committed_before(&self.shared.commits, job.id, &target, &job.paths) {
+        let _slot = JobSlot::claim(&self.shared, &live, &self.peer)?;
+        if let Some(done) = handover::committed_before(&self.shared.commits, job.id, &self.peer, &target, &job.paths) {
             span.in_scope(|| info!(report = %done.report, "committed before; sent again, confirmed without data"));
             // What a commit cut off after its outcome was recorded left in staging.
             Stage::at(
@@ -515,10 +635,11 @@ impl JobCtx {
     /// held.
     fn claim_target(&self, target: &str, id: JobId, hold: bool) -> Result<ClaimGuard<'_>, Refusal> {
         let held_by = |c: Claim| {
-            refuse(
-                code::HELD,
-                format!("import target {target:?} is held by job {} of {}", c.job, c.peer),
-            )
+            let by = match c.peer == self.peer {
+                true => format!("your job {}", c.job),
+                false => "another sender's job".to_string(),
+            };
+            refuse(code::HELD, format!("import target {target:?} is held by {by}"))
         };
         if !hold {
             return match self.shared.holds.holder(target) {
@@ -562,7 +683,7 @@ impl JobCtx {
         Ok(t.clone())
     }
 
-    /// Refuses a target that does not exist or whose allow list lacks the peer.
+    /// Refuses a target that does not exist or whose allow list lacks the peer, alike.
     fn checked<'t, T>(
         &self,
         target: Option<(&'t T, &AllowList)>,
@@ -570,14 +691,21 @@ impl JobCtx {
         verb: &str,
         name: &str,
     ) -> Result<&'t T, Refusal> {
-        let (t, allow) = target.ok_or_else(|| refuse(code::UNKNOWN_TARGET, format!("no {kind} named {name:?}")))?;
-        if !allow.allows(&self.peer) {
-            return Err(refuse(
+        // The same answer whether the target is missing or closed to this peer: an
+        // identity learns nothing of targets it may not use.
+        let no = || {
+            refuse(
                 code::NOT_ALLOWED,
-                format!("{} may not {verb} {kind} {name:?}", self.peer),
-            ));
+                format!(
+                    "{} may not {verb} {kind} {name:?} (there is none it may use by that name)",
+                    self.peer
+                ),
+            )
+        };
+        match target {
+            Some((t, allow)) if allow.allows(&self.peer) => Ok(t),
+            _ => Err(no()),
         }
-        Ok(t)
     }
 
     /// Checks, opens the staging folder, finds what an earlier attempt staged, and
@@ -594,9 +722,19 @@ impl JobCtx {
         hook.check(&target.path, &job.paths)
             .map_err(|e| refuse(handover::hook_code(&e), e.to_string()))?;
         if let Some(max) = limits.max_staged_bytes {
-            let staged = self.shared.staging_committed();
+            let staged = self.shared.staging_committed(None);
             if staged.saturating_add(job.offer.total_bytes()) > max {
                 let why = format!("staging is full: {staged} bytes staged or on their way, the limit is {max}");
+                return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
+            }
+        }
+        if let Some(max) = limits.identity.staged_bytes {
+            let staged = self.shared.staging_committed(Some(&self.peer));
+            if staged.saturating_add(job.offer.total_bytes()) > max {
+                let why = format!(
+                    "{} has {staged} bytes staged or on their way; its limit is {max}",
+                    self.peer
+                );
                 return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
             }
         }
@@ -662,6 +800,7 @@ impl JobCtx {
             meter: Some(&meter),
             tcp,
             space: Some(&space),
+            stall: Some(self.shared.config().limits.stall),
         };
         let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await;
         let placed = recording.lock().expect("recording").take();
@@ -696,9 +835,10 @@ impl JobCtx {
     ) -> Result<(), Refusal> {
         let live = self.shared.live();
         let ex = self.export_target(&live, &export)?;
-        let _slot = JobSlot::claim(&self.shared, live.config.max_jobs)?;
+        let _slot = JobSlot::claim(&self.shared, &live, &self.peer)?;
         let (list, offer) = self.export_offer(&ex, &files, range.as_ref()).await?;
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fault = transfer::Fault {
             pace: Some(crate::metrics::Meter {
                 metrics: self.shared.metrics.clone(),
@@ -706,9 +846,10 @@ impl JobCtx {
                 peer: self.peer.clone(),
                 progress: None,
             }),
+            progress: Some(sent.clone()),
             ..Default::default()
         };
-        let res = transfer::send_job(
+        let run = transfer::send_job(
             std::slice::from_ref(&self.conn),
             send,
             recv,
@@ -716,9 +857,16 @@ impl JobCtx {
             list,
             &self.shared.disk,
             &fault,
-        )
-        .instrument(span.clone())
-        .await;
+        );
+        // A client that never answers or stops reading must not keep the job slot.
+        let stall = live.config.limits.stall;
+        let res = tokio::select! {
+            r = run.instrument(span.clone()) => r,
+            _ = gate::quiet_for(sent, stall) => Err(TransferError::Failed(refuse(
+                code::ABORTED,
+                format!("the client took no data for {}s: the pull was given up", stall.as_secs()),
+            ))),
+        };
         let outcome = span.in_scope(|| match res {
             Ok(r) => {
                 info!(blocks = r.blocks_sent, bytes = r.bytes_sent, "pull served");
@@ -753,25 +901,32 @@ fn source_code(e: &crate::source::SourceError) -> u16 {
 }
 
 /// How long a refused sender should wait before trying again.
-const RETRY_BUSY: u32 = 10;
+const RETRY_BUSY: u32 = transfer::RETRY_BUSY;
 const RETRY_SPACE: u32 = transfer::RETRY_SPACE;
 const RETRY_DRAIN: u32 = 30;
 
-/// One of the agent's `max_jobs` job slots, given back on drop. None are given out
-/// while the agent drains for shutdown.
-struct JobSlot<'a>(&'a Shared);
+/// One of the agent's `max_jobs` job slots, and of its peer's share of them, given
+/// back on drop. None are given out while the agent drains for shutdown.
+struct JobSlot<'a>(&'a Shared, #[allow(dead_code)] gate::Taken);
 
 impl<'a> JobSlot<'a> {
-    fn claim(shared: &'a Shared, max_jobs: usize) -> Result<Self, Refusal> {
+    fn claim(shared: &'a Shared, live: &Live, peer: &str) -> Result<Self, Refusal> {
         if shared.draining.load(Ordering::SeqCst) {
             return Err(refuse(code::BUSY, "agent is shutting down").retry_after(RETRY_DRAIN));
         }
+        let max_jobs = live.config.max_jobs;
         if shared.running.fetch_add(1, Ordering::SeqCst) >= max_jobs {
             shared.running.fetch_sub(1, Ordering::SeqCst);
             let why = format!("agent is at its limit of {max_jobs} jobs");
             return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
         }
-        Ok(JobSlot(shared))
+        let per = live.config.limits.identity.jobs;
+        let mine = shared.peers.take(peer, gate::Kind::Jobs, 1, per as u64).map_err(|_| {
+            shared.running.fetch_sub(1, Ordering::SeqCst);
+            let why = format!("{peer} has {per} jobs running, its limit");
+            refuse(code::BUSY, why).retry_after(RETRY_BUSY)
+        })?;
+        Ok(JobSlot(shared, mine))
     }
 }
 
@@ -834,8 +989,8 @@ impl<'a> ActiveGuard<'a> {
         loop {
             match ActiveGuard::try_claim(shared, id, peer) {
                 Ok(g) => return Ok(g),
-                Err(Some(other)) => {
-                    let why = format!("job {id} is being sent by {other}");
+                Err(Some(_)) => {
+                    let why = format!("job {id} is being sent by another sender");
                     return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
                 }
                 Err(None) => {}

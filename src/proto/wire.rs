@@ -86,15 +86,25 @@ pub struct Offer {
 }
 
 impl Offer {
-    /// The job id both sides derive from the offer's target, names, sizes and roots.
+    /// The job id both sides derive from everything the import hook is given: the
+    /// target, names, sizes, roots, key spans and metadata. The same files sent with
+    /// other metadata are another job, so one can not stand in for the other.
     pub fn job_id(&self) -> JobId {
         let mut h = blake3::Hasher::new();
-        h.update(b"barge job v1\0");
+        h.update(b"barge job v2\0");
         put_str(&mut h, &self.target);
         for f in &self.files {
             put_str(&mut h, &f.path);
             h.update(&f.hashes.size.to_be_bytes());
             h.update(&f.hashes.root);
+            let mut span = vec![];
+            put_span(&mut span, &f.keys);
+            h.update(&span);
+        }
+        h.update(&(self.meta.len() as u64).to_be_bytes());
+        for (k, v) in &self.meta {
+            put_str(&mut h, k);
+            put_str(&mut h, v);
         }
         let mut id = [0u8; 16];
         id.copy_from_slice(&h.finalize().as_bytes()[..16]);
@@ -400,6 +410,24 @@ impl Message {
         }
         Ok(msg)
     }
+
+    /// The target an offer names, from the first bytes of its frame body (after the
+    /// length prefix): so a large offer can be authorized before it is read. `None`
+    /// if the body is not an offer; an error if the prefix is too short or malformed.
+    pub fn peek_offer_target(prefix: &[u8]) -> Result<Option<String>, WireError> {
+        let mut r = Reader(prefix);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(WireError::Version(version));
+        }
+        match r.u8()? {
+            T_OFFER => Ok(Some(r.string(MAX_NAME_LEN)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Bytes of a frame body that [`Message::peek_offer_target`] needs at most.
+    pub const PEEK_LEN: usize = 2 + 4 + MAX_NAME_LEN;
 
     /// Checks a frame's length prefix before its body is read.
     pub fn check_frame_len(len: u32) -> Result<usize, WireError> {
@@ -932,5 +960,27 @@ mod tests {
         b.files[0].hashes.root[0] = 8;
         assert_ne!(a.job_id(), b.job_id());
         assert_eq!(a.job_id(), small_offer().job_id());
+        let mut c = small_offer();
+        c.meta.push(("region".into(), "7".into()));
+        assert_ne!(a.job_id(), c.job_id(), "metadata is part of the job");
+        let mut d = small_offer();
+        d.hold = true;
+        d.tcp_lane = true;
+        assert_eq!(a.job_id(), d.job_id(), "how it is sent is not");
+    }
+
+    #[test]
+    fn an_offer_names_its_target_in_its_first_bytes() {
+        let frame = Message::Offer(small_offer()).encode();
+        let body = &frame[4..];
+        let prefix = &body[..body.len().min(Message::PEEK_LEN)];
+        assert_eq!(Message::peek_offer_target(prefix), Ok(Some("t".into())));
+        let list = Message::ListJobs.encode();
+        assert_eq!(Message::peek_offer_target(&list[4..]), Ok(None));
+        assert_eq!(Message::peek_offer_target(&body[..3]), Err(WireError::Truncated));
+        assert!(matches!(
+            Message::peek_offer_target(&[9, 1]),
+            Err(WireError::Version(9))
+        ));
     }
 }
