@@ -39,11 +39,13 @@ pub enum Command {
     Pull(PullArgs),
     /// List an export's files with sizes, blake3 hashes and (SST exports) key ranges.
     Ls(LsArgs),
-    /// List the jobs being received or held on the agent's import targets you may write to.
+    /// List your jobs being received or held on the agent (and everyone's on the import
+    /// targets that name you among their `operators`).
     Jobs(PeerArgs),
     /// Show the agent's jobs in flight with progress, rate and ETA.
     Status(PeerArgs),
-    /// Commit a held job (`push --hold`): run the target's import hook, make the files visible.
+    /// Commit a held job (`push --hold`): run the target's import hook, make the files
+    /// visible. Only the job's sender, or one of the target's `operators`, may.
     Commit(JobArgs),
     /// Abort a held job: delete everything it staged.
     Abort(JobArgs),

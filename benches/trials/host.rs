@@ -140,8 +140,13 @@ impl Host {
 
     /// Runs `barge ARGS --certs certs --identity ops` against this host.
     pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        self.run_as("ops", args)
+    }
+
+    /// Runs `barge ARGS --certs certs --identity WHO` against this host.
+    pub fn run_as(&self, who: &str, args: &[&str]) -> (i32, String, String) {
         let mut all = args.to_vec();
-        all.extend(["--certs", "certs", "--identity", "ops"]);
+        all.extend(["--certs", "certs", "--identity", who]);
         barge(&all, &self.dir)
     }
 }

@@ -10,6 +10,7 @@
 mod badinput;
 mod check;
 mod host;
+mod hostile;
 mod kills;
 mod limits;
 
@@ -140,6 +141,9 @@ fn main() {
     }
     if want("bad") {
         rows.push(badinput::matrix(&mut ctx));
+    }
+    if want("hostile") {
+        rows.extend(hostile::attacks(&mut ctx));
     }
     print_table(&rows, started.elapsed().as_secs_f64(), seed);
     let _ = std::fs::remove_dir_all(&work);
