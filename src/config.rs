@@ -25,6 +25,8 @@ pub const DEFAULT_RESERVE: u64 = crate::space::DEFAULT_RESERVE;
 pub const DEFAULT_MEMORY: u64 = 192 << 20;
 /// Jobs one agent runs at once.
 pub const DEFAULT_MAX_JOBS: usize = 64;
+/// How long an exec hook may run by default before its process group is killed.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,8 @@ struct RawLimits {
     identity_staged_mib: Option<u64>,
     stall_secs: Option<u64>,
     idle_connection_secs: Option<u64>,
+    tcp_lane_pending: Option<usize>,
+    tcp_lane_pending_per_ip: Option<usize>,
 }
 
 /// Admission control and rate limits; all but the connection limit apply on reload.
@@ -136,6 +140,10 @@ pub struct Limits {
     pub stall: Duration,
     /// A connection with no request open for this long is closed.
     pub idle_connection: Duration,
+    /// TCP lane connections waiting for their token at once, in total
+    /// (`tcp_lane_pending`, 64) and from one IP address (`tcp_lane_pending_per_ip`, 8);
+    /// more are closed at once.
+    pub tcp_lane_pending: crate::listen::PendingLimits,
 }
 
 /// Limits per peer identity. The defaults leave a quarter of each agent-wide limit to
@@ -177,6 +185,7 @@ impl Default for Limits {
             },
             stall: DEFAULT_STALL,
             idle_connection: DEFAULT_IDLE_CONNECTION,
+            tcp_lane_pending: crate::tcplane::DEFAULT_LIMITS,
         }
     }
 }
@@ -190,6 +199,9 @@ struct RawTarget {
     allow: Vec<String>,
     hook: Option<String>,
     exec: Option<Vec<String>>,
+    exec_env: Option<Vec<String>>,
+    exec_timeout_secs: Option<u64>,
+    exec_stderr_to_sender: Option<bool>,
     #[serde(default)]
     tcp_lane: bool,
     kind: Option<ExportKind>,
@@ -227,9 +239,25 @@ pub enum HookSpec {
     /// file): for mutable files such as 0-db index files.
     Replace,
     /// Run a command with the staged files (see `hook::ExecHook`).
-    Exec(Vec<String>),
+    Exec(ExecSpec),
     /// A Rust `ImportHook` registered by the program that embeds the agent.
     Custom,
+}
+
+/// An exec hook's command and how it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// `exec`: the command and its first arguments.
+    pub argv: Vec<String>,
+    /// `exec_env`: names of variables copied from the agent's environment (when set
+    /// there) into the hook's otherwise cleared one, besides `BARGE_*` and `PATH`.
+    pub env: Vec<String>,
+    /// `exec_timeout_secs` (600): a run that takes longer is killed (its whole process
+    /// group) and the job fails.
+    pub timeout: Duration,
+    /// `exec_stderr_to_sender` (false): whether a failing hook's stderr reaches the
+    /// sender; it always goes to the agent's log.
+    pub stderr_to_sender: bool,
 }
 
 /// A folder peers may read from.
@@ -457,6 +485,18 @@ fn limits(raw: &RawLimits, max_jobs: usize) -> Result<Limits, ConfigError> {
     if max_connections == 0 {
         return Err(invalid("limits.max_connections", "must be at least 1"));
     }
+    let tcp_lane_pending = crate::listen::PendingLimits {
+        total: raw.tcp_lane_pending.unwrap_or(crate::tcplane::DEFAULT_PENDING),
+        per_ip: raw
+            .tcp_lane_pending_per_ip
+            .unwrap_or(crate::tcplane::DEFAULT_PENDING_PER_IP),
+    };
+    if tcp_lane_pending.total == 0 {
+        return Err(invalid("limits.tcp_lane_pending", "must be at least 1"));
+    }
+    if tcp_lane_pending.per_ip == 0 {
+        return Err(invalid("limits.tcp_lane_pending_per_ip", "must be at least 1"));
+    }
     Ok(Limits {
         rates: crate::ratelimit::Rates {
             global: mbit("rate_mbit", raw.rate_mbit)?,
@@ -477,6 +517,7 @@ fn limits(raw: &RawLimits, max_jobs: usize) -> Result<Limits, ConfigError> {
             raw.idle_connection_secs,
             DEFAULT_IDLE_CONNECTION,
         )?,
+        tcp_lane_pending,
     })
 }
 
@@ -582,6 +623,11 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             "only import targets have operators",
         ));
     }
+    let exec_keys = [
+        ("exec_env", t.exec_env.is_some()),
+        ("exec_timeout_secs", t.exec_timeout_secs.is_some()),
+        ("exec_stderr_to_sender", t.exec_stderr_to_sender.is_some()),
+    ];
     let hook = if import {
         hook_spec(&key, t.hook.as_deref(), t.exec)?
     } else if t.hook.is_some() || t.exec.is_some() {
@@ -593,6 +639,21 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
         ));
     } else {
         HookSpec::Move
+    };
+    let hook = match hook {
+        HookSpec::Exec(spec) => HookSpec::Exec(exec_spec(
+            &key,
+            spec.argv,
+            t.exec_env,
+            t.exec_timeout_secs,
+            t.exec_stderr_to_sender,
+        )?),
+        other => {
+            if let Some((name, _)) = exec_keys.iter().find(|(_, set)| *set) {
+                return Err(invalid(format!("{key}.{name}"), "only used with hook = \"exec\""));
+            }
+            other
+        }
     };
     Ok((
         Target {
@@ -612,7 +673,12 @@ fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result
         ("move", None) => Ok(HookSpec::Move),
         ("replace", None) => Ok(HookSpec::Replace),
         ("custom", None) => Ok(HookSpec::Custom),
-        ("exec", Some(cmd)) if !cmd.is_empty() && !cmd[0].is_empty() => Ok(HookSpec::Exec(cmd)),
+        ("exec", Some(argv)) if !argv.is_empty() && !argv[0].is_empty() => Ok(HookSpec::Exec(ExecSpec {
+            argv,
+            env: vec![],
+            timeout: DEFAULT_EXEC_TIMEOUT,
+            stderr_to_sender: false,
+        })),
         ("exec", _) => Err(invalid(
             format!("{key}.exec"),
             "hook = \"exec\" needs exec = [\"/path/to/command\", ...]",
@@ -623,6 +689,45 @@ fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result
             format!("{other:?} is not one of move, replace, exec, custom"),
         )),
     }
+}
+
+/// The exec hook's settings beyond its command, checked.
+fn exec_spec(
+    key: &str,
+    argv: Vec<String>,
+    env: Option<Vec<String>>,
+    timeout_secs: Option<u64>,
+    stderr_to_sender: Option<bool>,
+) -> Result<ExecSpec, ConfigError> {
+    let env = env.unwrap_or_default();
+    for name in &env {
+        let ok = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(invalid(
+                format!("{key}.exec_env"),
+                format!("{name:?} is not a variable name (letters, digits, _)"),
+            ));
+        }
+        if name.starts_with("BARGE_") {
+            return Err(invalid(
+                format!("{key}.exec_env"),
+                format!("{name:?}: BARGE_* variables are set by the agent"),
+            ));
+        }
+    }
+    let timeout = match timeout_secs {
+        None => DEFAULT_EXEC_TIMEOUT,
+        Some(s @ 1..=604_800) => Duration::from_secs(s),
+        Some(_) => return Err(invalid(format!("{key}.exec_timeout_secs"), "must be 1 to 604800")),
+    };
+    Ok(ExecSpec {
+        argv,
+        env,
+        timeout,
+        stderr_to_sender: stderr_to_sender.unwrap_or(false),
+    })
 }
 
 fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
@@ -725,7 +830,12 @@ mod tests {
              [[export]]\nname = \"out\"\npath = \"out\"\nallow = [\"*\"]\n",
         )
         .unwrap();
-        assert_eq!(c.imports[0].hook, HookSpec::Exec(vec!["/bin/true".into()]));
+        let HookSpec::Exec(spec) = &c.imports[0].hook else {
+            panic!("{:?}", c.imports[0].hook)
+        };
+        assert_eq!(spec.argv, ["/bin/true"]);
+        assert_eq!(spec.timeout, DEFAULT_EXEC_TIMEOUT);
+        assert!(spec.env.is_empty() && !spec.stderr_to_sender);
         assert!(c.imports[0].allow.allows("b") && !c.imports[0].allow.allows("c"));
         assert!(c.exports[0].allow.allows("anyone"));
         assert_eq!(c.staging_ttl, DEFAULT_STAGING_TTL);
@@ -782,6 +892,46 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn exec_settings_and_lane_bounds_parse_and_are_checked() {
+        let dir = setup();
+        let exec =
+            "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\nhook = \"exec\"\nexec = [\"/bin/true\"]\n";
+        let c = parse(
+            &dir,
+            &format!(
+                "[limits]\ntcp_lane_pending = 10\ntcp_lane_pending_per_ip = 2\n{exec}\
+                 exec_env = [\"HOME\", \"ROCKSDB_OPTS\"]\nexec_timeout_secs = 30\nexec_stderr_to_sender = true\n"
+            ),
+        )
+        .unwrap();
+        let HookSpec::Exec(spec) = &c.imports[0].hook else {
+            panic!("{:?}", c.imports[0].hook)
+        };
+        assert_eq!(spec.env, ["HOME", "ROCKSDB_OPTS"]);
+        assert_eq!(spec.timeout, Duration::from_secs(30));
+        assert!(spec.stderr_to_sender);
+        assert_eq!(
+            c.limits.tcp_lane_pending,
+            crate::listen::PendingLimits { total: 10, per_ip: 2 }
+        );
+        let d = parse(&dir, exec).unwrap();
+        assert_eq!(d.limits.tcp_lane_pending, crate::tcplane::DEFAULT_LIMITS);
+        refused(&dir, &format!("{exec}exec_timeout_secs = 0\n"), "exec_timeout_secs");
+        refused(&dir, &format!("{exec}exec_env = [\"A=B\"]\n"), "exec_env");
+        refused(&dir, &format!("{exec}exec_env = [\"BARGE_JOB\"]\n"), "exec_env");
+        refused(
+            &dir,
+            "[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\"]\nexec_timeout_secs = 5\n",
+            "import[0] (x).exec_timeout_secs",
+        );
+        refused(
+            &dir,
+            "[limits]\ntcp_lane_pending_per_ip = 0\n",
+            "limits.tcp_lane_pending_per_ip",
+        );
     }
 
     #[test]

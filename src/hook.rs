@@ -13,8 +13,10 @@ use crate::proto::path::RelPath;
 use crate::stage::{Stage, StageError};
 use serde::Serialize;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// Why a hook failed; the text reaches the sender.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +27,11 @@ pub enum HookError {
     Commit(#[from] CommitError),
     #[error("hook command {program:?} could not start: {source}")]
     Spawn { program: String, source: std::io::Error },
-    #[error("hook command exited with {status}: {stderr}")]
-    Exit { status: String, stderr: String },
+    /// `report` is the command's stdout (its stderr with `exec_stderr_to_sender`).
+    #[error("hook command exited with {status}: {report}")]
+    Exit { status: String, report: String },
+    #[error("hook timed out after {secs} s")]
+    Timeout { secs: u64 },
     #[error("hook: {0}")]
     Other(String),
 }
@@ -158,60 +163,173 @@ impl ImportHook for ReplaceHook {
     }
 }
 
-/// Runs `argv` followed by the staged file paths, with the job as JSON on stdin and
-/// `BARGE_JOB`, `BARGE_TARGET`, `BARGE_TARGET_DIR`, `BARGE_STAGED_DIR` set, in the target
-/// folder. Exit status 0 commits; otherwise the job fails with the command's stderr.
+/// Runs `argv` followed by the staged file paths, with the job as JSON on stdin, in the
+/// target folder, in an environment of its own: `BARGE_JOB`, `BARGE_TARGET`,
+/// `BARGE_TARGET_DIR`, `BARGE_STAGED_DIR`, `PATH` ([`DEFAULT_PATH`]) and the variables
+/// named in `env` that the agent has; nothing else of the agent's is passed on.
+///
+/// Exit status 0 commits, with the command's stdout as the report. Otherwise the job
+/// fails with the exit status and stdout (stderr instead with `stderr_to_sender`). A run
+/// longer than `timeout` is killed with its whole process group and the job fails. The
+/// command's stderr always goes to the agent's log.
 #[derive(Debug, Clone)]
 pub struct ExecHook {
     pub argv: Vec<String>,
+    /// Names of variables copied from the agent's environment when set there.
+    pub env: Vec<String>,
+    pub timeout: Duration,
+    pub stderr_to_sender: bool,
 }
+
+/// `PATH` an exec hook runs with, unless `PATH` is in its `env` allow list.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Most bytes of a hook's stdout or stderr kept for the report.
 const OUTPUT_TAIL: usize = 4096;
 
-impl ImportHook for ExecHook {
-    fn import(&self, job: &ImportJob) -> Result<String, HookError> {
-        let program = self.argv[0].clone();
-        let mut child = Command::new(&program)
-            .args(&self.argv[1..])
+/// After a timeout's kill, how long to wait for the output the command left.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+impl ExecHook {
+    /// `argv` with the default settings: no variables passed on, 600 s, stderr kept
+    /// from the sender.
+    pub fn new(argv: Vec<String>) -> ExecHook {
+        ExecHook {
+            argv,
+            env: vec![],
+            timeout: crate::config::DEFAULT_EXEC_TIMEOUT,
+            stderr_to_sender: false,
+        }
+    }
+
+    fn command(&self, job: &ImportJob) -> Command {
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
             .args(job.files.iter().map(|f| &f.path))
             .current_dir(&job.target_dir)
-            .env("BARGE_JOB", &job.job)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH);
+        for name in &self.env {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+        cmd.env("BARGE_JOB", &job.job)
             .env("BARGE_TARGET", &job.target)
             .env("BARGE_TARGET_DIR", &job.target_dir)
             .env("BARGE_STAGED_DIR", &job.staged_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so a timeout kills what it started as well.
+            .process_group(0);
+        cmd
+    }
+}
+
+/// What the threads around a running hook report.
+enum Event {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(std::io::Result<ExitStatus>),
+}
+
+/// A hook command's outcome as far as it got.
+#[derive(Default)]
+struct Run {
+    out: Option<Vec<u8>>,
+    err: Option<Vec<u8>>,
+    status: Option<std::io::Result<ExitStatus>>,
+}
+
+impl Run {
+    fn done(&self) -> bool {
+        self.out.is_some() && self.err.is_some() && self.status.is_some()
+    }
+
+    /// Takes events until the command exited and closed its output, or `until`.
+    fn collect(&mut self, events: &std::sync::mpsc::Receiver<Event>, until: Instant) {
+        while !self.done() {
+            let left = until.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(Event::Stdout(b)) => self.out = Some(b),
+                Ok(Event::Stderr(b)) => self.err = Some(b),
+                Ok(Event::Exit(s)) => self.status = Some(s),
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+impl ImportHook for ExecHook {
+    fn import(&self, job: &ImportJob) -> Result<String, HookError> {
+        let program = self.argv[0].clone();
+        let mut child = self
+            .command(job)
             .spawn()
             .map_err(|source| HookError::Spawn { program, source })?;
+        let started = Instant::now();
+        let pid = child.id() as libc::pid_t;
         let json = serde_json::to_vec(job).map_err(|e| HookError::Other(e.to_string()))?;
         let mut stdin = child.stdin.take().expect("piped stdin");
         // A command that does not read stdin closes it early; that is not an error.
-        let writer = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             let _ = stdin.write_all(&json);
         });
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let err_reader = child.stderr.take().map(|mut e| {
+        let (tx, events) = std::sync::mpsc::channel();
+        let pipe = |mut r: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Event| {
+            let tx = tx.clone();
             std::thread::spawn(move || {
-                let mut s = Vec::new();
-                let _ = e.read_to_end(&mut s);
-                s
-            })
+                let mut b = Vec::new();
+                let _ = r.read_to_end(&mut b);
+                let _ = tx.send(wrap(b));
+            });
+        };
+        pipe(Box::new(child.stdout.take().expect("piped stdout")), Event::Stdout);
+        pipe(Box::new(child.stderr.take().expect("piped stderr")), Event::Stderr);
+        std::thread::spawn(move || {
+            let _ = tx.send(Event::Exit(child.wait()));
         });
-        let mut out = Vec::new();
-        let _ = stdout.read_to_end(&mut out);
-        let status = child.wait().map_err(|e| HookError::Other(e.to_string()))?;
-        let _ = writer.join();
-        let err = err_reader.and_then(|h| h.join().ok()).unwrap_or_default();
-        if status.success() {
-            Ok(tail(&out))
-        } else {
-            Err(HookError::Exit {
-                status: status.to_string(),
-                stderr: tail(&err),
-            })
+        let mut run = Run::default();
+        run.collect(&events, started + self.timeout);
+        let timed_out = !run.done();
+        if timed_out {
+            // The whole group: a shell's children too. The waiter thread reaps it.
+            // SAFETY: plain syscall; `pid` leads the group the command was started in.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            run.collect(&events, Instant::now() + KILL_GRACE);
         }
+        let out = run.out.unwrap_or_default();
+        let err = run.err.unwrap_or_default();
+        if !err.is_empty() {
+            tracing::info!(
+                job = %job.job,
+                target = %job.target,
+                stderr = %tail(&err),
+                "exec hook wrote to stderr"
+            );
+        }
+        if timed_out {
+            return Err(HookError::Timeout {
+                secs: self.timeout.as_secs(),
+            });
+        }
+        let status = match run.status.expect("done") {
+            Ok(s) => s,
+            Err(e) => return Err(HookError::Other(e.to_string())),
+        };
+        if status.success() {
+            return Ok(tail(&out));
+        }
+        let report = match (self.stderr_to_sender, tail(&err), tail(&out)) {
+            (true, e, _) if !e.is_empty() => e,
+            (_, _, o) if !o.is_empty() => o,
+            _ => "no report on stdout (its stderr is in the receiving agent's log)".to_string(),
+        };
+        Err(HookError::Exit {
+            status: status.to_string(),
+            report,
+        })
     }
 }
 
@@ -247,14 +365,15 @@ mod tests {
         }
     }
 
+    fn sh(script: &str) -> ExecHook {
+        ExecHook::new(vec!["sh".into(), "-c".into(), script.into(), "sh".into()])
+    }
+
     #[test]
     fn exec_hook_gets_paths_as_arguments_and_json_on_stdin() {
         let t = tempfile::tempdir().unwrap();
         let j = job(t.path());
-        let hook = ExecHook {
-            argv: vec!["sh".into(), "-c".into(), "echo \"$1\"; cat".into(), "sh".into()],
-        };
-        let report = hook.import(&j).unwrap();
+        let report = sh("echo \"$1\"; cat").import(&j).unwrap();
         assert!(
             report.starts_with(&t.path().join("a").display().to_string()),
             "{report}"
@@ -265,16 +384,56 @@ mod tests {
     }
 
     #[test]
-    fn exec_hook_failure_carries_stderr() {
+    fn exec_hook_failure_keeps_stderr_from_the_sender_unless_asked() {
         let t = tempfile::tempdir().unwrap();
-        let hook = ExecHook {
-            argv: vec!["sh".into(), "-c".into(), "echo ingest refused >&2; exit 3".into()],
-        };
+        let hook = sh("echo ingest refused >&2; echo partial; exit 3");
         let err = hook.import(&job(t.path())).unwrap_err().to_string();
-        assert!(err.contains("ingest refused") && err.contains('3'), "{err}");
-        let missing = ExecHook {
-            argv: vec!["/nonexistent/hook".into()],
+        assert!(
+            !err.contains("ingest refused") && err.contains("partial") && err.contains('3'),
+            "{err}"
+        );
+        let told = ExecHook {
+            stderr_to_sender: true,
+            ..hook
         };
+        let err = told.import(&job(t.path())).unwrap_err().to_string();
+        assert!(err.contains("ingest refused") && err.contains('3'), "{err}");
+        let missing = ExecHook::new(vec!["/nonexistent/hook".into()]);
         assert!(matches!(missing.import(&job(t.path())), Err(HookError::Spawn { .. })));
+    }
+
+    #[test]
+    fn exec_hook_runs_with_a_cleared_environment() {
+        let t = tempfile::tempdir().unwrap();
+        // Both are in the test process's environment; only the allowed one goes on.
+        let report = ExecHook {
+            env: vec!["CARGO_MANIFEST_DIR".into(), "NOT_SET_ANYWHERE_X".into()],
+            ..sh("env | sort")
+        }
+        .import(&job(t.path()))
+        .unwrap();
+        let mut names: Vec<&str> = report.lines().filter_map(|l| l.split('=').next()).collect();
+        names.retain(|n| !["PWD", "OLDPWD", "SHLVL", "_"].contains(n)); // the shell's own
+        let mut want = vec!["BARGE_JOB", "BARGE_STAGED_DIR", "BARGE_TARGET", "BARGE_TARGET_DIR"];
+        if std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+            want.push("CARGO_MANIFEST_DIR"); // set by cargo for tests
+        }
+        want.push("PATH");
+        assert_eq!(names, want, "{report}");
+        assert!(report.contains(&format!("PATH={DEFAULT_PATH}\n")), "{report}");
+    }
+
+    #[test]
+    fn exec_hook_past_its_time_is_killed_with_its_children() {
+        let t = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let hook = ExecHook {
+            timeout: Duration::from_millis(300),
+            ..sh("sleep 30 & sleep 30; echo done")
+        };
+        let err = hook.import(&job(t.path())).unwrap_err();
+        assert!(matches!(err, HookError::Timeout { .. }), "{err}");
+        // Both sleeps held stdout: returning at all means the group was killed.
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     }
 }

@@ -35,6 +35,8 @@
 //! - [`held`]: bulk loads: held jobs, the targets they claim, their journal.
 //! - [`transfer`]: sender and receiver of one job over a QUIC connection.
 //! - [`tcplane`]: the opt-in, unencrypted TCP data lane (`sendfile`), still verified.
+//! - [`listen`]: listeners anyone can reach: accept errors backed off, connections
+//!   waiting to authenticate bounded in total and per address.
 //! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports.
 //! - [`client`]: push, pull, list, commit and abort from a program or the CLI.
 //! - [`zdb`]: 0-db's hook program (offload sealed data files, fetch them back) and
@@ -103,6 +105,7 @@ pub mod failpoint;
 pub mod hashcache;
 pub mod held;
 pub mod hook;
+pub mod listen;
 pub mod metrics;
 pub mod proto;
 pub mod quic;

@@ -281,30 +281,58 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Scrapes served at once; more connections are closed at once.
+const MAX_SCRAPES: usize = 16;
+/// How long one request may take, read and answer together.
+const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most bytes of a request read (the request line is all that matters).
+const REQUEST_LIMIT: usize = 1024;
+
 /// Serves `GET /metrics` on `listener` with what `render` returns, until dropped.
+/// Accept errors are backed off, not fatal; each request gets [`REQUEST_LIMIT`] bytes
+/// and [`REQUEST_DEADLINE`], and at most [`MAX_SCRAPES`] are served at once.
 pub async fn serve(listener: tokio::net::TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
     let render = std::sync::Arc::new(render);
-    while let Ok((mut sock, _)) = listener.accept().await {
+    let pending = crate::listen::Pending::new(crate::listen::PendingLimits {
+        total: MAX_SCRAPES,
+        per_ip: MAX_SCRAPES,
+    });
+    let mut backoff = crate::listen::Backoff::new("metrics");
+    loop {
+        let (sock, peer) = crate::listen::accept(&listener, &mut backoff).await;
+        let Some(slot) = pending.enter(peer.ip(), false) else {
+            continue;
+        };
         let render = render.clone();
         tokio::spawn(async move {
-            let mut req = [0u8; 1024];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let line = String::from_utf8_lossy(&req[..n]);
-            let (status, body) = match line.starts_with("GET /metrics ") {
-                true => ("200 OK", render()),
-                false => ("404 Not Found", "try GET /metrics\n".to_string()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = tokio::time::timeout(REQUEST_DEADLINE, answer(sock, &*render)).await;
+            drop(slot);
         });
     }
+}
+
+/// Reads the request line (up to [`REQUEST_LIMIT`] bytes) and answers it.
+async fn answer(mut sock: tokio::net::TcpStream, render: &(dyn Fn() -> String + Send + Sync)) {
+    let mut req = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !req.contains(&b'\n') && req.len() < REQUEST_LIMIT {
+        let want = chunk.len().min(REQUEST_LIMIT - req.len());
+        match sock.read(&mut chunk[..want]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => req.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&req);
+    let (status, body) = match line.starts_with("GET /metrics ") {
+        true => ("200 OK", render()),
+        false => ("404 Not Found", "try GET /metrics\n".to_string()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = sock.write_all(head.as_bytes()).await;
+    let _ = sock.write_all(body.as_bytes()).await;
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! stays on the authenticated QUIC stream, and every block is still verified against
 //! the offer before it is written. The data itself is NOT encrypted on this lane.
 
+use crate::listen::{Pending, PendingLimits};
 use crate::proto::job::BlockRef;
 use crate::proto::wire::{BlockHeader, TcpGrant};
 use crate::transfer::{expected_len, stream_done, take_block, Fault, Incoming, TransferError, Writes};
@@ -24,71 +25,163 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 /// How long a new TCP connection has to present its token.
-const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Tokens = Arc<Mutex<HashMap<[u8; 32], Arc<Incoming>>>>;
+/// Lane connections waiting for their token, all sources together, by default.
+pub const DEFAULT_PENDING: usize = 64;
+/// Lane connections waiting for their token from one IP address, by default (a job
+/// opens at most `MAX_STREAMS`, 8, at once).
+pub const DEFAULT_PENDING_PER_IP: usize = 8;
+
+/// The default bounds on connections waiting for their token.
+pub const DEFAULT_LIMITS: PendingLimits = PendingLimits {
+    total: DEFAULT_PENDING,
+    per_ip: DEFAULT_PENDING_PER_IP,
+};
+
+/// A job's open lane: where its blocks go, who may bring them, and a channel whose
+/// sender is dropped when the token is revoked (the job's lane connections then close).
+struct Lane {
+    inc: Arc<Incoming>,
+    peer: IpAddr,
+    revoked: tokio::sync::watch::Sender<()>,
+}
+
+type Tokens = Arc<Mutex<HashMap<[u8; 32], Lane>>>;
 
 /// The receiving side: one listener for all jobs, tokens mapping to jobs.
 #[derive(Clone)]
 pub struct TcpLanes {
     port: u16,
     tokens: Tokens,
+    pending: Pending,
+}
+
+/// Why a lane connection was refused or ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    NoToken,
+    UnknownToken,
+    WrongPeer,
 }
 
 impl TcpLanes {
-    /// Listens on `addr` (port 0 picks one) and accepts lane connections.
-    pub async fn start(addr: SocketAddr) -> std::io::Result<TcpLanes> {
+    /// Listens on `addr` (port 0 picks one) and accepts lane connections, at most
+    /// `limits` of them waiting for their token at once.
+    pub async fn start(addr: SocketAddr, limits: PendingLimits) -> std::io::Result<TcpLanes> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let port = listener.local_addr()?.port();
-        let tokens = Tokens::default();
-        tokio::spawn(accept_loop(listener, tokens.clone()));
-        Ok(TcpLanes { port, tokens })
+        let lanes = TcpLanes {
+            port,
+            tokens: Tokens::default(),
+            pending: Pending::new(limits),
+        };
+        tokio::spawn(accept_loop(listener, lanes.clone()));
+        Ok(lanes)
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Opens the lane for a job; the grant goes to the sender in `Accept`.
-    pub fn grant(&self, inc: Arc<Incoming>) -> TcpGrant {
+    /// New bounds on connections waiting for their token (a reload).
+    pub fn set_limits(&self, limits: PendingLimits) {
+        self.pending.set_limits(limits);
+    }
+
+    /// Opens the lane for a job whose QUIC connection comes from `peer`: only lane
+    /// connections from that IP address may present the token. The grant goes to the
+    /// sender in `Accept`.
+    pub fn grant(&self, inc: Arc<Incoming>, peer: IpAddr) -> TcpGrant {
         let token: [u8; 32] = rand::random();
-        self.tokens.lock().expect("tcp tokens").insert(token, inc);
+        let lane = Lane {
+            inc,
+            peer: peer.to_canonical(),
+            revoked: tokio::sync::watch::channel(()).0,
+        };
+        self.tokens.lock().expect("tcp tokens").insert(token, lane);
         TcpGrant { port: self.port, token }
     }
 
-    /// Closes the lane of a job: its token is refused from now on.
+    /// Closes the lane of a job: its token is refused from now on, and its lane
+    /// connections still open are closed.
     pub fn revoke(&self, token: &[u8; 32]) {
-        self.tokens.lock().expect("tcp tokens").remove(token);
+        // Dropping the lane drops its `revoked` sender, which ends each connection's wait.
+        let lane = self.tokens.lock().expect("tcp tokens").remove(token);
+        drop(lane);
+    }
+
+    /// Whether a job's lane is open for connections from `ip`.
+    fn expects(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.tokens.lock().expect("tcp tokens").values().any(|l| l.peer == ip)
+    }
+
+    /// The job `token` opens, if the connection comes from the job's peer.
+    fn admit(
+        &self,
+        token: &[u8; 32],
+        from: IpAddr,
+    ) -> Result<(Arc<Incoming>, tokio::sync::watch::Receiver<()>), Refused> {
+        let tokens = self.tokens.lock().expect("tcp tokens");
+        let lane = tokens.get(token).ok_or(Refused::UnknownToken)?;
+        if lane.peer != from.to_canonical() {
+            return Err(Refused::WrongPeer);
+        }
+        Ok((lane.inc.clone(), lane.revoked.subscribe()))
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, tokens: Tokens) {
+async fn accept_loop(listener: tokio::net::TcpListener, lanes: TcpLanes) {
+    let mut backoff = crate::listen::Backoff::new("tcp lane");
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
+        let (stream, peer) = crate::listen::accept(&listener, &mut backoff).await;
+        // Over the bound, closed at once without reading anything. An address with a
+        // job's lane open is held to its own bound only: a flood from elsewhere can not
+        // lock the job's sender out.
+        let Some(slot) = lanes.pending.enter(peer.ip(), lanes.expects(peer.ip())) else {
+            tracing::debug!(%peer, "tcp lane: too many connections waiting for their token; closed");
+            drop(stream);
             continue;
         };
-        let tokens = tokens.clone();
+        let lanes = lanes.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve(stream, &tokens).await {
+            if let Err(e) = serve(stream, peer.ip(), slot, &lanes).await {
                 tracing::debug!(%peer, error = %e, "tcp lane ended with an error");
             }
         });
     }
 }
 
-async fn serve(mut stream: tokio::net::TcpStream, tokens: &Tokens) -> Result<(), TransferError> {
+async fn serve(
+    mut stream: tokio::net::TcpStream,
+    from: IpAddr,
+    slot: crate::listen::Slot,
+    lanes: &TcpLanes,
+) -> Result<(), TransferError> {
     let _ = stream.set_nodelay(true);
     let mut token = [0u8; 32];
-    tokio::time::timeout(TOKEN_TIMEOUT, stream.read_exact(&mut token))
-        .await
-        .map_err(|_| TransferError::Protocol("tcp lane: no token in time".into()))?
-        .map_err(|e| TransferError::Stream(e.to_string()))?;
-    let inc = tokens.lock().expect("tcp tokens").get(&token).cloned();
-    let Some(inc) = inc else {
-        return Err(TransferError::Protocol("tcp lane: unknown token".into()));
+    let read = tokio::time::timeout(TOKEN_TIMEOUT, stream.read_exact(&mut token)).await;
+    drop(slot);
+    let refused = |r: Refused| {
+        TransferError::Protocol(
+            match r {
+                Refused::NoToken => "tcp lane: no token in time",
+                Refused::UnknownToken => "tcp lane: unknown token",
+                Refused::WrongPeer => "tcp lane: token presented from another address than the job's",
+            }
+            .into(),
+        )
     };
+    read.map_err(|_| refused(Refused::NoToken))?
+        .map_err(|e| TransferError::Stream(e.to_string()))?;
+    let (inc, mut revoked) = lanes.admit(&token, from).map_err(refused)?;
     let writes = Writes::new();
-    let mut result = receive(&mut stream, &inc, &writes).await;
+    let mut result = tokio::select! {
+        r = receive(&mut stream, &inc, &writes) => r,
+        // The job ended (its writes are its own business now: they are counted).
+        _ = revoked.changed() => return Err(TransferError::Protocol("tcp lane: the job's token was revoked".into())),
+    };
     if result.is_ok() {
         result = writes.drain().await;
     }

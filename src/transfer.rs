@@ -911,8 +911,9 @@ pub struct Receiver<'a> {
     pub table: &'a JobTable,
     /// Metrics and rate limits (the agent), or none (a pulling client).
     pub meter: Option<&'a crate::metrics::Meter>,
-    /// The TCP lane, if the job's target allows it.
-    pub tcp: Option<&'a crate::tcplane::TcpLanes>,
+    /// The TCP lane, if the job's target allows it, and the IP address of the QUIC
+    /// connection the job came on: only lane connections from there are taken.
+    pub tcp: Option<(&'a crate::tcplane::TcpLanes, std::net::IpAddr)>,
     /// The job's share of its file system's free space (an agent), if counted.
     pub space: Option<&'a crate::space::Reservation>,
     /// Give the job up if no block arrives for this long before its commit (an
@@ -953,7 +954,9 @@ where
     });
     let (table, tcp) = (at.table, at.tcp);
     table.lock().expect("job table").insert(id, inc.clone());
-    let grant = tcp.filter(|_| want_tcp).map(|lanes| lanes.grant(inc.clone()));
+    let grant = tcp
+        .filter(|_| want_tcp)
+        .map(|(lanes, peer_ip)| lanes.grant(inc.clone(), peer_ip));
     if let Message::Accept { tcp, .. } = &mut accept {
         *tcp = grant;
     }
@@ -962,7 +965,7 @@ where
         r = drive_receive(send, recv, &inc, &mut watch, accept, paths, hook) => r,
         r = stalled => Err(TransferError::Failed(r)),
     };
-    if let (Some(lanes), Some(g)) = (tcp, grant) {
+    if let (Some((lanes, _)), Some(g)) = (tcp, grant) {
         lanes.revoke(&g.token);
     }
     if let Err(e) = &result {

@@ -206,7 +206,7 @@ async fn two_clients_racing_for_one_target_get_one_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_hook_fails_leaves_the_job_held() {
     let targets = "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\"]\nhook = \"exec\"\n\
-exec = [\"sh\", \"-c\", \"test -e \\\"$BARGE_TARGET_DIR/../engine-ready\\\" || { echo engine not ready >&2; exit 1; }; echo ingested $#\", \"hook\"]\n";
+exec = [\"sh\", \"-c\", \"test -e \\\"$BARGE_TARGET_DIR/../engine-ready\\\" || { echo engine not ready; exit 1; }; echo ingested $#\", \"hook\"]\n";
     let env = env_with(targets, "data_dir = \".\"", Hooks::new()).await;
     write(&env.src().join("a.sst"), &content(8, 5000));
     let client = env.client("client");

@@ -1,5 +1,7 @@
-//! Import hooks through a real agent: exec gets exactly the job's files, a failing
-//! hook fails the job with its stderr, and a Rust `ImportHook` sees the whole job.
+//! Import hooks through a real agent: exec gets exactly the job's files in an
+//! environment of its own, a failing hook fails the job with its report (its stderr
+//! only if the target says so), a hook past its time is killed, and a Rust
+//! `ImportHook` sees the whole job.
 
 mod common;
 
@@ -59,9 +61,44 @@ async fn exec_hook_receives_exactly_the_jobs_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_exec_hook_fails_the_job_and_the_sender_sees_why() {
-    let env = env_with(&exec_targets("echo 'ldb: corrupt SST' >&2; exit 4"), "", Hooks::new()).await;
+async fn a_failing_exec_hook_fails_the_job_and_the_sender_sees_its_report_not_its_stderr() {
+    let script = "echo 'ldb: corrupt SST at /srv/secret/path' >&2; echo 'region 7 refused'; exit 4";
+    for (extra, stderr_sent) in [("", false), ("exec_stderr_to_sender = true\n", true)] {
+        let env = env_with(&format!("{}{extra}", exec_targets(script)), "", Hooks::new()).await;
+        write(&env.src().join("x.sst"), b"sst");
+        let err = env
+            .client("client")
+            .push(&env.peer(), "in", &[env.src().join("x.sst")], &PushOptions::default())
+            .await
+            .unwrap_err();
+        let TransferError::Failed(r) = err else { panic!("{err}") };
+        assert_eq!(r.code, code::HOOK_FAILED);
+        assert!(r.reason.contains("exit status: 4"), "{}", r.reason);
+        assert_eq!(
+            r.reason.contains("ldb: corrupt SST"),
+            stderr_sent,
+            "{extra}: {}",
+            r.reason
+        );
+        assert_eq!(
+            r.reason.contains("region 7 refused"),
+            !stderr_sent,
+            "{extra}: {}",
+            r.reason
+        );
+        assert!(list(&env.inbox()).is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_hook_past_its_time_limit_is_killed_and_the_job_fails() {
+    let targets = format!(
+        "{}exec_timeout_secs = 1\n",
+        exec_targets("sleep 30 & sleep 30; echo late")
+    );
+    let env = env_with(&targets, "", Hooks::new()).await;
     write(&env.src().join("x.sst"), b"sst");
+    let started = std::time::Instant::now();
     let err = env
         .client("client")
         .push(&env.peer(), "in", &[env.src().join("x.sst")], &PushOptions::default())
@@ -69,12 +106,58 @@ async fn a_failing_exec_hook_fails_the_job_and_the_sender_sees_why() {
         .unwrap_err();
     let TransferError::Failed(r) = err else { panic!("{err}") };
     assert_eq!(r.code, code::HOOK_FAILED);
+    assert!(r.reason.contains("hook timed out after 1 s"), "{}", r.reason);
     assert!(
-        r.reason.contains("ldb: corrupt SST") && r.reason.contains("exit status: 4"),
-        "{}",
-        r.reason
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
     );
     assert!(list(&env.inbox()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_hook_sees_only_its_own_variables_and_the_allowed_ones() {
+    use common::proc::{make_certs, AgentProc};
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    make_certs(p, &["store-b", "ops"]);
+    std::fs::create_dir(p.join("in")).unwrap();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\n\
+         [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n\
+         [[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"ops\"]\nhook = \"exec\"\n\
+         exec = [\"sh\", \"-c\", {:?}]\nexec_env = [\"HOOKTEST_ALLOWED\", \"HOOKTEST_UNSET\"]\n",
+        "env > \"$BARGE_TARGET_DIR/../hook-env\"; echo ok"
+    );
+    std::fs::write(p.join("b.toml"), text).unwrap();
+    // The agent's own environment has a secret, an allowed name and RUST_LOG.
+    let envs = [("HOOKTEST_SECRET", "leaked"), ("HOOKTEST_ALLOWED", "passed on")];
+    let agent = AgentProc::start(&["--config", "b.toml"], p, &envs);
+    write(&p.join("src/x"), b"x");
+    let client = barge::client::Client::new(&barge::tls::TlsFiles::in_dir(&p.join("certs"), "ops")).unwrap();
+    let peer = format!("store-b@{}", agent.addr).parse().unwrap();
+    let r = client
+        .push(&peer, "in", &[p.join("src/x")], &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.report, "ok");
+    let seen = std::fs::read_to_string(p.join("hook-env")).unwrap();
+    let names: Vec<&str> = seen.lines().filter_map(|l| l.split('=').next()).collect();
+    assert!(seen.lines().any(|l| l == "HOOKTEST_ALLOWED=passed on"), "{seen}");
+    assert!(seen.lines().any(|l| l == "PATH=/usr/local/bin:/usr/bin:/bin"), "{seen}");
+    assert!(seen.lines().any(|l| l.starts_with("BARGE_JOB=")), "{seen}");
+    for unexpected in [
+        "HOOKTEST_SECRET",
+        "HOOKTEST_UNSET",
+        "RUST_LOG",
+        "HOME",
+        "CARGO_MANIFEST_DIR",
+    ] {
+        assert!(
+            !names.contains(&unexpected),
+            "{unexpected} in the hook's environment:\n{seen}"
+        );
+    }
 }
 
 type Seen = Vec<(Vec<String>, Vec<(String, String)>)>;

@@ -5,9 +5,13 @@ mod common;
 use barge::agent::Hooks;
 use barge::client::PushOptions;
 use barge::proto::wire::code;
+use barge::proto::wire::{BlockHeader, TcpGrant};
 use barge::transfer::{Fault, TransferError};
+use common::proc::{make_certs, AgentProc};
 use common::*;
 use std::io::Write;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TCP_TARGETS: &str = "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\"]\ntcp_lane = true\n\
 [[import]]\nname = \"quic-only\"\npath = \"outbox\"\nallow = [\"client\"]\n";
@@ -96,6 +100,12 @@ async fn a_connection_without_a_valid_token_gets_nothing() {
 
 /// The TCP lane port, as granted to a job (read from a raw offer's Accept).
 async fn lane_port(env: &Env) -> u16 {
+    raw_job(env).await.3.port
+}
+
+/// A job offered by hand (one file `y` of one byte) asking for the TCP lane: its
+/// connection and control stream, and the lane's grant from `Accept`.
+async fn raw_job(env: &Env) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream, TcpGrant) {
     use barge::proto::blocks::FileHashes;
     use barge::proto::wire::{Message, Offer, OfferFile};
     let client = env.client("client");
@@ -117,7 +127,169 @@ async fn lane_port(env: &Env) -> u16 {
         .await
         .unwrap();
     match barge::transfer::expect_msg(&mut recv).await.unwrap() {
-        Message::Accept { tcp: Some(g), .. } => g.port,
+        Message::Accept { tcp: Some(g), .. } => (conn, send, recv, g),
         other => panic!("{other:?}"),
     }
+}
+
+/// A lane connection from `from` to the agent's lane that has sent `token`.
+async fn lane_from(from: &str, port: u16, token: &[u8; 32]) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    s.write_all(token).await.unwrap();
+    s
+}
+
+/// Whether the agent closed `s` within `wait` (end of stream or reset).
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(tokio::time::timeout(wait, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_connection_from_another_address_is_refused_even_with_the_token() {
+    let env = env_with(TCP_TARGETS, "", Hooks::new()).await;
+    let (_conn, _send, _recv, grant) = raw_job(&env).await;
+    // The job came on a QUIC connection from 127.0.0.1; 127.0.0.2 is loopback too.
+    let mut stranger = lane_from("127.0.0.2", grant.port, &grant.token).await;
+    let head = BlockHeader {
+        file: 0,
+        block: 0,
+        len: 1,
+    };
+    let _ = stranger.write_all(&head.encode()).await;
+    let _ = stranger.write_all(b"y").await;
+    assert!(
+        closed_within(&mut stranger, Duration::from_secs(3)).await,
+        "a lane from another address than the job's is closed"
+    );
+    // The same token from the job's own address is taken (the connection stays open).
+    let mut own = lane_from("127.0.0.1", grant.port, &grant.token).await;
+    assert!(!closed_within(&mut own, Duration::from_millis(500)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_closes_the_jobs_open_lane_connections() {
+    use barge::proto::wire::Message;
+    let env = env_with(TCP_TARGETS, "", Hooks::new()).await;
+    let (_conn, mut send, mut recv, grant) = raw_job(&env).await;
+    let mut lane = lane_from("127.0.0.1", grant.port, &grant.token).await;
+    assert!(!closed_within(&mut lane, Duration::from_millis(300)).await, "taken");
+    // The job ends (aborted by its sender): its token is revoked.
+    barge::transfer::write_msg(&mut send, &Message::Abort).await.unwrap();
+    let answer = barge::transfer::expect_msg(&mut recv).await.unwrap();
+    assert!(
+        matches!(answer, Message::Failed(ref r) if r.code == code::ABORTED),
+        "{answer:?}"
+    );
+    assert!(
+        closed_within(&mut lane, Duration::from_secs(5)).await,
+        "the job's lane connection is closed once its token is revoked"
+    );
+}
+
+/// An agent process with the TCP lane and metrics on, its file descriptors limited to
+/// 256 (`prlimit`), and the lane and metrics ports from its log.
+fn limited_agent() -> (tempfile::TempDir, AgentProc, u16, String) {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    make_certs(p, &["store-b", "ops"]);
+    std::fs::create_dir(p.join("in")).unwrap();
+    let text = "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\nmetrics = \"127.0.0.1:0\"\n\
+        [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/store-b.pem\"\nkey = \"certs/store-b.key\"\n\
+        [[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"ops\"]\ntcp_lane = true\n";
+    std::fs::write(p.join("b.toml"), text).unwrap();
+    let agent = AgentProc::start(&["--config", "b.toml"], p, &[]);
+    let limit = libc::rlimit {
+        rlim_cur: 256,
+        rlim_max: 256,
+    };
+    // SAFETY: plain syscall on our own child.
+    let rc = unsafe {
+        libc::prlimit(
+            agent.child.id() as i32,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let log = agent.log();
+    let field = |line: &str, key: &str| -> String {
+        let l = log
+            .lines()
+            .find(|l| l.contains(line))
+            .unwrap_or_else(|| panic!("{line:?} in {log}"));
+        l.split(key)
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let port = field("tcp data lane open", "port=").parse().unwrap();
+    let metrics = field("metrics endpoint on", "addr=");
+    (t, agent, port, metrics)
+}
+
+fn open_fds(agent: &AgentProc) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+        .unwrap()
+        .count()
+}
+
+/// `GET /metrics`, within 5 s.
+async fn scrape(addr: &str) -> Result<String, String> {
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.map_err(|e| e.to_string())?;
+        Ok(body)
+    };
+    tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .map_err(|_| "no answer in 5 s".to_string())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenless_flood_neither_exhausts_descriptors_nor_stops_pushes_or_metrics() {
+    let (t, agent, port, metrics) = limited_agent();
+    let before = open_fds(&agent);
+    // 300 connections that never send a token, from 30 addresses, all held open.
+    let mut flood = Vec::new();
+    for i in 0..300u32 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("127.0.1.{}:0", 1 + i % 30).parse().unwrap()).unwrap();
+        flood.push(sock.connect(([127, 0, 0, 1], port).into()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = open_fds(&agent);
+    assert!(
+        during <= before + 64 + 16,
+        "{before} descriptors before the flood, {during} during it"
+    );
+    let m = scrape(&metrics).await.expect("metrics answer during the flood");
+    assert!(m.starts_with("HTTP/1.1 200") && m.contains("barge_connections"), "{m}");
+    // A real push over the lane, from the test (127.0.0.1), while the flood is held.
+    let src = t.path().join("src");
+    write(&src.join("big"), &content(7, (3 << 20) + 5));
+    write(&src.join("small"), &content(8, 1000));
+    let client = barge::client::Client::new(&barge::tls::TlsFiles::in_dir(&t.path().join("certs"), "ops")).unwrap();
+    let peer = format!("store-b@{}", agent.addr).parse().unwrap();
+    let (files, opts) = ([src.clone()], tcp());
+    let push = client.push(&peer, "in", &files, &opts);
+    let r = tokio::time::timeout(Duration::from_secs(20), push)
+        .await
+        .expect("the push finished")
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert!(r.tcp_lane, "the push used the lane");
+    assert_same_tree(&src, &t.path().join("in/src"));
+    let m = scrape(&metrics).await.expect("metrics answer after the flood");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    drop(flood);
 }

@@ -179,7 +179,7 @@ impl Agent {
             false => None,
             true => {
                 let at = std::net::SocketAddr::new(addr.ip(), config.tcp_port);
-                let lanes = crate::tcplane::TcpLanes::start(at)
+                let lanes = crate::tcplane::TcpLanes::start(at, config.limits.tcp_lane_pending)
                     .await
                     .map_err(|source| AgentError::Bind { addr: at, source })?;
                 info!(
@@ -268,6 +268,9 @@ impl Agent {
         same(&old.config, &config)?;
         let hooks = resolve_hooks(&config, &self.shared.custom)?;
         self.shared.limits.set(config.limits.rates);
+        if let Some(lanes) = &self.shared.tcp {
+            lanes.set_limits(config.limits.tcp_lane_pending);
+        }
         *self.shared.live.write().expect("live config") = Arc::new(Live { config, hooks });
         info!("configuration reloaded");
         Ok(())
@@ -361,7 +364,12 @@ fn resolve_hooks(config: &Config, custom: &Hooks) -> Result<Hooks, AgentError> {
         let hook: Arc<dyn ImportHook> = match &t.hook {
             HookSpec::Move => Arc::new(MoveHook),
             HookSpec::Replace => Arc::new(ReplaceHook),
-            HookSpec::Exec(argv) => Arc::new(ExecHook { argv: argv.clone() }),
+            HookSpec::Exec(spec) => Arc::new(ExecHook {
+                argv: spec.argv.clone(),
+                env: spec.env.clone(),
+                timeout: spec.timeout,
+                stderr_to_sender: spec.stderr_to_sender,
+            }),
             HookSpec::Custom => custom
                 .get(&t.name)
                 .cloned()
@@ -786,7 +794,9 @@ impl JobCtx {
             Ok(Received::Committed(report))
         };
         let started = std::time::Instant::now();
-        let tcp = self.shared.tcp.as_ref().filter(|_| tcp_allowed);
+        let tcp = (self.shared.tcp.as_ref())
+            .filter(|_| tcp_allowed)
+            .map(|lanes| (lanes, self.conn.remote_address().ip()));
         let meter = crate::metrics::Meter {
             metrics: self.shared.metrics.clone(),
             limits: self.shared.limits.clone(),
