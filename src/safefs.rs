@@ -213,15 +213,16 @@ pub enum Unsafe {
     Mode(u32),
 }
 
-/// Makes (mode 0700) or opens the folder `name` in `parent`, and checks the opened
+/// Makes (mode 0700, if `make`) or opens the folder `name` in `parent`, and checks the opened
 /// descriptor: a real folder owned by the agent's effective uid. A folder of the agent
 /// open to others is tightened to 0700.
-pub fn private_dir(parent: BorrowedFd<'_>, name: &str) -> io::Result<Result<(OwnedFd, bool), Unsafe>> {
+pub fn private_dir(parent: BorrowedFd<'_>, name: &str, make: bool) -> io::Result<Result<(OwnedFd, bool), Unsafe>> {
     let n = std::ffi::OsStr::new(name);
-    let made = match mkdirat(parent, n, 0o700) {
-        Ok(()) => true,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-        Err(e) => return Err(e),
+    let made = match make.then(|| mkdirat(parent, n, 0o700)) {
+        None => false,
+        Some(Ok(())) => true,
+        Some(Err(e)) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Some(Err(e)) => return Err(e),
     };
     let fd = match openat(parent, n, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
         Ok(fd) => fd,
@@ -339,26 +340,26 @@ mod tests {
     fn private_folders_are_made_0700_and_checked() {
         let t = tempfile::tempdir().unwrap();
         let dir = open_dir(t.path()).unwrap();
-        let (_, made) = private_dir(dir.as_fd(), "p").unwrap().unwrap();
+        let (_, made) = private_dir(dir.as_fd(), "p", true).unwrap().unwrap();
         assert!(made);
         let mode = std::fs::metadata(t.path().join("p")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         // Looser: tightened.
         std::fs::set_permissions(t.path().join("p"), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let (_, made) = private_dir(dir.as_fd(), "p").unwrap().unwrap();
+        let (_, made) = private_dir(dir.as_fd(), "p", true).unwrap().unwrap();
         assert!(!made);
         let mode = std::fs::metadata(t.path().join("p")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         // A symlink to a folder, or a file: not a folder.
         symlink(t.path().join("p"), t.path().join("l")).unwrap();
-        assert_eq!(private_dir(dir.as_fd(), "l").unwrap().unwrap_err(), Unsafe::NotDir);
+        assert_eq!(private_dir(dir.as_fd(), "l", true).unwrap().unwrap_err(), Unsafe::NotDir);
         std::fs::write(t.path().join("f"), b"").unwrap();
-        assert_eq!(private_dir(dir.as_fd(), "f").unwrap().unwrap_err(), Unsafe::NotDir);
+        assert_eq!(private_dir(dir.as_fd(), "f", true).unwrap().unwrap_err(), Unsafe::NotDir);
         // Another user's folder (only root can make one here).
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             std::os::unix::fs::chown(t.path().join("p"), Some(12345), None).unwrap();
-            let err = private_dir(dir.as_fd(), "p").unwrap().unwrap_err();
+            let err = private_dir(dir.as_fd(), "p", true).unwrap().unwrap_err();
             assert_eq!(err, Unsafe::Owner { uid: 12345, agent: 0 });
         }
     }

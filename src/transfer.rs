@@ -669,7 +669,12 @@ pub(crate) async fn take_block(
     })?;
     let permit = writes.0.clone().acquire_many_owned(Writes::units(len)).await;
     let permit = permit.map_err(|_| TransferError::Protocol("writes dropped".into()))?;
-    let path = inc.stage.file(&inc.job.lock().expect("job").paths[head.file as usize]);
+    let rel = inc.job.lock().expect("job").paths[head.file as usize].clone();
+    let path = inc.stage.file(&rel);
+    let loc = inc.stage.place(&rel).map_err(|source| TransferError::Io {
+        path: path.clone(),
+        source,
+    })?;
     // A failed or aborted job takes no more writes. Waiters are woken only for what
     // they wait on (an abort waits for writes to end, a commit for the last block),
     // not once per block: a job of 20,000 small files would wake them 60,000 times.
@@ -690,7 +695,7 @@ pub(crate) async fn take_block(
     };
     let done = Box::new(move |r: std::io::Result<()>| pending.end(r));
     inc.disk
-        .write_then(path.clone(), offset, data, done)
+        .write_then(loc, offset, data, done)
         .map_err(|source| TransferError::Io { path, source })
 }
 
