@@ -91,7 +91,7 @@ pub fn walk_dirs(dir: BorrowedFd<'_>, rel: &Path, make: bool) -> io::Result<Owne
             }
             other => other,
         };
-        cur = Some(next.map_err(symlink_is_eloop)?);
+        cur = Some(next.map_err(|e| which_not_dir(at, n, e))?);
     }
     match cur {
         Some(f) => Ok(f),
@@ -100,12 +100,41 @@ pub fn walk_dirs(dir: BorrowedFd<'_>, rel: &Path, make: bool) -> io::Result<Owne
     }
 }
 
-/// `O_DIRECTORY | O_NOFOLLOW` on a symlink says `ENOTDIR`; call it what it is.
-fn symlink_is_eloop(e: io::Error) -> io::Error {
-    match e.raw_os_error() {
-        Some(libc::ENOTDIR) => io::Error::from_raw_os_error(libc::ELOOP),
-        _ => e,
+/// A folder on the way that could not be opened as one: `ELOOP` if it is a symlink,
+/// `ENOTDIR` if it is something else, whichever the kernel said.
+fn which_not_dir(at: BorrowedFd<'_>, name: &std::ffi::OsStr, e: io::Error) -> io::Error {
+    if !matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP)) {
+        return e;
     }
+    match lstat_at(at, name) {
+        Ok(m) if m.file_type().is_symlink() => io::Error::from_raw_os_error(libc::ELOOP),
+        _ => io::Error::from_raw_os_error(libc::ENOTDIR),
+    }
+}
+
+/// `lstat` of `name` in the folder `dir`.
+pub fn lstat_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> io::Result<std::fs::Metadata> {
+    File::from(openat(dir, name, libc::O_PATH, 0)?).metadata()
+}
+
+/// `linkat` of `from_name` in `from` as `to_name` in `to` (a symlink is not followed).
+pub fn link_at(
+    from: BorrowedFd<'_>,
+    from_name: &std::ffi::OsStr,
+    to: BorrowedFd<'_>,
+    to_name: &std::ffi::OsStr,
+) -> io::Result<()> {
+    let (f, t) = (cstr(Path::new(from_name))?, cstr(Path::new(to_name))?);
+    // SAFETY: both folders are open and both names valid NUL-terminated strings.
+    check(unsafe { libc::linkat(from.as_raw_fd(), f.as_ptr(), to.as_raw_fd(), t.as_ptr(), 0) }).map(|_| ())
+}
+
+/// `unlinkat` of `name` in `dir`: an empty folder if `folder`, else a file.
+pub fn remove_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, folder: bool) -> io::Result<()> {
+    let c = cstr(Path::new(name))?;
+    let flags = if folder { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: dir is open and c a valid NUL-terminated name.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) }).map(|_| ())
 }
 
 /// Opens the file `rel` below `dir` with `flags` (`O_CREAT` makes it with `mode`),
