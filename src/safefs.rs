@@ -290,18 +290,15 @@ pub fn check_private(fd: &OwnedFd) -> Result<(), Unsafe> {
     Ok(())
 }
 
-/// Checks an opened file that is sent from an export: a regular file with exactly one
-/// name (a hard link would let whoever can write into the export send any file of the
-/// same file system that they can link to).
-pub fn check_exported(file: &File) -> io::Result<Result<std::fs::Metadata, Exported>> {
-    let meta = file.metadata()?;
-    Ok(if !meta.is_file() {
-        Err(Exported::NotFile)
-    } else if meta.nlink() != 1 {
-        Err(Exported::Links(meta.nlink()))
-    } else {
-        Ok(meta)
-    })
+/// Checks an opened file (by its `fstat`) that is sent from an export: a regular file
+/// with exactly one name (a hard link would let whoever can write into the export send
+/// any file of the same file system that they can link to).
+pub fn check_exported(meta: &std::fs::Metadata) -> Result<(), Exported> {
+    match (meta.is_file(), meta.nlink()) {
+        (false, _) => Err(Exported::NotFile),
+        (true, 1) => Ok(()),
+        (true, n) => Err(Exported::Links(n)),
+    }
 }
 
 /// What is wrong with a file of an export.
@@ -398,10 +395,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("f"), b"x").unwrap();
         let f = File::open(t.path().join("f")).unwrap();
-        assert!(check_exported(&f).unwrap().is_ok());
+        assert_eq!(check_exported(&f.metadata().unwrap()), Ok(()));
         std::fs::hard_link(t.path().join("f"), t.path().join("g")).unwrap();
-        assert_eq!(check_exported(&f).unwrap().unwrap_err(), Exported::Links(2));
+        assert_eq!(check_exported(&f.metadata().unwrap()), Err(Exported::Links(2)));
         let d = File::open(t.path()).unwrap();
-        assert_eq!(check_exported(&d).unwrap().unwrap_err(), Exported::NotFile);
+        assert_eq!(check_exported(&d.metadata().unwrap()), Err(Exported::NotFile));
     }
 }

@@ -214,7 +214,7 @@ async fn send_accepted(
         streams: plan.lanes.len(),
         ..Default::default()
     };
-    let paths = Arc::new(sources.iter().map(|s| s.path.clone()).collect());
+    let paths = Arc::new(sources.clone());
     let watch = Arc::new(SourceWatch::new(&sources, fault.change_source));
     report.tcp_lane = grant.is_some() && offer.tcp_lane;
     report.connections = if report.tcp_lane {
@@ -321,16 +321,24 @@ impl SourceWatch {
         }
     }
 
-    /// Reads block `b` of the file at `path` and checks that the file is unchanged.
-    async fn read(&self, disk: &Disk, path: PathBuf, b: &crate::proto::job::BlockRef) -> Result<Bytes, TransferError> {
+    /// Reads block `b` of `source` and checks that the file is unchanged (and, for an
+    /// export's file, still has one link: see [`crate::source::Within`]).
+    async fn read(
+        &self,
+        disk: &Disk,
+        source: &SourceFile,
+        b: &crate::proto::job::BlockRef,
+    ) -> Result<Bytes, TransferError> {
         let i = b.file as usize;
+        let path = source.path.clone();
         if i == 0 && self.change_first.swap(false, Ordering::SeqCst) {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new().append(true).open(&path);
             let _ = f.as_mut().map(|f| f.write_all(b"!"));
         }
-        let read = disk.read_and_stat(path.clone(), b.offset, b.len as usize).await;
+        let read = disk.read_and_stat(source.loc(), b.offset, b.len as usize).await;
         let (data, meta) = read.map_err(|e| source_read_error(path.clone(), e))?;
+        source.check(&meta)?;
         if FileStamp::of(&meta) != self.stamps[i] {
             return Err(TransferError::SourceChanged(path));
         }
@@ -381,7 +389,7 @@ async fn run_lanes(
     conns: &[quinn::Connection],
     job: JobId,
     plan: SendPlan,
-    sources: Arc<Vec<PathBuf>>,
+    sources: Arc<Vec<SourceFile>>,
     watch: Arc<SourceWatch>,
     disk: &Disk,
     fault: &Fault,
@@ -411,7 +419,7 @@ async fn run_lanes(
 
 struct LaneCtx {
     job: JobId,
-    sources: Arc<Vec<PathBuf>>,
+    sources: Arc<Vec<SourceFile>>,
     watch: Arc<SourceWatch>,
     disk: Disk,
     fault: Fault,
@@ -443,8 +451,7 @@ async fn send_lane(
     let watch = ctx.watch.clone();
     let reader = tokio::spawn(async move {
         for b in lane {
-            let path = sources[b.file as usize].clone();
-            let r = watch.read(&disk, path, &b).await.map(|d| (b, d));
+            let r = watch.read(&disk, &sources[b.file as usize], &b).await.map(|d| (b, d));
             if tx.send(r).await.is_err() {
                 return;
             }
@@ -488,6 +495,9 @@ async fn send_lane(
 }
 
 fn source_read_error(path: PathBuf, e: std::io::Error) -> TransferError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return SourceError::Symlink(path).into();
+    }
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         let source = std::io::Error::other("file shrank while it was sent");
         return TransferError::Io { path, source };
