@@ -890,26 +890,27 @@ mod tests {
     }
 
     #[test]
-    fn a_target_folder_turned_into_a_symlink_after_the_plan_is_not_followed() {
+    fn a_target_folder_turned_into_a_symlink_half_way_is_not_followed() {
         for kind in [Kind::Move, Kind::Replace] {
             let paths = [rel("a/b"), rel("a/c")];
             let (t, stage, target) = setup(&paths);
             std::fs::create_dir(target.join("a")).unwrap();
             let outside = t.path().join("outside");
             std::fs::create_dir(&outside).unwrap();
-            std::fs::write(outside.join("c"), b"victim").unwrap();
+            std::fs::write(outside.join("b"), b"victim").unwrap();
             let intent = Intent::plan(kind, &stage, &paths, info(&target)).unwrap();
-            // A local user swaps the folder for a symlink between the plan and the renames.
-            std::fs::remove_dir(target.join("a")).unwrap();
+            // As if cut off after the first rename; then a local user swaps the folder
+            // for a symlink to a folder that has a file of the same name.
+            std::fs::rename(stage.file(&paths[0]), target.join("a/b")).unwrap();
+            std::fs::rename(target.join("a"), t.path().join("moved")).unwrap();
             std::os::unix::fs::symlink(&outside, target.join("a")).unwrap();
             let err = intent.apply().unwrap_err();
             assert!(matches!(err.cause, StageError::Escape(_)), "{kind:?}: {:?}", err.cause);
             err.back.unwrap();
-            assert_eq!(std::fs::read(outside.join("c")).unwrap(), b"victim", "{kind:?}");
-            assert!(!outside.join("b").exists(), "{kind:?}: nothing placed outside");
-            for p in &paths {
-                assert!(stage.file(p).exists(), "{kind:?}: {p} is still staged");
-            }
+            // Neither placed through the link nor taken back from where it points.
+            assert_eq!(std::fs::read(outside.join("b")).unwrap(), b"victim", "{kind:?}");
+            assert!(!outside.join("c").exists(), "{kind:?}: nothing placed outside");
+            assert!(stage.file(&paths[1]).exists(), "{kind:?}: still staged");
         }
     }
 
