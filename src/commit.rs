@@ -26,8 +26,8 @@
 //! symlink after the plan was checked refuses the commit; nothing lands where it points.
 
 use crate::proto::path::RelPath;
-use crate::safefs::{self, Root};
 use crate::proto::wire::JobId;
+use crate::safefs::{self, Root};
 use crate::stage::{sync_dir, syncfs, Stage, StageError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -518,7 +518,9 @@ fn keep_old(stage: &Stage, target: &Path, paths: &[RelPath]) -> Result<(), Stage
             _ => continue,
         };
         let kept = rel.under(&kept_root);
-        let kept_dir = dirs.staged_parent(rel, Some(KEPT_DIR), true).map_err(|e| io_err(&kept, e))?;
+        let kept_dir = dirs
+            .staged_parent(rel, Some(KEPT_DIR), true)
+            .map_err(|e| io_err(&kept, e))?;
         match safefs::link_at(placed_dir.as_fd(), name, kept_dir.as_fd(), name) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 safefs::remove_at(kept_dir.as_fd(), name, false).map_err(|e| io_err(&kept, e))?;

@@ -181,7 +181,8 @@ impl HashCache {
             return Ok(h.clone());
         }
         let f = open()?;
-        let hashes = FileHashes::from_reader(std::io::BufReader::with_capacity(1 << 20, &f), stamp.size).map_err(&io)?;
+        let hashes =
+            FileHashes::from_reader(std::io::BufReader::with_capacity(1 << 20, &f), stamp.size).map_err(&io)?;
         self.hashed.fetch_add(1, Ordering::Relaxed);
         // Cache only if the file read is the version offered and did not change while
         // it was read.

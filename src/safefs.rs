@@ -196,7 +196,9 @@ fn open_once(dir: BorrowedFd<'_>, rel: &Path, flags: libc::c_int) -> io::Result<
 
 fn open_walking(dir: BorrowedFd<'_>, rel: &Path, flags: libc::c_int) -> io::Result<File> {
     let parts = names(rel)?;
-    let (last, folders) = parts.split_last().ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let (last, folders) = parts
+        .split_last()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
     let folder: PathBuf = folders.iter().collect();
     let parent = walk_dirs(dir, &folder, false)?;
     let f = openat(parent.as_fd(), last, flags, 0o666)?;
@@ -226,7 +228,9 @@ pub fn rename_at(
 
 /// The folder holding `rel` below `dir` (walked as [`walk_dirs`]) and `rel`'s last name.
 pub fn parent_of<'a>(dir: BorrowedFd<'_>, rel: &'a Path, make: bool) -> io::Result<(OwnedFd, &'a std::ffi::OsStr)> {
-    let name = rel.file_name().ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let name = rel
+        .file_name()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
     let parent = walk_dirs(dir, rel.parent().unwrap_or(Path::new("")), make)?;
     Ok((parent, name))
 }
@@ -344,7 +348,10 @@ mod tests {
         // The walk without openat2 refuses the same.
         eloop(open_walking(dir.as_fd(), Path::new("a/f"), libc::O_RDONLY).unwrap_err());
         eloop(open_walking(dir.as_fd(), Path::new("l/new"), w).unwrap_err());
-        assert!(stat_beneath(dir.as_fd(), Path::new("a/f")).unwrap().file_type().is_symlink());
+        assert!(stat_beneath(dir.as_fd(), Path::new("a/f"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]
@@ -378,9 +385,15 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         // A symlink to a folder, or a file: not a folder.
         symlink(t.path().join("p"), t.path().join("l")).unwrap();
-        assert_eq!(private_dir(dir.as_fd(), "l", true).unwrap().unwrap_err(), Unsafe::NotDir);
+        assert_eq!(
+            private_dir(dir.as_fd(), "l", true).unwrap().unwrap_err(),
+            Unsafe::NotDir
+        );
         std::fs::write(t.path().join("f"), b"").unwrap();
-        assert_eq!(private_dir(dir.as_fd(), "f", true).unwrap().unwrap_err(), Unsafe::NotDir);
+        assert_eq!(
+            private_dir(dir.as_fd(), "f", true).unwrap().unwrap_err(),
+            Unsafe::NotDir
+        );
         // Another user's folder (only root can make one here).
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {

@@ -456,7 +456,9 @@ mod tests {
         std::fs::hard_link(root.join("g"), t.path().join("elsewhere")).unwrap();
         let err = files[1].open().unwrap_err();
         assert!(matches!(err, SourceError::Links { links: 2, .. }), "{err}");
-        assert!(err.to_string().ends_with("g: has 2 hard links; an export sends only files with one"));
+        assert!(err
+            .to_string()
+            .ends_with("g: has 2 hard links; an export sends only files with one"));
         assert!(matches!(
             collect_export(&root, &["g".into()]),
             Err(SourceError::Links { .. })

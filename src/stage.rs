@@ -138,7 +138,8 @@ impl Stage {
                 .map(|(d, _)| Arc::new(d))
                 .map_err(|e| e.to_string())
         });
-        dir.as_ref().map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.clone()))
+        dir.as_ref()
+            .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.clone()))
     }
 
     /// A staged file, to be opened below the job's folder with no symlink followed.
