@@ -235,6 +235,13 @@ pub fn parent_of<'a>(dir: BorrowedFd<'_>, rel: &'a Path, make: bool) -> io::Resu
     Ok((parent, name))
 }
 
+/// A path that names the open folder `dir` itself, however its path has changed since
+/// it was opened (`/proc/self/fd/N`), for calls that take paths only, such as
+/// `std::fs::remove_dir_all` (which follows no symlink below it).
+pub fn fd_path(dir: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+}
+
 /// What is wrong with a staging folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unsafe {

@@ -270,9 +270,20 @@ impl Stage {
             .expect("sync task")
     }
 
-    /// Removes the staging folder and everything in it.
+    /// Removes the staging folder and everything in it (a symlink in its place only
+    /// as a link), found in `.barge-staging` held open: a `.barge-staging` swapped for a
+    /// symlink meanwhile does not lead the removal elsewhere.
     pub fn remove(&self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.job_dir) {
+        let staging = self.job_dir.parent().and_then(|s| Some((s, s.parent()?)));
+        let (Some((staging, target)), Some(id)) = (staging, self.job_dir.file_name()) else {
+            return;
+        };
+        let removed =
+            safefs::open_dir(target).and_then(|t| match safefs::private_dir(t.as_fd(), STAGING_DIR, false)? {
+                Ok((dir, _)) => std::fs::remove_dir_all(safefs::fd_path(&dir).join(id)),
+                Err(_) => Err(io::Error::other(format!("{} is not the agent's", staging.display()))),
+            });
+        if let Err(e) = removed {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(dir = %self.job_dir.display(), error = %e, "cannot remove staging folder");
             }
@@ -334,8 +345,14 @@ pub fn sync_dir(dir: &Path) -> Result<(), StageError> {
 
 /// Removes staged jobs of `target` untouched for longer than `ttl`, except those named
 /// in `keep` (held jobs, which expire on their own clock); returns how many.
+/// Only a `.barge-staging` that is the agent's own folder is swept, through its open
+/// descriptor (see [`Stage::remove`]).
 pub fn sweep_expired(target: &Path, ttl: Duration, keep: &std::collections::HashSet<String>) -> usize {
-    let staging = target.join(STAGING_DIR);
+    let dir = safefs::open_dir(target).and_then(|t| safefs::private_dir(t.as_fd(), STAGING_DIR, false));
+    let Ok(Ok((dir, _))) = dir else {
+        return 0;
+    };
+    let staging = safefs::fd_path(&dir);
     let Ok(entries) = std::fs::read_dir(&staging) else {
         return 0;
     };
@@ -406,5 +423,57 @@ mod tests {
         assert_eq!(sweep_expired(t.path(), Duration::ZERO, &keep), 1);
         assert!(!t.path().join(STAGING_DIR).join("job1").exists());
         assert!(t.path().join(STAGING_DIR).join("held").exists(), "held jobs are kept");
+    }
+
+    #[test]
+    fn a_staging_folder_swapped_for_a_symlink_is_neither_swept_nor_removed_from() {
+        let t = tempfile::tempdir().unwrap();
+        let elsewhere = t.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("job1")).unwrap();
+        let target = t.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, target.join(STAGING_DIR)).unwrap();
+        assert_eq!(sweep_expired(&target, Duration::ZERO, &Default::default()), 0);
+        Stage::at(target.join(STAGING_DIR).join("job1")).remove();
+        assert!(elsewhere.join("job1").is_dir(), "nothing removed through the link");
+        // A planted symlink as a job folder is removed as a link only.
+        std::fs::remove_file(target.join(STAGING_DIR)).unwrap();
+        std::fs::create_dir(target.join(STAGING_DIR)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, target.join(STAGING_DIR).join("job2")).unwrap();
+        Stage::at(target.join(STAGING_DIR).join("job2")).remove();
+        assert!(!target.join(STAGING_DIR).join("job2").exists());
+        assert!(elsewhere.join("job1").is_dir());
+    }
+
+    #[test]
+    fn a_staging_folder_of_another_user_or_a_symlink_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let offer = Offer {
+            target: "t".into(),
+            files: vec![],
+            meta: vec![],
+            tcp_lane: false,
+            hold: false,
+        };
+        let job = ReceiveJob::new(offer).unwrap();
+        std::os::unix::fs::symlink(t.path(), t.path().join(STAGING_DIR)).unwrap();
+        let err = Stage::open(t.path(), &job).unwrap_err();
+        assert!(matches!(err, StageError::NotDir(_)), "{err}");
+        assert!(
+            err.to_string().ends_with(".barge-staging is a symlink or not a folder"),
+            "{err}"
+        );
+        std::fs::remove_file(t.path().join(STAGING_DIR)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::fs::create_dir(t.path().join(STAGING_DIR)).unwrap();
+            std::os::unix::fs::chown(t.path().join(STAGING_DIR), Some(12345), None).unwrap();
+            let err = Stage::open(t.path(), &job).unwrap_err();
+            let want = format!(
+                "staging folder {} is owned by uid 12345, not the agent (uid 0)",
+                t.path().join(STAGING_DIR).display()
+            );
+            assert_eq!(err.to_string(), want);
+        }
     }
 }
