@@ -19,13 +19,21 @@
 //! was placed), so the same job sent again, after a crash or a lost answer, is answered
 //! "committed" instead of "already exists", for as long as the target still holds the
 //! files as they were placed.
+//!
+//! Every rename is made between folder descriptors: the target's folders on the way are
+//! walked from the target, the staged side from the job's staging folder, with no symlink
+//! followed ([`crate::safefs`]). A folder of the target that a local user turned into a
+//! symlink after the plan was checked refuses the commit; nothing lands where it points.
 
 use crate::proto::path::RelPath;
 use crate::proto::wire::JobId;
+use crate::safefs::{self, Root};
 use crate::stage::{sync_dir, syncfs, Stage, StageError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -154,9 +162,18 @@ impl Intent {
         rel.under(&self.target_dir)
     }
 
-    /// Where `replace` keeps the older version of `rel` until the commit is done.
-    fn kept(&self, rel: &RelPath) -> PathBuf {
-        rel.under(&self.job_dir.join(KEPT_DIR))
+    /// The target and the job's staging folder, held open for the renames.
+    fn dirs(&self) -> Result<Dirs, StageError> {
+        let target = safefs::open_dir(&self.target_dir).map_err(|e| io_err(&self.target_dir, e))?;
+        let job = Stage::at(self.job_dir.clone())
+            .root()
+            .map_err(|e| io_err(&self.job_dir, e))?
+            .clone();
+        Ok(Dirs {
+            target,
+            target_dir: self.target_dir.clone(),
+            job,
+        })
     }
 
     fn rels(&self, v: &[String]) -> Result<Vec<RelPath>, StageError> {
@@ -188,27 +205,27 @@ impl Intent {
     fn forward(&self) -> Result<(), StageError> {
         let paths = self.rel_paths()?;
         let units = self.rels(&self.units)?;
+        let dirs = self.dirs()?;
         for u in &units {
-            self.place(u, &paths)?;
+            self.place(&dirs, u, &paths)?;
         }
-        sync_parents(&self.target_dir, &units)
+        sync_parents(&dirs.target, &self.target_dir, &units)
     }
 
     /// Places one unit unless it was placed already (it is no longer staged).
-    fn place(&self, unit: &RelPath, paths: &[RelPath]) -> Result<(), StageError> {
+    fn place(&self, dirs: &Dirs, unit: &RelPath, paths: &[RelPath]) -> Result<(), StageError> {
         let from = self.staged(unit);
-        let meta = match std::fs::symlink_metadata(&from) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err(&from, e)),
-            Ok(m) => m,
+        let Some((from_dir, meta)) = dirs.staged(unit).map_err(|e| io_err(&from, e))? else {
+            return Ok(());
         };
         let to = self.placed(unit);
-        make_parents(&self.target_dir, unit)?;
+        let to_dir = dirs.placed_parent(unit, true)?;
+        let name = leaf(unit);
         let renamed = match self.kind {
-            Kind::Move => rename_no_replace(&from, &to),
-            Kind::Replace => match std::fs::symlink_metadata(&to) {
+            Kind::Move => safefs::rename_at(from_dir.as_fd(), name, to_dir.as_fd(), name, true),
+            Kind::Replace => match safefs::lstat_at(to_dir.as_fd(), name) {
                 Ok(m) if !m.is_file() => return Err(StageError::Exists(unit.to_string())),
-                _ => std::fs::rename(&from, &to),
+                _ => safefs::rename_at(from_dir.as_fd(), name, to_dir.as_fd(), name, false),
             },
         };
         match renamed {
@@ -220,7 +237,7 @@ impl Intent {
             // its files go in one by one.
             Err(e) if meta.is_dir() && is_taken(&e) => {
                 let under: Vec<&RelPath> = paths.iter().filter(|p| unit.contains(p) && *p != unit).collect();
-                under.into_iter().try_for_each(|p| self.place(p, paths))
+                under.into_iter().try_for_each(|p| self.place(dirs, p, paths))
             }
             Err(e) if is_taken(&e) => Err(StageError::Exists(unit.to_string())),
             Err(e) => Err(io_err(&to, e)),
@@ -233,56 +250,112 @@ impl Intent {
         let paths = self.rel_paths()?;
         let units = self.rels(&self.units)?;
         let files: HashSet<&RelPath> = paths.iter().collect();
+        let dirs = self.dirs()?;
+        let is_staged = |u: &RelPath| dirs.staged(u).is_ok_and(|s| s.is_some());
         for u in &units {
             match self.kind {
-                Kind::Move if !files.contains(u) && !self.staged(u).exists() => self.unplace(u)?,
+                Kind::Move if !files.contains(u) && !is_staged(u) => self.unplace(&dirs, u)?,
                 Kind::Move if !files.contains(u) => {
                     for p in paths.iter().filter(|p| u.contains(p)) {
-                        self.unplace(p)?;
+                        self.unplace(&dirs, p)?;
                     }
                 }
-                Kind::Move => self.unplace(u)?,
-                Kind::Replace => self.restore(u)?,
+                Kind::Move => self.unplace(&dirs, u)?,
+                Kind::Replace => self.restore(&dirs, u)?,
             }
         }
         let made = self.rels(&self.made)?;
         for d in made.iter().rev() {
-            let _ = std::fs::remove_dir(d.under(&self.target_dir));
+            if let Ok(parent) = dirs.placed_parent(d, false) {
+                let _ = safefs::remove_at(parent.as_fd(), leaf(d), true);
+            }
         }
         syncfs(&self.target_dir)
     }
 
     /// Moves a placed file or folder back to staging, if it is placed.
-    fn unplace(&self, rel: &RelPath) -> Result<(), StageError> {
+    fn unplace(&self, dirs: &Dirs, rel: &RelPath) -> Result<(), StageError> {
         let (staged, placed) = (self.staged(rel), self.placed(rel));
-        if staged.exists() || std::fs::symlink_metadata(&placed).is_err() {
+        if dirs.staged(rel).is_ok_and(|s| s.is_some()) {
             return Ok(());
         }
-        if let Some(dir) = staged.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let name = leaf(rel);
+        let Ok(placed_dir) = dirs.placed_parent(rel, false) else {
+            return Ok(());
+        };
+        if safefs::lstat_at(placed_dir.as_fd(), name).is_err() {
+            return Ok(());
         }
-        rename_no_replace(&placed, &staged).map_err(|e| io_err(&placed, e))
+        let staged_dir = dirs.staged_parent(rel, None, true).map_err(|e| io_err(&staged, e))?;
+        safefs::rename_at(placed_dir.as_fd(), name, staged_dir.as_fd(), name, true).map_err(|e| io_err(&placed, e))
     }
 
     /// `replace`: takes the new file back to staging and puts the older version back (or
     /// only takes the new file out, if there was none). The new file is hard-linked back
     /// first, so the name never goes missing in the target.
-    fn restore(&self, rel: &RelPath) -> Result<(), StageError> {
-        let (staged, placed, kept) = (self.staged(rel), self.placed(rel), self.kept(rel));
-        if staged.exists() {
+    fn restore(&self, dirs: &Dirs, rel: &RelPath) -> Result<(), StageError> {
+        let (staged, placed) = (self.staged(rel), self.placed(rel));
+        if dirs.staged(rel).is_ok_and(|s| s.is_some()) {
             return Ok(());
         }
-        if !kept.exists() {
-            return self.unplace(rel);
+        let name = leaf(rel);
+        let kept_dir = dirs.staged_parent(rel, Some(KEPT_DIR), false);
+        let Some(kept_dir) = kept_dir.ok().filter(|d| safefs::lstat_at(d.as_fd(), name).is_ok()) else {
+            return self.unplace(dirs, rel);
+        };
+        let placed_dir = dirs.placed_parent(rel, false)?;
+        if safefs::lstat_at(placed_dir.as_fd(), name).is_ok_and(|m| m.is_file()) {
+            let staged_dir = dirs.staged_parent(rel, None, true).map_err(|e| io_err(&staged, e))?;
+            safefs::link_at(placed_dir.as_fd(), name, staged_dir.as_fd(), name).map_err(|e| io_err(&staged, e))?;
         }
-        if std::fs::symlink_metadata(&placed).is_ok_and(|m| m.is_file()) {
-            if let Some(dir) = staged.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-            }
-            std::fs::hard_link(&placed, &staged).map_err(|e| io_err(&staged, e))?;
-        }
-        std::fs::rename(&kept, &placed).map_err(|e| io_err(&placed, e))
+        safefs::rename_at(kept_dir.as_fd(), name, placed_dir.as_fd(), name, false).map_err(|e| io_err(&placed, e))
     }
+}
+
+/// The target and a job's staging folder, held open while a commit renames.
+struct Dirs {
+    target: OwnedFd,
+    target_dir: PathBuf,
+    job: Root,
+}
+
+impl Dirs {
+    /// The staged unit's folder and its metadata, or `None` if it is not staged (any
+    /// more).
+    fn staged(&self, unit: &RelPath) -> io::Result<Option<(OwnedFd, std::fs::Metadata)>> {
+        let dir = match self.staged_parent(unit, None, false) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            other => other?,
+        };
+        match safefs::lstat_at(dir.as_fd(), leaf(unit)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+            Ok(m) => Ok(Some((dir, m))),
+        }
+    }
+
+    /// The folder of `rel` under the job's `files` (or `kept`) folder.
+    fn staged_parent(&self, rel: &RelPath, under: Option<&str>, make: bool) -> io::Result<OwnedFd> {
+        let path = Path::new(under.unwrap_or("files")).join(rel.as_str());
+        Ok(safefs::parent_of(self.job.as_fd(), &path, make)?.0)
+    }
+
+    /// The folder of `rel` in the target, walked (and with `make`, made) with no symlink
+    /// followed: a symlink on the way is [`StageError::Escape`], a file
+    /// [`StageError::Exists`].
+    fn placed_parent(&self, rel: &RelPath, make: bool) -> Result<OwnedFd, StageError> {
+        match safefs::parent_of(self.target.as_fd(), Path::new(rel.as_str()), make) {
+            Ok((dir, _)) => Ok(dir),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(StageError::Escape(rel.to_string())),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Err(StageError::Exists(rel.to_string())),
+            Err(e) => Err(io_err(&rel.under(&self.target_dir), e)),
+        }
+    }
+}
+
+/// The last name of `rel`.
+fn leaf(rel: &RelPath) -> &OsStr {
+    OsStr::new(rel.components().last().expect("a name has a component"))
 }
 
 /// A commit that could not place everything: why, and whether putting back what it had
@@ -431,86 +504,78 @@ fn missing_parents(target: &Path, units: &[RelPath]) -> Result<Vec<RelPath>, Sta
 /// so a commit that can not finish can put it back.
 fn keep_old(stage: &Stage, target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
     let kept_root = stage.job_dir.join(KEPT_DIR);
-    let mut dirs = HashSet::new();
+    let job = stage.root().map_err(|e| io_err(&stage.job_dir, e))?.clone();
+    let dirs = Dirs {
+        target: safefs::open_dir(target).map_err(|e| io_err(target, e))?,
+        target_dir: target.to_path_buf(),
+        job,
+    };
+    let mut synced = HashSet::new();
     for rel in paths {
-        let placed = rel.under(target);
-        if !std::fs::symlink_metadata(&placed).is_ok_and(|m| m.is_file()) {
-            continue;
-        }
+        let name = leaf(rel);
+        let placed_dir = match dirs.placed_parent(rel, false) {
+            Ok(d) if safefs::lstat_at(d.as_fd(), name).is_ok_and(|m| m.is_file()) => d,
+            _ => continue,
+        };
         let kept = rel.under(&kept_root);
-        let dir = kept.parent().expect("under the kept folder").to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        match std::fs::hard_link(&placed, &kept) {
+        let kept_dir = dirs
+            .staged_parent(rel, Some(KEPT_DIR), true)
+            .map_err(|e| io_err(&kept, e))?;
+        match safefs::link_at(placed_dir.as_fd(), name, kept_dir.as_fd(), name) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                std::fs::remove_file(&kept).map_err(|e| io_err(&kept, e))?;
-                std::fs::hard_link(&placed, &kept).map_err(|e| io_err(&kept, e))?;
+                safefs::remove_at(kept_dir.as_fd(), name, false).map_err(|e| io_err(&kept, e))?;
+                safefs::link_at(placed_dir.as_fd(), name, kept_dir.as_fd(), name).map_err(|e| io_err(&kept, e))?;
             }
             other => other.map_err(|e| io_err(&kept, e))?,
         }
-        dirs.insert(dir);
+        let dir = kept.parent().expect("under the kept folder").to_path_buf();
+        if synced.insert(dir.clone()) {
+            std::fs::File::from(kept_dir).sync_all().map_err(|e| io_err(&dir, e))?;
+        }
     }
-    if dirs.is_empty() {
+    if synced.is_empty() {
         return Ok(());
     }
-    dirs.insert(stage.job_dir.clone());
-    dirs.iter().try_for_each(|d| sync_dir(d))
-}
-
-/// Syncs the folder of each of `paths` under `target`, and those above it up to `target`.
-fn sync_parents(target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
-    let mut done = HashSet::new();
-    for p in paths {
-        let mut cur = p.under(target).parent().map(Path::to_path_buf);
-        while let Some(dir) = cur.filter(|c| c.starts_with(target)) {
-            if !done.insert(dir.clone()) {
+    // The kept folders above the deepest were made and must be synced too.
+    let mut above = HashSet::new();
+    for d in &synced {
+        let mut cur = d.parent();
+        while let Some(dir) = cur.filter(|c| c.starts_with(&stage.job_dir)) {
+            if synced.contains(dir) || !above.insert(dir.to_path_buf()) {
                 break;
             }
-            sync_dir(&dir)?;
-            cur = dir.parent().map(Path::to_path_buf);
+            cur = dir.parent();
         }
+    }
+    for dir in above {
+        let rel = dir.strip_prefix(&stage.job_dir).expect("under the job folder");
+        safefs::walk_dirs(dirs.job.as_fd(), rel, false)
+            .map(std::fs::File::from)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err(&dir, e))?;
     }
     Ok(())
 }
 
-fn make_parents(target: &Path, rel: &RelPath) -> Result<(), StageError> {
-    let parts: Vec<&str> = rel.components().collect();
-    let mut cur = target.to_path_buf();
-    for c in &parts[..parts.len() - 1] {
-        cur.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => return Err(StageError::Escape(rel.to_string())),
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(StageError::Exists(rel.to_string())),
-            Err(_) => match std::fs::create_dir(&cur) {
-                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(&cur, e)),
-                _ => {}
-            },
+/// Syncs the folder of each of `paths` under `target` (held open as `fd`), and those
+/// above it up to `target`, walked with no symlink followed.
+fn sync_parents(fd: &OwnedFd, target: &Path, paths: &[RelPath]) -> Result<(), StageError> {
+    let mut done = HashSet::new();
+    for p in paths {
+        let mut cur = Path::new(p.as_str()).parent();
+        while let Some(dir) = cur {
+            if !done.insert(dir.to_path_buf()) {
+                break;
+            }
+            let shown = target.join(dir);
+            safefs::walk_dirs(fd.as_fd(), dir, false)
+                .map(std::fs::File::from)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_err(&shown, e))?;
+            cur = dir.parent();
         }
     }
     Ok(())
-}
-
-/// `rename` that fails instead of replacing an existing destination.
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
-    let (f, t) = (c(from)?, c(to)?);
-    // SAFETY: both are valid NUL-terminated paths; renameat2 reads them only.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// The outcome of a committed job, kept so the same job sent again is answered
@@ -823,6 +888,31 @@ mod tests {
         intent.apply().unwrap();
         for p in &paths {
             assert_eq!(std::fs::read(p.under(&target)).unwrap(), p.as_str().as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_target_folder_turned_into_a_symlink_half_way_is_not_followed() {
+        for kind in [Kind::Move, Kind::Replace] {
+            let paths = [rel("a/b"), rel("a/c")];
+            let (t, stage, target) = setup(&paths);
+            std::fs::create_dir(target.join("a")).unwrap();
+            let outside = t.path().join("outside");
+            std::fs::create_dir(&outside).unwrap();
+            std::fs::write(outside.join("b"), b"victim").unwrap();
+            let intent = Intent::plan(kind, &stage, &paths, info(&target)).unwrap();
+            // As if cut off after the first rename; then a local user swaps the folder
+            // for a symlink to a folder that has a file of the same name.
+            std::fs::rename(stage.file(&paths[0]), target.join("a/b")).unwrap();
+            std::fs::rename(target.join("a"), t.path().join("moved")).unwrap();
+            std::os::unix::fs::symlink(&outside, target.join("a")).unwrap();
+            let err = intent.apply().unwrap_err();
+            assert!(matches!(err.cause, StageError::Escape(_)), "{kind:?}: {:?}", err.cause);
+            err.back.unwrap();
+            // Neither placed through the link nor taken back from where it points.
+            assert_eq!(std::fs::read(outside.join("b")).unwrap(), b"victim", "{kind:?}");
+            assert!(!outside.join("c").exists(), "{kind:?}: nothing placed outside");
+            assert!(stage.file(&paths[1]).exists(), "{kind:?}: still staged");
         }
     }
 

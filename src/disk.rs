@@ -16,17 +16,74 @@
 //! io_uring, where several are in flight at once: moving them too made one 2 GiB file
 //! slower (0.64x instead of 0.78x of the quinn ceiling in back-to-back runs).
 
+use crate::safefs;
 use bytes::Bytes;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
+
+/// Where a file is: a path, or a name below a folder held open. Either way the last
+/// component is opened with `O_NOFOLLOW`; below a folder, no symlink is followed at all
+/// and nothing outside the folder is reached (see [`crate::safefs`]). Staged files are
+/// always `Beneath` their job's staging folder.
+#[derive(Clone, Debug)]
+pub enum Loc {
+    Path(PathBuf),
+    Beneath {
+        dir: safefs::Root,
+        rel: PathBuf,
+        /// The whole path, for messages.
+        shown: PathBuf,
+    },
+}
+
+impl From<PathBuf> for Loc {
+    fn from(p: PathBuf) -> Loc {
+        Loc::Path(p)
+    }
+}
+
+impl Loc {
+    /// The path, for messages.
+    pub fn shown(&self) -> &Path {
+        match self {
+            Loc::Path(p) => p,
+            Loc::Beneath { shown, .. } => shown,
+        }
+    }
+
+    /// Opens with `flags` (plus `O_NOFOLLOW | O_CLOEXEC`); with `O_CREAT`, a missing
+    /// folder on the way is made and the open tried again (see [`open_making_folder`]).
+    pub fn open(&self, flags: libc::c_int) -> io::Result<std::fs::File> {
+        let create = flags & libc::O_CREAT != 0;
+        match self {
+            Loc::Path(p) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut o = std::fs::OpenOptions::new();
+                match flags & libc::O_ACCMODE {
+                    libc::O_RDONLY => o.read(true),
+                    libc::O_WRONLY => o.write(true),
+                    _ => o.read(true).write(true),
+                };
+                o.create(create)
+                    .custom_flags((flags & !(libc::O_ACCMODE | libc::O_CREAT)) | libc::O_NOFOLLOW);
+                match create {
+                    true => open_making_folder(p, |p| o.open(p)),
+                    false => o.open(p),
+                }
+            }
+            Loc::Beneath { dir, rel, .. } => safefs::open_beneath(dir.as_fd(), rel, flags, create),
+        }
+    }
+}
 
 /// What a write does when it has ended.
 pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 enum Request {
     Read {
-        path: PathBuf,
+        path: Loc,
         offset: u64,
         len: usize,
         /// Also stat the file, through the descriptor the block was read from.
@@ -34,14 +91,14 @@ enum Request {
         reply: oneshot::Sender<io::Result<(Bytes, Option<std::fs::Metadata>)>>,
     },
     Write {
-        path: PathBuf,
+        path: Loc,
         offset: u64,
         data: Bytes,
         /// Called on the disk thread with the outcome.
         done: Done,
     },
     Finish {
-        path: PathBuf,
+        path: Loc,
         len: u64,
         sync: bool,
         reply: oneshot::Sender<io::Result<()>>,
@@ -109,25 +166,25 @@ impl Disk {
     }
 
     /// Reads exactly `len` bytes at `offset`; a shorter file is an `UnexpectedEof`.
-    pub async fn read_at(&self, path: PathBuf, offset: u64, len: usize) -> io::Result<Bytes> {
-        Ok(self.read(path, offset, len, false).await?.0)
+    pub async fn read_at(&self, path: impl Into<Loc>, offset: u64, len: usize) -> io::Result<Bytes> {
+        Ok(self.read(path.into(), offset, len, false).await?.0)
     }
 
     /// Like [`Disk::read_at`], and the file's metadata as it was just after the read,
     /// taken from the same open file (no second walk of the path).
     pub async fn read_and_stat(
         &self,
-        path: PathBuf,
+        path: impl Into<Loc>,
         offset: u64,
         len: usize,
     ) -> io::Result<(Bytes, std::fs::Metadata)> {
-        let (data, meta) = self.read(path, offset, len, true).await?;
+        let (data, meta) = self.read(path.into(), offset, len, true).await?;
         Ok((data, meta.ok_or_else(|| io::Error::other("no metadata"))?))
     }
 
     async fn read(
         &self,
-        path: PathBuf,
+        path: Loc,
         offset: u64,
         len: usize,
         stat: bool,
@@ -143,19 +200,19 @@ impl Disk {
     }
 
     /// Writes `data` at `offset`, creating the file (and its folder) if needed.
-    pub async fn write_at(&self, path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
+    pub async fn write_at(&self, path: impl Into<Loc>, offset: u64, data: Bytes) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
         let done = Box::new(move |r| {
             let _ = reply.send(r);
         });
-        self.write_then(path, offset, data, done)?;
+        self.write_then(path.into(), offset, data, done)?;
         rx.await.map_err(|_| gone())?
     }
 
     /// Starts writing `data` at `offset` (like [`Disk::write_at`]) and returns at once;
     /// `done` is called on the disk thread when the write has ended. Nobody waits for
     /// each write, so a stream of small blocks wakes no task per block.
-    pub fn write_then(&self, path: PathBuf, offset: u64, data: Bytes, done: Done) -> io::Result<()> {
+    pub fn write_then(&self, path: Loc, offset: u64, data: Bytes, done: Done) -> io::Result<()> {
         let plain = data.len() < PLAIN_MAX;
         let req = Request::Write {
             path,
@@ -170,13 +227,14 @@ impl Disk {
     }
 
     /// Creates the file if needed, sets its length to `len` and syncs it to disk.
-    pub async fn sync(&self, path: PathBuf, len: u64) -> io::Result<()> {
+    pub async fn sync(&self, path: impl Into<Loc>, len: u64) -> io::Result<()> {
         self.finish(path, len, true).await
     }
 
     /// Creates the file (and its folder) if needed and sets its length to `len`; syncs
     /// it if `sync`.
-    pub async fn finish(&self, path: PathBuf, len: u64, sync: bool) -> io::Result<()> {
+    pub async fn finish(&self, path: impl Into<Loc>, len: u64, sync: bool) -> io::Result<()> {
+        let path = path.into();
         self.call(false, |reply| Request::Finish { path, len, sync, reply })
             .await
     }
@@ -240,9 +298,9 @@ fn plain_io(rx: std::sync::mpsc::Receiver<Request>) {
 
 /// Reads exactly `len` bytes at `offset` into a buffer that is not zeroed first (that
 /// cost more than the read itself for 256 KiB blocks).
-fn read_plain(path: &Path, offset: u64, len: usize, stat: bool) -> io::Result<(Bytes, Option<std::fs::Metadata>)> {
+fn read_plain(path: &Loc, offset: u64, len: usize, stat: bool) -> io::Result<(Bytes, Option<std::fs::Metadata>)> {
     use std::io::{Read, Seek};
-    let mut file = std::fs::File::open(path)?;
+    let mut file = path.open(libc::O_RDONLY)?;
     file.seek(io::SeekFrom::Start(offset))?;
     let mut buf = Vec::with_capacity(len);
     (&mut file).take(len as u64).read_to_end(&mut buf)?;
@@ -255,12 +313,11 @@ fn read_plain(path: &Path, offset: u64, len: usize, stat: bool) -> io::Result<(B
 
 /// A write with ordinary system calls: O_DIRECT when the data allows it (and the file
 /// system takes it), buffered otherwise.
-fn write_plain(path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(false);
+fn write_plain(path: &Loc, offset: u64, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let w = libc::O_WRONLY | libc::O_CREAT;
     if crate::buf::direct_ok(data, offset) {
-        match open_making_folder(path, |p| o.clone().custom_flags(libc::O_DIRECT).open(p)) {
+        match path.open(w | libc::O_DIRECT) {
             Ok(f) => match f.write_all_at(data, offset) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 other => return other,
@@ -269,7 +326,7 @@ fn write_plain(path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    open_making_folder(path, |p| o.open(p))?.write_all_at(data, offset)
+    path.open(w)?.write_all_at(data, offset)
 }
 
 /// Opens with `open`; if the file's folder is missing, makes it and opens again.
@@ -297,28 +354,43 @@ fn make_folder(path: &Path) -> io::Result<()> {
     }
 }
 
-/// [`open_making_folder`] on io_uring.
-async fn open_uring(o: &tokio_uring::fs::OpenOptions, path: &Path) -> io::Result<tokio_uring::fs::File> {
-    match o.open(path).await {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            make_folder(path)?;
-            o.open(path).await
+/// [`Loc::open`] on io_uring. A name below a folder held open is opened right here
+/// (io_uring's openat can not refuse symlinks on the way), then handed to io_uring.
+async fn open_uring(path: &Loc, flags: libc::c_int) -> io::Result<tokio_uring::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Loc::Path(p) = path else {
+        return Ok(tokio_uring::fs::File::from_std(path.open(flags)?));
+    };
+    let create = flags & libc::O_CREAT != 0;
+    let mut o = tokio_uring::fs::OpenOptions::new();
+    match create {
+        true => o.write(true).create(true),
+        false => o.read(true),
+    };
+    o.custom_flags((flags & !(libc::O_ACCMODE | libc::O_CREAT)) | libc::O_NOFOLLOW);
+    match o.open(p).await {
+        Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+            make_folder(p)?;
+            o.open(p).await
         }
         other => other,
     }
 }
 
-async fn read(path: PathBuf, offset: u64, len: usize, stat: bool) -> io::Result<(Bytes, Option<std::fs::Metadata>)> {
+/// The std `File` of an io_uring file, borrowed for calls io_uring lacks (fstat,
+/// ftruncate).
+fn borrow_std(file: &tokio_uring::fs::File) -> std::mem::ManuallyDrop<std::fs::File> {
     use std::os::fd::{AsRawFd, FromRawFd};
-    let file = tokio_uring::fs::File::open(&path).await?;
+    // SAFETY: the descriptor stays open while `file` lives, and ManuallyDrop keeps this
+    // borrowed `File` from closing it.
+    std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(file.as_raw_fd()) })
+}
+
+async fn read(path: Loc, offset: u64, len: usize, stat: bool) -> io::Result<(Bytes, Option<std::fs::Metadata>)> {
+    let file = open_uring(&path, libc::O_RDONLY).await?;
     let (res, buf) = file.read_exact_at(Vec::with_capacity(len), offset).await;
     let meta = match (&res, stat) {
-        (Ok(()), true) => {
-            // SAFETY: the descriptor stays open until `close` below, and ManuallyDrop
-            // keeps this borrowed `File` from closing it.
-            let borrowed = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(file.as_raw_fd()) });
-            Some(borrowed.metadata())
-        }
+        (Ok(()), true) => Some(borrow_std(&file).metadata()),
         _ => None,
     };
     let closed = file.close().await;
@@ -327,20 +399,16 @@ async fn read(path: PathBuf, offset: u64, len: usize, stat: bool) -> io::Result<
     Ok((Bytes::from(buf), meta.transpose()?))
 }
 
-fn open_for_write() -> tokio_uring::fs::OpenOptions {
-    let mut o = tokio_uring::fs::OpenOptions::new();
-    o.write(true).create(true);
-    o
-}
+const OPEN_FOR_WRITE: libc::c_int = libc::O_WRONLY | libc::O_CREAT;
 
-async fn write(path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
+async fn write(path: Loc, offset: u64, data: Bytes) -> io::Result<()> {
     if crate::buf::direct_ok(&data, offset) {
         match write_direct(&path, offset, data.clone()).await {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // no O_DIRECT here
             other => return other,
         }
     }
-    let file = open_uring(&open_for_write(), &path).await?;
+    let file = open_uring(&path, OPEN_FOR_WRITE).await?;
     let (res, _) = file.write_all_at(data, offset).await;
     let closed = file.close().await;
     res?;
@@ -348,27 +416,25 @@ async fn write(path: PathBuf, offset: u64, data: Bytes) -> io::Result<()> {
 }
 
 /// Writes aligned data with O_DIRECT: by DMA, not copied into the page cache.
-async fn write_direct(path: &Path, offset: u64, data: Bytes) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut o = open_for_write();
-    o.custom_flags(libc::O_DIRECT);
-    let file = open_uring(&o, path).await?;
+async fn write_direct(path: &Loc, offset: u64, data: Bytes) -> io::Result<()> {
+    let file = open_uring(path, OPEN_FOR_WRITE | libc::O_DIRECT).await?;
     let (res, _) = file.write_all_at(data, offset).await;
     let closed = file.close().await;
     res?;
     closed
 }
 
-async fn finish(path: PathBuf, len: u64, sync: bool) -> io::Result<()> {
+async fn finish(path: Loc, len: u64, sync: bool) -> io::Result<()> {
     if !sync && len > 0 {
         // Its last block was written, so it exists with its full length.
         return Ok(());
     }
-    let file = open_uring(&open_for_write(), &path).await?;
+    let file = open_uring(&path, OPEN_FOR_WRITE).await?;
     let res = async {
-        if std::fs::metadata(&path)?.len() != len {
+        let std = borrow_std(&file);
+        if std.metadata()?.len() != len {
             // Only for an empty file, which no block write created.
-            std::fs::OpenOptions::new().write(true).open(&path)?.set_len(len)?;
+            std.set_len(len)?;
         }
         if sync {
             file.sync_all().await?;

@@ -165,15 +165,28 @@ impl HashCache {
 
     /// The hashes of `path` as it is now, from the cache or by reading it.
     pub fn get_or_hash(&self, path: &Path, stamp: FileStamp) -> std::io::Result<FileHashes> {
+        self.get_or_hash_opened(stamp, || std::fs::File::open(path), |e| e)
+    }
+
+    /// Like [`HashCache::get_or_hash`], for a file that `open` opens (only if it is not
+    /// cached); `io` makes a read error one of the caller's.
+    pub fn get_or_hash_opened<E>(
+        &self,
+        stamp: FileStamp,
+        open: impl FnOnce() -> Result<std::fs::File, E>,
+        io: impl Fn(std::io::Error) -> E,
+    ) -> Result<FileHashes, E> {
         self.ready();
         if let Some(h) = self.map.lock().expect("hash cache").get(&stamp) {
             return Ok(h.clone());
         }
-        let f = std::fs::File::open(path)?;
-        let hashes = FileHashes::from_reader(std::io::BufReader::with_capacity(1 << 20, f), stamp.size)?;
+        let f = open()?;
+        let hashes =
+            FileHashes::from_reader(std::io::BufReader::with_capacity(1 << 20, &f), stamp.size).map_err(&io)?;
         self.hashed.fetch_add(1, Ordering::Relaxed);
-        // Cache only if the file did not change while it was read.
-        if FileStamp::now(path)? == stamp {
+        // Cache only if the file read is the version offered and did not change while
+        // it was read.
+        if FileStamp::of(&f.metadata().map_err(&io)?) == stamp {
             self.insert(stamp, &hashes);
         }
         Ok(hashes)

@@ -25,6 +25,7 @@
 //! - [`hashcache`]: hash once: roots and block values (and SST key spans) cached by
 //!   inode, size and mtime.
 //! - [`sst`]: the smallest and largest key of a RocksDB SST file, read from the file.
+//! - [`safefs`]: opening below a folder held open, never through a symlink.
 //! - [`stage`]: the receiving side's staging folder, resume scan, syncs, free space.
 //! - [`space`]: free space, counting what admitted jobs have still to write.
 //! - [`commit`]: the hand-over of a staged job to its target, crash-safe: an intent
@@ -110,6 +111,7 @@ pub mod metrics;
 pub mod proto;
 pub mod quic;
 pub mod ratelimit;
+pub mod safefs;
 pub mod source;
 pub mod space;
 pub mod sst;

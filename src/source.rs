@@ -10,6 +10,8 @@ use crate::proto::keys::{Key, KeyRange, KeySpan, Placement};
 use crate::proto::limits::MAX_FILES;
 use crate::proto::path::{PathError, RelPath, STAGING_DIR};
 use crate::proto::wire::{Offer, OfferFile};
+use crate::safefs::{self, Exported, Root};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,6 +38,8 @@ pub enum SourceError {
     Sst { path: PathBuf, err: crate::sst::SstError },
     #[error("region not aligned: {name} holds keys {span}, across the range boundary {key}")]
     NotAligned { name: String, span: KeySpan, key: Key },
+    #[error("{path}: has {links} hard links; an export sends only files with one")]
+    Links { path: PathBuf, links: u64 },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
@@ -53,6 +57,73 @@ pub struct SourceFile {
     pub size: u64,
     /// The version of the file that is offered; checked again once it has been read.
     pub stamp: FileStamp,
+    /// For an export's file: the export folder, held open, that it is opened below.
+    pub within: Option<Within>,
+}
+
+/// Where an export's file is: `rel` below the export folder `root`, held open. It is
+/// opened with no symlink followed and must be a regular file with one link: whoever
+/// can write into an export must not be able to make the agent send another file, by a
+/// symlink swapped in after the listing or by a hard link to it.
+#[derive(Debug, Clone)]
+pub struct Within {
+    pub root: Root,
+    pub rel: PathBuf,
+}
+
+impl PartialEq for Within {
+    fn eq(&self, other: &Within) -> bool {
+        Arc::ptr_eq(&self.root, &other.root) && self.rel == other.rel
+    }
+}
+impl Eq for Within {}
+
+impl SourceFile {
+    /// Opens the file to read it: an export's file below its export with no symlink
+    /// followed, and checked (see [`Within`]); any other with `O_NOFOLLOW`.
+    pub fn open(&self) -> Result<std::fs::File, SourceError> {
+        let Some(w) = &self.within else {
+            use std::os::unix::fs::OpenOptionsExt;
+            return std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&self.path)
+                .map_err(io_at(&self.path));
+        };
+        let file = safefs::open_beneath(w.root.as_fd(), &w.rel, libc::O_RDONLY, false).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ELOOP) => SourceError::Symlink(self.path.clone()),
+                _ => io_at(&self.path)(e),
+            }
+        })?;
+        self.check(&file.metadata().map_err(io_at(&self.path))?)?;
+        Ok(file)
+    }
+
+    /// Where the disk thread reads it (see [`SourceFile::open`]).
+    pub fn loc(&self) -> crate::disk::Loc {
+        match &self.within {
+            Some(w) => crate::disk::Loc::Beneath {
+                dir: w.root.clone(),
+                rel: w.rel.clone(),
+                shown: self.path.clone(),
+            },
+            None => crate::disk::Loc::Path(self.path.clone()),
+        }
+    }
+
+    /// Checks the metadata of the opened file: an export's must be a regular file with
+    /// one link.
+    pub fn check(&self, meta: &std::fs::Metadata) -> Result<(), SourceError> {
+        match self.within.as_ref().map(|_| safefs::check_exported(meta)) {
+            None | Some(Ok(())) => Ok(()),
+            Some(Err(Exported::NotFile)) => Err(SourceError::NotFile(self.path.clone())),
+            Some(Err(Exported::Links(links))) => Err(SourceError::Links {
+                path: self.path.clone(),
+                links,
+            }),
+        }
+    }
 }
 
 /// Lists the files of a push: each path under its own name, folders recursively. A path
@@ -83,8 +154,10 @@ pub fn select_sst(
 ) -> Result<Vec<(SourceFile, KeySpan)>, SourceError> {
     let mut out = vec![];
     for f in list.into_iter().filter(|f| f.name.as_str().ends_with(".sst")) {
+        // Opened first (and an export's file checked) even if its keys are cached.
+        let file = f.open()?;
         let span = cache
-            .keys_or_read(&f.path, f.stamp, sst_span)
+            .keys_or_read(&f.path, f.stamp, |_| sst_span(&file))
             .map_err(|err| SourceError::Sst {
                 path: f.path.clone(),
                 err,
@@ -104,8 +177,8 @@ pub fn select_sst(
     Ok(out)
 }
 
-fn sst_span(path: &Path) -> Result<KeySpan, crate::sst::SstError> {
-    let k = crate::sst::read_keys(path)?;
+fn sst_span(file: &std::fs::File) -> Result<KeySpan, crate::sst::SstError> {
+    let k = crate::sst::read_keys_from(file)?;
     Ok(KeySpan {
         smallest: Key(k.smallest),
         largest: Key(k.largest),
@@ -126,63 +199,87 @@ pub fn collect_named(files: &[(String, PathBuf)]) -> Result<Vec<SourceFile>, Sou
     finish(out)
 }
 
-/// Lists an export's files: all of them, or the named ones.
+/// Lists an export's files: all of them, or the named ones. Each is then opened below
+/// the export, held open, with no symlink followed, and must have one link (see
+/// [`Within`]); a named file is opened and checked right here.
 pub fn collect_export(root: &Path, names: &[String]) -> Result<Vec<SourceFile>, SourceError> {
+    let dir: Root = Arc::new(safefs::open_dir(root).map_err(io_at(root))?);
     let mut out = Vec::new();
     if names.is_empty() {
-        walk(root, None, &mut out)?;
+        walk(root, None, Some(&dir), &mut out)?;
         return finish(out);
     }
     for n in names {
         let rel = RelPath::new(n)?;
-        let mut cur = root.to_path_buf();
-        for c in rel.components() {
-            cur.push(c);
-            let meta = std::fs::symlink_metadata(&cur).map_err(|_| SourceError::NotFound(n.clone()))?;
-            if meta.file_type().is_symlink() {
-                return Err(SourceError::Symlink(cur));
+        let path = rel.under(root);
+        let within = Within {
+            root: dir.clone(),
+            rel: PathBuf::from(rel.as_str()),
+        };
+        let opened = safefs::open_beneath(dir.as_fd(), &within.rel, libc::O_RDONLY, false);
+        let meta = match opened.and_then(|f| f.metadata()) {
+            Ok(m) => m,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(SourceError::Symlink(path)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                return Err(SourceError::NotFound(n.clone()))
             }
-        }
-        let meta = std::fs::metadata(&cur).map_err(io_at(&cur))?;
+            Err(e) => return Err(io_at(&path)(e)),
+        };
         if !meta.is_file() {
             return Err(SourceError::NotFound(n.clone()));
         }
-        out.push(SourceFile {
+        let file = SourceFile {
             name: rel,
-            path: cur,
             size: meta.len(),
             stamp: FileStamp::of(&meta),
-        });
+            within: Some(within),
+            path,
+        };
+        file.check(&meta)?;
+        out.push(file);
     }
     finish(out)
 }
 
 fn add_entry(path: &Path, name: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
     let meta = std::fs::symlink_metadata(path).map_err(io_at(path))?;
-    add_found(path, name, meta, out)
+    add_found(path, name, meta, None, out)
 }
 
-/// Adds the file or folder at `path`, whose own (not followed) metadata is `meta`.
-fn add_found(path: &Path, name: &str, meta: std::fs::Metadata, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+/// Adds the file or folder at `path`, whose own (not followed) metadata is `meta`; in an
+/// export (held open as `export`) a file must have one link.
+fn add_found(
+    path: &Path,
+    name: &str,
+    meta: std::fs::Metadata,
+    export: Option<&Root>,
+    out: &mut Vec<SourceFile>,
+) -> Result<(), SourceError> {
     if meta.file_type().is_symlink() {
         return Err(SourceError::Symlink(path.to_path_buf()));
     }
     if meta.is_file() {
-        out.push(SourceFile {
+        let file = SourceFile {
             name: RelPath::new(name)?,
             path: path.to_path_buf(),
             size: meta.len(),
             stamp: FileStamp::of(&meta),
-        });
+            within: export.map(|root| Within {
+                root: root.clone(),
+                rel: PathBuf::from(name),
+            }),
+        };
+        file.check(&meta)?;
+        out.push(file);
         Ok(())
     } else if meta.is_dir() {
-        walk(path, Some(name), out)
+        walk(path, Some(name), export, out)
     } else {
         Err(SourceError::NotFile(path.to_path_buf()))
     }
 }
 
-fn walk(dir: &Path, prefix: Option<&str>, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+fn walk(dir: &Path, prefix: Option<&str>, export: Option<&Root>, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
     for entry in std::fs::read_dir(dir).map_err(io_at(dir))? {
         let entry = entry.map_err(io_at(dir))?;
         let fname = entry.file_name();
@@ -197,7 +294,7 @@ fn walk(dir: &Path, prefix: Option<&str>, out: &mut Vec<SourceFile>) -> Result<(
         // Stat relative to the open folder: no walk of the whole path per file.
         let path = entry.path();
         let meta = entry.metadata().map_err(io_at(&path))?;
-        add_found(&path, &name, meta, out)?;
+        add_found(&path, &name, meta, export, out)?;
         if out.len() > MAX_FILES {
             return Err(SourceError::TooMany { got: out.len() });
         }
@@ -237,9 +334,8 @@ pub async fn make_offer(
             mine.into_iter()
                 .map(|(i, f)| {
                     cache
-                        .get_or_hash(&f.path, f.stamp)
+                        .get_or_hash_opened(f.stamp, || f.open(), |e| io_at(&f.path)(e))
                         .map(|h| (i, h))
-                        .map_err(io_at(&f.path))
                 })
                 .collect::<Result<Vec<_>, _>>()
         });
@@ -340,6 +436,38 @@ mod tests {
             collect_export(&root, &["nope".into()]),
             Err(SourceError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn export_files_swapped_for_a_symlink_or_with_more_links_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("r");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("f"), b"f").unwrap();
+        std::fs::write(root.join("g"), b"g").unwrap();
+        std::fs::write(t.path().join("secret"), b"secret").unwrap();
+        let files = collect_export(&root, &[]).unwrap();
+        assert!(files.iter().all(|f| f.open().is_ok()));
+        // Swapped for a symlink after the listing: not followed.
+        std::fs::remove_file(root.join("f")).unwrap();
+        std::os::unix::fs::symlink(t.path().join("secret"), root.join("f")).unwrap();
+        assert!(matches!(files[0].open(), Err(SourceError::Symlink(_))));
+        // A second link, made after the listing or before it.
+        std::fs::hard_link(root.join("g"), t.path().join("elsewhere")).unwrap();
+        let err = files[1].open().unwrap_err();
+        assert!(matches!(err, SourceError::Links { links: 2, .. }), "{err}");
+        assert!(err
+            .to_string()
+            .ends_with("g: has 2 hard links; an export sends only files with one"));
+        assert!(matches!(
+            collect_export(&root, &["g".into()]),
+            Err(SourceError::Links { .. })
+        ));
+        std::fs::remove_file(root.join("f")).unwrap();
+        assert!(matches!(collect_export(&root, &[]), Err(SourceError::Links { .. })));
+        // A push of a hard-linked local file is the user's own choice: sent.
+        let pushed = collect_push(&[root.join("g")]).unwrap();
+        assert!(pushed[0].open().is_ok());
     }
 
     #[tokio::test]

@@ -110,8 +110,12 @@ fn compression_name(kind: u8) -> String {
 
 /// Reads the key range of the SST file at `path`.
 pub fn read_keys(path: &Path) -> Result<SstKeys, SstError> {
+    read_keys_from(&std::fs::File::open(path)?)
+}
+
+/// [`read_keys`] of a file already open.
+pub fn read_keys_from(file: &std::fs::File) -> Result<SstKeys, SstError> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
     let read = |offset: u64, n: usize| {
         let mut buf = vec![0; n];

@@ -7,15 +7,23 @@
 //! from disk and asks only for what is missing, even after the agent restarted. A held
 //! job's blocks are all verified again before it commits ([`Stage::verify`]). Placing
 //! the staged files into the target is [`crate::commit`]'s.
+//!
+//! The job id is predictable and the target may be writable by other local users, so
+//! nothing under staging is reached by path: `.barge-staging` and the job's folder are
+//! made mode 0700 and must be real folders owned by the agent, checked on the opened
+//! descriptors; every staged file is opened below the job's folder, held open, with no
+//! symlink followed ([`crate::safefs`]). A symlink found there is an error.
 
-use crate::disk::Disk;
+use crate::disk::{Disk, Loc};
 use crate::proto::blocks::{block_count, block_len, BLOCK_SIZE};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::{RelPath, STAGING_DIR};
 use crate::proto::wire::Offer;
+use crate::safefs::{self, Root, Unsafe};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 /// Why staging or placing files failed.
@@ -27,6 +35,43 @@ pub enum StageError {
     Exists(String),
     #[error("{0} would resolve outside the target (symlink)")]
     Escape(String),
+    #[error("staging folder {path} is owned by uid {uid}, not the agent (uid {agent})")]
+    NotOwned { path: PathBuf, uid: u32, agent: u32 },
+    #[error("staging folder {0} is a symlink or not a folder")]
+    NotDir(PathBuf),
+    #[error("staging folder {path} has mode {mode:o} and can not be made 0700")]
+    Loose { path: PathBuf, mode: u32 },
+}
+
+/// Makes (if `make`) or opens the private folder `name` in `parent`: see
+/// [`safefs::private_dir`]. Returns it and whether it was made.
+fn private(parent: BorrowedFd<'_>, name: &str, path: &Path, make: bool) -> Result<(OwnedFd, bool), StageError> {
+    match safefs::private_dir(parent, name, make).map_err(io_at(path))? {
+        Ok(made) => Ok(made),
+        Err(Unsafe::NotDir) => Err(StageError::NotDir(path.to_path_buf())),
+        Err(Unsafe::Owner { uid, agent }) => Err(StageError::NotOwned {
+            path: path.to_path_buf(),
+            uid,
+            agent,
+        }),
+        Err(Unsafe::Mode(mode)) => Err(StageError::Loose {
+            path: path.to_path_buf(),
+            mode,
+        }),
+    }
+}
+
+/// Opens (or, with `make`, makes) the job folder `job_dir` of `<target>/.barge-staging`,
+/// checking both folders; returns it and whether it was made.
+fn open_job_dir(job_dir: &Path, make: bool) -> Result<(OwnedFd, bool), StageError> {
+    let staging = job_dir.parent().filter(|s| s.ends_with(STAGING_DIR));
+    let (Some(staging), Some(id)) = (staging, job_dir.file_name().and_then(|n| n.to_str())) else {
+        return Err(StageError::NotDir(job_dir.to_path_buf()));
+    };
+    let target = staging.parent().unwrap_or(Path::new("/"));
+    let target_fd = safefs::open_dir(target).map_err(io_at(target))?;
+    let (staging_fd, _) = private(target_fd.as_fd(), STAGING_DIR, staging, make)?;
+    private(staging_fd.as_fd(), id, job_dir, make)
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
@@ -43,6 +88,8 @@ pub struct Stage {
     pub files_dir: PathBuf,
     /// Made by this `open`: nothing can be staged in it yet, so there is nothing to scan.
     fresh: bool,
+    /// The job's folder, held open once opened and checked (see the module docs).
+    dir: Arc<OnceLock<Result<Root, String>>>,
 }
 
 impl Stage {
@@ -50,40 +97,63 @@ impl Stage {
     /// below it are made by the disk thread as their first file is written (see
     /// [`Disk::write_at`]).
     pub fn open(target: &Path, job: &ReceiveJob) -> Result<Stage, StageError> {
-        let staging = target.join(STAGING_DIR);
-        ensure_real_dir(&staging, STAGING_DIR)?;
-        let job_dir = staging.join(job.id.to_string());
+        let job_dir = target.join(STAGING_DIR).join(job.id.to_string());
         let files_dir = job_dir.join("files");
-        let fresh = match std::fs::create_dir(&job_dir) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(io_at(&job_dir)(e)),
-        };
-        std::fs::create_dir_all(&files_dir).map_err(io_at(&files_dir))?;
+        let (dir, fresh) = open_job_dir(&job_dir, true)?;
+        safefs::walk_dirs(dir.as_fd(), Path::new("files"), true).map_err(io_at(&files_dir))?;
         // Touch the folder: its mtime is what the expiry sweep looks at.
         let now = std::fs::FileTimes::new().set_modified(SystemTime::now());
-        std::fs::File::open(&job_dir)
-            .and_then(|f| f.set_times(now))
+        std::fs::File::from(dir.try_clone().map_err(io_at(&job_dir))?)
+            .set_times(now)
             .map_err(io_at(&job_dir))?;
         Ok(Stage {
             job_dir,
             files_dir,
             fresh,
+            dir: Arc::new(OnceLock::from(Ok(Arc::new(dir)))),
         })
     }
 
-    /// The staging folder of an earlier job, by its folder.
+    /// The staging folder of an earlier job, by its folder; opened (and checked) when a
+    /// file in it is first needed.
     pub fn at(job_dir: PathBuf) -> Stage {
         let files_dir = job_dir.join("files");
         Stage {
             job_dir,
             files_dir,
             fresh: false,
+            dir: Arc::new(OnceLock::new()),
         }
     }
 
+    /// Where a staged file is, for messages and for hooks that read it.
     pub fn file(&self, rel: &RelPath) -> PathBuf {
         rel.under(&self.files_dir)
+    }
+
+    /// The job's folder, held open.
+    pub fn root(&self) -> io::Result<&Root> {
+        let dir = self.dir.get_or_init(|| {
+            open_job_dir(&self.job_dir, false)
+                .map(|(d, _)| Arc::new(d))
+                .map_err(|e| e.to_string())
+        });
+        dir.as_ref()
+            .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.clone()))
+    }
+
+    /// A staged file, to be opened below the job's folder with no symlink followed.
+    pub fn place(&self, rel: &RelPath) -> io::Result<Loc> {
+        Ok(Loc::Beneath {
+            dir: self.root()?.clone(),
+            rel: Path::new("files").join(rel.as_str()),
+            shown: self.file(rel),
+        })
+    }
+
+    /// `lstat` of a staged file, reached with no symlink followed.
+    fn stat(&self, rel: &RelPath) -> io::Result<std::fs::Metadata> {
+        safefs::stat_beneath(self.root()?.as_fd(), &Path::new("files").join(rel.as_str()))
     }
 
     /// Re-verifies what an earlier attempt staged and records the good blocks.
@@ -96,8 +166,13 @@ impl Stage {
         }
         let offer = job.offer.clone();
         for (i, f) in offer.files.iter().enumerate() {
-            let path = self.file(&job.paths[i]);
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let rel = &job.paths[i];
+            let (Ok(meta), Ok(path)) = (self.stat(rel), self.place(rel)) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
             for b in 0..block_count(f.hashes.size) {
                 let len = block_len(f.hashes.size, b);
                 if meta.len() < b * BLOCK_SIZE + len as u64 {
@@ -124,12 +199,14 @@ impl Stage {
         let mut bad = std::collections::BTreeSet::new();
         let mut reads = tokio::task::JoinSet::new();
         for (i, f) in offer.files.iter().enumerate() {
-            let path = self.file(&paths[i]);
             let size = f.hashes.size;
-            if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == size) {
-                bad.insert(i);
-                continue;
-            }
+            let path = match self.place(&paths[i]) {
+                Ok(p) if self.stat(&paths[i]).is_ok_and(|m| m.is_file() && m.len() == size) => p,
+                _ => {
+                    bad.insert(i);
+                    continue;
+                }
+            };
             for b in 0..block_count(size) {
                 while reads.len() >= IN_FLIGHT {
                     if let Some(Ok(Some(i))) = reads.join_next().await {
@@ -164,34 +241,49 @@ impl Stage {
             if many && f.hashes.size > 0 {
                 continue;
             }
-            let path = self.file(&paths[i]);
+            let path = self.place(&paths[i]).map_err(io_at(&self.job_dir))?;
             let (disk, size) = (disk.clone(), f.hashes.size);
-            syncs.spawn(async move { disk.finish(path.clone(), size, !many).await.map_err(|e| (path, e)) });
+            syncs.spawn(async move {
+                let shown = path.shown().to_path_buf();
+                disk.finish(path, size, !many).await.map_err(|e| (shown, e))
+            });
         }
         while let Some(r) = syncs.join_next().await {
             r.expect("sync task")
                 .map_err(|(path, source)| StageError::Io { path, source })?;
         }
-        let mut dirs: Vec<PathBuf> = paths
-            .iter()
-            .filter_map(|p| self.file(p).parent().map(Path::to_path_buf))
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        let files_dir = self.files_dir.clone();
+        let root = self.root().map_err(io_at(&self.job_dir))?.clone();
+        let job_dir = self.job_dir.clone();
         if many {
-            return tokio::task::spawn_blocking(move || syncfs(&files_dir))
+            return tokio::task::spawn_blocking(move || syncfs_of(&root, &job_dir))
                 .await
                 .expect("sync task");
         }
-        tokio::task::spawn_blocking(move || sync_dirs(&dirs, &files_dir))
+        let mut dirs: Vec<PathBuf> = paths
+            .iter()
+            .filter_map(|p| Path::new("files").join(p.as_str()).parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        tokio::task::spawn_blocking(move || sync_dirs(&root, &dirs, &job_dir))
             .await
             .expect("sync task")
     }
 
-    /// Removes the staging folder and everything in it.
+    /// Removes the staging folder and everything in it (a symlink in its place only
+    /// as a link), found in `.barge-staging` held open: a `.barge-staging` swapped for a
+    /// symlink meanwhile does not lead the removal elsewhere.
     pub fn remove(&self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.job_dir) {
+        let staging = self.job_dir.parent().and_then(|s| Some((s, s.parent()?)));
+        let (Some((staging, target)), Some(id)) = (staging, self.job_dir.file_name()) else {
+            return;
+        };
+        let removed =
+            safefs::open_dir(target).and_then(|t| match safefs::private_dir(t.as_fd(), STAGING_DIR, false)? {
+                Ok((dir, _)) => std::fs::remove_dir_all(safefs::fd_path(&dir).join(id)),
+                Err(_) => Err(io::Error::other(format!("{} is not the agent's", staging.display()))),
+            });
+        if let Err(e) = removed {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(dir = %self.job_dir.display(), error = %e, "cannot remove staging folder");
             }
@@ -199,18 +291,33 @@ impl Stage {
     }
 }
 
-/// Syncs every folder from each of `dirs` up to and including `top`.
-fn sync_dirs(dirs: &[PathBuf], top: &Path) -> Result<(), StageError> {
+/// Syncs every folder from each of `dirs` (relative to the job's folder `root`) up to
+/// and including `files`, walked with no symlink followed.
+fn sync_dirs(root: &Root, dirs: &[PathBuf], job_dir: &Path) -> Result<(), StageError> {
     let mut done = std::collections::HashSet::new();
     for d in dirs {
         let mut cur = Some(d.as_path());
-        while let Some(dir) = cur.filter(|c| c.starts_with(top)) {
+        while let Some(dir) = cur.filter(|c| c.starts_with("files")) {
             if !done.insert(dir.to_path_buf()) {
                 break;
             }
-            sync_dir(dir)?;
+            let shown = job_dir.join(dir);
+            safefs::walk_dirs(root.as_fd(), dir, false)
+                .map(std::fs::File::from)
+                .and_then(|f| f.sync_all())
+                .map_err(io_at(&shown))?;
             cur = dir.parent();
         }
+    }
+    Ok(())
+}
+
+/// [`syncfs`] of the file system that holds the open folder `root`.
+fn syncfs_of(root: &Root, shown: &Path) -> Result<(), StageError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: root is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
+        return Err(io_at(shown)(io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -236,29 +343,16 @@ pub fn sync_dir(dir: &Path) -> Result<(), StageError> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_at(dir))
 }
 
-/// Creates `path` as a folder if missing; refuses it if it is a symlink or a file.
-fn ensure_real_dir(path: &Path, name: &str) -> Result<(), StageError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(StageError::Escape(name.to_string())),
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(StageError::Exists(name.to_string())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(path)
-            .or_else(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists => Ok(()),
-                _ => Err(e),
-            })
-            .map_err(io_at(path)),
-        Err(e) => Err(StageError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }),
-    }
-}
-
 /// Removes staged jobs of `target` untouched for longer than `ttl`, except those named
 /// in `keep` (held jobs, which expire on their own clock); returns how many.
+/// Only a `.barge-staging` that is the agent's own folder is swept, through its open
+/// descriptor (see [`Stage::remove`]).
 pub fn sweep_expired(target: &Path, ttl: Duration, keep: &std::collections::HashSet<String>) -> usize {
-    let staging = target.join(STAGING_DIR);
+    let dir = safefs::open_dir(target).and_then(|t| safefs::private_dir(t.as_fd(), STAGING_DIR, false));
+    let Ok(Ok((dir, _))) = dir else {
+        return 0;
+    };
+    let staging = safefs::fd_path(&dir);
     let Ok(entries) = std::fs::read_dir(&staging) else {
         return 0;
     };
@@ -329,5 +423,57 @@ mod tests {
         assert_eq!(sweep_expired(t.path(), Duration::ZERO, &keep), 1);
         assert!(!t.path().join(STAGING_DIR).join("job1").exists());
         assert!(t.path().join(STAGING_DIR).join("held").exists(), "held jobs are kept");
+    }
+
+    #[test]
+    fn a_staging_folder_swapped_for_a_symlink_is_neither_swept_nor_removed_from() {
+        let t = tempfile::tempdir().unwrap();
+        let elsewhere = t.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("job1")).unwrap();
+        let target = t.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, target.join(STAGING_DIR)).unwrap();
+        assert_eq!(sweep_expired(&target, Duration::ZERO, &Default::default()), 0);
+        Stage::at(target.join(STAGING_DIR).join("job1")).remove();
+        assert!(elsewhere.join("job1").is_dir(), "nothing removed through the link");
+        // A planted symlink as a job folder is removed as a link only.
+        std::fs::remove_file(target.join(STAGING_DIR)).unwrap();
+        std::fs::create_dir(target.join(STAGING_DIR)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, target.join(STAGING_DIR).join("job2")).unwrap();
+        Stage::at(target.join(STAGING_DIR).join("job2")).remove();
+        assert!(!target.join(STAGING_DIR).join("job2").exists());
+        assert!(elsewhere.join("job1").is_dir());
+    }
+
+    #[test]
+    fn a_staging_folder_of_another_user_or_a_symlink_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let offer = Offer {
+            target: "t".into(),
+            files: vec![],
+            meta: vec![],
+            tcp_lane: false,
+            hold: false,
+        };
+        let job = ReceiveJob::new(offer).unwrap();
+        std::os::unix::fs::symlink(t.path(), t.path().join(STAGING_DIR)).unwrap();
+        let err = Stage::open(t.path(), &job).unwrap_err();
+        assert!(matches!(err, StageError::NotDir(_)), "{err}");
+        assert!(
+            err.to_string().ends_with(".barge-staging is a symlink or not a folder"),
+            "{err}"
+        );
+        std::fs::remove_file(t.path().join(STAGING_DIR)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::fs::create_dir(t.path().join(STAGING_DIR)).unwrap();
+            std::os::unix::fs::chown(t.path().join(STAGING_DIR), Some(12345), None).unwrap();
+            let err = Stage::open(t.path(), &job).unwrap_err();
+            let want = format!(
+                "staging folder {} is owned by uid 12345, not the agent (uid 0)",
+                t.path().join(STAGING_DIR).display()
+            );
+            assert_eq!(err.to_string(), want);
+        }
     }
 }

@@ -272,7 +272,7 @@ fn send_lane(
         }
         let (path, stamp) = (&sources[b.file as usize].path, sources[b.file as usize].stamp);
         if open.as_ref().map(|(f, _)| *f) != Some(b.file) {
-            open = Some((b.file, std::fs::File::open(path).map_err(io(path))?));
+            open = Some((b.file, sources[b.file as usize].open()?));
         }
         let file = &open.as_ref().expect("file opened above").1;
         let head = BlockHeader {
@@ -294,6 +294,7 @@ fn send_lane(
         if crate::hashcache::FileStamp::of(&now) != stamp {
             return Err(TransferError::SourceChanged(path.clone()));
         }
+        sources[b.file as usize].check(&now)?;
         blocks += 1;
         bytes += b.len as u64;
     }

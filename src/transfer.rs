@@ -232,7 +232,7 @@ async fn send_accepted(
         streams: plan.lanes.len(),
         ..Default::default()
     };
-    let paths = Arc::new(sources.iter().map(|s| s.path.clone()).collect());
+    let paths = Arc::new(sources.clone());
     let watch = Arc::new(SourceWatch::new(&sources, fault.change_source));
     report.tcp_lane = grant.is_some() && offer.tcp_lane;
     report.connections = if report.tcp_lane {
@@ -339,16 +339,24 @@ impl SourceWatch {
         }
     }
 
-    /// Reads block `b` of the file at `path` and checks that the file is unchanged.
-    async fn read(&self, disk: &Disk, path: PathBuf, b: &crate::proto::job::BlockRef) -> Result<Bytes, TransferError> {
+    /// Reads block `b` of `source` and checks that the file is unchanged (and, for an
+    /// export's file, still has one link: see [`crate::source::Within`]).
+    async fn read(
+        &self,
+        disk: &Disk,
+        source: &SourceFile,
+        b: &crate::proto::job::BlockRef,
+    ) -> Result<Bytes, TransferError> {
         let i = b.file as usize;
+        let path = source.path.clone();
         if i == 0 && self.change_first.swap(false, Ordering::SeqCst) {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new().append(true).open(&path);
             let _ = f.as_mut().map(|f| f.write_all(b"!"));
         }
-        let read = disk.read_and_stat(path.clone(), b.offset, b.len as usize).await;
+        let read = disk.read_and_stat(source.loc(), b.offset, b.len as usize).await;
         let (data, meta) = read.map_err(|e| source_read_error(path.clone(), e))?;
+        source.check(&meta)?;
         if FileStamp::of(&meta) != self.stamps[i] {
             return Err(TransferError::SourceChanged(path));
         }
@@ -399,7 +407,7 @@ async fn run_lanes(
     conns: &[quinn::Connection],
     job: JobId,
     plan: SendPlan,
-    sources: Arc<Vec<PathBuf>>,
+    sources: Arc<Vec<SourceFile>>,
     watch: Arc<SourceWatch>,
     disk: &Disk,
     fault: &Fault,
@@ -429,7 +437,7 @@ async fn run_lanes(
 
 struct LaneCtx {
     job: JobId,
-    sources: Arc<Vec<PathBuf>>,
+    sources: Arc<Vec<SourceFile>>,
     watch: Arc<SourceWatch>,
     disk: Disk,
     fault: Fault,
@@ -461,8 +469,7 @@ async fn send_lane(
     let watch = ctx.watch.clone();
     let reader = tokio::spawn(async move {
         for b in lane {
-            let path = sources[b.file as usize].clone();
-            let r = watch.read(&disk, path, &b).await.map(|d| (b, d));
+            let r = watch.read(&disk, &sources[b.file as usize], &b).await.map(|d| (b, d));
             if tx.send(r).await.is_err() {
                 return;
             }
@@ -506,6 +513,9 @@ async fn send_lane(
 }
 
 fn source_read_error(path: PathBuf, e: std::io::Error) -> TransferError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return SourceError::Symlink(path).into();
+    }
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         let source = std::io::Error::other("file shrank while it was sent");
         return TransferError::Io { path, source };
@@ -689,7 +699,12 @@ pub(crate) async fn take_block(
     })?;
     let permit = writes.0.clone().acquire_many_owned(Writes::units(len)).await;
     let permit = permit.map_err(|_| TransferError::Protocol("writes dropped".into()))?;
-    let path = inc.stage.file(&inc.job.lock().expect("job").paths[head.file as usize]);
+    let rel = inc.job.lock().expect("job").paths[head.file as usize].clone();
+    let path = inc.stage.file(&rel);
+    let loc = inc.stage.place(&rel).map_err(|source| TransferError::Io {
+        path: path.clone(),
+        source,
+    })?;
     // A failed or aborted job takes no more writes. Waiters are woken only for what
     // they wait on (an abort waits for writes to end, a commit for the last block),
     // not once per block: a job of 20,000 small files would wake them 60,000 times.
@@ -710,7 +725,7 @@ pub(crate) async fn take_block(
     };
     let done = Box::new(move |r: std::io::Result<()>| pending.end(r));
     inc.disk
-        .write_then(path.clone(), offset, data, done)
+        .write_then(loc, offset, data, done)
         .map_err(|source| TransferError::Io { path, source })
 }
 

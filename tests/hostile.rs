@@ -52,6 +52,7 @@ async fn send_offer(
             path: source.clone(),
             size: f.hashes.size,
             stamp,
+            within: None,
         })
         .collect();
     let disk = Disk::start().unwrap();

@@ -903,7 +903,7 @@ fn source_code(e: &crate::source::SourceError) -> u16 {
     use crate::source::SourceError as S;
     match e {
         S::NotFound(_) => code::NOT_FOUND,
-        S::BadName(_) | S::Symlink(_) => code::BAD_NAME,
+        S::BadName(_) | S::Symlink(_) | S::Links { .. } => code::BAD_NAME,
         S::TooMany { .. } => code::LIMIT,
         S::NotAligned { .. } => code::NOT_ALIGNED,
         _ => code::IO,
