@@ -213,7 +213,9 @@ fn takeover(host: &mut Host) -> Row {
         let to = host.peer();
         host.run_as(
             who,
-            &["push", "src/job", "--to", &to, "--import", "in", "--hold", "--meta", meta, "--json"],
+            &[
+                "push", "src/job", "--to", &to, "--import", "in", "--hold", "--meta", meta, "--json",
+            ],
         )
     };
     let (code, out, err) = push("ops", "region=1");

@@ -609,7 +609,7 @@ impl JobCtx {
         let _guard = ActiveGuard::take_over(&self.shared, job.id, &self.peer)
             .instrument(span.clone())
             .await?;
-        let _slot = JobSlot::claim(&self.shared, &live, &self.peer)?;
+        let slot = JobSlot::claim(&self.shared, &live, &self.peer)?;
         if let Some(done) = handover::committed_before(&self.shared.commits, job.id, &self.peer, &target, &job.paths) {
             span.in_scope(|| info!(report = %done.report, "committed before; sent again, confirmed without data"));
             // What a commit cut off after its outcome was recorded left in staging.
@@ -631,7 +631,7 @@ impl JobCtx {
         let (job, stage, space) = async { self.prepare(job, &target, hook.as_ref(), limits).await }
             .instrument(span.clone())
             .await?;
-        let run = self.receive(job, stage, space, target, hook, send, recv);
+        let run = self.receive(job, stage, (space, slot), target, hook, send, recv);
         if let Err(e) = run.instrument(span.clone()).await {
             span.in_scope(|| warn!(error = %e, "job failed"));
         }
@@ -769,7 +769,7 @@ impl JobCtx {
         &self,
         job: ReceiveJob,
         stage: Stage,
-        space: Reservation,
+        (space, job_slot): (Reservation, JobSlot<'_>),
         target: Import,
         hook: Arc<dyn ImportHook>,
         send: &mut quinn::SendStream,
@@ -813,6 +813,9 @@ impl JobCtx {
             stall: Some(self.shared.config().limits.stall),
         };
         let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await;
+        // The sender has its answer: its next job may have the slot while this one's
+        // outcome is recorded (the same job sent again still waits, see `ActiveGuard`).
+        drop(job_slot);
         let placed = recording.lock().expect("recording").take();
         self.shared.metrics.job(match (&out, &placed) {
             (Ok(Received::Committed(_)), _) | (Err(_), Some(_)) => Outcome::Committed,
