@@ -281,13 +281,13 @@ fn peer_cases(host: &mut Host, dir: &Path) -> Vec<Case> {
         Case::new(
             "an import target that does not exist",
             5,
-            "no import target named \"nowhere\"",
+            "ops may not write to import target \"nowhere\" (there is none it may use by that name)",
             host.run(&["push", "src/one", "--to", &peer, "--import", "nowhere"]),
         ),
         Case::new(
-            "an identity not on the allow list",
+            "an identity on no allow list",
             5,
-            "may not write to import target",
+            "ops2 is on no allow list of this agent",
             barge(
                 &[
                     "push",

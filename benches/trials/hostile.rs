@@ -30,8 +30,11 @@ pub fn attacks(ctx: &mut Ctx) -> Vec<Row> {
         connection_lockout(&mut host, &rt),
         slot_lockout(&mut host, &rt),
         takeover(&mut host),
+        planted(&mut host),
     ];
     host.stop();
+    let mut rows = rows;
+    rows.push(lane_flood(ctx));
     rows
 }
 
@@ -254,4 +257,175 @@ fn takeover(host: &mut Host) -> Row {
     ));
     clear(host);
     row
+}
+
+/// 35 bytes outside every target and export that must stay as they are.
+const VICTIM: &[u8] = b"thirty-five bytes of someone's data";
+
+/// The id the agent will give `src/job` pushed into `in` (no metadata).
+fn job_id(host: &Host) -> String {
+    let data = std::fs::read(host.dir.join("src/job/a")).unwrap();
+    let hashes = barge::proto::blocks::FileHashes::from_reader(&data[..], data.len() as u64).unwrap();
+    let offer = barge::proto::wire::Offer {
+        target: "in".into(),
+        files: vec![barge::proto::wire::OfferFile {
+            path: "job/a".into(),
+            hashes,
+            keys: None,
+        }],
+        meta: vec![],
+        tcp_lane: false,
+        hold: false,
+    };
+    offer.job_id().to_string()
+}
+
+/// A local user who can write into the target and the export plants symlinks, a hard
+/// link and a staging folder of its own: nothing outside is written, truncated, moved
+/// or sent, and each push or pull is refused with a reason.
+fn planted(host: &mut Host) -> Row {
+    let mut row = Row::new("planted symlinks, hard links and foreign staging (a local user)");
+    let dir = host.dir.clone();
+    let outside = dir.join("outside");
+    let reset_victim = || {
+        let _ = std::fs::remove_dir_all(&outside);
+        write(&outside.join("files/job/a"), VICTIM);
+        write(&outside.join("secret"), VICTIM);
+    };
+    let untouched = |what: &str| -> Result<(), String> {
+        let same = std::fs::read(outside.join("files/job/a")).ok().as_deref() == Some(VICTIM)
+            && std::fs::read(outside.join("secret")).ok().as_deref() == Some(VICTIM)
+            && list(&outside).len() == 2;
+        match same {
+            true => Ok(()),
+            false => Err(format!("{what}: something outside changed: {:?}", list(&outside))),
+        }
+    };
+    let staging = dir.join("in/.barge-staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let push = |host: &Host| host.run(&["push", "src/job", "--to", &host.peer(), "--import", "in"]);
+    let mut tried = vec![];
+    // 1. The job's (predictable) staging folder is a symlink to a folder outside.
+    reset_victim();
+    let job = staging.join(job_id(host));
+    std::os::unix::fs::symlink(&outside, &job).unwrap();
+    let (code, _, err) = push(host);
+    tried.push(("a symlink as the job's staging folder", code != 0, err, untouched("job folder")));
+    let _ = std::fs::remove_file(&job);
+    // 2. `.barge-staging` owned by another user.
+    reset_victim();
+    std::os::unix::fs::chown(&staging, Some(12345), None).unwrap();
+    let (code, _, err) = push(host);
+    tried.push(("a staging folder owned by another user", code != 0, err, untouched("foreign staging")));
+    std::os::unix::fs::chown(&staging, Some(0), None).unwrap();
+    // 3. The job's top folder in the target is a symlink to a folder outside.
+    reset_victim();
+    std::os::unix::fs::symlink(outside.join("files/job"), dir.join("in/job")).unwrap();
+    let (code, _, err) = push(host);
+    tried.push(("a target folder that is a symlink", code != 0, err, untouched("target folder")));
+    let _ = std::fs::remove_file(dir.join("in/job"));
+    // 4. An export file that is a hard link to, or a symlink at, a file outside.
+    reset_victim();
+    std::fs::hard_link(outside.join("secret"), dir.join("out/linked")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), dir.join("out/sym")).unwrap();
+    for name in ["linked", "sym"] {
+        let into = dir.join(format!("pulled-{name}"));
+        let into_s = into.to_string_lossy().to_string();
+        let args = ["pull", &host.peer(), "--export", "out", "--file", name, "--into", &into_s];
+        let (code, _, err) = host.run(&args);
+        let leaked = into.join(name).exists();
+        let check = match leaked {
+            false => untouched(name),
+            true => Err(format!("{name} was sent")),
+        };
+        tried.push(("an export file linked to one outside", code != 0, err, check));
+    }
+    let _ = std::fs::remove_file(dir.join("out/linked"));
+    let _ = std::fs::remove_file(dir.join("out/sym"));
+    for (what, refused, err, check) in tried {
+        let line = err.lines().find(|l| l.starts_with("barge:")).unwrap_or("").to_string();
+        row.note(format!("{what}: {line}"));
+        row.record(match (refused, check) {
+            (true, Ok(())) => Ok(()),
+            (false, _) => Err(format!("{what}: not refused")),
+            (_, Err(e)) => Err(e),
+        });
+    }
+    clear(host);
+    row
+}
+
+/// 1,000 token-less connections to the TCP lane, from 100 addresses, held open against
+/// an agent limited to 256 open files: a push over the lane still commits and the
+/// metrics endpoint still answers.
+fn lane_flood(ctx: &Ctx) -> Row {
+    let mut row = Row::new("TCP lane flood: 1,000 token-less connections (agent limited to 256 files)");
+    let dir = ctx.work.join("hostile-lane");
+    let mut host = Host::new(
+        &dir,
+        "127.0.0.1",
+        "[[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"ops\"]\ntcp_lane = true\n",
+    );
+    std::fs::create_dir_all(dir.join("in")).unwrap();
+    write(&dir.join("src/job/a"), &content(3, 64 << 20));
+    let lane = free_tcp_port();
+    let metrics = free_tcp_port();
+    host.top = format!("tcp_port = {lane}\nmetrics = \"127.0.0.1:{metrics}\"\n");
+    host.start(None);
+    let pid = host.agent().pid().to_string();
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=256:256"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let flood = rt.block_on(async {
+        let mut held = vec![];
+        for i in 0..1000u32 {
+            let from = std::net::SocketAddr::from(([127, 0, 0, 2 + (i % 100) as u8], 0));
+            let to = std::net::SocketAddr::from(([127, 0, 0, 1], lane));
+            let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
+                continue;
+            };
+            let _ = sock.bind(from);
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(500), sock.connect(to)).await {
+                held.push(c);
+            }
+        }
+        held
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, _, err) = host.run(&["push", "src/job", "--to", &host.peer(), "--import", "in", "--tcp-lane", "--json"]);
+    let scrape = scrape(metrics);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    row.note(format!(
+        "{} connections made; fd limit set: {limited}; agent fds {fds}; push over the lane exit {code}; metrics answered: {}",
+        flood.len(),
+        scrape
+    ));
+    row.record(match (limited, code, scrape) {
+        (true, 0, true) => Ok(()),
+        (false, _, _) => Err("prlimit failed".into()),
+        (_, c, false) => Err(format!("metrics did not answer (push exit {c})")),
+        (_, c, _) => Err(format!("push exit {c}: {err}")),
+    });
+    drop(flood);
+    host.stop();
+    row
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Whether the metrics endpoint answers a GET with barge's counters.
+fn scrape(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains("barge_")
 }
