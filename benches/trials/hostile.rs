@@ -60,7 +60,12 @@ fn peer(host: &Host) -> barge::client::Peer {
 
 /// Streams that each announce a 64 MiB request and send 1 MiB of it: a list request
 /// (never authorized to be large) and an offer into a target closed to the sender.
-async fn flood(host: &Host, who: &str, conns: usize, streams: usize) -> (usize, Vec<quinn::Connection>) {
+async fn flood(
+    host: &Host,
+    who: &str,
+    conns: usize,
+    streams: usize,
+) -> (usize, (barge::client::Client, Vec<quinn::Connection>)) {
     let c = client(host, who);
     let mut opened = 0;
     let mut keep = vec![];
@@ -93,7 +98,7 @@ async fn flood(host: &Host, who: &str, conns: usize, streams: usize) -> (usize, 
         }
         keep.push(conn);
     }
-    (opened, keep)
+    (opened, (c, keep))
 }
 
 /// 16 connections x 64 streams, each announcing 64 MiB: the agent's resident memory
@@ -113,11 +118,15 @@ fn memory_flood(ctx: &Ctx, host: &mut Host, rt: &tokio::runtime::Runtime, who: &
     let (opened, conns) = rt.block_on(flood(host, who, 16, 64));
     std::thread::sleep(Duration::from_secs(3));
     let (code, _, err) = host.run(&["push", "src/job", "--to", &host.peer(), "--import", "in"]);
-    let now = rss_mib(pid, "VmRSS:");
+    let now = rss_mib(pid, "VmHWM:");
+    for c in &conns.1 {
+        c.close(0u32.into(), b"done");
+    }
+    std::thread::sleep(Duration::from_millis(500));
     drop(conns);
     let warned = warnings(host) - warned_before;
     row.note(format!(
-        "{opened} streams got their first MiB out; agent RSS {idle} MiB idle, {now} MiB during the flood; \
+        "{opened} streams got their first MiB out; agent RSS {idle} MiB idle, peak {now} MiB by the end; \
          {warned} warnings logged; push meanwhile exit {code}; {:.0} s",
         started.elapsed().as_secs_f64()
     ));
@@ -136,10 +145,10 @@ fn warnings(host: &mut Host) -> usize {
     host.agent().log().iter().filter(|l| l.contains("WARN")).count()
 }
 
-/// Removes what the pushes committed, so the next attack can push the same job.
+/// Removes what the pushes committed, so the next attack can push the same job (a
+/// recorded outcome whose files are gone answers for nothing).
 fn clear(host: &Host) {
     let _ = std::fs::remove_dir_all(host.dir.join("in/job"));
-    let _ = std::fs::remove_dir_all(host.dir.join("state/commits"));
 }
 
 /// 32 connections from an identity on no allow list and 16 from an allowed one, held
@@ -147,16 +156,18 @@ fn clear(host: &Host) {
 fn connection_lockout(host: &mut Host, rt: &tokio::runtime::Runtime) -> Row {
     let mut row = Row::new("connection lockout: 32 connections by an outsider, 16 by one allowed identity (limit 16)");
     let held = rt.block_on(async {
+        let (intruder, ops2) = (client(host, "intruder"), client(host, "ops2"));
         let mut keep = vec![];
-        for who in ["intruder"; 32].into_iter().chain(["ops2"; 16]) {
-            if let Ok(c) = client(host, who).connect(&peer(host)).await {
-                keep.push(c);
+        for c in std::iter::repeat_n(&intruder, 32).chain(std::iter::repeat_n(&ops2, 16)) {
+            if let Ok(conn) = c.connect(&peer(host)).await {
+                keep.push(conn);
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        keep
+        (intruder, ops2, keep)
     });
-    let open = held.iter().filter(|c| c.close_reason().is_none()).count();
+    let open = held.2.iter().filter(|c| c.close_reason().is_none()).count();
+
     let (code, _, err) = host.run(&["push", "src/job", "--to", &host.peer(), "--import", "in"]);
     row.note(format!(
         "{open} of 48 connections left open by the agent; the other identity's push exit {code}"
@@ -176,7 +187,8 @@ fn connection_lockout(host: &mut Host, rt: &tokio::runtime::Runtime) -> Row {
 fn slot_lockout(host: &mut Host, rt: &tokio::runtime::Runtime) -> Row {
     let mut row = Row::new("job-slot lockout: 8 pulls that never read (max_jobs 8)");
     let streams = rt.block_on(async {
-        let conn = client(host, "ops2").connect(&peer(host)).await.unwrap();
+        let c = client(host, "ops2");
+        let conn = c.connect(&peer(host)).await.unwrap();
         let mut keep = vec![];
         for _ in 0..8 {
             let Ok((mut send, recv)) = conn.open_bi().await else {
@@ -191,7 +203,7 @@ fn slot_lockout(host: &mut Host, rt: &tokio::runtime::Runtime) -> Row {
             keep.push((send, recv));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        (conn, keep)
+        (c, conn, keep)
     });
     let (code, _, err) = host.run(&["push", "src/job", "--to", &host.peer(), "--import", "in"]);
     row.note(format!("the other identity's push exit {code}"));
@@ -310,19 +322,35 @@ fn planted(host: &mut Host) -> Row {
     let job = staging.join(job_id(host));
     std::os::unix::fs::symlink(&outside, &job).unwrap();
     let (code, _, err) = push(host);
-    tried.push(("a symlink as the job's staging folder", code != 0, err, untouched("job folder")));
+    tried.push((
+        "a symlink as the job's staging folder",
+        code != 0,
+        err,
+        untouched("job folder"),
+    ));
     let _ = std::fs::remove_file(&job);
     // 2. `.barge-staging` owned by another user.
     reset_victim();
     std::os::unix::fs::chown(&staging, Some(12345), None).unwrap();
     let (code, _, err) = push(host);
-    tried.push(("a staging folder owned by another user", code != 0, err, untouched("foreign staging")));
+    tried.push((
+        "a staging folder owned by another user",
+        code != 0,
+        err,
+        untouched("foreign staging"),
+    ));
     std::os::unix::fs::chown(&staging, Some(0), None).unwrap();
     // 3. The job's top folder in the target is a symlink to a folder outside.
     reset_victim();
+    clear(host);
     std::os::unix::fs::symlink(outside.join("files/job"), dir.join("in/job")).unwrap();
     let (code, _, err) = push(host);
-    tried.push(("a target folder that is a symlink", code != 0, err, untouched("target folder")));
+    tried.push((
+        "a target folder that is a symlink",
+        code != 0,
+        err,
+        untouched("target folder"),
+    ));
     let _ = std::fs::remove_file(dir.join("in/job"));
     // 4. An export file that is a hard link to, or a symlink at, a file outside.
     reset_victim();
@@ -331,7 +359,16 @@ fn planted(host: &mut Host) -> Row {
     for name in ["linked", "sym"] {
         let into = dir.join(format!("pulled-{name}"));
         let into_s = into.to_string_lossy().to_string();
-        let args = ["pull", &host.peer(), "--export", "out", "--file", name, "--into", &into_s];
+        let args = [
+            "pull",
+            &host.peer(),
+            "--export",
+            "out",
+            "--file",
+            name,
+            "--into",
+            &into_s,
+        ];
         let (code, _, err) = host.run(&args);
         let leaked = into.join(name).exists();
         let check = match leaked {
@@ -394,7 +431,16 @@ fn lane_flood(ctx: &Ctx) -> Row {
         held
     });
     std::thread::sleep(Duration::from_millis(500));
-    let (code, _, err) = host.run(&["push", "src/job", "--to", &host.peer(), "--import", "in", "--tcp-lane", "--json"]);
+    let (code, _, err) = host.run(&[
+        "push",
+        "src/job",
+        "--to",
+        &host.peer(),
+        "--import",
+        "in",
+        "--tcp-lane",
+        "--json",
+    ]);
     let scrape = scrape(metrics);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     row.note(format!(
@@ -414,7 +460,11 @@ fn lane_flood(ctx: &Ctx) -> Row {
 }
 
 fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Whether the metrics endpoint answers a GET with barge's counters.
