@@ -157,8 +157,15 @@ pub struct IdentityLimits {
     pub staged_bytes: Option<u64>,
 }
 
-/// Requests one identity may have served at once by default.
-pub const DEFAULT_IDENTITY_STREAMS: usize = 32;
+/// Requests besides its jobs one identity may have served at once by default (listings,
+/// job operations).
+pub const EXTRA_IDENTITY_STREAMS: usize = 16;
+
+/// Requests one identity may have served at once by default: its share of jobs, and a
+/// few more.
+fn default_streams(max_jobs: usize) -> usize {
+    share(max_jobs) + EXTRA_IDENTITY_STREAMS
+}
 /// A job without progress for this long is given up, by default.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
 /// A connection with no request open is closed after this long, by default.
@@ -180,7 +187,7 @@ impl Default for Limits {
             identity: IdentityLimits {
                 connections: share(DEFAULT_MAX_CONNECTIONS),
                 jobs: share(DEFAULT_MAX_JOBS),
-                streams: DEFAULT_IDENTITY_STREAMS,
+                streams: default_streams(DEFAULT_MAX_JOBS),
                 staged_bytes: None,
             },
             stall: DEFAULT_STALL,
@@ -543,7 +550,7 @@ fn identity_limits(raw: &RawLimits, max_connections: usize, max_jobs: usize) -> 
     Ok(IdentityLimits {
         connections: at_least_one("identity_connections", raw.identity_connections, share(max_connections))?,
         jobs: at_least_one("identity_jobs", raw.identity_jobs, share(max_jobs))?,
-        streams: at_least_one("identity_streams", raw.identity_streams, DEFAULT_IDENTITY_STREAMS)?,
+        streams: at_least_one("identity_streams", raw.identity_streams, default_streams(max_jobs))?,
         staged_bytes: staged,
     })
 }

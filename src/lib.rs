@@ -38,7 +38,9 @@
 //! - [`tcplane`]: the opt-in, unencrypted TCP data lane (`sendfile`), still verified.
 //! - [`listen`]: listeners anyone can reach: accept errors backed off, connections
 //!   waiting to authenticate bounded in total and per address.
-//! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports.
+//! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports;
+//!   authorizes an identity before it reads what it sends, and counts what each
+//!   identity holds so none locks out the others.
 //! - [`client`]: push, pull, list, commit and abort from a program or the CLI.
 //! - [`zdb`]: 0-db's hook program (offload sealed data files, fetch them back) and
 //!   namespace clone.

@@ -322,7 +322,7 @@ fn flip_interrupted(ctx: &mut Ctx, host: &mut Host, src: &Path) -> Result<(), St
     }
 }
 
-/// 8 clients, each with 8 jobs of 20 MiB at once, against the agent's default
+/// 8 clients (identities), each with 8 jobs of 20 MiB at once, against the agent's default
 /// `max_jobs` (64) and `max_jobs = 16`: every job committed and exact, or refused up
 /// front with a retry-after. Returns the rows and each run's peak agent RSS (MiB).
 pub fn concurrency(ctx: &mut Ctx) -> Vec<Row> {
@@ -332,11 +332,20 @@ pub fn concurrency(ctx: &mut Ctx) -> Vec<Row> {
             "8 clients x 8 concurrent jobs of 20 MiB, max_jobs = {max_jobs}"
         ));
         let dir = ctx.work.join(format!("many{max_jobs}"));
+        // Eight clients are eight hosts: eight identities (one identity may hold only
+        // its share of the agent's job slots).
+        let allow = (0..8).map(|c| format!("\"c{c}\"")).collect::<Vec<_>>().join(", ");
         let mut host = Host::new(
             &dir,
             "127.0.0.1",
-            "[[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"ops\"]\n",
+            &format!("[[import]]\nname = \"in\"\npath = \"in\"\nallow = [{allow}]\n"),
         );
+        for c in 0..8 {
+            if !dir.join(format!("certs/c{c}.pem")).exists() {
+                let name = format!("c{c}");
+                assert_eq!(crate::host::barge(&["certs", "issue", &name, "--dir", "certs"], &dir).0, 0);
+            }
+        }
         std::fs::create_dir_all(dir.join("in")).unwrap();
         let size = ((20.0 * ctx.scale.min(1.0)).max(2.0) as usize) << 20;
         for c in 0..8 {
@@ -389,7 +398,7 @@ fn run_clients(dir: &Path, peer: &str) -> Vec<(usize, usize, JobResult)> {
         let peer: barge::client::Peer = peer.parse().unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         for c in 0..8 {
-            let tls = barge::tls::TlsFiles::in_dir(&dir.join("certs"), "ops");
+            let tls = barge::tls::TlsFiles::in_dir(&dir.join("certs"), &format!("c{c}"));
             let client = std::sync::Arc::new(barge::client::Client::new(&tls).unwrap());
             for j in 0..8 {
                 let (client, peer) = (client.clone(), peer.clone());
