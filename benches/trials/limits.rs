@@ -343,7 +343,10 @@ pub fn concurrency(ctx: &mut Ctx) -> Vec<Row> {
         for c in 0..8 {
             if !dir.join(format!("certs/c{c}.pem")).exists() {
                 let name = format!("c{c}");
-                assert_eq!(crate::host::barge(&["certs", "issue", &name, "--dir", "certs"], &dir).0, 0);
+                assert_eq!(
+                    crate::host::barge(&["certs", "issue", &name, "--dir", "certs"], &dir).0,
+                    0
+                );
             }
         }
         std::fs::create_dir_all(dir.join("in")).unwrap();
