@@ -146,10 +146,13 @@ fn read_entry(path: &Path) -> Result<HeldJob, HeldError> {
         Message::Offer(o) => o,
         _ => return Err(corrupt("not an offer".into())),
     };
+    // An agent before job id v2 journaled the legacy id: the job keeps it (the sender
+    // was told that id).
     let id = offer.job_id();
-    if id.to_string() != e.id {
-        return Err(corrupt(format!("offer is job {id}, entry says {}", e.id)));
-    }
+    let id = match e.id.parse::<JobId>() {
+        Ok(said) if said == id || said == offer.legacy_job_id() => said,
+        _ => return Err(corrupt(format!("offer is job {id}, entry says {}", e.id))),
+    };
     Ok(HeldJob {
         id,
         peer: e.peer,
@@ -306,6 +309,19 @@ mod tests {
         let loaded = j.load().unwrap();
         assert_eq!(loaded.len(), 2);
         assert!(loaded.iter().all(|r| matches!(r, Err(HeldError::Corrupt { .. }))));
+    }
+
+    #[test]
+    fn a_job_held_by_an_agent_before_job_id_v2_keeps_its_id() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let mut job = HeldJob::new(offer("t"), "p", d.path().join("s"));
+        let legacy = job.offer.legacy_job_id();
+        assert_ne!(legacy, job.id);
+        job.id = legacy;
+        j.record(&job).unwrap();
+        let loaded: Vec<HeldJob> = j.load().unwrap().into_iter().map(Result::unwrap).collect();
+        assert_eq!(loaded[0].id, legacy, "the id its sender was told");
     }
 
     #[test]

@@ -111,6 +111,22 @@ impl Offer {
         JobId(id)
     }
 
+    /// The id agents before v2 gave this offer (target, names, sizes and roots only):
+    /// held jobs journaled by such an agent keep it, so they survive an upgrade.
+    pub fn legacy_job_id(&self) -> JobId {
+        let mut h = blake3::Hasher::new();
+        h.update(b"barge job v1\0");
+        put_str(&mut h, &self.target);
+        for f in &self.files {
+            put_str(&mut h, &f.path);
+            h.update(&f.hashes.size.to_be_bytes());
+            h.update(&f.hashes.root);
+        }
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        JobId(id)
+    }
+
     /// Total bytes of the job's files.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.hashes.size).sum()
