@@ -582,7 +582,7 @@ async fn prepare_pull(
     disk: &Disk,
 ) -> Result<(ReceiveJob, Stage), Refusal> {
     let mut job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
-    MoveHook
+    MoveHook::default()
         .check(into, &job.paths)
         .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))?;
     let io = |e: crate::stage::StageError| Refusal::new(crate::proto::wire::code::IO, e.to_string());

@@ -214,6 +214,7 @@ struct RawTarget {
     kind: Option<ExportKind>,
     #[serde(default)]
     operators: Vec<String>,
+    on_exists: Option<OnExists>,
 }
 
 /// What an export holds, and so how a range selects its files.
@@ -287,6 +288,19 @@ pub struct Import {
     pub tcp_lane: bool,
     /// Identities that may list, commit and abort other senders' held jobs here.
     pub operators: AllowList,
+    /// What a `move` does with a name the target already has.
+    pub on_exists: OnExists,
+}
+
+/// What a `move` import does with a name the target already has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExists {
+    /// Refuse the job, naming the file.
+    #[default]
+    Refuse,
+    /// A file with the same blake3 root counts as delivered; other content is refused.
+    SkipIdentical,
 }
 
 /// A validated agent configuration.
@@ -455,6 +469,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 hook,
                 tcp_lane: t.tcp_lane,
                 operators: t.operators,
+                on_exists: t.on_exists,
             })
             .collect(),
         staging_ttl,
@@ -598,6 +613,7 @@ struct Target {
     tcp_lane: bool,
     kind: ExportKind,
     operators: AllowList,
+    on_exists: OnExists,
 }
 
 fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target, HookSpec), ConfigError> {
@@ -623,6 +639,12 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
     }
     if import && t.kind.is_some() {
         return Err(invalid(format!("{key}.kind"), "only exports have a kind"));
+    }
+    if t.on_exists.is_some() && !(import && matches!(t.hook.as_deref(), None | Some("move"))) {
+        return Err(invalid(
+            format!("{key}.on_exists"),
+            "only import targets with hook = \"move\" have it",
+        ));
     }
     if !import && !t.operators.is_empty() {
         return Err(invalid(
@@ -670,6 +692,7 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             tcp_lane: t.tcp_lane,
             kind: t.kind.unwrap_or_default(),
             operators: AllowList(t.operators),
+            on_exists: t.on_exists.unwrap_or_default(),
         },
         hook,
     ))

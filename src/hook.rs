@@ -13,6 +13,7 @@ use crate::proto::path::RelPath;
 use crate::stage::{Stage, StageError};
 use serde::Serialize;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -99,6 +100,11 @@ impl ImportJob {
     /// intent is written first; if the files can not all be placed, those placed go
     /// back to staging and the job fails.
     fn place(&self, kind: Kind) -> Result<String, HookError> {
+        self.place_only(kind, &self.paths)
+    }
+
+    /// [`ImportJob::place`] for some of the job's files.
+    fn place_only(&self, kind: Kind, paths: &[RelPath]) -> Result<String, HookError> {
         let stage = self
             .stage
             .as_ref()
@@ -114,7 +120,14 @@ impl ImportJob {
             Some(l) => l.clone(),
             None => std::sync::Arc::new(Ledger::open(stage.job_dir.clone())?),
         };
-        Ok(crate::commit::place(kind, stage, &self.paths, info, &ledger)?)
+        Ok(crate::commit::place(kind, stage, paths, info, &ledger)?)
+    }
+
+    /// Splits the job's files into those the target already holds with the same blake3
+    /// root and the rest; a file the target holds with other content is refused by name.
+    fn split_identical(&self) -> Result<(Vec<RelPath>, Vec<RelPath>), HookError> {
+        let roots = self.files.iter().map(|f| f.blake3.clone());
+        split_identical(&self.target_dir, self.paths.iter().cloned().zip(roots))
     }
 }
 
@@ -128,20 +141,83 @@ pub trait ImportHook: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Called before any data moves with each file's blake3 root, to refuse a job whose
+    /// files conflict with what the target holds. The default accepts everything.
+    fn check_roots(&self, _target_dir: &Path, _files: &[(RelPath, [u8; 32])]) -> Result<(), HookError> {
+        Ok(())
+    }
+
     fn import(&self, job: &ImportJob) -> Result<String, HookError>;
 }
 
-/// Renames the files into the target folder, all or none.
+/// Splits `(name, blake3 hex)` pairs into names the target holds with that root and
+/// names it lacks; a name it holds with other content is refused.
+fn split_identical(
+    target_dir: &Path,
+    files: impl Iterator<Item = (RelPath, String)>,
+) -> Result<(Vec<RelPath>, Vec<RelPath>), HookError> {
+    let target = crate::safefs::open_dir(target_dir).map_err(|e| HookError::Other(e.to_string()))?;
+    let (mut same, mut rest) = (vec![], vec![]);
+    for (rel, root) in files {
+        let there = crate::safefs::open_beneath(target.as_fd(), Path::new(rel.as_str()), libc::O_RDONLY, false);
+        match there {
+            Ok(mut f) => {
+                let mut h = blake3::Hasher::new();
+                std::io::copy(&mut f, &mut h).map_err(|e| HookError::Other(format!("{rel}: {e}")))?;
+                match h.finalize().to_hex().as_str() == root {
+                    true => same.push(rel),
+                    false => return Err(StageError::Differs(rel.to_string()).into()),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => rest.push(rel),
+            Err(e) => return Err(HookError::Other(format!("{rel}: {e}"))),
+        }
+    }
+    Ok((same, rest))
+}
+
+/// Renames the files into the target folder, all or none. A name that exists refuses
+/// the job; with `skip_identical`, a file the target already holds with the same
+/// content counts as delivered (a re-send after a lost answer, say) and only other
+/// content is refused.
 #[derive(Debug, Default)]
-pub struct MoveHook;
+pub struct MoveHook {
+    pub skip_identical: bool,
+}
 
 impl ImportHook for MoveHook {
     fn check(&self, target_dir: &Path, files: &[RelPath]) -> Result<(), HookError> {
-        Ok(crate::commit::check_destinations(target_dir, files)?)
+        match self.skip_identical {
+            // Whether what is there is the same is known once the roots are checked.
+            true => Ok(crate::commit::check_replaceable(target_dir, files)?),
+            false => Ok(crate::commit::check_destinations(target_dir, files)?),
+        }
+    }
+
+    fn check_roots(&self, target_dir: &Path, files: &[(RelPath, [u8; 32])]) -> Result<(), HookError> {
+        if self.skip_identical {
+            let hex = files
+                .iter()
+                .map(|(rel, root)| (rel.clone(), blake3::Hash::from(*root).to_hex().to_string()));
+            split_identical(target_dir, hex)?;
+        }
+        Ok(())
     }
 
     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
-        job.place(Kind::Move)
+        if !self.skip_identical {
+            return job.place(Kind::Move);
+        }
+        let (same, rest) = job.split_identical()?;
+        if rest.is_empty() {
+            let n = same.len();
+            return Ok(format!("all {n} files already in {} with the same content", job.target));
+        }
+        let report = job.place_only(Kind::Move, &rest)?;
+        Ok(match same.len() {
+            0 => report,
+            n => format!("{report}; {n} already there with the same content"),
+        })
     }
 }
 

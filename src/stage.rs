@@ -33,6 +33,8 @@ pub enum StageError {
     Io { path: PathBuf, source: io::Error },
     #[error("{0} already exists in the target")]
     Exists(String),
+    #[error("{0} already exists in the target with other content")]
+    Differs(String),
     #[error("{0} would resolve outside the target (symlink)")]
     Escape(String),
     #[error("staging folder {path} is owned by uid {uid}, not the agent (uid {agent})")]

@@ -239,3 +239,41 @@ async fn a_custom_hook_target_without_a_registered_hook_does_not_start() {
     let err = barge::agent::Agent::start(config).await.err().unwrap();
     assert!(err.to_string().contains("no ImportHook"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_target_may_take_files_it_already_holds_with_the_same_content() {
+    let targets = "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\"]\non_exists = \"skip-identical\"\n\
+[[import]]\nname = \"strict\"\npath = \"outbox\"\nallow = [\"client\"]\n";
+    let env = env_with(targets, "", Hooks::new()).await;
+    let client = env.client("client");
+    let push = |target: &'static str, files: Vec<std::path::PathBuf>| {
+        let (client, peer) = (&client, env.peer());
+        async move { client.push(&peer, target, &files, &PushOptions::default()).await }
+    };
+    write(&env.src().join("a"), &content(1, 300_000));
+    write(&env.src().join("b"), &content(2, 5000));
+    let (a, b) = (env.src().join("a"), env.src().join("b"));
+    for target in ["in", "strict"] {
+        push(target, vec![a.clone()]).await.unwrap();
+    }
+    // A job that holds a file already there, same content: delivered, the rest placed.
+    let r = push("in", vec![a.clone(), b.clone()]).await.unwrap();
+    assert_eq!(r.report, "moved 1 files into in; 1 already there with the same content");
+    assert_eq!(list(&env.inbox()), ["a", "b"]);
+    // Without the option it is refused by name, as before.
+    let err = push("strict", vec![a.clone(), b.clone()]).await.unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Rejected(r) if r.code == code::EXISTS && r.reason.contains("a already exists")),
+        "{err}"
+    );
+    // Other content under the same name is refused by name, and nothing is overwritten.
+    write(&a, &content(3, 300_000));
+    let err = push("in", vec![a.clone()]).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("a already exists in the target with other content"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(env.inbox().join("a")).unwrap(), content(1, 300_000));
+    assert!(emptied(&env.inbox().join(".barge-staging")), "nothing left staged");
+}

@@ -155,7 +155,7 @@ pub(super) fn hook_code(e: &crate::hook::HookError) -> u16 {
         _ => None,
     };
     match stage {
-        Some(StageError::Exists(_)) => code::EXISTS,
+        Some(StageError::Exists(_) | StageError::Differs(_)) => code::EXISTS,
         Some(StageError::Escape(_)) => code::BAD_NAME,
         _ => code::HOOK_FAILED,
     }

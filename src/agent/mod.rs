@@ -362,7 +362,9 @@ fn resolve_hooks(config: &Config, custom: &Hooks) -> Result<Hooks, AgentError> {
     let mut out = Hooks::new();
     for t in &config.imports {
         let hook: Arc<dyn ImportHook> = match &t.hook {
-            HookSpec::Move => Arc::new(MoveHook),
+            HookSpec::Move => Arc::new(MoveHook {
+                skip_identical: t.on_exists == crate::config::OnExists::SkipIdentical,
+            }),
             HookSpec::Replace => Arc::new(ReplaceHook),
             HookSpec::Exec(spec) => Arc::new(ExecHook {
                 argv: spec.argv.clone(),
@@ -728,6 +730,14 @@ impl JobCtx {
     ) -> Result<(ReceiveJob, Stage, Reservation), Refusal> {
         let t = std::time::Instant::now();
         hook.check(&target.path, &job.paths)
+            .map_err(|e| refuse(handover::hook_code(&e), e.to_string()))?;
+        let roots: Vec<_> = job
+            .paths
+            .iter()
+            .cloned()
+            .zip(job.offer.files.iter().map(|f| f.hashes.root))
+            .collect();
+        hook.check_roots(&target.path, &roots)
             .map_err(|e| refuse(handover::hook_code(&e), e.to_string()))?;
         if let Some(max) = limits.max_staged_bytes {
             let staged = self.shared.staging_committed(None);
