@@ -43,6 +43,7 @@ fn wire(c: &mut Criterion) {
             path: format!("region-42/{i:06}.sst"),
             hashes: hashes.clone(),
             keys: None,
+            mode: 0o644,
         })
         .collect();
     let offer = Message::Offer(Offer {

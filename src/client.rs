@@ -543,6 +543,7 @@ impl Client {
             tcp: None,
             space: None,
             stall: None,
+            dir_mode: None,
         };
         let received = transfer::receive_job(send, recv, job, stage, at, hook).await;
         match received.map_err(transfer::after_accept)? {

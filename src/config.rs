@@ -215,6 +215,8 @@ struct RawTarget {
     #[serde(default)]
     operators: Vec<String>,
     on_exists: Option<OnExists>,
+    file_mode: Option<String>,
+    dir_mode: Option<String>,
 }
 
 /// What an export holds, and so how a range selects its files.
@@ -290,6 +292,10 @@ pub struct Import {
     pub operators: AllowList,
     /// What a `move` does with a name the target already has.
     pub on_exists: OnExists,
+    /// Modes its files and the folders a job brings get, instead of the sender's
+    /// (files) and the agent's umask (folders).
+    pub file_mode: Option<u32>,
+    pub dir_mode: Option<u32>,
 }
 
 /// What a `move` import does with a name the target already has.
@@ -470,6 +476,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 tcp_lane: t.tcp_lane,
                 operators: t.operators,
                 on_exists: t.on_exists,
+                file_mode: t.file_mode,
+                dir_mode: t.dir_mode,
             })
             .collect(),
         staging_ttl,
@@ -614,6 +622,8 @@ struct Target {
     kind: ExportKind,
     operators: AllowList,
     on_exists: OnExists,
+    file_mode: Option<u32>,
+    dir_mode: Option<u32>,
 }
 
 fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target, HookSpec), ConfigError> {
@@ -645,6 +655,11 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             format!("{key}.on_exists"),
             "only import targets with hook = \"move\" have it",
         ));
+    }
+    let file_mode = mode(&format!("{key}.file_mode"), t.file_mode.as_deref())?;
+    let dir_mode = mode(&format!("{key}.dir_mode"), t.dir_mode.as_deref())?;
+    if !import && (file_mode.is_some() || dir_mode.is_some()) {
+        return Err(invalid(format!("{key}.file_mode"), "only import targets set modes"));
     }
     if !import && !t.operators.is_empty() {
         return Err(invalid(
@@ -693,9 +708,25 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             kind: t.kind.unwrap_or_default(),
             operators: AllowList(t.operators),
             on_exists: t.on_exists.unwrap_or_default(),
+            file_mode,
+            dir_mode,
         },
         hook,
     ))
+}
+
+/// A permission mode written in octal (`"0640"`): read, write and execute bits only.
+fn mode(key: &str, text: Option<&str>) -> Result<Option<u32>, ConfigError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    match u32::from_str_radix(text, 8) {
+        Ok(m) if m <= crate::proto::wire::MODE_BITS => Ok(Some(m)),
+        _ => Err(invalid(
+            key,
+            format!("{text:?} is not an octal mode from \"0000\" to \"0777\""),
+        )),
+    }
 }
 
 fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result<HookSpec, ConfigError> {

@@ -274,6 +274,7 @@ mod tests {
                 path: "a.sst".into(),
                 hashes: FileHashes::from_reader(&b"abc"[..], 3).unwrap(),
                 keys: None,
+                mode: 0o644,
             }],
             meta: vec![("region".into(), "2".into())],
             tcp_lane: false,

@@ -59,6 +59,8 @@ pub struct SourceFile {
     pub stamp: FileStamp,
     /// For an export's file: the export folder, held open, that it is opened below.
     pub within: Option<Within>,
+    /// Its permission bits (no set-id or sticky bits), which the receiver gives it.
+    pub mode: u32,
 }
 
 /// Where an export's file is: `rel` below the export folder `root`, held open. It is
@@ -234,6 +236,7 @@ pub fn collect_export(root: &Path, names: &[String]) -> Result<Vec<SourceFile>, 
             stamp: FileStamp::of(&meta),
             within: Some(within),
             path,
+            mode: std::os::unix::fs::MetadataExt::mode(&meta) & crate::proto::wire::MODE_BITS,
         };
         file.check(&meta)?;
         out.push(file);
@@ -268,6 +271,7 @@ fn add_found(
                 root: root.clone(),
                 rel: PathBuf::from(name),
             }),
+            mode: std::os::unix::fs::MetadataExt::mode(&meta) & crate::proto::wire::MODE_BITS,
         };
         file.check(&meta)?;
         out.push(file);
@@ -353,6 +357,7 @@ pub async fn make_offer(
             path: f.name.to_string(),
             hashes: h.expect("every file hashed"),
             keys: None,
+            mode: f.mode,
         })
         .collect();
     Ok(Offer {

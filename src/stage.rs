@@ -234,7 +234,21 @@ impl Stage {
     /// Syncs every staged file (creating empty ones) and every staged folder. A job of
     /// many files is synced with one `syncfs` of the target's file system instead of a
     /// `fsync` per file and folder: the same guarantee, far fewer disk flushes.
-    pub async fn seal(&self, offer: &Offer, paths: &[RelPath], disk: &Disk) -> Result<(), StageError> {
+    pub async fn seal(
+        &self,
+        offer: &Offer,
+        paths: &[RelPath],
+        disk: &Disk,
+        dir_mode: Option<u32>,
+    ) -> Result<(), StageError> {
+        // Modes first: the syncs below make them as durable as the data.
+        let root = self.root().map_err(io_at(&self.job_dir))?.clone();
+        let modes: Vec<u32> = offer.files.iter().map(|f| f.mode).collect();
+        let (rels, job_dir) = (paths.to_vec(), self.job_dir.clone());
+        tokio::task::spawn_blocking(move || apply_modes(&root, &rels, &modes, dir_mode))
+            .await
+            .expect("mode task")
+            .map_err(io_at(&job_dir))?;
         let many = offer.files.len() > SYNCFS_FILES;
         let mut syncs = tokio::task::JoinSet::new();
         for (i, f) in offer.files.iter().enumerate() {
@@ -291,6 +305,60 @@ impl Stage {
             }
         }
     }
+}
+
+/// The mode a file gets when the agent creates it (0o666 less the umask), read once.
+fn created_mode() -> u32 {
+    static MODE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+        // Unknown umask: no file is taken to have its mode already.
+        umask.map_or(u32::MAX, |m| 0o666 & !m)
+    })
+}
+
+/// Gives each staged file its offered mode (files created with another mode only),
+/// and, with `dir_mode`, the folders under `files/` that mode.
+fn apply_modes(root: &safefs::Root, paths: &[RelPath], modes: &[u32], dir_mode: Option<u32>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let chmod = |rel: &Path, mode: u32, dir: bool| -> io::Result<()> {
+        let flags = libc::O_RDONLY | if dir { libc::O_DIRECTORY } else { 0 };
+        let f = safefs::open_beneath(root.as_fd(), rel, flags, false)?;
+        // SAFETY: f is an open descriptor for the duration of the call.
+        match unsafe { libc::fchmod(f.as_raw_fd(), mode as libc::mode_t) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    };
+    for (rel, mode) in paths.iter().zip(modes) {
+        if *mode != created_mode() {
+            chmod(&Path::new("files").join(rel.as_str()), *mode, false)?;
+        }
+    }
+    let Some(dir_mode) = dir_mode else {
+        return Ok(());
+    };
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .flat_map(|p| {
+            Path::new(p.as_str())
+                .ancestors()
+                .skip(1)
+                .map(Path::to_path_buf)
+                .collect::<Vec<_>>()
+        })
+        .filter(|d| !d.as_os_str().is_empty())
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        chmod(&Path::new("files").join(d), dir_mode, true)?;
+    }
+    Ok(())
 }
 
 /// Syncs every folder from each of `dirs` (relative to the job's folder `root`) up to
@@ -396,6 +464,7 @@ mod tests {
                 path: "d/f".into(),
                 hashes: FileHashes::from_reader(&data[..], data.len() as u64).unwrap(),
                 keys: None,
+                mode: 0o644,
             }],
             meta: vec![],
             tcp_lane: false,

@@ -549,6 +549,8 @@ pub struct Incoming {
     pub meter: Option<crate::metrics::Meter>,
     /// What the job has still to write, promised on its file system.
     pub space: Option<crate::space::Reservation>,
+    /// Mode of the folders the job brings, if the target sets one.
+    pub dir_mode: Option<u32>,
 }
 
 impl Incoming {
@@ -934,6 +936,8 @@ pub struct Receiver<'a> {
     /// Give the job up if no block arrives for this long before its commit (an
     /// agent: a sender that stops sending must not hold a job slot for ever).
     pub stall: Option<std::time::Duration>,
+    /// Mode of the folders the job brings (an import target's `dir_mode`), if set.
+    pub dir_mode: Option<u32>,
 }
 
 /// Receives an accepted job: registers it, sends `Accept`, takes data until `Commit`,
@@ -966,6 +970,7 @@ where
         started: std::time::Instant::now(),
         meter: at.meter.cloned(),
         space: at.space.cloned(),
+        dir_mode: at.dir_mode,
     });
     let (table, tcp) = (at.table, at.tcp);
     table.lock().expect("job table").insert(id, inc.clone());
@@ -1090,7 +1095,7 @@ where
     let ms = |t: std::time::Instant| t.elapsed().as_millis() as u64;
     tracing::debug!(ms = ms(inc.started), "every block in");
     inc.stage
-        .seal(&inc.offer, &paths, &inc.disk)
+        .seal(&inc.offer, &paths, &inc.disk, inc.dir_mode)
         .await
         .map_err(|e| TransferError::Failed(Refusal::new(code::IO, e.to_string())))?;
     tracing::debug!(ms = ms(inc.started), "staged files synced");

@@ -19,6 +19,7 @@ fn offer_for(names: &[&str], data: &[u8]) -> Offer {
             path: n.to_string(),
             hashes: hashes.clone(),
             keys: None,
+            mode: 0o644,
         })
         .collect();
     Offer {
@@ -53,6 +54,7 @@ async fn send_offer(
             size: f.hashes.size,
             stamp,
             within: None,
+            mode: 0o644,
         })
         .collect();
     let disk = Disk::start().unwrap();
@@ -129,6 +131,7 @@ async fn a_job_larger_than_the_free_space_is_refused() {
             path: "huge".into(),
             hashes: FileHashes { size, root, blocks },
             keys: None,
+            mode: 0o644,
         }],
         meta: vec![],
         tcp_lane: false,

@@ -42,6 +42,7 @@ fn offer(target: &str, data: &[u8], meta: Vec<(String, String)>) -> Offer {
             path: "f".into(),
             hashes,
             keys: None,
+            mode: 0o644,
         }],
         meta,
         tcp_lane: false,

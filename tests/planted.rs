@@ -26,6 +26,7 @@ fn offer_for(names: &[&str], data: &[u8]) -> Offer {
             path: n.to_string(),
             hashes: hashes.clone(),
             keys: None,
+            mode: 0o644,
         })
         .collect();
     Offer {
@@ -52,6 +53,7 @@ async fn send(env: &Env, offer: Offer, source: PathBuf) -> Result<transfer::Send
             size: f.hashes.size,
             stamp,
             within: None,
+            mode: 0o644,
         })
         .collect();
     let disk = Disk::start().unwrap();

@@ -118,6 +118,7 @@ async fn raw_job(env: &Env) -> (quinn::Connection, quinn::SendStream, quinn::Rec
             path: "y".into(),
             hashes,
             keys: None,
+            mode: 0o644,
         }],
         meta: vec![],
         tcp_lane: true,

@@ -284,6 +284,7 @@ fn job_id(host: &Host) -> String {
             path: "job/a".into(),
             hashes,
             keys: None,
+            mode: 0o644,
         }],
         meta: vec![],
         tcp_lane: false,

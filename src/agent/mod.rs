@@ -756,6 +756,13 @@ impl JobCtx {
                 return Err(refuse(code::BUSY, why).retry_after(RETRY_BUSY));
             }
         }
+        if let Some(mode) = target.file_mode {
+            // The target decides its files' modes; the journal of a held job keeps them.
+            Arc::make_mut(&mut job.offer)
+                .files
+                .iter_mut()
+                .for_each(|f| f.mode = mode);
+        }
         let stage = Stage::open(&target.path, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
         let opened_ms = t.elapsed().as_millis() as u64;
         let found = stage.scan(&mut job, &self.shared.disk).await;
@@ -786,7 +793,7 @@ impl JobCtx {
         recv: &mut quinn::RecvStream,
     ) -> Result<Received, TransferError> {
         let peer = self.peer.clone();
-        let tcp_allowed = target.tcp_lane;
+        let (tcp_allowed, dir_mode) = (target.tcp_lane, target.dir_mode);
         let stage2 = stage.clone();
         let shared = self.shared.clone();
         // The commit's outcome is recorded once the sender has its answer (see
@@ -821,6 +828,7 @@ impl JobCtx {
             tcp,
             space: Some(&space),
             stall: Some(self.shared.config().limits.stall),
+            dir_mode,
         };
         let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await;
         // The sender has its answer: its next job may have the slot while this one's

@@ -282,6 +282,7 @@ mod tests {
             path: path.into(),
             hashes,
             keys: None,
+            mode: 0o644,
         }
     }
 

@@ -10,7 +10,11 @@ use super::keys::{Key, KeyRange, KeySpan};
 use super::limits::*;
 
 /// Protocol version carried in every frame.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// The oldest version still read: 1 differs only in offers, which lacked file modes.
+pub const OLDEST_VERSION: u8 = 1;
+/// The mode of a file offered without one (by a version 1 peer).
+pub const LEGACY_MODE: u32 = 0o644;
 /// ALPN identifier of protocol v1.
 pub const ALPN: &[u8] = b"barge/1";
 
@@ -69,7 +73,13 @@ pub struct OfferFile {
     pub hashes: FileHashes,
     /// For an SST file: its smallest and largest user key, so the hook knows what it ingests.
     pub keys: Option<KeySpan>,
+    /// Permission bits the receiver gives the file (`0o777` at most: no set-id or
+    /// sticky bit).
+    pub mode: u32,
 }
+
+/// The permission bits an offer may carry.
+pub const MODE_BITS: u32 = 0o777;
 
 /// The sender's description of a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,11 +405,11 @@ impl Message {
         }
         let mut r = Reader(body);
         let version = r.u8()?;
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(WireError::Version(version));
         }
         let msg = match r.u8()? {
-            T_OFFER => Message::Offer(decode_offer(&mut r)?),
+            T_OFFER => Message::Offer(decode_offer(&mut r, version)?),
             T_FETCH => decode_fetch(&mut r)?,
             T_ACCEPT => decode_accept(&mut r)?,
             T_REJECT => Message::Reject(decode_refusal(&mut r)?),
@@ -433,7 +443,7 @@ impl Message {
     pub fn peek_offer_target(prefix: &[u8]) -> Result<Option<String>, WireError> {
         let mut r = Reader(prefix);
         let version = r.u8()?;
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(WireError::Version(version));
         }
         match r.u8()? {
@@ -464,6 +474,7 @@ fn encode_offer(o: &Offer, w: &mut Vec<u8>) {
         put_u32(w, f.hashes.blocks.len() as u32);
         f.hashes.blocks.iter().for_each(|b| w.extend_from_slice(b));
         put_span(w, &f.keys);
+        put_u32(w, f.mode);
     }
     put_u32(w, o.meta.len() as u32);
     for (k, v) in &o.meta {
@@ -474,7 +485,9 @@ fn encode_offer(o: &Offer, w: &mut Vec<u8>) {
     w.push(o.hold as u8);
 }
 
-fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
+/// Version 1 offers (written by older peers, and in held-job journals) carry no file
+/// modes: their files get [`LEGACY_MODE`].
+fn decode_offer(r: &mut Reader, version: u8) -> Result<Offer, WireError> {
     let target = r.string(MAX_NAME_LEN)?;
     let n = r.count("files per job", MAX_FILES)?;
     let mut files = Vec::with_capacity(n.min(1024));
@@ -494,10 +507,20 @@ fn decode_offer(r: &mut Reader) -> Result<Offer, WireError> {
             return Err(WireError::BlockList { size, got: nb });
         }
         let blocks = (0..nb).map(|_| r.digest()).collect::<Result<_, _>>()?;
+        let keys = r.span()?;
+        let mode = if version >= 2 { r.u32()? } else { LEGACY_MODE };
+        if mode & !MODE_BITS != 0 {
+            return Err(WireError::Limit {
+                what: "file mode bits",
+                got: mode as u64,
+                max: MODE_BITS as u64,
+            });
+        }
         files.push(OfferFile {
             path,
             hashes: FileHashes { size, root, blocks },
-            keys: r.span()?,
+            keys,
+            mode,
         });
     }
     let nm = r.count("metadata entries", MAX_META)?;
@@ -738,7 +761,7 @@ pub fn data_stream_header(job: JobId) -> [u8; 17] {
 
 /// Parses a data stream's first bytes.
 pub fn parse_data_stream_header(h: &[u8; 17]) -> Result<JobId, WireError> {
-    if h[0] != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&h[0]) {
         return Err(WireError::Version(h[0]));
     }
     Ok(JobId(h[1..].try_into().expect("16 bytes")))
@@ -788,6 +811,7 @@ mod tests {
                     blocks: vec![],
                 },
                 keys: None,
+                mode: 0o644,
             }],
             meta: vec![("k".into(), "v".into())],
             tcp_lane: false,
@@ -797,29 +821,58 @@ mod tests {
 
     #[test]
     fn golden_bytes_of_commit_and_reject() {
-        assert_eq!(Message::Commit { streams: 3 }.encode(), [0, 0, 0, 6, 1, 5, 0, 0, 0, 3]);
+        assert_eq!(Message::Commit { streams: 3 }.encode(), [0, 0, 0, 6, 2, 5, 0, 0, 0, 3]);
         let r = Message::Reject(Refusal::new(code::NOT_ALLOWED, "no"));
         assert_eq!(
             r.encode(),
-            [0, 0, 0, 14, 1, 4, 0, 3, 0, 0, 0, 2, b'n', b'o', 0, 0, 0, 0]
+            [0, 0, 0, 14, 2, 4, 0, 3, 0, 0, 0, 2, b'n', b'o', 0, 0, 0, 0]
         );
         let busy = Message::Reject(Refusal::new(code::BUSY, "").retry_after(30));
-        assert_eq!(busy.encode(), [0, 0, 0, 12, 1, 4, 0, 8, 0, 0, 0, 0, 0, 0, 0, 30]);
-        assert_eq!(Message::Abort.encode(), [0, 0, 0, 2, 1, 6]);
+        assert_eq!(busy.encode(), [0, 0, 0, 12, 2, 4, 0, 8, 0, 0, 0, 0, 0, 0, 0, 30]);
+        assert_eq!(Message::Abort.encode(), [0, 0, 0, 2, 2, 6]);
     }
 
     #[test]
     fn golden_bytes_of_a_small_offer() {
-        let mut want = vec![0, 0, 0, 77, 1, 1];
+        let mut want = vec![0, 0, 0, 81, 2, 1];
         want.extend([0, 0, 0, 1, b't', 0, 0, 0, 1, 0, 0, 0, 1, b'a']);
         want.extend([0, 0, 0, 0, 0, 0, 0, 1]);
         want.extend([7; 32]);
         want.extend([0, 0, 0, 0]); // no listed blocks for a 1-byte file
         want.push(0); // no key span
+        want.extend([0, 0, 1, 0xa4]); // mode 0o644
         want.extend([0, 0, 0, 1, 0, 0, 0, 1, b'k', 0, 0, 0, 1, b'v']);
         want.push(0); // no TCP lane asked for
         want.push(0); // not held
         assert_eq!(Message::Offer(small_offer()).encode(), want);
+    }
+
+    #[test]
+    fn a_version_1_offer_reads_with_the_legacy_mode_and_modes_beyond_0777_are_refused() {
+        let mut offer = small_offer();
+        offer.files[0].mode = 0o600;
+        let v2 = Message::Offer(offer).encode()[4..].to_vec();
+        // Version 1: the same bytes without the mode field (after the key span byte).
+        let at = v2.len() - 14 - 2 - 4;
+        let mut v1 = [&v2[..at], &v2[at + 4..]].concat();
+        v1[0] = 1;
+        let Ok(Message::Offer(old)) = Message::decode(&v1) else {
+            panic!("a version 1 offer decodes")
+        };
+        assert_eq!(old.files[0].mode, LEGACY_MODE);
+        let Ok(Message::Offer(new)) = Message::decode(&v2) else {
+            panic!("a version 2 offer decodes")
+        };
+        assert_eq!(new.files[0].mode, 0o600);
+        let mut setuid = v2.clone();
+        setuid[at..at + 4].copy_from_slice(&0o4755u32.to_be_bytes());
+        assert!(matches!(
+            Message::decode(&setuid),
+            Err(WireError::Limit {
+                what: "file mode bits",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -899,7 +952,7 @@ mod tests {
 
     #[test]
     fn unknown_version_type_and_trailing_bytes_are_named() {
-        assert_eq!(Message::decode(&[2, 5, 0, 0, 0, 1]), Err(WireError::Version(2)));
+        assert_eq!(Message::decode(&[3, 5, 0, 0, 0, 1]), Err(WireError::Version(3)));
         assert_eq!(Message::decode(&[1, 99]), Err(WireError::UnknownType(99)));
         assert_eq!(Message::decode(&[1, 6, 0]), Err(WireError::Trailing(1)));
     }
@@ -937,7 +990,7 @@ mod tests {
         assert_eq!(BlockHeader::decode(&h.encode()), h);
         let id = JobId([9; 16]);
         let head = data_stream_header(id);
-        assert_eq!(head[0], 1);
+        assert_eq!(head[0], VERSION);
         assert_eq!(parse_data_stream_header(&head), Ok(id));
         let mut bad = head;
         bad[0] = 7;
