@@ -573,6 +573,48 @@ mod tests {
         assert!(report.contains(&format!("PATH={DEFAULT_PATH}\n")), "{report}");
     }
 
+    fn after_job(dir: &Path, range: Option<crate::proto::keys::KeyRange>) -> AfterCommitJob {
+        AfterCommitJob {
+            job: "j".into(),
+            export: "e".into(),
+            export_dir: dir.to_path_buf(),
+            peer: "p".into(),
+            files: vec![],
+            range: range.as_ref().map(Into::into),
+            receiver_report: "pulled".into(),
+        }
+    }
+
+    fn after(script: &str) -> AfterCommitHook {
+        AfterCommitHook {
+            argv: vec!["sh".into(), "-c".into(), script.into(), "sh".into()],
+            env: vec![],
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn after_commit_gets_the_range_in_its_environment_and_its_stderr_in_the_error() {
+        let t = tempfile::tempdir().unwrap();
+        let range = crate::proto::keys::KeyRange::parse("k..0x74").unwrap();
+        let script = "echo \"$BARGE_RANGE_START ${BARGE_RANGE_END-none} $#\"";
+        let report = after(script).run(&after_job(t.path(), Some(range))).unwrap();
+        assert_eq!(report, "6b 74 0");
+        let open = crate::proto::keys::KeyRange::parse("k..").unwrap();
+        let report = after(script).run(&after_job(t.path(), Some(open))).unwrap();
+        assert_eq!(report, "6b none 0");
+        let report = after("echo ${BARGE_RANGE_START-unset}; cat")
+            .run(&after_job(t.path(), None))
+            .unwrap();
+        assert!(report.starts_with("unset\n{"), "{report}");
+        assert!(report.contains("\"range\":null"), "{report}");
+        let err = after("echo told; echo region busy >&2; exit 5")
+            .run(&after_job(t.path(), None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("region busy") && err.contains('5'), "{err}");
+    }
+
     #[test]
     fn exec_hook_past_its_time_is_killed_with_its_children() {
         let t = tempfile::tempdir().unwrap();
