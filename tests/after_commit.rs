@@ -158,7 +158,7 @@ async fn a_committed_region_pull_deletes_the_region_on_the_source_only() {
     // The receiver has the region's file, byte for byte (the source keeps the file:
     // deleterange hides its keys).
     let name = &listed[0].path;
-    assert_eq!(list(&into), [name.clone()]);
+    assert_eq!(list(&into), [name.as_str()]);
     assert_eq!(
         std::fs::read(into.join(name)).unwrap(),
         std::fs::read(db.join(name)).unwrap()
