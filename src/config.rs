@@ -209,6 +209,9 @@ struct RawTarget {
     exec_env: Option<Vec<String>>,
     exec_timeout_secs: Option<u64>,
     exec_stderr_to_sender: Option<bool>,
+    after_commit: Option<Vec<String>>,
+    after_commit_env: Option<Vec<String>>,
+    after_commit_timeout_secs: Option<u64>,
     #[serde(default)]
     tcp_lane: bool,
     kind: Option<ExportKind>,
@@ -277,6 +280,23 @@ pub struct Export {
     pub path: PathBuf,
     pub allow: AllowList,
     pub kind: ExportKind,
+    /// `after_commit`: a command run on this agent once a receiver committed a pull
+    /// from this export (see `hook::AfterCommitHook`).
+    pub after_commit: Option<AfterCommitSpec>,
+}
+
+/// An export's `after_commit` command and how it runs: like an import's exec hook,
+/// in a cleared environment and with a time limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfterCommitSpec {
+    /// `after_commit`: the command and its arguments (no file paths are added).
+    pub argv: Vec<String>,
+    /// `after_commit_env`: names of variables copied from the agent's environment (when
+    /// set there) into the command's otherwise cleared one, besides `BARGE_*` and `PATH`.
+    pub env: Vec<String>,
+    /// `after_commit_timeout_secs` (600): a run that takes longer is killed (its whole
+    /// process group) and counted as failed.
+    pub timeout: Duration,
 }
 
 /// A folder peers may write to, and the hook that hands their files to the engine.
@@ -464,6 +484,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 path: t.path,
                 allow: t.allow,
                 kind: t.kind,
+                after_commit: t.after_commit,
             })
             .collect(),
         imports: imports
@@ -624,6 +645,7 @@ struct Target {
     on_exists: OnExists,
     file_mode: Option<u32>,
     dir_mode: Option<u32>,
+    after_commit: Option<AfterCommitSpec>,
 }
 
 fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target, HookSpec), ConfigError> {
@@ -672,6 +694,13 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
         ("exec_timeout_secs", t.exec_timeout_secs.is_some()),
         ("exec_stderr_to_sender", t.exec_stderr_to_sender.is_some()),
     ];
+    let after_commit = after_commit_spec(
+        &key,
+        import,
+        t.after_commit,
+        t.after_commit_env,
+        t.after_commit_timeout_secs,
+    )?;
     let hook = if import {
         hook_spec(&key, t.hook.as_deref(), t.exec)?
     } else if t.hook.is_some() || t.exec.is_some() {
@@ -710,6 +739,7 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             on_exists: t.on_exists.unwrap_or_default(),
             file_mode,
             dir_mode,
+            after_commit,
         },
         hook,
     ))
@@ -752,6 +782,45 @@ fn hook_spec(key: &str, hook: Option<&str>, exec: Option<Vec<String>>) -> Result
     }
 }
 
+/// An export's `after_commit` command and its settings, checked: exports only, a
+/// command that is not empty, the settings only with a command.
+fn after_commit_spec(
+    key: &str,
+    import: bool,
+    argv: Option<Vec<String>>,
+    env: Option<Vec<String>>,
+    timeout_secs: Option<u64>,
+) -> Result<Option<AfterCommitSpec>, ConfigError> {
+    let settings = [
+        ("after_commit", argv.is_some()),
+        ("after_commit_env", env.is_some()),
+        ("after_commit_timeout_secs", timeout_secs.is_some()),
+    ];
+    if import {
+        if let Some((name, _)) = settings.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                format!("{key}.{name}"),
+                "only exports have an after_commit command (it runs on the source after a pull)",
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(argv) = argv else {
+        if let Some((name, _)) = settings.iter().find(|(_, set)| *set) {
+            return Err(invalid(format!("{key}.{name}"), "only used with after_commit"));
+        }
+        return Ok(None);
+    };
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err(invalid(
+            format!("{key}.after_commit"),
+            "needs a command: after_commit = [\"/path/to/command\", ...]",
+        ));
+    }
+    let (env, timeout) = command_limits(key, "after_commit", env, timeout_secs)?;
+    Ok(Some(AfterCommitSpec { argv, env, timeout }))
+}
+
 /// The exec hook's settings beyond its command, checked.
 fn exec_spec(
     key: &str,
@@ -760,6 +829,22 @@ fn exec_spec(
     timeout_secs: Option<u64>,
     stderr_to_sender: Option<bool>,
 ) -> Result<ExecSpec, ConfigError> {
+    let (env, timeout) = command_limits(key, "exec", env, timeout_secs)?;
+    Ok(ExecSpec {
+        argv,
+        env,
+        timeout,
+        stderr_to_sender: stderr_to_sender.unwrap_or(false),
+    })
+}
+
+/// A command's `{prefix}_env` allow list and `{prefix}_timeout_secs`, checked.
+fn command_limits(
+    key: &str,
+    prefix: &str,
+    env: Option<Vec<String>>,
+    timeout_secs: Option<u64>,
+) -> Result<(Vec<String>, Duration), ConfigError> {
     let env = env.unwrap_or_default();
     for name in &env {
         let ok = !name.is_empty()
@@ -767,13 +852,13 @@ fn exec_spec(
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
             return Err(invalid(
-                format!("{key}.exec_env"),
+                format!("{key}.{prefix}_env"),
                 format!("{name:?} is not a variable name (letters, digits, _)"),
             ));
         }
         if name.starts_with("BARGE_") {
             return Err(invalid(
-                format!("{key}.exec_env"),
+                format!("{key}.{prefix}_env"),
                 format!("{name:?}: BARGE_* variables are set by the agent"),
             ));
         }
@@ -781,14 +866,9 @@ fn exec_spec(
     let timeout = match timeout_secs {
         None => DEFAULT_EXEC_TIMEOUT,
         Some(s @ 1..=604_800) => Duration::from_secs(s),
-        Some(_) => return Err(invalid(format!("{key}.exec_timeout_secs"), "must be 1 to 604800")),
+        Some(_) => return Err(invalid(format!("{key}.{prefix}_timeout_secs"), "must be 1 to 604800")),
     };
-    Ok(ExecSpec {
-        argv,
-        env,
-        timeout,
-        stderr_to_sender: stderr_to_sender.unwrap_or(false),
-    })
+    Ok((env, timeout))
 }
 
 fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {

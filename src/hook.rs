@@ -339,73 +339,223 @@ impl Run {
 
 impl ImportHook for ExecHook {
     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
-        let program = self.argv[0].clone();
-        let mut child = self
-            .command(job)
-            .spawn()
-            .map_err(|source| HookError::Spawn { program, source })?;
-        let started = Instant::now();
-        let pid = child.id() as libc::pid_t;
         let json = serde_json::to_vec(job).map_err(|e| HookError::Other(e.to_string()))?;
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        // A command that does not read stdin closes it early; that is not an error.
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&json);
-        });
-        let (tx, events) = std::sync::mpsc::channel();
-        let pipe = |mut r: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Event| {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut b = Vec::new();
-                let _ = r.read_to_end(&mut b);
-                let _ = tx.send(wrap(b));
-            });
-        };
-        pipe(Box::new(child.stdout.take().expect("piped stdout")), Event::Stdout);
-        pipe(Box::new(child.stderr.take().expect("piped stderr")), Event::Stderr);
-        std::thread::spawn(move || {
-            let _ = tx.send(Event::Exit(child.wait()));
-        });
-        let mut run = Run::default();
-        run.collect(&events, started + self.timeout);
-        let timed_out = !run.done();
-        if timed_out {
-            // The whole group: a shell's children too. The waiter thread reaps it.
-            // SAFETY: plain syscall; `pid` leads the group the command was started in.
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-            run.collect(&events, Instant::now() + KILL_GRACE);
-        }
-        let out = run.out.unwrap_or_default();
-        let err = run.err.unwrap_or_default();
-        if !err.is_empty() {
+        let output = run_command(self.command(job), &self.argv[0], json, self.timeout)?;
+        if !output.err.is_empty() {
             tracing::info!(
                 job = %job.job,
                 target = %job.target,
-                stderr = %tail(&err),
+                stderr = %tail(&output.err),
                 "exec hook wrote to stderr"
             );
         }
-        if timed_out {
-            return Err(HookError::Timeout {
-                secs: self.timeout.as_secs(),
-            });
-        }
-        let status = match run.status.expect("done") {
-            Ok(s) => s,
-            Err(e) => return Err(HookError::Other(e.to_string())),
+        output.judge(self.timeout, self.stderr_to_sender, "receiving")
+    }
+}
+
+/// What a hook command left: its output, and how it ended (`None`: killed at its time
+/// limit).
+struct Output {
+    out: Vec<u8>,
+    err: Vec<u8>,
+    status: Option<std::io::Result<ExitStatus>>,
+}
+
+impl Output {
+    /// Exit status 0 is success with stdout as the report; otherwise the error carries
+    /// stdout, or stderr with `stderr_to_sender`. `side` names the agent whose log has
+    /// the stderr.
+    fn judge(self, timeout: Duration, stderr_to_sender: bool, side: &str) -> Result<String, HookError> {
+        let status = match self.status {
+            None => {
+                return Err(HookError::Timeout {
+                    secs: timeout.as_secs(),
+                })
+            }
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err(HookError::Other(e.to_string())),
         };
         if status.success() {
-            return Ok(tail(&out));
+            return Ok(tail(&self.out));
         }
-        let report = match (self.stderr_to_sender, tail(&err), tail(&out)) {
+        let report = match (stderr_to_sender, tail(&self.err), tail(&self.out)) {
             (true, e, _) if !e.is_empty() => e,
             (_, _, o) if !o.is_empty() => o,
-            _ => "no report on stdout (its stderr is in the receiving agent's log)".to_string(),
+            _ => format!("no report on stdout (its stderr is in the {side} agent's log)"),
         };
         Err(HookError::Exit {
             status: status.to_string(),
             report,
         })
+    }
+}
+
+/// Spawns `cmd` (its stdio piped, in a process group of its own), writes `stdin` to it
+/// and collects its output until it exits, or kills its whole group after `timeout`.
+fn run_command(mut cmd: Command, program: &str, stdin: Vec<u8>, timeout: Duration) -> Result<Output, HookError> {
+    let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
+        program: program.to_string(),
+        source,
+    })?;
+    let started = Instant::now();
+    let pid = child.id() as libc::pid_t;
+    let mut pipe_in = child.stdin.take().expect("piped stdin");
+    // A command that does not read stdin closes it early; that is not an error.
+    std::thread::spawn(move || {
+        let _ = pipe_in.write_all(&stdin);
+    });
+    let (tx, events) = std::sync::mpsc::channel();
+    let pipe = |mut r: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> Event| {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            let _ = tx.send(wrap(b));
+        });
+    };
+    pipe(Box::new(child.stdout.take().expect("piped stdout")), Event::Stdout);
+    pipe(Box::new(child.stderr.take().expect("piped stderr")), Event::Stderr);
+    std::thread::spawn(move || {
+        let _ = tx.send(Event::Exit(child.wait()));
+    });
+    let mut run = Run::default();
+    run.collect(&events, started + timeout);
+    let timed_out = !run.done();
+    if timed_out {
+        // The whole group: a shell's children too. The waiter thread reaps it.
+        // SAFETY: plain syscall; `pid` leads the group the command was started in.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        run.collect(&events, Instant::now() + KILL_GRACE);
+    }
+    Ok(Output {
+        out: run.out.unwrap_or_default(),
+        err: run.err.unwrap_or_default(),
+        status: if timed_out { None } else { run.status },
+    })
+}
+
+/// A pull that its receiver committed, as an export's `after_commit` command sees it
+/// (as JSON on stdin).
+#[derive(Debug, Clone, Serialize)]
+pub struct AfterCommitJob {
+    pub job: String,
+    /// The export's name and folder.
+    pub export: String,
+    pub export_dir: PathBuf,
+    /// Identity of the peer that pulled and committed the files.
+    pub peer: String,
+    pub files: Vec<ExportedFile>,
+    /// The key range the pull asked for; `null` when it named files (or all).
+    pub range: Option<HookRange>,
+    /// What the receiver reported on commit.
+    pub receiver_report: String,
+}
+
+/// One file of a committed pull, as an `after_commit` command sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedFile {
+    /// Relative name inside the export.
+    pub name: String,
+    /// Where the file is in the export folder.
+    pub path: PathBuf,
+    pub size: u64,
+    /// blake3 root, hex, as `b3sum` prints it.
+    pub blake3: String,
+    /// For an SST file: its smallest and largest user key, hex, both inclusive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys: Option<ImportKeys>,
+}
+
+/// A key range `[start, end)` as hooks see it: hex; an empty start is the first key, a
+/// `null` end is past the last.
+#[derive(Debug, Clone, Serialize)]
+pub struct HookRange {
+    pub start: String,
+    pub end: Option<String>,
+}
+
+impl From<&crate::proto::keys::KeyRange> for HookRange {
+    fn from(r: &crate::proto::keys::KeyRange) -> HookRange {
+        HookRange {
+            start: r.start.hex(),
+            end: r.end.as_ref().map(|e| e.hex()),
+        }
+    }
+}
+
+/// An export's `after_commit` command: runs on the source once the receiver committed
+/// a pull, for example to delete the region just moved (`ldb deleterange`, a script
+/// calling RocksDB's `DeleteFilesInRange`). It gets the job as JSON on stdin, runs in
+/// the export folder and in an environment of its own, like [`ExecHook`]: `PATH`
+/// ([`DEFAULT_PATH`]), the variables named in `env` that the agent has, `BARGE_JOB`,
+/// `BARGE_EXPORT`, `BARGE_EXPORT_DIR`, `BARGE_PEER`, and with a key range
+/// `BARGE_RANGE_START` and (unless open-ended) `BARGE_RANGE_END`, in hex without `0x`.
+/// No file paths are added to `argv`.
+///
+/// Exit status 0 is success, with stdout as the report. Otherwise, or past `timeout`
+/// (the whole process group is killed), it failed; the error has its stderr (stdout if
+/// it wrote none). A failure can not undo the receiver's commit: the agent logs it and
+/// counts it.
+#[derive(Debug, Clone)]
+pub struct AfterCommitHook {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl From<&crate::config::AfterCommitSpec> for AfterCommitHook {
+    fn from(s: &crate::config::AfterCommitSpec) -> AfterCommitHook {
+        AfterCommitHook {
+            argv: s.argv.clone(),
+            env: s.env.clone(),
+            timeout: s.timeout,
+        }
+    }
+}
+
+impl AfterCommitHook {
+    fn command(&self, job: &AfterCommitJob) -> Command {
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .current_dir(&job.export_dir)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH);
+        for name in &self.env {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+        cmd.env("BARGE_JOB", &job.job)
+            .env("BARGE_EXPORT", &job.export)
+            .env("BARGE_EXPORT_DIR", &job.export_dir)
+            .env("BARGE_PEER", &job.peer);
+        if let Some(range) = &job.range {
+            cmd.env("BARGE_RANGE_START", &range.start);
+            if let Some(end) = &range.end {
+                cmd.env("BARGE_RANGE_END", end);
+            }
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a timeout kills what it started as well.
+            .process_group(0);
+        cmd
+    }
+
+    /// Runs the command for `job`; blocks until it exits or is killed.
+    pub fn run(&self, job: &AfterCommitJob) -> Result<String, HookError> {
+        let json = serde_json::to_vec(job).map_err(|e| HookError::Other(e.to_string()))?;
+        let output = run_command(self.command(job), &self.argv[0], json, self.timeout)?;
+        if !output.err.is_empty() {
+            tracing::info!(
+                job = %job.job,
+                export = %job.export,
+                stderr = %tail(&output.err),
+                "after_commit command wrote to stderr"
+            );
+        }
+        output.judge(self.timeout, true, "source")
     }
 }
 
@@ -497,6 +647,48 @@ mod tests {
         want.push("PATH");
         assert_eq!(names, want, "{report}");
         assert!(report.contains(&format!("PATH={DEFAULT_PATH}\n")), "{report}");
+    }
+
+    fn after_job(dir: &Path, range: Option<crate::proto::keys::KeyRange>) -> AfterCommitJob {
+        AfterCommitJob {
+            job: "j".into(),
+            export: "e".into(),
+            export_dir: dir.to_path_buf(),
+            peer: "p".into(),
+            files: vec![],
+            range: range.as_ref().map(Into::into),
+            receiver_report: "pulled".into(),
+        }
+    }
+
+    fn after(script: &str) -> AfterCommitHook {
+        AfterCommitHook {
+            argv: vec!["sh".into(), "-c".into(), script.into(), "sh".into()],
+            env: vec![],
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn after_commit_gets_the_range_in_its_environment_and_its_stderr_in_the_error() {
+        let t = tempfile::tempdir().unwrap();
+        let range = crate::proto::keys::KeyRange::parse("k..0x74").unwrap();
+        let script = "echo \"$BARGE_RANGE_START ${BARGE_RANGE_END-none} $#\"";
+        let report = after(script).run(&after_job(t.path(), Some(range))).unwrap();
+        assert_eq!(report, "6b 74 0");
+        let open = crate::proto::keys::KeyRange::parse("k..").unwrap();
+        let report = after(script).run(&after_job(t.path(), Some(open))).unwrap();
+        assert_eq!(report, "6b none 0");
+        let report = after("echo ${BARGE_RANGE_START-unset}; cat")
+            .run(&after_job(t.path(), None))
+            .unwrap();
+        assert!(report.starts_with("unset\n{"), "{report}");
+        assert!(report.contains("\"range\":null"), "{report}");
+        let err = after("echo told; echo region busy >&2; exit 5")
+            .run(&after_job(t.path(), None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("region busy") && err.contains('5'), "{err}");
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct Metrics {
     hook_runs: AtomicU64,
     hook_failures: AtomicU64,
     hook_micros: AtomicU64,
+    after_commit_runs: AtomicU64,
+    after_commit_failures: AtomicU64,
     connections: AtomicU64,
     connections_total: AtomicU64,
     peers: Mutex<BTreeMap<String, PeerBytes>>,
@@ -105,6 +107,12 @@ impl Metrics {
         self.hook_runs.fetch_add(1, Relaxed);
         self.hook_failures.fetch_add(!ok as u64, Relaxed);
         self.hook_micros.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    /// An export's `after_commit` command ran after a committed pull.
+    pub fn after_commit(&self, ok: bool) {
+        self.after_commit_runs.fetch_add(1, Relaxed);
+        self.after_commit_failures.fetch_add(!ok as u64, Relaxed);
     }
 
     pub fn connection_opened(&self) {
@@ -184,6 +192,18 @@ impl Metrics {
             "counter",
             "Time spent in import hooks.",
             format!("{secs:.6}"),
+        );
+        one(
+            "barge_after_commit_runs_total",
+            "counter",
+            "Export after_commit commands run after committed pulls.",
+            c(&self.after_commit_runs),
+        );
+        one(
+            "barge_after_commit_failures_total",
+            "counter",
+            "Export after_commit commands that failed or timed out (the pull stays committed).",
+            c(&self.after_commit_failures),
         );
         one(
             "barge_connections",

@@ -18,7 +18,7 @@ use crate::commit::Ledger;
 use crate::config::{AllowList, Config, Export, HookSpec, Import};
 use crate::disk::Disk;
 use crate::held::{Claim, Holds, Journal};
-use crate::hook::{ExecHook, ImportHook, MoveHook, ReplaceHook};
+use crate::hook::{AfterCommitHook, AfterCommitJob, ExecHook, ExportedFile, ImportHook, MoveHook, ReplaceHook};
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
@@ -869,6 +869,12 @@ impl JobCtx {
         let _slot = JobSlot::claim(&self.shared, &live, &self.peer)?;
         let (list, offer) = self.export_offer(&ex, &files, range.as_ref()).await?;
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
+        let after = ex.after_commit.as_ref().map(|spec| {
+            (
+                AfterCommitHook::from(spec),
+                self.after_commit_job(&ex, &offer, range.as_ref()),
+            )
+        });
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fault = transfer::Fault {
             pace: Some(crate::metrics::Meter {
@@ -898,6 +904,10 @@ impl JobCtx {
                 format!("the client took no data for {}s: the pull was given up", stall.as_secs()),
             ))),
         };
+        let committed = match &res {
+            Ok(r) if !r.held => Some(r.report.clone()),
+            _ => None,
+        };
         let outcome = span.in_scope(|| match res {
             Ok(r) => {
                 info!(blocks = r.blocks_sent, bytes = r.bytes_sent, "pull served");
@@ -910,7 +920,64 @@ impl JobCtx {
             }
         });
         self.shared.metrics.job(outcome);
+        if let (Some((hook, mut job)), Some(report)) = (after, committed) {
+            // The client has its files and waits only for our acknowledgement: give it
+            // now, so the command's run does not hold the client. The job slot is kept
+            // until the command is done, so a drain waits for it.
+            let _ = recv.stop(quinn::VarInt::from_u32(0));
+            let _ = send.finish();
+            job.receiver_report = report;
+            self.after_commit(hook, job).instrument(span).await;
+        }
         Ok(())
+    }
+
+    /// What an export's `after_commit` command is told about a pull of `offer`.
+    fn after_commit_job(
+        &self,
+        ex: &Export,
+        offer: &Offer,
+        range: Option<&crate::proto::keys::KeyRange>,
+    ) -> AfterCommitJob {
+        AfterCommitJob {
+            job: offer.job_id().to_string(),
+            export: ex.name.clone(),
+            export_dir: ex.path.clone(),
+            peer: self.peer.clone(),
+            files: offer
+                .files
+                .iter()
+                .map(|f| ExportedFile {
+                    name: f.path.clone(),
+                    path: ex.path.join(&f.path),
+                    size: f.hashes.size,
+                    blake3: crate::proto::blocks::hex(&f.hashes.root),
+                    keys: f.keys.as_ref().map(Into::into),
+                })
+                .collect(),
+            range: range.map(Into::into),
+            receiver_report: String::new(),
+        }
+    }
+
+    /// Runs an export's `after_commit` command for a pull the receiver committed. Its
+    /// failure can not undo that commit, and the protocol has no word for it after the
+    /// commit: it is logged and counted (`barge_after_commit_failures_total`).
+    async fn after_commit(&self, hook: AfterCommitHook, job: AfterCommitJob) {
+        let started = std::time::Instant::now();
+        let res = tokio::task::spawn_blocking(move || hook.run(&job))
+            .await
+            .unwrap_or_else(|e| Err(crate::hook::HookError::Other(e.to_string())));
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        self.shared.metrics.after_commit(res.is_ok());
+        match res {
+            Ok(report) => info!(elapsed_ms, %report, "after_commit command done"),
+            Err(e) => warn!(
+                elapsed_ms,
+                error = %e,
+                "after_commit command failed; the pull stays committed on the receiver"
+            ),
+        }
     }
 
     fn export_target(&self, live: &Live, name: &str) -> Result<Export, Refusal> {
