@@ -658,12 +658,7 @@ async fn backup_has(client: &Client, config: &ZdbConfig, rel: &str, local: &Path
     }
 }
 
-fn same_file(
-    client: &Client,
-    local: &Path,
-    size: u64,
-    root: &crate::proto::blocks::Digest,
-) -> Result<bool, ZdbError> {
+fn same_file(client: &Client, local: &Path, size: u64, root: &crate::proto::blocks::Digest) -> Result<bool, ZdbError> {
     let io = |e| TransferError::Io {
         path: local.to_path_buf(),
         source: e,
@@ -677,12 +672,7 @@ fn same_file(
     Ok(&hashes.root == root)
 }
 
-async fn push(
-    client: &Client,
-    config: &ZdbConfig,
-    target: &str,
-    files: &[(String, PathBuf)],
-) -> Result<u64, ZdbError> {
+async fn push(client: &Client, config: &ZdbConfig, target: &str, files: &[(String, PathBuf)]) -> Result<u64, ZdbError> {
     let r = client
         .push_named(&config.peer, target, files, &PushOptions::default())
         .await?;
@@ -963,8 +953,17 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
             .collect();
-        assert!(names.iter().all(|n| n.ends_with(".job")), "no temporary left: {names:?}");
-        for bad in ["data\nns\ni3\n", "index\n../x\ni1\n", "data\nns\n", "copy\nns\nd1\n", "index\nns\n/etc/passwd\n"] {
+        assert!(
+            names.iter().all(|n| n.ends_with(".job")),
+            "no temporary left: {names:?}"
+        );
+        for bad in [
+            "data\nns\ni3\n",
+            "index\n../x\ni1\n",
+            "data\nns\n",
+            "copy\nns\nd1\n",
+            "index\nns\n/etc/passwd\n",
+        ] {
             assert_eq!(Work::decode(bad), None, "{bad:?}");
         }
     }
@@ -988,7 +987,10 @@ mod tests {
         let c = write("").unwrap();
         assert_eq!(c.connect_timeout, Duration::from_secs(3));
         assert_eq!(c.spool_dir, absolute(&t.path().join("zdb/barge-zdb-spool")));
-        assert_eq!(write("connect_timeout_secs = 1\n").unwrap().connect_timeout, Duration::from_secs(1));
+        assert_eq!(
+            write("connect_timeout_secs = 1\n").unwrap().connect_timeout,
+            Duration::from_secs(1)
+        );
         for bad in [
             "connect_timeout_secs = 0\n",
             "connect_timeout_secs = 61\n",
@@ -998,6 +1000,9 @@ mod tests {
         ] {
             assert!(matches!(write(bad), Err(ZdbError::Config { .. })), "{bad}");
         }
-        assert_eq!(write("spool_dir = \"state\"\n").unwrap().spool_dir, t.path().join("state"));
+        assert_eq!(
+            write("spool_dir = \"state\"\n").unwrap().spool_dir,
+            t.path().join("state")
+        );
     }
 }

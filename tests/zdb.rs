@@ -279,7 +279,10 @@ async fn a_silent_backup_spools_the_work_and_the_next_hook_drains_it_newest_inde
     }
     assert_eq!(z.spool().len(), 3, "one durable entry per hook call");
     let work = z.spooled_work();
-    assert!(matches!(&work[0], barge::zdb::Work::Data(f) if f.rel() == "default/d0"), "{work:?}");
+    assert!(
+        matches!(&work[0], barge::zdb::Work::Data(f) if f.rel() == "default/d0"),
+        "{work:?}"
+    );
     assert!(matches!(&work[1], barge::zdb::Work::Index { names, .. } if names == &["i0", "i1", "zdb-namespace"]));
     assert!(list(&z.backup().join("data")).is_empty() && list(&z.backup().join("index")).is_empty());
 
@@ -308,7 +311,9 @@ async fn a_spool_that_can_not_drain_keeps_its_order_and_entries() {
     write(&data.join("d2"), &content(12, 7000));
     for (old, new) in [("d0", "d1"), ("d1", "d2")] {
         let (old, new) = (data.join(old), data.join(new));
-        ok(&z.run(&["jump-data", "id", old.to_str().unwrap(), new.to_str().unwrap()]).await);
+        ok(&z
+            .run(&["jump-data", "id", old.to_str().unwrap(), new.to_str().unwrap()])
+            .await);
     }
     let before = z.spool();
     // Still down: a third call drains nothing, and keeps the two older entries first.
@@ -349,11 +354,17 @@ async fn namespace_updated_pushes_the_namespace_descriptor_only() {
     let z = zdb().await;
     let idx = z.index().join("default");
     ok(&z.run(&["namespace-updated", "id", "default"]).await);
-    same(&idx.join("zdb-namespace"), &z.backup().join("index/default/zdb-namespace"));
+    same(
+        &idx.join("zdb-namespace"),
+        &z.backup().join("index/default/zdb-namespace"),
+    );
     assert_eq!(list(&z.backup().join("index/default")), ["zdb-namespace"]);
     write(&idx.join("zdb-namespace"), b"descriptor after NSSET password");
     ok(&z.run(&["namespace-updated", "id", "default"]).await);
-    same(&idx.join("zdb-namespace"), &z.backup().join("index/default/zdb-namespace"));
+    same(
+        &idx.join("zdb-namespace"),
+        &z.backup().join("index/default/zdb-namespace"),
+    );
     // A namespace 0-db does not have is refused, not spooled.
     let out = z.run(&["namespace-updated", "id", "nosuch"]).await;
     assert!(!out.status.success());
@@ -372,7 +383,9 @@ async fn zdb_sync_catches_up_a_backup_that_missed_files_and_is_idempotent() {
     write(&z.index().join("second/zdb-namespace"), b"second");
     // The backup got d0 from a hook; it missed d1 (the backup was down, say).
     let (d0, d1) = (data.join("d0"), data.join("d1"));
-    ok(&z.run(&["jump-data", "id", d0.to_str().unwrap(), d1.to_str().unwrap()]).await);
+    ok(&z
+        .run(&["jump-data", "id", d0.to_str().unwrap(), d1.to_str().unwrap()])
+        .await);
 
     let out = ok(&z.sync().await);
     assert!(
@@ -396,7 +409,10 @@ async fn zdb_sync_catches_up_a_backup_that_missed_files_and_is_idempotent() {
     let out = z.sync().await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("different default/d1"), "{err}");
-    assert_eq!(std::fs::read(backup.join("default/d1")).unwrap(), b"not what this host sealed");
+    assert_eq!(
+        std::fs::read(backup.join("default/d1")).unwrap(),
+        b"not what this host sealed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,7 +421,9 @@ async fn zdb_sync_drains_what_the_hook_spooled() {
     z.backup_down();
     let idx = z.index().join("default");
     let (i1, i2) = (idx.join("i1"), idx.join("i2"));
-    ok(&z.run(&["jump-index", "id", i1.to_str().unwrap(), i2.to_str().unwrap(), "0"]).await);
+    ok(&z
+        .run(&["jump-index", "id", i1.to_str().unwrap(), i2.to_str().unwrap(), "0"])
+        .await);
     assert_eq!(z.spool().len(), 1);
     // Still down: the sync fails (non-zero, for the timer's log) and keeps the entry.
     let out = z.sync().await;
@@ -432,4 +450,82 @@ async fn a_namespace_clones_with_every_file_verified() {
     assert!(text.contains("2 data files and 3 index files"), "{text}");
     assert_same_tree(&z.data(), &z.backup().join("data"));
     assert_same_tree(&z.index(), &z.backup().join("index"));
+}
+
+#[test]
+fn the_sync_timer_units_pass_systemd_verify_and_security() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "systemd-analyze is missing"
+        );
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/");
+    let unit = std::fs::read_to_string(format!("{dir}barge-zdb-sync.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/barge zdb-sync --config "),
+        "{unit}"
+    );
+    let service = t.path().join("barge-zdb-sync.service");
+    std::fs::write(
+        &service,
+        unit.replace("/usr/local/bin/barge", env!("CARGO_BIN_EXE_barge")),
+    )
+    .unwrap();
+    let timer = t.path().join("barge-zdb-sync.timer");
+    std::fs::copy(format!("{dir}barge-zdb-sync.timer"), &timer).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .args([&service, &timer])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Verify runs as the test's user: a missing `zdb` user is the host's, not the unit's.
+    let real: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("zdb") || !l.contains("user"))
+        .collect();
+    assert!(out.status.success() && real.is_empty(), "verify: {err}");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&service)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no rating in {text}"));
+    assert!(line.contains("OK") || line.contains("SAFE"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_file_the_backup_already_holds_counts_as_sent_and_does_not_block_the_spool() {
+    let z = zdb().await;
+    let data = z.data().join("default");
+    let (d0, d1) = (data.join("d0"), data.join("d1"));
+    write(&data.join("d2"), &content(12, 7000));
+    // The backup got d0 (with d1, in one job) from a sync; then the hook's own push of
+    // d0 comes (a hook spooled while the sync ran): a different job, refused as "file
+    // exists". The backup lists d0 with the same hash, so the entry is done.
+    ok(&z.sync().await);
+    let args = ["jump-data", "id", d0.to_str().unwrap(), d1.to_str().unwrap()];
+    let out = z.run(&args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("spooled"), "{err}");
+    assert!(z.spool().is_empty(), "{:?}", z.spool());
+    same(&d0, &z.backup().join("data/default/d0"));
+    // A backup copy that differs is not taken for this file: the entry stays.
+    write(&z.backup().join("data/default/d0"), b"something else");
+    let out = z.run(&args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("spooled"), "{err}");
+    assert_eq!(z.spool().len(), 1);
 }
