@@ -55,6 +55,10 @@ pub enum Command {
     ZdbHook(ZdbHookArgs),
     /// Clone a whole namespace of a frozen 0-db to the backup agent's data and index targets.
     ZdbClone(ZdbCloneArgs),
+    /// Catch the backup up: send what the zdb hook spooled, every sealed data file the
+    /// backup lacks, and every index file and zdb-namespace as they are now. Idempotent;
+    /// run it from a timer (systemd/barge-zdb-sync.timer).
+    ZdbSync(ZdbSyncArgs),
     /// Print each file's blake3 hash, as b3sum does.
     Hash(HashArgs),
     /// Run a complete local transfer between two agents on loopback and show it worked.
@@ -239,6 +243,10 @@ The zdb config (TOML) names 0-db's folders and the backup agent:
   data_target = \"zdb-data\"    # import on the peer for sealed data files (hook = \"move\")
   index_target = \"zdb-index\"  # import for index files (hook = \"replace\")
   data_export = \"zdb-data\"    # export on the peer over the data target's folder
+  connect_timeout_secs = 3     # 1-60: a silent backup is given up after this long, the
+                               # hook's work spooled (0-db waits for jump hooks meanwhile)
+  spool_dir = \"/var/lib/zdb/barge-zdb-spool\"  # default: barge-zdb-spool next to index_dir;
+                               # never inside data_dir or index_dir
   [tls]
   ca = \"certs/ca.pem\"
   cert = \"certs/store-a.pem\"
@@ -275,6 +283,19 @@ pub struct ZdbCloneArgs {
     /// The namespace to clone (its folder name under data_dir and index_dir).
     #[arg(long, value_name = "NS")]
     pub namespace: String,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = ZDB_CONFIG_HELP)]
+pub struct ZdbSyncArgs {
+    /// The zdb config file.
+    #[arg(
+        long,
+        env = "BARGE_ZDB_CONFIG",
+        value_name = "FILE",
+        default_value = "/etc/barge/zdb.toml"
+    )]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]

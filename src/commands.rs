@@ -2,7 +2,7 @@
 
 use crate::cli::{
     AgentArgs, CertsCommand, Command, HashArgs, IdentityArgs, JobArgs, LsArgs, PeerArgs, PullArgs, PushArgs,
-    ZdbCloneArgs, ZdbHookArgs,
+    ZdbCloneArgs, ZdbHookArgs, ZdbSyncArgs,
 };
 use anyhow::{bail, Context, Result};
 use barge::agent::Agent;
@@ -56,6 +56,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Abort(j) => runtime(Some(1))?.block_on(job_op(j, false)),
         Command::ZdbHook(z) => runtime(Some(1))?.block_on(zdb_hook(z)),
         Command::ZdbClone(z) => runtime(Some(1))?.block_on(zdb_clone(z)),
+        Command::ZdbSync(z) => runtime(Some(1))?.block_on(zdb_sync(z)),
         Command::Demo(d) => runtime(None)?.block_on(crate::demo::run(d)),
     }
 }
@@ -94,6 +95,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         return match z {
             barge::zdb::ZdbError::Transfer(t) => transfer_code(t),
             barge::zdb::ZdbError::Config { .. } => 3,
+            z if barge::zdb::Hook::is_usage(z) => 2,
             _ => 1,
         };
     }
@@ -453,8 +455,30 @@ async fn zdb_hook(z: ZdbHookArgs) -> Result<()> {
         return Ok(());
     }
     let config = barge::zdb::ZdbConfig::load(&z.config)?;
-    let line = barge::zdb::run_hook(&config, &hook).await?;
-    say!("{line}");
+    match barge::zdb::run_hook(&config, &hook).await? {
+        barge::zdb::Outcome::Done(line) => say!("{line}"),
+        // The work is safe in the spool: exit 0 so 0-db goes on, and say why on stderr.
+        barge::zdb::Outcome::Spooled(line) => {
+            eprintln!("barge: {line}");
+        }
+    }
+    Ok(())
+}
+
+async fn zdb_sync(z: ZdbSyncArgs) -> Result<()> {
+    let config = barge::zdb::ZdbConfig::load(&z.config)?;
+    let r = barge::zdb::sync(&config)
+        .await
+        .with_context(|| format!("zdb-sync to {}", config.peer))?;
+    say!(
+        "synced to {}: {} spooled entries, {} sealed data files sent ({} already there), {} index files, {} bytes",
+        config.peer,
+        r.spooled,
+        r.data_sent,
+        r.data_present,
+        r.index_files,
+        r.bytes
+    );
     Ok(())
 }
 

@@ -42,7 +42,8 @@
 //!   authorizes an identity before it reads what it sends, and counts what each
 //!   identity holds so none locks out the others.
 //! - [`client`]: push, pull, list, commit and abort from a program or the CLI.
-//! - [`zdb`]: 0-db's hook program (offload sealed data files, fetch them back) and
+//! - [`zdb`]: 0-db's hook program (offload sealed data files, fetch them back), its
+//!   spool for when the backup is away (0-db is never held up), catch-up sync and
 //!   namespace clone.
 //!
 //! # Example
