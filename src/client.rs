@@ -525,6 +525,7 @@ impl Client {
                     target_dir: &into2,
                     peer: &peer2,
                     held: false,
+                    dir_mode: None,
                 };
                 // The intent lives in the job's staging folder: a pull cut off while
                 // placing finishes when the same pull runs again.

@@ -104,6 +104,9 @@ pub struct Intent {
     pub held: bool,
     /// The report the sender gets.
     pub report: String,
+    /// Mode of the folders in `made`, if the target sets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir_mode: Option<u32>,
 }
 
 /// What an [`Intent`] needs to know about its job besides the files.
@@ -114,6 +117,7 @@ pub struct JobRef<'a> {
     pub target_dir: &'a Path,
     pub peer: &'a str,
     pub held: bool,
+    pub dir_mode: Option<u32>,
 }
 
 impl Intent {
@@ -151,6 +155,7 @@ impl Intent {
             made: made.iter().map(|p| p.to_string()).collect(),
             peer: job.peer.to_string(),
             held: job.held,
+            dir_mode: job.dir_mode,
         })
     }
 
@@ -209,7 +214,26 @@ impl Intent {
         for u in &units {
             self.place(&dirs, u, &paths)?;
         }
+        self.set_made_modes(&dirs)?;
         sync_parents(&dirs.target, &self.target_dir, &units)
+    }
+
+    /// Gives the folders this commit made the target's folder mode, if it sets one
+    /// (again after a crash: it changes nothing the second time).
+    fn set_made_modes(&self, dirs: &Dirs) -> Result<(), StageError> {
+        let Some(mode) = self.dir_mode else {
+            return Ok(());
+        };
+        for d in self.rels(&self.made)? {
+            let path = self.placed(&d);
+            let fd =
+                safefs::walk_dirs(dirs.target.as_fd(), Path::new(d.as_str()), false).map_err(|e| io_err(&path, e))?;
+            // SAFETY: fd is an open descriptor for the duration of the call.
+            if unsafe { libc::fchmod(std::os::fd::AsRawFd::as_raw_fd(&fd), mode as libc::mode_t) } != 0 {
+                return Err(io_err(&path, io::Error::last_os_error()));
+            }
+        }
+        Ok(())
     }
 
     /// Places one unit unless it was placed already (it is no longer staged).
@@ -757,6 +781,7 @@ mod tests {
             target_dir: target,
             peer: "p",
             held: false,
+            dir_mode: None,
         }
     }
 

@@ -93,6 +93,9 @@ pub struct ImportJob {
     /// The job was held (`push --hold`) before this commit.
     #[serde(skip)]
     pub(crate) held: bool,
+    /// Mode of the folders `move` and `replace` make in the target, if the target sets one.
+    #[serde(skip)]
+    pub(crate) dir_mode: Option<u32>,
 }
 
 impl ImportJob {
@@ -115,6 +118,7 @@ impl ImportJob {
             target_dir: &self.target_dir,
             peer: &self.peer,
             held: self.held,
+            dir_mode: self.dir_mode,
         };
         let ledger = match &self.ledger {
             Some(l) => l.clone(),
@@ -588,6 +592,7 @@ mod tests {
             paths: vec![],
             ledger: None,
             held: false,
+            dir_mode: None,
         }
     }
 

@@ -8,7 +8,7 @@
 //!
 //! - [`proto`]: the core. [`proto::blocks`] cuts files into blocks whose blake3
 //!   chaining values merge into the plain blake3 root (what `b3sum` prints);
-//!   [`proto::wire`] encodes the v1 control messages; [`proto::path`] checks relative
+//!   [`proto::wire`] encodes the control messages (version 2); [`proto::path`] checks relative
 //!   names; [`proto::job`] tracks verified blocks and plans which stream sends what;
 //!   [`proto::keys`] names key ranges and places a file's keys against them.
 //! - [`certs`]: a private CA and host certificates; a host's identity is its DNS name.

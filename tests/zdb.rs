@@ -10,8 +10,8 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-const BACKUP_TARGETS: &str = "[[import]]\nname = \"zdb-data\"\npath = \"backup/data\"\nallow = [\"client\"]\n\
-[[import]]\nname = \"zdb-index\"\npath = \"backup/index\"\nallow = [\"client\"]\nhook = \"replace\"\n\
+const BACKUP_TARGETS: &str = "[[import]]\nname = \"zdb-data\"\npath = \"backup/data\"\nallow = [\"client\"]\ndir_mode = \"0700\"\n\
+[[import]]\nname = \"zdb-index\"\npath = \"backup/index\"\nallow = [\"client\"]\nhook = \"replace\"\ndir_mode = \"0700\"\n\
 [[export]]\nname = \"zdb-data\"\npath = \"backup/data\"\nallow = [\"client\"]\n";
 
 struct Zdb {
@@ -528,4 +528,73 @@ async fn a_data_file_the_backup_already_holds_counts_as_sent_and_does_not_block_
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("spooled"), "{err}");
     assert_eq!(z.spool().len(), 1);
+}
+
+/// Gives every file and folder of the 0-db roots 0-db's own modes: 0600 and 0700.
+fn zero_db_modes(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in walkdir(root) {
+        let m = if e.is_dir() { 0o700 } else { 0o600 };
+        std::fs::set_permissions(&e, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+}
+
+fn walkdir(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(root).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// Every file under `root` is 0600 and every folder 0700, as 0-db makes them.
+fn assert_zero_db_modes(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let entries = walkdir(root);
+    assert!(!entries.is_empty(), "{} is empty", root.display());
+    for e in entries {
+        let m = std::fs::metadata(&e).unwrap().permissions().mode() & 0o7777;
+        let want = if e.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m, want, "{}: {m:o}", e.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_keep_zero_dbs_modes_through_jumps_clone_and_restore() {
+    // Jumps: sealed data and index files on the backup are 0600 in 0700 folders.
+    let z = zdb().await;
+    zero_db_modes(&z.env.root().join("zdb"));
+    let (d0, d1) = (z.data().join("default/d0"), z.data().join("default/d1"));
+    ok(&z
+        .run(&["jump-data", "id", d0.to_str().unwrap(), d1.to_str().unwrap()])
+        .await);
+    let idx = z.index().join("default");
+    let (i1, i2) = (idx.join("i1"), idx.join("i2"));
+    ok(&z
+        .run(&["jump-index", "id", i1.to_str().unwrap(), i2.to_str().unwrap(), "0"])
+        .await);
+    assert_zero_db_modes(&z.backup().join("data"));
+    assert_zero_db_modes(&z.backup().join("index"));
+    // Restored by missing-data: 0600 again.
+    std::fs::remove_file(&d0).unwrap();
+    ok(&z.run(&["missing-data", "id", d0.to_str().unwrap()]).await);
+    assert_zero_db_modes(&z.data());
+
+    // A clone of the whole namespace into a fresh backup.
+    let z = zdb().await;
+    zero_db_modes(&z.env.root().join("zdb"));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_barge"));
+    cmd.args(["zdb-clone", "--namespace", "default"])
+        .env("BARGE_ZDB_CONFIG", &z.config)
+        .current_dir(z.env.root());
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    ok(&out);
+    assert_zero_db_modes(&z.backup().join("data"));
+    assert_zero_db_modes(&z.backup().join("index"));
 }

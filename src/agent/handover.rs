@@ -143,6 +143,7 @@ pub(super) fn import_job(
         paths,
         ledger: None,
         held: false,
+        dir_mode: target.dir_mode,
     }
 }
 
