@@ -588,7 +588,7 @@ async fn prepare_pull(
         .check(into, &job.paths)
         .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))?;
     let io = |e: crate::stage::StageError| Refusal::new(crate::proto::wire::code::IO, e.to_string());
-    let stage = Stage::open(into, &job).map_err(io)?;
+    let stage = Stage::open(&into.join(crate::proto::path::STAGING_DIR), &job).map_err(io)?;
     stage.scan(&mut job, disk).await;
     check_space(into, job.missing_bytes(), DEFAULT_RESERVE)
         .map_err(|e| Refusal::new(crate::proto::wire::code::NO_SPACE, e.to_string()))?;

@@ -220,6 +220,7 @@ struct RawTarget {
     on_exists: Option<OnExists>,
     file_mode: Option<String>,
     dir_mode: Option<String>,
+    staging: Option<PathBuf>,
 }
 
 /// What an export holds, and so how a range selects its files.
@@ -316,6 +317,20 @@ pub struct Import {
     /// (files) and the agent's umask (folders).
     pub file_mode: Option<u32>,
     pub dir_mode: Option<u32>,
+    /// Where its jobs are staged: a folder on the target's file system, outside the
+    /// target (see [`staging_root`]).
+    pub staging: PathBuf,
+    /// The staging folder lies inside the target (no `staging` given, and `data_dir` is
+    /// on another file system): an engine that scans the target sees it while a job runs.
+    pub staging_in_target: bool,
+}
+
+impl Import {
+    /// Staging folders an earlier version made inside the target
+    /// (`<target>/.barge-staging`): still swept, and trusted for held jobs and intents.
+    pub fn legacy_staging(&self) -> PathBuf {
+        self.path.join(crate::proto::path::STAGING_DIR)
+    }
 }
 
 /// What a `move` import does with a name the target already has.
@@ -472,6 +487,11 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     }
     let limits = limits(&raw.limits, max_jobs)?;
     let tuning = tuning(&raw.transport)?;
+    let stagings = imports
+        .iter()
+        .map(|(t, _)| staging_root(t, &data_dir, base))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stagings = stagings.into_iter();
     Ok(Config {
         tuning,
         listen,
@@ -499,6 +519,13 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 on_exists: t.on_exists,
                 file_mode: t.file_mode,
                 dir_mode: t.dir_mode,
+                staging_in_target: false,
+                staging: PathBuf::new(),
+            })
+            .zip(stagings.by_ref())
+            .map(|(mut t, (staging, inside))| {
+                (t.staging, t.staging_in_target) = (staging, inside);
+                t
             })
             .collect(),
         staging_ttl,
@@ -646,6 +673,7 @@ struct Target {
     file_mode: Option<u32>,
     dir_mode: Option<u32>,
     after_commit: Option<AfterCommitSpec>,
+    staging: Option<PathBuf>,
 }
 
 fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target, HookSpec), ConfigError> {
@@ -740,9 +768,53 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             file_mode,
             dir_mode,
             after_commit,
+            staging: t.staging,
         },
         hook,
     ))
+}
+
+/// Where an import target's jobs are staged, and whether that is inside the target. A
+/// `staging` folder given must be on the target's file system (a commit is a rename);
+/// by default `data_dir/staging/NAME` when `data_dir` is on it, else
+/// `<target>/.barge-staging`.
+fn staging_root(t: &Target, data_dir: &Path, base: &Path) -> Result<(PathBuf, bool), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let key = format!("import ({}).staging", t.name);
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
+    let target_dev = dev(&t.path).map_err(|e| invalid(&key, format!("{}: {e}", t.path.display())))?;
+    let Some(given) = &t.staging else {
+        let shared = data_dir.join("staging");
+        if dev(data_dir).ok() == Some(target_dev) {
+            std::fs::create_dir_all(&shared).map_err(|e| invalid("data_dir", format!("{}: {e}", shared.display())))?;
+            return Ok((shared.join(&t.name), false));
+        }
+        return Ok((t.path.join(crate::proto::path::STAGING_DIR), true));
+    };
+    let root = base.join(given);
+    let parent = root.parent().filter(|p| !p.as_os_str().is_empty());
+    let Some(parent) = parent.filter(|p| p.is_dir()) else {
+        return Err(invalid(
+            key,
+            format!("{}: its parent folder does not exist", root.display()),
+        ));
+    };
+    let there = if root.exists() { dev(&root) } else { dev(parent) };
+    match there {
+        Ok(d) if d == target_dev => {
+            let inside = root.starts_with(&t.path);
+            Ok((root, inside))
+        }
+        Ok(_) => Err(invalid(
+            key,
+            format!(
+                "{} is on another file system than the target {}; staging and target must share one, so that a commit is a rename",
+                root.display(),
+                t.path.display()
+            ),
+        )),
+        Err(e) => Err(invalid(key, format!("{}: {e}", root.display()))),
+    }
 }
 
 /// A permission mode written in octal (`"0640"`): read, write and execute bits only.

@@ -17,11 +17,11 @@
 use crate::disk::{Disk, Loc};
 use crate::proto::blocks::{block_count, block_len, BLOCK_SIZE};
 use crate::proto::job::ReceiveJob;
-use crate::proto::path::{RelPath, STAGING_DIR};
+use crate::proto::path::RelPath;
 use crate::proto::wire::Offer;
 use crate::safefs::{self, Root, Unsafe};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -63,17 +63,35 @@ fn private(parent: BorrowedFd<'_>, name: &str, path: &Path, make: bool) -> Resul
     }
 }
 
-/// Opens (or, with `make`, makes) the job folder `job_dir` of `<target>/.barge-staging`,
-/// checking both folders; returns it and whether it was made.
+/// A staging root (the folder job folders are made in) as its parent and its name: the
+/// root is opened below its parent held open, and checked.
+fn split_root(root: &Path) -> Option<(&Path, &str)> {
+    Some((root.parent()?, root.file_name()?.to_str()?))
+}
+
+/// Held while a staging root is made or a job folder made in it, and while an empty
+/// root is removed: a root removed under a job making its folder would fail that job.
+static ROOTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Opens (or, with `make`, makes) the job folder `job_dir` of its staging root, checking
+/// both folders; returns it and whether it was made.
 fn open_job_dir(job_dir: &Path, make: bool) -> Result<(OwnedFd, bool), StageError> {
-    let staging = job_dir.parent().filter(|s| s.ends_with(STAGING_DIR));
-    let (Some(staging), Some(id)) = (staging, job_dir.file_name().and_then(|n| n.to_str())) else {
+    let root = job_dir.parent().and_then(|r| Some((r, split_root(r)?)));
+    let (Some((root, (parent, name))), Some(id)) = (root, job_dir.file_name().and_then(|n| n.to_str())) else {
         return Err(StageError::NotDir(job_dir.to_path_buf()));
     };
-    let target = staging.parent().unwrap_or(Path::new("/"));
-    let target_fd = safefs::open_dir(target).map_err(io_at(target))?;
-    let (staging_fd, _) = private(target_fd.as_fd(), STAGING_DIR, staging, make)?;
-    private(staging_fd.as_fd(), id, job_dir, make)
+    let parent_fd = safefs::open_dir(parent).map_err(io_at(parent))?;
+    let _roots = ROOTS.lock().expect("staging roots");
+    let (root_fd, _) = private(parent_fd.as_fd(), name, root, make)?;
+    private(root_fd.as_fd(), id, job_dir, make)
+}
+
+/// Removes the staging root `root` if it is empty (a folder an engine scans is left as
+/// it was before the job).
+fn remove_if_empty(parent: BorrowedFd<'_>, name: &str) {
+    let Ok(c) = std::ffi::CString::new(name) else { return };
+    // SAFETY: parent is an open folder and c a NUL-terminated name; ENOTEMPTY is fine.
+    unsafe { libc::unlinkat(parent.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
@@ -95,11 +113,11 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// Creates (or reopens) the staging folder of `job` inside `target`. The folders
-    /// below it are made by the disk thread as their first file is written (see
-    /// [`Disk::write_at`]).
-    pub fn open(target: &Path, job: &ReceiveJob) -> Result<Stage, StageError> {
-        let job_dir = target.join(STAGING_DIR).join(job.id.to_string());
+    /// Creates (or reopens) the staging folder of `job` in the staging root `root` (an
+    /// import target's `staging`). The folders below it are made by the disk thread as
+    /// their first file is written (see [`Disk::write_at`]).
+    pub fn open(root: &Path, job: &ReceiveJob) -> Result<Stage, StageError> {
+        let job_dir = root.join(job.id.to_string());
         let files_dir = job_dir.join("files");
         let (dir, fresh) = open_job_dir(&job_dir, true)?;
         safefs::walk_dirs(dir.as_fd(), Path::new("files"), true).map_err(io_at(&files_dir))?;
@@ -290,15 +308,19 @@ impl Stage {
     /// as a link), found in `.barge-staging` held open: a `.barge-staging` swapped for a
     /// symlink meanwhile does not lead the removal elsewhere.
     pub fn remove(&self) {
-        let staging = self.job_dir.parent().and_then(|s| Some((s, s.parent()?)));
-        let (Some((staging, target)), Some(id)) = (staging, self.job_dir.file_name()) else {
+        let root = self.job_dir.parent().and_then(|r| Some((r, split_root(r)?)));
+        let (Some((root, (parent, name))), Some(id)) = (root, self.job_dir.file_name()) else {
             return;
         };
-        let removed =
-            safefs::open_dir(target).and_then(|t| match safefs::private_dir(t.as_fd(), STAGING_DIR, false)? {
+        let removed = safefs::open_dir(parent).and_then(|p| {
+            let _roots = ROOTS.lock().expect("staging roots");
+            let gone = match safefs::private_dir(p.as_fd(), name, false)? {
                 Ok((dir, _)) => std::fs::remove_dir_all(safefs::fd_path(&dir).join(id)),
-                Err(_) => Err(io::Error::other(format!("{} is not the agent's", staging.display()))),
-            });
+                Err(_) => Err(io::Error::other(format!("{} is not the agent's", root.display()))),
+            };
+            remove_if_empty(p.as_fd(), name);
+            gone
+        });
         if let Err(e) = removed {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(dir = %self.job_dir.display(), error = %e, "cannot remove staging folder");
@@ -417,19 +439,41 @@ pub fn sync_dir(dir: &Path) -> Result<(), StageError> {
 /// in `keep` (held jobs, which expire on their own clock); returns how many.
 /// Only a `.barge-staging` that is the agent's own folder is swept, through its open
 /// descriptor (see [`Stage::remove`]).
-pub fn sweep_expired(target: &Path, ttl: Duration, keep: &std::collections::HashSet<String>) -> usize {
-    let dir = safefs::open_dir(target).and_then(|t| safefs::private_dir(t.as_fd(), STAGING_DIR, false));
+pub fn sweep_expired(root: &Path, ttl: Duration, keep: &std::collections::HashSet<String>) -> usize {
+    let Some((parent, name)) = split_root(root) else {
+        return 0;
+    };
+    let Ok(parent) = safefs::open_dir(parent) else {
+        return 0;
+    };
+    let dir = safefs::private_dir(parent.as_fd(), name, false);
     let Ok(Ok((dir, _))) = dir else {
         return 0;
     };
-    let staging = safefs::fd_path(&dir);
+    let removed = sweep_in(&dir, ttl, keep);
+    let _roots = ROOTS.lock().expect("staging roots");
+    remove_if_empty(parent.as_fd(), name);
+    removed
+}
+
+/// Whether a staging root's entry is one barge made: a job folder, named by a job id.
+fn is_job_folder(e: &std::fs::DirEntry) -> bool {
+    let name = e.file_name();
+    let is_id = name
+        .to_str()
+        .is_some_and(|n| n.parse::<crate::proto::wire::JobId>().is_ok());
+    is_id && e.file_type().is_ok_and(|t| t.is_dir())
+}
+
+fn sweep_in(dir: &OwnedFd, ttl: Duration, keep: &std::collections::HashSet<String>) -> usize {
+    let staging = safefs::fd_path(dir);
     let Ok(entries) = std::fs::read_dir(&staging) else {
         return 0;
     };
     let mut removed = 0;
     for e in entries
         .flatten()
-        .filter(|e| !keep.contains(&*e.file_name().to_string_lossy()))
+        .filter(|e| is_job_folder(e) && !keep.contains(&*e.file_name().to_string_lossy()))
     {
         let age = e
             .metadata()
@@ -447,6 +491,7 @@ pub fn sweep_expired(target: &Path, ttl: Duration, keep: &std::collections::Hash
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::path::STAGING_DIR;
 
     fn rel(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
@@ -472,28 +517,61 @@ mod tests {
         };
         let disk = Disk::start().unwrap();
         let mut job = ReceiveJob::new(offer.clone()).unwrap();
-        let stage = Stage::open(t.path(), &job).unwrap();
+        let stage = Stage::open(&t.path().join(STAGING_DIR), &job).unwrap();
         assert!(stage.fresh);
         let staged = stage.file(&rel("d/f"));
         disk.write_at(staged, 0, bytes::Bytes::from_static(data)).await.unwrap();
         assert_eq!(stage.scan(&mut job, &disk).await, 0, "made by this open: not read");
         let mut again = ReceiveJob::new(offer).unwrap();
-        let reopened = Stage::open(t.path(), &again).unwrap();
+        let reopened = Stage::open(&t.path().join(STAGING_DIR), &again).unwrap();
         assert!(!reopened.fresh);
         assert_eq!(reopened.scan(&mut again, &disk).await, 1, "the staged block is found");
         assert_eq!(again.missing(), 0);
     }
 
     #[test]
-    fn sweep_removes_only_expired_jobs() {
+    fn sweep_removes_only_expired_jobs_and_only_what_barge_made() {
         let t = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(t.path().join(STAGING_DIR).join("job1")).unwrap();
-        std::fs::create_dir_all(t.path().join(STAGING_DIR).join("held")).unwrap();
-        let keep = ["held".to_string()].into_iter().collect();
-        assert_eq!(sweep_expired(t.path(), Duration::from_secs(3600), &keep), 0);
-        assert_eq!(sweep_expired(t.path(), Duration::ZERO, &keep), 1);
-        assert!(!t.path().join(STAGING_DIR).join("job1").exists());
-        assert!(t.path().join(STAGING_DIR).join("held").exists(), "held jobs are kept");
+        let root = t.path().join("staging");
+        let (job1, held) = ("1".repeat(32), "2".repeat(32));
+        std::fs::create_dir_all(root.join(&job1)).unwrap();
+        std::fs::create_dir_all(root.join(&held)).unwrap();
+        // What an engine scanning the folder might make there: not barge's.
+        std::fs::create_dir_all(root.join("ns1")).unwrap();
+        std::fs::write(root.join("zdb-namespace"), b"x").unwrap();
+        let keep = [held.clone()].into_iter().collect();
+        assert_eq!(sweep_expired(&root, Duration::from_secs(3600), &keep), 0);
+        assert_eq!(sweep_expired(&root, Duration::ZERO, &keep), 1);
+        assert!(!root.join(&job1).exists());
+        assert!(root.join(&held).exists(), "held jobs are kept");
+        assert!(root.join("ns1").exists() && root.join("zdb-namespace").exists());
+        // Once nothing is left, the staging folder itself goes.
+        std::fs::remove_dir_all(root.join(&held)).unwrap();
+        std::fs::remove_dir_all(root.join("ns1")).unwrap();
+        std::fs::remove_file(root.join("zdb-namespace")).unwrap();
+        sweep_expired(&root, Duration::ZERO, &Default::default());
+        assert!(!root.exists());
+    }
+
+    #[test]
+    fn a_finished_jobs_staging_root_goes_when_it_is_empty() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join(STAGING_DIR);
+        let offer = Offer {
+            target: "t".into(),
+            files: vec![],
+            meta: vec![],
+            tcp_lane: false,
+            hold: false,
+        };
+        let a = Stage::open(&root, &ReceiveJob::new(offer.clone()).unwrap()).unwrap();
+        let mut other = offer;
+        other.meta.push(("k".into(), "v".into()));
+        let b = Stage::open(&root, &ReceiveJob::new(other).unwrap()).unwrap();
+        a.remove();
+        assert!(root.is_dir(), "another job is still staged");
+        b.remove();
+        assert!(!root.exists(), "an engine scanning the target sees nothing left");
     }
 
     #[test]
@@ -504,7 +582,10 @@ mod tests {
         let target = t.path().join("target");
         std::fs::create_dir(&target).unwrap();
         std::os::unix::fs::symlink(&elsewhere, target.join(STAGING_DIR)).unwrap();
-        assert_eq!(sweep_expired(&target, Duration::ZERO, &Default::default()), 0);
+        assert_eq!(
+            sweep_expired(&target.join(STAGING_DIR), Duration::ZERO, &Default::default()),
+            0
+        );
         Stage::at(target.join(STAGING_DIR).join("job1")).remove();
         assert!(elsewhere.join("job1").is_dir(), "nothing removed through the link");
         // A planted symlink as a job folder is removed as a link only.
@@ -528,7 +609,7 @@ mod tests {
         };
         let job = ReceiveJob::new(offer).unwrap();
         std::os::unix::fs::symlink(t.path(), t.path().join(STAGING_DIR)).unwrap();
-        let err = Stage::open(t.path(), &job).unwrap_err();
+        let err = Stage::open(&t.path().join(STAGING_DIR), &job).unwrap_err();
         assert!(matches!(err, StageError::NotDir(_)), "{err}");
         assert!(
             err.to_string().ends_with(".barge-staging is a symlink or not a folder"),
@@ -539,7 +620,7 @@ mod tests {
         if unsafe { libc::geteuid() } == 0 {
             std::fs::create_dir(t.path().join(STAGING_DIR)).unwrap();
             std::os::unix::fs::chown(t.path().join(STAGING_DIR), Some(12345), None).unwrap();
-            let err = Stage::open(t.path(), &job).unwrap_err();
+            let err = Stage::open(&t.path().join(STAGING_DIR), &job).unwrap_err();
             let want = format!(
                 "staging folder {} is owned by uid 12345, not the agent (uid 0)",
                 t.path().join(STAGING_DIR).display()

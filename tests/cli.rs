@@ -268,7 +268,7 @@ fn an_agent_killed_mid_job_resumes_from_its_staged_blocks() {
         rt.spawn(async move { client.push(&peer, "ingest", &src, &opts).await })
     };
     assert!(
-        wait_for_staged(&p.join("in/.barge-staging"), 8 << 20),
+        wait_for_staged(&common::staging_of(&p.join("b.toml"), "ingest"), 8 << 20),
         "the push never started"
     );
     first.kill();
@@ -554,7 +554,7 @@ fn a_file_overwritten_in_place_while_sent_fails_the_push_locally_and_leaves_noth
     let out = push.wait_with_output().unwrap();
     fails(&out, 1, "changed while it was sent");
     // The sender aborted the job: the agent removed what it had staged.
-    let staged = p.join("in/.barge-staging");
+    let staged = common::staging_of(&p.join("b.toml"), "in");
     for _ in 0..100 {
         if list(&staged).is_empty() {
             break;

@@ -116,7 +116,10 @@ fn a_commit_killed_between_renames_finishes_at_the_next_start() {
     );
     assert!(holds_all(&p.join("src"), &p.join("in")));
     assert_eq!(read(&p.join("in/w/keep")), b"kept");
-    assert!(list(&p.join("in/.barge-staging")).is_empty(), "nothing left staged");
+    assert!(
+        list(&common::staging_of(&p.join("b.toml"), "in")).is_empty(),
+        "nothing left staged"
+    );
 
     // The same push again: confirmed, nothing sent, nothing refused as existing.
     let r = push_ok(p, &args);
@@ -242,7 +245,7 @@ fn a_killed_senders_job_is_taken_over_by_its_next_push_and_refused_to_others() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let staged = |p: &Path| list(&p.join("in/.barge-staging")).len();
+    let staged = |p: &Path| list(&common::staging_of(&p.join("b.toml"), "in")).len();
     let started = std::time::Instant::now();
     while staged(p) == 0 && started.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));

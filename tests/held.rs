@@ -24,7 +24,7 @@ fn journal(env: &Env) -> Vec<String> {
 
 /// Files of the held job's staging folder.
 fn staged(env: &Env) -> Vec<String> {
-    list(&env.inbox().join(".barge-staging"))
+    list(&env.staging("in"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +78,7 @@ async fn abort_removes_everything_staged() {
     assert_eq!(staged(&env).len(), 1);
     client.abort(&env.peer(), r.job).await.unwrap();
     assert!(list(&env.inbox()).is_empty() && staged(&env).is_empty() && journal(&env).is_empty());
-    assert!(!env.inbox().join(".barge-staging").join(r.job.to_string()).exists());
+    assert!(!env.staging("in").join(r.job.to_string()).exists());
     // The target is free again: a plain push goes through.
     client
         .push(&env.peer(), "in", &[env.src().join("a.sst")], &PushOptions::default())
@@ -130,7 +130,7 @@ async fn held_jobs_expire_and_are_cleaned_up_completely() {
         .push(&env.peer(), "in", &[env.src().join("a.sst")], &hold())
         .await
         .unwrap();
-    let job_dir = env.inbox().join(".barge-staging").join(r.job.to_string());
+    let job_dir = env.staging("in").join(r.job.to_string());
     assert!(job_dir.exists());
     // The sweep runs every second; give it a generous while on a busy machine.
     for _ in 0..100 {
@@ -237,7 +237,7 @@ async fn a_journal_entry_pointing_outside_the_staging_area_is_dropped_not_follow
     let precious = env.root().join("precious");
     write(&precious.join("keep"), b"keep");
     let text = std::fs::read_to_string(&entry).unwrap();
-    let staged = env.inbox().join(".barge-staging").join(r.job.to_string());
+    let staged = env.staging("in").join(r.job.to_string());
     let moved = text.replace(&*staged.to_string_lossy(), &precious.to_string_lossy());
     assert_ne!(moved, text, "the entry names the staging folder");
     std::fs::write(&entry, moved).unwrap();
@@ -268,7 +268,7 @@ async fn a_held_job_whose_staged_bytes_changed_is_not_committed_until_sent_again
     let client = env.client("client");
     let src = [env.src().join("load")];
     let r = client.push(&env.peer(), "in", &src, &hold()).await.unwrap();
-    let staged = env.inbox().join(".barge-staging").join(r.job.to_string());
+    let staged = env.staging("in").join(r.job.to_string());
     flip(&staged.join("files/load/big.sst"), (1 << 20) + 77);
 
     let err = client.commit(&env.peer(), r.job).await.unwrap_err();

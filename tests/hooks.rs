@@ -54,10 +54,7 @@ async fn exec_hook_receives_exactly_the_jobs_files() {
     let want = blake3::hash(&content(2, (1 << 20) + 9)).to_hex().to_string();
     assert_eq!(job["files"][1]["blake3"], want.as_str());
     // Removed once the outcome is recorded, just after the sender got its answer.
-    assert!(
-        emptied(&env.inbox().join(".barge-staging")),
-        "staging removed after the hook"
-    );
+    assert!(emptied(&env.staging("in")), "staging removed after the hook");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,5 +272,5 @@ async fn a_move_target_may_take_files_it_already_holds_with_the_same_content() {
         "{err}"
     );
     assert_eq!(std::fs::read(env.inbox().join("a")).unwrap(), content(1, 300_000));
-    assert!(emptied(&env.inbox().join(".barge-staging")), "nothing left staged");
+    assert!(emptied(&env.staging("in")), "nothing left staged");
 }

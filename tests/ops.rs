@@ -222,14 +222,8 @@ async fn a_full_target_refuses_up_front_with_a_retry_after() {
         r.reason.contains("not enough free space") && r.reason.contains("reserve"),
         "{err}"
     );
-    assert!(list(&env.inbox().join(".barge-staging")).is_empty());
-    assert!(
-        std::fs::read_dir(env.inbox().join(".barge-staging"))
-            .unwrap()
-            .next()
-            .is_none(),
-        "no staging folder left"
-    );
+    assert!(list(&env.staging("in")).is_empty());
+    assert!(!env.staging("in").exists(), "no staging folder left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

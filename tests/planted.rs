@@ -83,7 +83,7 @@ fn assert_untouched(out: &Path) {
 }
 
 fn staging(env: &Env) -> PathBuf {
-    env.inbox().join(".barge-staging")
+    env.staging("in")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,6 +113,7 @@ fn the_agent_notifies_reloads_on_sighup_and_drains_on_sigterm() {
     }
     std::fs::create_dir_all(p.join("in")).unwrap();
     std::fs::write(p.join("agent.toml"), CONFIG).unwrap();
+    let staging = common::staging_of(&p.join("agent.toml"), "in");
     let notify = UnixDatagram::bind(p.join("notify.sock")).unwrap();
     let mut agent = Command::new(env!("CARGO_BIN_EXE_barge"))
         .args(["agent", "--config", "agent.toml", "--log-format", "json"])
@@ -194,7 +195,7 @@ fn the_agent_notifies_reloads_on_sighup_and_drains_on_sigterm() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while !staged_something(&p.join("in")) {
+    while !staged_something(&staging) {
         assert!(started.elapsed() < Duration::from_secs(20), "the push never started");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -236,9 +237,8 @@ fn the_agent_notifies_reloads_on_sighup_and_drains_on_sigterm() {
     );
 }
 
-fn staged_something(target: &Path) -> bool {
-    let staging = target.join(".barge-staging");
-    walk_size(&staging) > 0
+fn staged_something(staging: &Path) -> bool {
+    walk_size(staging) > 0
 }
 
 fn walk_size(dir: &Path) -> u64 {

@@ -450,6 +450,15 @@ async fn a_namespace_clones_with_every_file_verified() {
     assert!(text.contains("2 data files and 3 index files"), "{text}");
     assert_same_tree(&z.data(), &z.backup().join("data"));
     assert_same_tree(&z.index(), &z.backup().join("index"));
+    // 0-db loads every folder of its roots as a namespace: nothing but the clone's.
+    for root in ["data", "index"] {
+        let names: Vec<_> = std::fs::read_dir(z.backup().join(root))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, ["default"], "{root}");
+    }
 }
 
 #[test]

@@ -109,9 +109,24 @@ pub fn visible(job: &Job, target: &Path) -> Visible {
     }
 }
 
+/// Where the agent whose config (`b.toml`) is in a folder above `target` stages that
+/// target's jobs.
+pub fn staging_root(target: &Path) -> PathBuf {
+    let canon = target.canonicalize().unwrap_or_else(|_| target.to_path_buf());
+    for dir in target.ancestors().skip(1).take(3) {
+        let Ok(config) = barge::config::Config::load(&dir.join("b.toml")) else {
+            continue;
+        };
+        if let Some(t) = config.imports.iter().find(|t| t.path == canon) {
+            return t.staging.clone();
+        }
+    }
+    target.join(".barge-staging")
+}
+
 /// The job folder in `target`'s staging area, if there is exactly one.
 pub fn staged_job(target: &Path) -> Option<PathBuf> {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(target.join(".barge-staging"))
+    let dirs: Vec<PathBuf> = std::fs::read_dir(staging_root(target))
         .ok()?
         .flatten()
         .map(|e| e.path())

@@ -314,7 +314,7 @@ fn planted(host: &mut Host) -> Row {
             false => Err(format!("{what}: something outside changed: {:?}", list(&outside))),
         }
     };
-    let staging = dir.join("in/.barge-staging");
+    let staging = crate::check::staging_root(&dir.join("in"));
     std::fs::create_dir_all(&staging).unwrap();
     let push = |host: &Host| host.run(&["push", "src/job", "--to", &host.peer(), "--import", "in"]);
     let mut tried = vec![];
@@ -330,7 +330,7 @@ fn planted(host: &mut Host) -> Row {
         untouched("job folder"),
     ));
     let _ = std::fs::remove_file(&job);
-    // 2. `.barge-staging` owned by another user.
+    // 2. The staging folder owned by another user.
     reset_victim();
     std::os::unix::fs::chown(&staging, Some(12345), None).unwrap();
     let (code, _, err) = push(host);

@@ -10,7 +10,7 @@ use crate::held::{HeldJob, Holds, Journal};
 use crate::hook::{ImportFile, ImportHook, ImportJob};
 use crate::metrics::Metrics;
 use crate::proto::blocks::hex;
-use crate::proto::path::{RelPath, STAGING_DIR};
+use crate::proto::path::RelPath;
 use crate::proto::wire::{code, JobId, Offer, Refusal};
 use crate::stage::Stage;
 use std::sync::Arc;
@@ -202,12 +202,14 @@ pub(super) fn drop_held(shared: &Shared, job: &HeldJob) {
     shared.holds.release(&job.offer.target, job.id);
 }
 
-/// Whether `job_dir` is a job folder directly in `target`'s staging area: only then may a
-/// journal or ledger entry make the agent move or delete anything.
+/// Whether `job_dir` is a job folder directly in `target`'s staging area (or the one an
+/// earlier version kept inside the target): only then may a journal or ledger entry
+/// make the agent move or delete anything.
 fn owned(config: &Config, target: &str, target_dir: Option<&std::path::Path>, job_dir: &std::path::Path) -> bool {
     let Some(t) = config.import(target) else { return false };
-    let staging = t.path.join(STAGING_DIR);
-    target_dir.is_none_or(|d| d == t.path) && job_dir.parent() == Some(staging.as_path())
+    let parent = job_dir.parent();
+    let in_staging = parent == Some(t.staging.as_path()) || parent == Some(t.legacy_staging().as_path());
+    target_dir.is_none_or(|d| d == t.path) && in_staging
 }
 
 /// Finishes, before the agent serves, every commit that a crash cut off: forward if it

@@ -220,6 +220,14 @@ impl Agent {
             metrics_addr = Some(bound);
         }
         let live = shared.live();
+        for t in live.config.imports.iter().filter(|t| t.staging_in_target) {
+            warn!(
+                target = %t.name,
+                staging = %t.staging.display(),
+                "jobs are staged inside the import target (data_dir is on another file system): \
+                 an engine that scans the target sees the staging folder while a job runs; set `staging`"
+            );
+        }
         info!(%addr, imports = live.config.imports.len(), exports = live.config.exports.len(), "agent listening");
         tasks.push(tokio::spawn(accept_loop(endpoint.clone(), shared.clone())));
         tasks.push(tokio::spawn(sweep_loop(shared.clone())));
@@ -397,7 +405,11 @@ async fn sweep_loop(shared: Arc<Shared>) {
         let mut keep = shared.holds.staged_names();
         keep.extend(shared.commits.pending().into_iter().flatten().map(|i| i.job));
         for t in &config.imports {
-            sweep_expired(&t.path, config.staging_ttl, &keep);
+            sweep_expired(&t.staging, config.staging_ttl, &keep);
+            if t.staging != t.legacy_staging() {
+                // What an earlier version staged inside the target expires there.
+                sweep_expired(&t.legacy_staging(), config.staging_ttl, &keep);
+            }
         }
         tokio::time::sleep(period).await;
     }
@@ -615,13 +627,7 @@ impl JobCtx {
         if let Some(done) = handover::committed_before(&self.shared.commits, job.id, &self.peer, &target, &job.paths) {
             span.in_scope(|| info!(report = %done.report, "committed before; sent again, confirmed without data"));
             // What a commit cut off after its outcome was recorded left in staging.
-            Stage::at(
-                target
-                    .path
-                    .join(crate::proto::path::STAGING_DIR)
-                    .join(job.id.to_string()),
-            )
-            .remove();
+            Stage::at(target.staging.join(job.id.to_string())).remove();
             let confirm = transfer::confirm_committed(send, recv, &job, handover::again(&done));
             if let Err(e) = confirm.await {
                 span.in_scope(|| warn!(error = %e, "confirming an earlier commit failed"));
@@ -763,7 +769,7 @@ impl JobCtx {
                 .iter_mut()
                 .for_each(|f| f.mode = mode);
         }
-        let stage = Stage::open(&target.path, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
+        let stage = Stage::open(&target.staging, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
         let opened_ms = t.elapsed().as_millis() as u64;
         let found = stage.scan(&mut job, &self.shared.disk).await;
         tracing::debug!(opened_ms, ready_ms = t.elapsed().as_millis() as u64, "staging ready");

@@ -55,6 +55,19 @@ impl Env {
     }
 }
 
+/// Where the agent configured in `config` stages the jobs of import target `name`.
+pub fn staging_of(config: &Path, name: &str) -> PathBuf {
+    let config = Config::load(config).unwrap();
+    config.import(name).expect("import target").staging.clone()
+}
+
+impl Env {
+    /// Where the agent stages the jobs of import target `name`.
+    pub fn staging(&self, name: &str) -> PathBuf {
+        staging_of(&self.config_path, name)
+    }
+}
+
 /// Default import target `in` (hook `move`) and export `out`, both allowing `client`.
 pub const DEFAULT_TARGETS: &str = "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\"]\n\
 [[export]]\nname = \"out\"\npath = \"outbox\"\nallow = [\"client\"]\n";
