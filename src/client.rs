@@ -117,6 +117,9 @@ pub struct PullReport {
     pub bytes: u64,
     pub blocks_received: u64,
     pub blocks_resumed: u64,
+    /// What the exporter's `after_commit` command said, if the export has one: its
+    /// report, or why it failed (the pull stays committed either way).
+    pub after_commit: Option<Result<String, String>>,
 }
 
 impl PullReport {
@@ -140,6 +143,7 @@ impl PullReport {
             bytes: job.offer.total_bytes(),
             blocks_received: 0,
             blocks_resumed: blocks,
+            after_commit: None,
         }
     }
 }
@@ -447,12 +451,19 @@ impl Client {
             },
         )
         .await?;
-        let result = self.receive_pull(&peer.name, &into, &table, &mut send, &mut recv).await;
-        if result.is_ok() {
+        let mut result = self.receive_pull(&peer.name, &into, &table, &mut send, &mut recv).await;
+        if let Ok(report) = &mut result {
             // Our last word (committed) is only queued: closing now would drop it, and
             // the exporter would count a pull that worked as failed. Wait until the
             // exporter has acknowledged it (transport-level, not read), briefly.
             let _ = tokio::time::timeout(transfer::REPLY_GRACE, send.stopped()).await;
+            // An export with an `after_commit` command says how it went; others just
+            // end the stream.
+            report.after_commit = match transfer::read_msg(&mut recv).await {
+                Ok(Some(Message::Committed { report })) => Some(Ok(report)),
+                Ok(Some(Message::Failed(r))) => Some(Err(r.reason)),
+                _ => None,
+            };
         }
         router.abort();
         conn.close(quinn::VarInt::from_u32(0), b"done");
@@ -507,6 +518,7 @@ impl Client {
             bytes: job.offer.total_bytes(),
             blocks_received: job.missing(),
             blocks_resumed: 0,
+            after_commit: None,
         };
         let total: u64 = job
             .offer

@@ -353,7 +353,12 @@ async fn pull(p: PullArgs) -> Result<()> {
     let r = r.with_context(|| format!("pull from {peer} ({})", p.export))?;
     if p.json {
         let secs = started.elapsed().as_secs_f64();
-        let extra = serde_json::json!({"into": p.into, "received_blocks": r.blocks_received});
+        let after = match &r.after_commit {
+            None => serde_json::Value::Null,
+            Some(Ok(report)) => serde_json::json!({"ok": true, "report": report}),
+            Some(Err(why)) => serde_json::json!({"ok": false, "error": why}),
+        };
+        let extra = serde_json::json!({"into": p.into, "received_blocks": r.blocks_received, "after_commit": after});
         print_json(r.job, r.files, r.bytes, secs, &r.hashes, extra);
         return Ok(());
     }
@@ -366,6 +371,12 @@ async fn pull(p: PullArgs) -> Result<()> {
         r.blocks_received,
         r.blocks_resumed
     );
+    match &r.after_commit {
+        Some(Ok(report)) => say!("source: {report}"),
+        // The pull committed; the source's own step after it did not.
+        Some(Err(why)) => eprintln!("barge: warning: the pull committed, but on the source {why}"),
+        None => {}
+    }
     Ok(())
 }
 

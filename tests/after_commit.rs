@@ -205,6 +205,7 @@ async fn after_commit_gets_the_job_on_stdin_in_a_cleared_environment() {
     let client = env.client("client");
     let into = env.root().join("pulled");
     let report = client.pull(&env.peer(), "plain", &[], &into).await.unwrap();
+    assert!(matches!(&report.after_commit, Some(Ok(_))), "{:?}", report.after_commit);
     wait_runs(&env.agent, 1).await;
     assert_eq!(counter(&env.agent, "barge_after_commit_failures_total"), 0);
 
@@ -240,7 +241,13 @@ async fn a_failing_after_commit_leaves_the_pull_committed_and_is_counted() {
     write(&env.src().join("a"), &content(3, 70_000));
     let client = env.client("client");
     let into = env.root().join("pulled");
-    client.pull(&env.peer(), "plain", &[], &into).await.unwrap();
+    let r = client.pull(&env.peer(), "plain", &[], &into).await.unwrap();
+    // The caller hears of it; its files stay committed.
+    assert!(
+        matches!(&r.after_commit, Some(Err(e)) if e.contains("region is busy")),
+        "{:?}",
+        r.after_commit
+    );
     wait_runs(&env.agent, 1).await;
     assert_eq!(counter(&env.agent, "barge_after_commit_failures_total"), 1);
     assert_same_tree(&env.src(), &into);
@@ -255,18 +262,24 @@ after_commit = [\"sh\", \"-c\", \"sleep 30\"]\nafter_commit_timeout_secs = 1\n";
     write(&env2.src().join("a"), &content(4, 1000));
     write(&env2.outbox().join("b"), &content(5, 1000));
     let client = env2.client("client");
-    client
+    let r = client
         .pull(&env2.peer(), "gone", &[], &env2.root().join("p1"))
         .await
         .unwrap();
+    assert!(matches!(&r.after_commit, Some(Err(_))), "{:?}", r.after_commit);
     let started = Instant::now();
-    client
+    let r = client
         .pull(&env2.peer(), "slow", &[], &env2.root().join("p2"))
         .await
         .unwrap();
     assert!(
+        matches!(&r.after_commit, Some(Err(e)) if e.contains("timed out")),
+        "{:?}",
+        r.after_commit
+    );
+    assert!(
         started.elapsed() < Duration::from_secs(5),
-        "the pull waited for the command"
+        "the command was stopped at its time limit"
     );
     wait_runs(&env2.agent, 2).await;
     assert_eq!(counter(&env2.agent, "barge_after_commit_failures_total"), 2);

@@ -927,14 +927,23 @@ impl JobCtx {
         });
         self.shared.metrics.job(outcome);
         if let (Some((hook, mut job)), Some(report)) = (after, committed) {
-            // The client has its files and waits only for our acknowledgement: give it
-            // now, so the command's run does not hold the client. The job slot is kept
-            // until the command is done, so a drain waits for it.
+            // The client has its files; it hears how the command went once it is done
+            // (a committed reply, or a failure that does not undo its commit). The job
+            // slot is kept until then, so a drain waits for it.
             let _ = recv.stop(quinn::VarInt::from_u32(0));
-            let _ = send.finish();
             job.receiver_report = report;
-            self.after_commit(hook, job).instrument(span).await;
+            let said = match self.after_commit(hook, job).instrument(span).await {
+                Ok(report) => Message::Committed {
+                    report: crate::proto::wire::cut_reason(format!("after_commit: {report}")),
+                },
+                Err(why) => Message::Failed(refuse(
+                    code::HOOK_FAILED,
+                    crate::proto::wire::cut_reason(format!("after_commit: {why}")),
+                )),
+            };
+            let _ = transfer::write_msg(send, &said).await;
         }
+        let _ = send.finish();
         Ok(())
     }
 
@@ -967,9 +976,9 @@ impl JobCtx {
     }
 
     /// Runs an export's `after_commit` command for a pull the receiver committed. Its
-    /// failure can not undo that commit, and the protocol has no word for it after the
-    /// commit: it is logged and counted (`barge_after_commit_failures_total`).
-    async fn after_commit(&self, hook: AfterCommitHook, job: AfterCommitJob) {
+    /// failure can not undo that commit: it is logged, counted
+    /// (`barge_after_commit_failures_total`) and told to the client.
+    async fn after_commit(&self, hook: AfterCommitHook, job: AfterCommitJob) -> Result<String, String> {
         let started = std::time::Instant::now();
         let res = tokio::task::spawn_blocking(move || hook.run(&job))
             .await
@@ -977,12 +986,18 @@ impl JobCtx {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         self.shared.metrics.after_commit(res.is_ok());
         match res {
-            Ok(report) => info!(elapsed_ms, %report, "after_commit command done"),
-            Err(e) => warn!(
-                elapsed_ms,
-                error = %e,
-                "after_commit command failed; the pull stays committed on the receiver"
-            ),
+            Ok(report) => {
+                info!(elapsed_ms, %report, "after_commit command done");
+                Ok(report)
+            }
+            Err(e) => {
+                warn!(
+                    elapsed_ms,
+                    error = %e,
+                    "after_commit command failed; the pull stays committed on the receiver"
+                );
+                Err(e.to_string())
+            }
         }
     }
 

@@ -148,6 +148,19 @@ fn put_str(h: &mut blake3::Hasher, s: &str) {
     h.update(s.as_bytes());
 }
 
+/// `text` cut to what a report or reason may hold on the wire ([`MAX_REASON_LEN`]), at
+/// a character boundary.
+pub fn cut_reason(mut text: String) -> String {
+    if text.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// Where and how to open the TCP data lane of one job.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TcpGrant {
