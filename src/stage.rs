@@ -435,10 +435,10 @@ pub fn sync_dir(dir: &Path) -> Result<(), StageError> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_at(dir))
 }
 
-/// Removes staged jobs of `target` untouched for longer than `ttl`, except those named
-/// in `keep` (held jobs, which expire on their own clock); returns how many.
-/// Only a `.barge-staging` that is the agent's own folder is swept, through its open
-/// descriptor (see [`Stage::remove`]).
+/// Removes job folders in the staging folder `root` untouched for longer than `ttl`,
+/// except those named in `keep` (held jobs, which expire on their own clock); returns
+/// how many. Only a staging folder that is the agent's own is swept, through its open
+/// descriptor (see [`Stage::remove`]), and in it only folders named by a job id.
 pub fn sweep_expired(root: &Path, ttl: Duration, keep: &std::collections::HashSet<String>) -> usize {
     let Some((parent, name)) = split_root(root) else {
         return 0;
@@ -451,8 +451,12 @@ pub fn sweep_expired(root: &Path, ttl: Duration, keep: &std::collections::HashSe
         return 0;
     };
     let removed = sweep_in(&dir, ttl, keep);
-    let _roots = ROOTS.lock().expect("staging roots");
-    remove_if_empty(parent.as_fd(), name);
+    if removed > 0 {
+        // Emptied by this sweep: it goes too. One found empty is left (an operator may
+        // have just made it).
+        let _roots = ROOTS.lock().expect("staging roots");
+        remove_if_empty(parent.as_fd(), name);
+    }
     removed
 }
 
@@ -545,12 +549,15 @@ mod tests {
         assert!(!root.join(&job1).exists());
         assert!(root.join(&held).exists(), "held jobs are kept");
         assert!(root.join("ns1").exists() && root.join("zdb-namespace").exists());
-        // Once nothing is left, the staging folder itself goes.
-        std::fs::remove_dir_all(root.join(&held)).unwrap();
+        // A sweep that empties the staging folder removes it too.
         std::fs::remove_dir_all(root.join("ns1")).unwrap();
         std::fs::remove_file(root.join("zdb-namespace")).unwrap();
-        sweep_expired(&root, Duration::ZERO, &Default::default());
+        assert_eq!(sweep_expired(&root, Duration::ZERO, &Default::default()), 1);
         assert!(!root.exists());
+        // One found empty is left alone.
+        std::fs::create_dir(&root).unwrap();
+        assert_eq!(sweep_expired(&root, Duration::ZERO, &Default::default()), 0);
+        assert!(root.is_dir());
     }
 
     #[test]
