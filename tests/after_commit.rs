@@ -9,29 +9,11 @@ mod common;
 use barge::agent::{Agent, Hooks};
 use barge::config::Config;
 use barge::proto::keys::{Key, KeyRange};
+use common::ldb::{have_ldb, hex, Pairs};
 use common::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// Whether `ldb` is here; under CI it must be (`.ci/run` installs rocksdb-tools).
-fn have_ldb() -> bool {
-    let found = Command::new("ldb").arg("--help").output().is_ok();
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "ldb is missing: install rocksdb-tools"
-        );
-        eprintln!("skipped: ldb (rocksdb-tools) is not installed");
-    }
-    found
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02X}")).collect()
-}
 
 fn ldb(db: &Path) -> Command {
     let mut c = Command::new("ldb");

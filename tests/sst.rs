@@ -12,28 +12,10 @@ use barge::config::Config;
 use barge::proto::keys::{Key, KeyRange};
 use barge::proto::wire::code;
 use barge::transfer::TransferError;
+use common::ldb::{have_ldb, hex, Pairs};
 use common::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
-
-type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// Whether `ldb` is here; under CI it must be (`.ci/run` installs rocksdb-tools).
-fn have_ldb() -> bool {
-    let found = Command::new("ldb").arg("--help").output().is_ok();
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "ldb is missing: install rocksdb-tools"
-        );
-        eprintln!("skipped: ldb (rocksdb-tools) is not installed");
-    }
-    found
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02X}")).collect()
-}
 
 /// Writes `pairs` (sorted here) as an SST file with RocksDB's own writer.
 fn write_sst(path: &Path, compression: &str, mut pairs: Pairs) {
