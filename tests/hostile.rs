@@ -5,70 +5,11 @@
 mod common;
 
 use barge::client::PushOptions;
-use barge::disk::Disk;
 use barge::proto::blocks::{root_from_blocks, FileHashes};
 use barge::proto::wire::{code, Message, Offer, OfferFile};
-use barge::transfer::{self, Fault, TransferError};
+use barge::transfer::{self, TransferError};
+use common::crafted::{offer_for, send_offer};
 use common::*;
-
-fn offer_for(names: &[&str], data: &[u8]) -> Offer {
-    let hashes = FileHashes::from_reader(data, data.len() as u64).unwrap();
-    let files = names
-        .iter()
-        .map(|n| OfferFile {
-            path: n.to_string(),
-            hashes: hashes.clone(),
-            keys: None,
-            mode: 0o644,
-        })
-        .collect();
-    Offer {
-        target: "in".into(),
-        files,
-        meta: vec![],
-        tcp_lane: false,
-        hold: false,
-    }
-}
-
-async fn send_offer(
-    env: &Env,
-    offer: Offer,
-    source: std::path::PathBuf,
-) -> Result<transfer::SendReport, TransferError> {
-    let client = env.client("client");
-    let conn = client.connect(&env.peer()).await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let stamp = barge::hashcache::FileStamp::now(&source).unwrap_or(barge::hashcache::FileStamp {
-        dev: 0,
-        ino: 0,
-        size: 0,
-        mtime_ns: 0,
-    });
-    let sources = offer
-        .files
-        .iter()
-        .map(|f| barge::source::SourceFile {
-            name: barge::proto::path::RelPath::new("x").unwrap(),
-            path: source.clone(),
-            size: f.hashes.size,
-            stamp,
-            within: None,
-            mode: 0o644,
-        })
-        .collect();
-    let disk = Disk::start().unwrap();
-    transfer::send_job(
-        std::slice::from_ref(&conn),
-        &mut send,
-        &mut recv,
-        offer,
-        sources,
-        &disk,
-        &Fault::default(),
-    )
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_that_escape_the_target_are_refused_and_nothing_is_written_outside() {

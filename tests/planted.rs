@@ -7,67 +7,13 @@ mod common;
 
 use barge::agent::Hooks;
 use barge::client::PushOptions;
-use barge::disk::Disk;
-use barge::proto::blocks::FileHashes;
-use barge::proto::wire::{Offer, OfferFile};
-use barge::transfer::{self, Fault, TransferError};
+use common::crafted::{offer_for, send_offer};
 use common::*;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 /// 35 bytes somewhere outside the target that must stay as they are.
 const VICTIM: &[u8] = b"thirty-five bytes of someone's data";
-
-fn offer_for(names: &[&str], data: &[u8]) -> Offer {
-    let hashes = FileHashes::from_reader(data, data.len() as u64).unwrap();
-    let files = names
-        .iter()
-        .map(|n| OfferFile {
-            path: n.to_string(),
-            hashes: hashes.clone(),
-            keys: None,
-            mode: 0o644,
-        })
-        .collect();
-    Offer {
-        target: "in".into(),
-        files,
-        meta: vec![],
-        tcp_lane: false,
-        hold: false,
-    }
-}
-
-/// Sends `offer`, every file's data read from `source`.
-async fn send(env: &Env, offer: Offer, source: PathBuf) -> Result<transfer::SendReport, TransferError> {
-    let client = env.client("client");
-    let conn = client.connect(&env.peer()).await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let stamp = barge::hashcache::FileStamp::now(&source).unwrap();
-    let sources = offer
-        .files
-        .iter()
-        .map(|f| barge::source::SourceFile {
-            name: barge::proto::path::RelPath::new(&f.path).unwrap(),
-            path: source.clone(),
-            size: f.hashes.size,
-            stamp,
-            within: None,
-            mode: 0o644,
-        })
-        .collect();
-    let disk = Disk::start().unwrap();
-    transfer::send_job(
-        std::slice::from_ref(&conn),
-        &mut send,
-        &mut recv,
-        offer,
-        sources,
-        &disk,
-        &Fault::default(),
-    )
-    .await
-}
 
 /// A folder outside every target with the victim file at `files/f`, where a job folder
 /// pointed at it would write.
@@ -94,7 +40,7 @@ async fn a_symlink_planted_as_the_job_folder_is_not_followed() {
     let offer = offer_for(&["f"], b"data");
     std::fs::create_dir(staging(&env)).unwrap();
     symlink(&out, staging(&env).join(offer.job_id().to_string())).unwrap();
-    let err = send(&env, offer, env.src().join("f")).await.unwrap_err();
+    let err = send_offer(&env, offer, env.src().join("f")).await.unwrap_err();
     assert!(err.to_string().contains("is a symlink or not a folder"), "{err}");
     assert_untouched(&out);
     assert!(list(&env.inbox()).is_empty());
@@ -111,7 +57,7 @@ async fn symlinks_planted_in_a_partly_staged_job_are_not_followed() {
         let files = staging(&env).join(offer.job_id().to_string()).join("files");
         std::fs::create_dir_all(&files).unwrap();
         symlink(&to, files.join(link)).unwrap();
-        let err = send(&env, offer, env.src().join("f")).await.unwrap_err();
+        let err = send_offer(&env, offer, env.src().join("f")).await.unwrap_err();
         assert!(err.to_string().contains("symbolic link"), "{name}: {err}");
         assert_untouched(&out);
     }

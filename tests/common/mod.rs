@@ -2,6 +2,7 @@
 //! 127.0.0.1:0, a client with its own identity.
 #![allow(dead_code)]
 
+pub mod crafted;
 pub mod ldb;
 pub mod proc;
 
