@@ -6,6 +6,7 @@ pub mod blocks;
 pub mod job;
 pub mod keys;
 pub mod path;
+pub mod session;
 pub mod wire;
 
 /// Every limit the protocol enforces, in one place.

@@ -337,6 +337,27 @@ impl Message {
         w
     }
 
+    /// The message's kind, as errors name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Offer(_) => "offer",
+            Message::Fetch { .. } => "fetch",
+            Message::Accept { .. } => "accept",
+            Message::Reject(_) => "reject",
+            Message::Commit { .. } => "commit",
+            Message::Abort => "abort",
+            Message::Committed { .. } => "committed",
+            Message::Failed(_) => "failed",
+            Message::Held { .. } => "held",
+            Message::JobOp { .. } => "job operation",
+            Message::Aborted => "aborted",
+            Message::ListJobs => "list jobs",
+            Message::Jobs(_) => "jobs",
+            Message::List { .. } => "list",
+            Message::Listing(_) => "listing",
+        }
+    }
+
     fn type_byte(&self) -> u8 {
         match self {
             Message::Offer(_) => T_OFFER,
