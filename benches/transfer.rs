@@ -163,7 +163,7 @@ fn bench_dir() -> PathBuf {
 
 fn make_certs(work: &Path) -> PathBuf {
     let certs = work.join("certs");
-    barge::certs::ensure_dev_certs(&certs, &["agent", "client"]).unwrap();
+    barge::net::certs::ensure_dev_certs(&certs, &["agent", "client"]).unwrap();
     certs
 }
 
@@ -499,8 +499,8 @@ mod roles {
 
     /// barge's default tuning with the bench's MTU ceiling, or what BARGE_BENCH_CC /
     /// BARGE_BENCH_BW_MBIT say.
-    fn bench_tuning() -> barge::quic::Tuning {
-        let mut t = barge::quic::Tuning::default();
+    fn bench_tuning() -> barge::net::quic::Tuning {
+        let mut t = barge::net::quic::Tuning::default();
         if let Ok(cc) = std::env::var("BARGE_BENCH_CC") {
             t.congestion = cc.parse().unwrap();
         }
@@ -511,14 +511,14 @@ mod roles {
         t
     }
 
-    fn quinn_endpoint_configs(certs: &Path, name: &str) -> barge::tls::TlsMaterial {
-        barge::tls::TlsMaterial::load(&barge::tls::TlsFiles::in_dir(certs, name)).unwrap()
+    fn quinn_endpoint_configs(certs: &Path, name: &str) -> barge::net::tls::TlsMaterial {
+        barge::net::tls::TlsMaterial::load(&barge::net::tls::TlsFiles::in_dir(certs, name)).unwrap()
     }
 
     /// A quinn endpoint on a socket made as barge makes its own (buffer sizes included).
-    fn endpoint(addr: &str, server: Option<quinn::ServerConfig>, tuning: &barge::quic::Tuning) -> quinn::Endpoint {
-        let (sock, _) = barge::quic::udp_socket(addr.parse().unwrap(), tuning).unwrap();
-        barge::quic::endpoint(sock, server, tuning).unwrap()
+    fn endpoint(addr: &str, server: Option<quinn::ServerConfig>, tuning: &barge::net::quic::Tuning) -> quinn::Endpoint {
+        let (sock, _) = barge::net::quic::udp_socket(addr.parse().unwrap(), tuning).unwrap();
+        barge::net::quic::endpoint(sock, server, tuning).unwrap()
     }
 
     fn quinn_recv(certs: &Path) {

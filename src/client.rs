@@ -6,18 +6,18 @@
 //! moves the files into place only when all of them arrived. Held jobs are committed
 //! or aborted, and jobs and exports listed, with one request and one answer each.
 
-use crate::commit::{JobRef, Kind, Ledger};
-use crate::disk::Disk;
-use crate::hashcache::HashCache;
-use crate::hook::{ImportHook, MoveHook};
+use crate::engines::hook::{ImportHook, MoveHook};
+use crate::net::quic::Tuning;
+use crate::net::tls::{TlsFiles, TlsMaterial};
 use crate::proto::job::ReceiveJob;
 use crate::proto::keys::KeyRange;
 use crate::proto::wire::{JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
-use crate::quic::Tuning;
-use crate::source::SourceFile;
-use crate::space::{check_space, DEFAULT_RESERVE};
-use crate::stage::Stage;
-use crate::tls::{TlsFiles, TlsMaterial};
+use crate::store::commit::{JobRef, Kind, Ledger};
+use crate::store::disk::Disk;
+use crate::store::hashcache::HashCache;
+use crate::store::source::SourceFile;
+use crate::store::space::{check_space, DEFAULT_RESERVE};
+use crate::store::stage::Stage;
 use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -180,10 +180,10 @@ impl Client {
             path: "udp socket".into(),
             source: e,
         };
-        let (sock, buffers) = crate::quic::udp_socket(bind, tuning).map_err(udp_err)?;
+        let (sock, buffers) = crate::net::quic::udp_socket(bind, tuning).map_err(udp_err)?;
         // The CLI warns only on request: a user's push still works with smaller buffers.
         tracing::debug!(?buffers, "udp socket");
-        let mut endpoint = crate::quic::endpoint(sock, None, tuning).map_err(udp_err)?;
+        let mut endpoint = crate::net::quic::endpoint(sock, None, tuning).map_err(udp_err)?;
         endpoint.set_default_client_config(material.client_config(tuning)?);
         let disk = Disk::start().map_err(|e| TransferError::Io {
             path: "io_uring".into(),
@@ -258,7 +258,7 @@ impl Client {
         let paths = paths.to_vec();
         let files = async {
             let t = std::time::Instant::now();
-            let walk = tokio::task::spawn_blocking(move || crate::source::collect_push(&paths));
+            let walk = tokio::task::spawn_blocking(move || crate::store::source::collect_push(&paths));
             let files = walk.await.expect("walk task")?;
             tracing::debug!(files = files.len(), ms = t.elapsed().as_millis() as u64, "walked");
             Ok(files)
@@ -274,7 +274,7 @@ impl Client {
         files: &[(String, PathBuf)],
         opts: &PushOptions,
     ) -> Result<SendReport, TransferError> {
-        let files = crate::source::collect_named(files)?;
+        let files = crate::store::source::collect_named(files)?;
         self.send(peer, target, async { Ok(files) }, opts).await
     }
 
@@ -326,11 +326,11 @@ impl Client {
     ) -> Result<(Offer, Vec<SourceFile>), TransferError> {
         let mut spans = vec![];
         if opts.sst || opts.range.is_some() {
-            let picked = crate::source::select_sst(files, opts.range.as_ref(), &self.cache)?;
+            let picked = crate::store::source::select_sst(files, opts.range.as_ref(), &self.cache)?;
             (files, spans) = picked.into_iter().map(|(f, s)| (f, Some(s))).unzip();
         }
         let t = std::time::Instant::now();
-        let mut offer = crate::source::make_offer(target, &files, opts.meta.clone(), &self.cache).await?;
+        let mut offer = crate::store::source::make_offer(target, &files, opts.meta.clone(), &self.cache).await?;
         tracing::debug!(files = files.len(), ms = t.elapsed().as_millis() as u64, "offer made");
         for (f, span) in offer.files.iter_mut().zip(spans) {
             f.keys = span;
@@ -500,7 +500,7 @@ impl Client {
         self.tally
             .done
             .store(job.offer.total_bytes() - job.missing_bytes(), Ordering::Relaxed);
-        let meter = crate::metrics::Meter {
+        let meter = crate::agent::metrics::Meter {
             metrics: Arc::default(),
             limits: Arc::default(),
             peer: peer.to_string(),
@@ -542,7 +542,7 @@ impl Client {
                 // The intent lives in the job's staging folder: a pull cut off while
                 // placing finishes when the same pull runs again.
                 let ledger = Ledger::open(st.job_dir.clone())?;
-                crate::commit::place(Kind::Move, &st, &paths, info, &ledger).map(|_| st.remove())
+                crate::store::commit::place(Kind::Move, &st, &paths, info, &ledger).map(|_| st.remove())
             };
             let res = tokio::task::spawn_blocking(place).await.expect("move task");
             res.map(|_| Received::Committed("pulled".to_string()))
@@ -599,7 +599,7 @@ async fn prepare_pull(
     MoveHook::default()
         .check(into, &job.paths)
         .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))?;
-    let io = |e: crate::stage::StageError| Refusal::new(crate::proto::wire::code::IO, e.to_string());
+    let io = |e: crate::store::stage::StageError| Refusal::new(crate::proto::wire::code::IO, e.to_string());
     let stage = Stage::open(&into.join(crate::proto::path::STAGING_DIR), &job).map_err(io)?;
     stage.scan(&mut job, disk).await;
     check_space(into, job.missing_bytes(), DEFAULT_RESERVE)

@@ -2,8 +2,8 @@
 //! place into a [`Config`] whose paths exist, whose TLS material loads and whose
 //! targets do not overlap. Every refusal names the key and the problem.
 
-use crate::quic::{Congestion, Tuning};
-use crate::tls::{TlsFiles, TlsMaterial};
+use crate::net::quic::{Congestion, Tuning};
+use crate::net::tls::{TlsFiles, TlsMaterial};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 /// QUIC connections one agent keeps at once by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 /// Free space kept on a target's file system by default.
-pub const DEFAULT_RESERVE: u64 = crate::space::DEFAULT_RESERVE;
+pub const DEFAULT_RESERVE: u64 = crate::store::space::DEFAULT_RESERVE;
 /// Memory for received data (data streams open at once), all jobs together, by default.
 pub const DEFAULT_MEMORY: u64 = 192 << 20;
 /// Jobs one agent runs at once.
@@ -121,7 +121,7 @@ struct RawLimits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Data rates in bytes per second (received for pushes, sent for pulls).
-    pub rates: crate::ratelimit::Rates,
+    pub rates: crate::agent::ratelimit::Rates,
     /// QUIC connections at once; more are closed with a reason.
     pub max_connections: usize,
     /// Bytes staged at once (jobs being received plus held jobs); a job that would
@@ -143,7 +143,7 @@ pub struct Limits {
     /// TCP lane connections waiting for their token at once, in total
     /// (`tcp_lane_pending`, 64) and from one IP address (`tcp_lane_pending_per_ip`, 8);
     /// more are closed at once.
-    pub tcp_lane_pending: crate::listen::PendingLimits,
+    pub tcp_lane_pending: crate::net::listen::PendingLimits,
 }
 
 /// Limits per peer identity. The defaults leave a quarter of each agent-wide limit to
@@ -192,7 +192,7 @@ impl Default for Limits {
             },
             stall: DEFAULT_STALL,
             idle_connection: DEFAULT_IDLE_CONNECTION,
-            tcp_lane_pending: crate::tcplane::DEFAULT_LIMITS,
+            tcp_lane_pending: crate::net::tcplane::DEFAULT_LIMITS,
         }
     }
 }
@@ -398,7 +398,7 @@ impl Config {
     /// Returns the config and whether certificates were made.
     pub fn local_default(base: &Path) -> Result<(Config, bool), ConfigError> {
         let certs = base.join("certs");
-        let made = crate::certs::ensure_dev_certs(&certs, &["localhost", "client"])
+        let made = crate::net::certs::ensure_dev_certs(&certs, &["localhost", "client"])
             .map_err(|e| invalid("tls", e.to_string()))?;
         for dir in ["inbox", "outbox"] {
             let p = base.join(dir);
@@ -563,11 +563,11 @@ fn limits(raw: &RawLimits, max_jobs: usize) -> Result<Limits, ConfigError> {
     if max_connections == 0 {
         return Err(invalid("limits.max_connections", "must be at least 1"));
     }
-    let tcp_lane_pending = crate::listen::PendingLimits {
-        total: raw.tcp_lane_pending.unwrap_or(crate::tcplane::DEFAULT_PENDING),
+    let tcp_lane_pending = crate::net::listen::PendingLimits {
+        total: raw.tcp_lane_pending.unwrap_or(crate::net::tcplane::DEFAULT_PENDING),
         per_ip: raw
             .tcp_lane_pending_per_ip
-            .unwrap_or(crate::tcplane::DEFAULT_PENDING_PER_IP),
+            .unwrap_or(crate::net::tcplane::DEFAULT_PENDING_PER_IP),
     };
     if tcp_lane_pending.total == 0 {
         return Err(invalid("limits.tcp_lane_pending", "must be at least 1"));
@@ -576,7 +576,7 @@ fn limits(raw: &RawLimits, max_jobs: usize) -> Result<Limits, ConfigError> {
         return Err(invalid("limits.tcp_lane_pending_per_ip", "must be at least 1"));
     }
     Ok(Limits {
-        rates: crate::ratelimit::Rates {
+        rates: crate::agent::ratelimit::Rates {
             global: mbit("rate_mbit", raw.rate_mbit)?,
             per_peer: mbit("peer_rate_mbit", raw.peer_rate_mbit)?,
         },
@@ -651,7 +651,7 @@ fn tuning(raw: &RawTransport) -> Result<Tuning, ConfigError> {
     Ok(t)
 }
 
-fn tls_key(tls: &TlsFiles, e: &crate::tls::TlsError) -> &'static str {
+fn tls_key(tls: &TlsFiles, e: &crate::net::tls::TlsError) -> &'static str {
     let msg = e.to_string();
     if msg.contains(&*tls.key.to_string_lossy()) {
         "tls.key"
@@ -1020,8 +1020,8 @@ mod tests {
 
     fn setup() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        crate::certs::init_ca(&dir.path().join("certs")).unwrap();
-        crate::certs::issue(&dir.path().join("certs"), "a", &[]).unwrap();
+        crate::net::certs::init_ca(&dir.path().join("certs")).unwrap();
+        crate::net::certs::issue(&dir.path().join("certs"), "a", &[]).unwrap();
         for d in ["in1", "in2", "in1/sub", "out"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
@@ -1128,10 +1128,10 @@ mod tests {
         assert!(spec.stderr_to_sender);
         assert_eq!(
             c.limits.tcp_lane_pending,
-            crate::listen::PendingLimits { total: 10, per_ip: 2 }
+            crate::net::listen::PendingLimits { total: 10, per_ip: 2 }
         );
         let d = parse(&dir, exec).unwrap();
-        assert_eq!(d.limits.tcp_lane_pending, crate::tcplane::DEFAULT_LIMITS);
+        assert_eq!(d.limits.tcp_lane_pending, crate::net::tcplane::DEFAULT_LIMITS);
         refused(&dir, &format!("{exec}exec_timeout_secs = 0\n"), "exec_timeout_secs");
         refused(&dir, &format!("{exec}exec_env = [\"A=B\"]\n"), "exec_env");
         refused(&dir, &format!("{exec}exec_env = [\"BARGE_JOB\"]\n"), "exec_env");
@@ -1158,7 +1158,7 @@ mod tests {
         let err = Config::parse(&text, dir.path()).unwrap_err().to_string();
         assert!(err.contains("tls.key"), "{err}");
         // A key of another identity: named as the key that does not match.
-        crate::certs::issue(&dir.path().join("certs"), "b", &[]).unwrap();
+        crate::net::certs::issue(&dir.path().join("certs"), "b", &[]).unwrap();
         let text = text.replace("junk.key", "b.key");
         let err = Config::parse(&text, dir.path()).unwrap_err().to_string();
         assert!(

@@ -4,47 +4,39 @@
 //!
 //! # Tour
 //!
-//! The protocol core has no I/O; the layers below it drive it over quinn and io_uring.
+//! The source is grouped by layer. The protocol core has no I/O; the layers around it
+//! drive it over quinn and io_uring.
 //!
-//! - [`proto`]: the core. [`proto::blocks`] cuts files into blocks whose blake3
-//!   chaining values merge into the plain blake3 root (what `b3sum` prints);
-//!   [`proto::wire`] encodes the control messages (version 2); [`proto::path`] checks relative
-//!   names; [`proto::job`] tracks verified blocks and plans which stream sends what;
-//!   [`proto::keys`] names key ranges and places a file's keys against them.
-//! - [`certs`]: a private CA and host certificates; a host's identity is its DNS name.
-//! - [`tls`]: rustls/quinn configuration with mutual authentication, peer identity.
-//! - [`quic`]: transport tuning: connection window from bandwidth x RTT, a fixed stream
-//!   window, MTU ceiling, congestion control.
-//! - [`congestion`]: BBR bounded by loss (the default controller).
-//! - [`credit`]: data streams an agent lets its connections open, shared, so memory
-//!   stays bounded however many jobs run.
-//! - [`config`]: the agent's TOML configuration, validated in one place.
-//! - [`disk`]: reads, writes and syncs on an io_uring thread (O_DIRECT for whole blocks).
-//! - [`buf`]: aligned, pooled block buffers.
-//! - [`source`]: the files a push or an export sends, and their hashes.
-//! - [`hashcache`]: hash once: roots and block values (and SST key spans) cached by
-//!   inode, size and mtime.
-//! - [`sst`]: the smallest and largest key of a RocksDB SST file, read from the file.
-//! - [`safefs`]: opening below a folder held open, never through a symlink.
-//! - [`stage`]: the receiving side's staging folder, resume scan, syncs, free space.
-//! - [`space`]: free space, counting what admitted jobs have still to write.
-//! - [`commit`]: the hand-over of a staged job to its target, crash-safe: an intent
-//!   written before the first rename, finished or undone after a crash; outcomes kept
-//!   so a job sent again is answered "committed".
-//! - [`failpoint`]: places where tests make the process die on purpose.
-//! - [`hook`]: import hooks (`move`, `replace`, `exec`, and the [`hook::ImportHook`] trait).
-//! - [`held`]: bulk loads: held jobs, the targets they claim, their journal.
-//! - [`transfer`]: sender and receiver of one job over a QUIC connection.
-//! - [`tcplane`]: the opt-in, unencrypted TCP data lane (`sendfile`), still verified.
-//! - [`listen`]: listeners anyone can reach: accept errors backed off, connections
-//!   waiting to authenticate bounded in total and per address.
+//! - [`proto`]: the core, tested without sockets. [`proto::blocks`] cuts files into
+//!   blocks whose blake3 chaining values merge into the plain blake3 root (what `b3sum`
+//!   prints); [`proto::wire`] encodes the control messages (version 2);
+//!   [`proto::path`] checks relative names; [`proto::job`] tracks verified blocks and
+//!   plans which stream sends what; [`proto::session`] is the job protocol's order as a
+//!   sender and a receiver state machine; [`proto::keys`] names key ranges.
+//! - [`net`]: the network. [`net::certs`] (a private CA, host certificates; a host's
+//!   identity is its DNS name), [`net::tls`] (mutual authentication), [`net::quic`] and
+//!   [`net::congestion`] (transport tuning, BBR bounded by loss), [`net::credit`] (data
+//!   streams shared out so memory stays bounded), [`net::listen`] (listeners anyone can
+//!   reach, bounded), [`net::tcplane`] (the opt-in unencrypted TCP data lane).
+//! - [`store`]: the disk. [`store::disk`] (io_uring, O_DIRECT for whole blocks),
+//!   [`store::buf`] (aligned pooled buffers), [`store::source`] (the files a job sends),
+//!   [`store::hashcache`] (hash once), [`store::safefs`] (opening below a folder, never
+//!   through a symlink), [`store::stage`] (the staging folder, resume scan, syncs),
+//!   [`store::space`] (free space counting admitted jobs), [`store::commit`] (the
+//!   crash-safe hand-over to the target), [`store::held`] (held jobs and their journal),
+//!   [`store::failpoint`] (where tests make the process die on purpose).
+//! - [`engines`]: [`engines::hook`] (import hooks: `move`, `replace`, `exec`, the
+//!   [`engines::hook::ImportHook`] trait), [`engines::sst`] (a RocksDB SST file's key
+//!   range), [`engines::zdb`] (0-db's hook program, spool, sync and clone).
+//! - [`transfer`]: the drivers that run [`proto::session`] over QUIC streams and TCP
+//!   lanes: the sending and receiving halves of a job, one receive path for every lane.
 //! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports;
 //!   authorizes an identity before it reads what it sends, and counts what each
-//!   identity holds so none locks out the others.
+//!   identity holds so none locks out the others; its metrics and rate limits.
 //! - [`client`]: push, pull, list, commit and abort from a program or the CLI.
-//! - [`zdb`]: 0-db's hook program (offload sealed data files, fetch them back), its
-//!   spool for when the backup is away (0-db is never held up), catch-up sync and
-//!   namespace clone.
+//! - [`config`]: the agent's TOML configuration, validated in one place.
+//!
+//! The binary's own code (arguments, commands, demo) is in `src/cli/`.
 //!
 //! # Example
 //!
@@ -53,7 +45,7 @@
 //!
 //! ```
 //! use barge::{agent::{Agent, Hooks}, client::{Client, PushOptions}, config::Config};
-//! use barge::hook::{HookError, ImportHook, ImportJob};
+//! use barge::engines::hook::{HookError, ImportHook, ImportJob};
 //! use std::sync::Arc;
 //!
 //! struct Engine;
@@ -67,9 +59,9 @@
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
 //! let certs = dir.path().join("certs");
-//! barge::certs::init_ca(&certs)?;
-//! barge::certs::issue(&certs, "store-b", &[])?;
-//! barge::certs::issue(&certs, "operator", &[])?;
+//! barge::net::certs::init_ca(&certs)?;
+//! barge::net::certs::issue(&certs, "store-b", &[])?;
+//! barge::net::certs::issue(&certs, "operator", &[])?;
 //! std::fs::create_dir(dir.path().join("ingest"))?;
 //! let config = Config::parse(r#"
 //!     listen = "127.0.0.1:0"
@@ -88,7 +80,7 @@
 //!
 //! let file = dir.path().join("000042.sst");
 //! std::fs::write(&file, b"an immutable file")?;
-//! let client = Client::new(&barge::tls::TlsFiles::in_dir(&certs, "operator"))?;
+//! let client = Client::new(&barge::net::tls::TlsFiles::in_dir(&certs, "operator"))?;
 //! let peer = format!("store-b@{}", agent.local_addr()).parse()?;
 //! let report = client.push(&peer, "ingest", &[file], &PushOptions::default()).await?;
 //! assert_eq!(report.report, "ingested 1 files");
@@ -97,30 +89,10 @@
 //! ```
 
 pub mod agent;
-pub mod buf;
-pub mod certs;
 pub mod client;
-pub mod commit;
 pub mod config;
-pub mod congestion;
-pub mod credit;
-pub mod disk;
-pub mod failpoint;
-pub mod hashcache;
-pub mod held;
-pub mod hook;
-pub mod listen;
-pub mod metrics;
+pub mod engines;
+pub mod net;
 pub mod proto;
-pub mod quic;
-pub mod ratelimit;
-pub mod safefs;
-pub mod source;
-pub mod space;
-pub mod sst;
-pub mod stage;
-pub mod systemd;
-pub mod tcplane;
-pub mod tls;
+pub mod store;
 pub mod transfer;
-pub mod zdb;

@@ -2,20 +2,18 @@
 //! to one line and an exit code.
 
 mod cli;
-mod commands;
-mod demo;
 
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse_from(args());
-    commands::init_logging(&cli.command);
-    match commands::run(cli.command) {
+    cli::commands::init_logging(&cli.command);
+    match cli::commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("barge: {e:#}");
-            ExitCode::from(commands::exit_code(&e))
+            ExitCode::from(cli::commands::exit_code(&e))
         }
     }
 }

@@ -312,8 +312,8 @@ fn after_commit_is_checked_in_the_config() {
     for d in ["certs", "src", "in"] {
         std::fs::create_dir_all(dir.path().join(d)).unwrap();
     }
-    barge::certs::init_ca(&dir.path().join("certs")).unwrap();
-    barge::certs::issue(&dir.path().join("certs"), "agent", &[]).unwrap();
+    barge::net::certs::init_ca(&dir.path().join("certs")).unwrap();
+    barge::net::certs::issue(&dir.path().join("certs"), "agent", &[]).unwrap();
     let parse = |targets: &str| {
         let text = format!(
             "listen = \"127.0.0.1:0\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/agent.pem\"\nkey = \"certs/agent.key\"\n{targets}"

@@ -257,7 +257,7 @@ fn an_agent_killed_mid_job_resumes_from_its_staged_blocks() {
     let (mut first, addr) = agent(&["--config", "b.toml"], p);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt
-        .block_on(async { barge::client::Client::new(&barge::tls::TlsFiles::in_dir(&p.join("certs"), "ops")) })
+        .block_on(async { barge::client::Client::new(&barge::net::tls::TlsFiles::in_dir(&p.join("certs"), "ops")) })
         .unwrap();
     let client = std::sync::Arc::new(client);
     let peer: barge::client::Peer = format!("store-b@{addr}").parse().unwrap();

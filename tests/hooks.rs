@@ -7,7 +7,7 @@ mod common;
 
 use barge::agent::Hooks;
 use barge::client::PushOptions;
-use barge::hook::{HookError, ImportHook, ImportJob};
+use barge::engines::hook::{HookError, ImportHook, ImportJob};
 use barge::proto::wire::code;
 use barge::transfer::TransferError;
 use common::*;
@@ -131,7 +131,7 @@ async fn an_exec_hook_sees_only_its_own_variables_and_the_allowed_ones() {
     let envs = [("HOOKTEST_SECRET", "leaked"), ("HOOKTEST_ALLOWED", "passed on")];
     let agent = AgentProc::start(&["--config", "b.toml"], p, &envs);
     write(&p.join("src/x"), b"x");
-    let client = barge::client::Client::new(&barge::tls::TlsFiles::in_dir(&p.join("certs"), "ops")).unwrap();
+    let client = barge::client::Client::new(&barge::net::tls::TlsFiles::in_dir(&p.join("certs"), "ops")).unwrap();
     let peer = format!("store-b@{}", agent.addr).parse().unwrap();
     let r = client
         .push(&peer, "in", &[p.join("src/x")], &PushOptions::default())
@@ -227,8 +227,8 @@ async fn a_rust_import_hook_sees_the_whole_verified_job() {
 #[tokio::test]
 async fn a_custom_hook_target_without_a_registered_hook_does_not_start() {
     let dir = tempfile::tempdir().unwrap();
-    barge::certs::init_ca(&dir.path().join("certs")).unwrap();
-    barge::certs::issue(&dir.path().join("certs"), "agent", &[]).unwrap();
+    barge::net::certs::init_ca(&dir.path().join("certs")).unwrap();
+    barge::net::certs::issue(&dir.path().join("certs"), "agent", &[]).unwrap();
     std::fs::create_dir(dir.path().join("in")).unwrap();
     let text = "listen = \"127.0.0.1:0\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/agent.pem\"\nkey = \"certs/agent.key\"\n\
                 [[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"x\"]\nhook = \"custom\"\n";

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 fn issue(env: &Env, names: &[&str]) {
     for n in names {
-        barge::certs::issue(&env.certs(), n, &[]).unwrap();
+        barge::net::certs::issue(&env.certs(), n, &[]).unwrap();
     }
 }
 

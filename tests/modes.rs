@@ -87,8 +87,8 @@ async fn files_keep_their_modes_and_a_target_may_set_its_own() {
 fn a_mode_beyond_permission_bits_is_refused_in_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    barge::certs::init_ca(&certs).unwrap();
-    barge::certs::issue(&certs, "agent", &[]).unwrap();
+    barge::net::certs::init_ca(&certs).unwrap();
+    barge::net::certs::issue(&certs, "agent", &[]).unwrap();
     std::fs::create_dir_all(dir.path().join("in")).unwrap();
     for (bad, why) in [
         ("4755", "not an octal mode"),

@@ -41,7 +41,7 @@ impl Drop for LoopFs {
 }
 
 fn free(dir: &Path) -> u64 {
-    barge::space::free_space(dir).unwrap()
+    barge::store::space::free_space(dir).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

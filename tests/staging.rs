@@ -87,8 +87,8 @@ fn a_staging_folder_on_another_file_system_is_refused_at_start() {
         return;
     }
     let certs = dir.path().join("certs");
-    barge::certs::init_ca(&certs).unwrap();
-    barge::certs::issue(&certs, "agent", &[]).unwrap();
+    barge::net::certs::init_ca(&certs).unwrap();
+    barge::net::certs::issue(&certs, "agent", &[]).unwrap();
     std::fs::create_dir_all(dir.path().join("in")).unwrap();
     let elsewhere = tempfile::tempdir_in(shm).unwrap();
     let tls = "[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/agent.pem\"\nkey = \"certs/agent.key\"\n";

@@ -280,7 +280,8 @@ async fn a_tokenless_flood_neither_exhausts_descriptors_nor_stops_pushes_or_metr
     let src = t.path().join("src");
     write(&src.join("big"), &content(7, (3 << 20) + 5));
     write(&src.join("small"), &content(8, 1000));
-    let client = barge::client::Client::new(&barge::tls::TlsFiles::in_dir(&t.path().join("certs"), "ops")).unwrap();
+    let client =
+        barge::client::Client::new(&barge::net::tls::TlsFiles::in_dir(&t.path().join("certs"), "ops")).unwrap();
     let peer = format!("store-b@{}", agent.addr).parse().unwrap();
     let (files, opts) = ([src.clone()], tcp());
     let push = client.push(&peer, "in", &files, &opts);

@@ -90,10 +90,10 @@ async fn pull_of_missing_or_escaping_names_is_refused() {
 async fn a_client_from_another_ca_is_refused() {
     let env = env().await;
     let other = env.root().join("other-ca");
-    barge::certs::init_ca(&other).unwrap();
-    barge::certs::issue(&other, "client", &[]).unwrap();
+    barge::net::certs::init_ca(&other).unwrap();
+    barge::net::certs::issue(&other, "client", &[]).unwrap();
     write(&env.src().join("f"), b"data");
-    let client = barge::client::Client::new(&barge::tls::TlsFiles::in_dir(&other, "client")).unwrap();
+    let client = barge::client::Client::new(&barge::net::tls::TlsFiles::in_dir(&other, "client")).unwrap();
     let err = client
         .push(&env.peer(), "in", &[env.src().join("f")], &PushOptions::default())
         .await

@@ -84,8 +84,8 @@ data_target = \"zdb-data\"\nindex_target = \"zdb-index\"\ndata_export = \"zdb-da
         v
     }
 
-    fn spooled_work(&self) -> Vec<barge::zdb::Work> {
-        barge::zdb::Spool::open(&self.env.root().join("zdb/barge-zdb-spool"))
+    fn spooled_work(&self) -> Vec<barge::engines::zdb::Work> {
+        barge::engines::zdb::Spool::open(&self.env.root().join("zdb/barge-zdb-spool"))
             .unwrap()
             .pending()
             .unwrap()
@@ -280,10 +280,12 @@ async fn a_silent_backup_spools_the_work_and_the_next_hook_drains_it_newest_inde
     assert_eq!(z.spool().len(), 3, "one durable entry per hook call");
     let work = z.spooled_work();
     assert!(
-        matches!(&work[0], barge::zdb::Work::Data(f) if f.rel() == "default/d0"),
+        matches!(&work[0], barge::engines::zdb::Work::Data(f) if f.rel() == "default/d0"),
         "{work:?}"
     );
-    assert!(matches!(&work[1], barge::zdb::Work::Index { names, .. } if names == &["i0", "i1", "zdb-namespace"]));
+    assert!(
+        matches!(&work[1], barge::engines::zdb::Work::Index { names, .. } if names == &["i0", "i1", "zdb-namespace"])
+    );
     assert!(list(&z.backup().join("data")).is_empty() && list(&z.backup().join("index")).is_empty());
 
     // 0-db rewrites an index file while the backup is away: the drain must send what the
@@ -326,8 +328,8 @@ async fn a_spool_that_can_not_drain_keeps_its_order_and_entries() {
         .spooled_work()
         .iter()
         .map(|w| match w {
-            barge::zdb::Work::Data(f) => f.rel(),
-            barge::zdb::Work::Index { namespace, .. } => format!("{namespace}/index"),
+            barge::engines::zdb::Work::Data(f) => f.rel(),
+            barge::engines::zdb::Work::Index { namespace, .. } => format!("{namespace}/index"),
         })
         .collect();
     assert_eq!(rels, ["default/d0", "default/d1", "default/index"]);

@@ -57,7 +57,7 @@ impl Job {
             .map(|rel| {
                 let path = src.join(&rel);
                 let size = std::fs::metadata(&path).unwrap().len();
-                let hashes = barge::source::hash_file(&path, size).unwrap();
+                let hashes = barge::store::source::hash_file(&path, size).unwrap();
                 (format!("{top}/{rel}"), (path, hashes))
             })
             .collect();
@@ -182,5 +182,5 @@ pub fn settled(job: &Job, target: &Path) -> u64 {
 
 /// Bytes free on the file system holding `dir`.
 pub fn free(dir: &Path) -> u64 {
-    barge::space::free_space(dir).unwrap()
+    barge::store::space::free_space(dir).unwrap()
 }

@@ -50,7 +50,7 @@ fn rss_mib(pid: u32, field: &str) -> u64 {
 }
 
 fn client(host: &Host, who: &str) -> barge::client::Client {
-    let tls = barge::tls::TlsFiles::in_dir(&host.dir.join("certs"), who);
+    let tls = barge::net::tls::TlsFiles::in_dir(&host.dir.join("certs"), who);
     barge::client::Client::new(&tls).unwrap()
 }
 

@@ -401,7 +401,7 @@ fn run_clients(dir: &Path, peer: &str) -> Vec<(usize, usize, JobResult)> {
         let peer: barge::client::Peer = peer.parse().unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         for c in 0..8 {
-            let tls = barge::tls::TlsFiles::in_dir(&dir.join("certs"), &format!("c{c}"));
+            let tls = barge::net::tls::TlsFiles::in_dir(&dir.join("certs"), &format!("c{c}"));
             let client = std::sync::Arc::new(barge::client::Client::new(&tls).unwrap());
             for j in 0..8 {
                 let (client, peer) = (client.clone(), peer.clone());

@@ -7,8 +7,8 @@ use crate::config::{Export, ExportKind};
 use crate::proto::job::ReceiveJob;
 use crate::proto::keys::KeyRange;
 use crate::proto::wire::{code, JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
-use crate::source::SourceFile;
-use crate::stage::Stage;
+use crate::store::source::SourceFile;
+use crate::store::stage::Stage;
 use tracing::{info, info_span, warn, Instrument};
 
 impl JobCtx {
@@ -162,8 +162,8 @@ impl JobCtx {
         files: &[String],
         range: Option<&KeyRange>,
     ) -> Result<(Vec<SourceFile>, Offer), Refusal> {
-        let src = |e: crate::source::SourceError| refuse(source_code(&e), e.to_string());
-        let list = crate::source::collect_export(&ex.path, files).map_err(src)?;
+        let src = |e: crate::store::source::SourceError| refuse(source_code(&e), e.to_string());
+        let list = crate::store::source::collect_export(&ex.path, files).map_err(src)?;
         let cache = &self.shared.cache;
         let (list, spans) = match (ex.kind, range) {
             (ExportKind::Files, None) => (list, None),
@@ -180,7 +180,7 @@ impl JobCtx {
                 let cache = cache.clone();
                 let range = range.cloned();
                 let picked =
-                    tokio::task::spawn_blocking(move || crate::source::select_sst(list, range.as_ref(), &cache))
+                    tokio::task::spawn_blocking(move || crate::store::source::select_sst(list, range.as_ref(), &cache))
                         .await
                         .map_err(|e| refuse(code::IO, e.to_string()))?
                         .map_err(src)?;
@@ -188,7 +188,7 @@ impl JobCtx {
                 (list, Some(spans))
             }
         };
-        let mut offer = crate::source::make_offer(&ex.name, &list, vec![], cache)
+        let mut offer = crate::store::source::make_offer(&ex.name, &list, vec![], cache)
             .await
             .map_err(|e| refuse(code::IO, e.to_string()))?;
         for (f, span) in offer.files.iter_mut().zip(spans.into_iter().flatten()) {

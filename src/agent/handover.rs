@@ -4,15 +4,15 @@
 //! recorded so the same job sent again is answered "committed".
 
 use super::{refuse, Shared};
-use crate::commit::{fingerprint, Done, Ledger};
+use crate::agent::metrics::Metrics;
 use crate::config::{Config, HookSpec, Import};
-use crate::held::{HeldJob, Holds, Journal};
-use crate::hook::{ImportFile, ImportHook, ImportJob};
-use crate::metrics::Metrics;
+use crate::engines::hook::{ImportFile, ImportHook, ImportJob};
 use crate::proto::blocks::hex;
 use crate::proto::path::RelPath;
 use crate::proto::wire::{code, JobId, Offer, Refusal};
-use crate::stage::Stage;
+use crate::store::commit::{fingerprint, Done, Ledger};
+use crate::store::held::{HeldJob, Holds, Journal};
+use crate::store::stage::Stage;
 use std::sync::Arc;
 use tracing::{error, info, info_span, warn};
 
@@ -106,7 +106,7 @@ fn done_record(job: &str, target: &str, peer: &str, report: &str, placed: Option
         target: target.to_string(),
         peer: peer.to_string(),
         report: report.to_string(),
-        at: crate::held::unix_now(),
+        at: crate::store::held::unix_now(),
         placed,
     }
 }
@@ -147,10 +147,10 @@ pub(super) fn import_job(
     }
 }
 
-pub(super) fn hook_code(e: &crate::hook::HookError) -> u16 {
-    use crate::commit::CommitError;
-    use crate::hook::HookError;
-    use crate::stage::StageError;
+pub(super) fn hook_code(e: &crate::engines::hook::HookError) -> u16 {
+    use crate::engines::hook::HookError;
+    use crate::store::commit::CommitError;
+    use crate::store::stage::StageError;
     let stage = match e {
         HookError::Stage(s) | HookError::Commit(CommitError::Place(s)) => Some(s),
         _ => None,

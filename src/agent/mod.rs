@@ -13,20 +13,25 @@
 mod control;
 mod gate;
 mod handover;
+pub mod metrics;
+pub mod ratelimit;
+pub mod systemd;
 
-use crate::commit::Ledger;
+use crate::agent::metrics::{Gauges, Metrics, Outcome};
+use crate::agent::ratelimit::RateLimits;
 use crate::config::{AllowList, Config, Export, HookSpec, Import};
-use crate::disk::Disk;
-use crate::held::{Claim, Holds, Journal};
-use crate::hook::{AfterCommitHook, AfterCommitJob, ExecHook, ExportedFile, ImportHook, MoveHook, ReplaceHook};
-use crate::metrics::{Gauges, Metrics, Outcome};
+use crate::engines::hook::{
+    AfterCommitHook, AfterCommitJob, ExecHook, ExportedFile, ImportHook, MoveHook, ReplaceHook,
+};
+use crate::net::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
 use crate::proto::wire::{code, JobId, Message, Offer, Refusal};
-use crate::ratelimit::RateLimits;
-use crate::space::Reservation;
-use crate::stage::{sweep_expired, Stage};
-use crate::tls::{peer_identity, TlsError, TlsMaterial};
+use crate::store::commit::Ledger;
+use crate::store::disk::Disk;
+use crate::store::held::{Claim, Holds, Journal};
+use crate::store::space::Reservation;
+use crate::store::stage::{sweep_expired, Stage};
 use crate::transfer::{self, JobTable, Received, TransferError};
 use handover::{drop_held, Handover};
 use std::collections::HashMap;
@@ -48,9 +53,9 @@ pub enum AgentError {
     #[error("import target {0:?} has hook = \"custom\" but no ImportHook was registered for it")]
     MissingHook(String),
     #[error(transparent)]
-    Journal(#[from] crate::held::HeldError),
+    Journal(#[from] crate::store::held::HeldError),
     #[error(transparent)]
-    Commits(#[from] crate::commit::CommitError),
+    Commits(#[from] crate::store::commit::CommitError),
     #[error("{0} can not change on reload; restart the agent for it")]
     NeedsRestart(&'static str),
 }
@@ -76,8 +81,8 @@ struct Shared {
     draining: AtomicBool,
     metrics: Arc<Metrics>,
     limits: Arc<RateLimits>,
-    cache: Arc<crate::hashcache::HashCache>,
-    tcp: Option<crate::tcplane::TcpLanes>,
+    cache: Arc<crate::store::hashcache::HashCache>,
+    tcp: Option<crate::net::tcplane::TcpLanes>,
     /// Jobs being received, from all connections.
     table: JobTable,
     /// Held jobs and the targets they claim, and their journal.
@@ -86,9 +91,9 @@ struct Shared {
     /// Intents of commits under way and outcomes of finished ones.
     commits: Arc<Ledger>,
     /// What admitted jobs have still to write, per file system.
-    space: Arc<crate::space::Ledger>,
+    space: Arc<crate::store::space::Ledger>,
     /// Data streams open at once, shared by the connections that carry data.
-    credit: Arc<crate::credit::Credit>,
+    credit: Arc<crate::net::credit::Credit>,
     /// Connections, requests, jobs and large reads of each peer identity.
     peers: Arc<gate::Peers>,
     /// Refused connections and requests are logged, but not every one of a flood.
@@ -179,7 +184,7 @@ impl Agent {
             false => None,
             true => {
                 let at = std::net::SocketAddr::new(addr.ip(), config.tcp_port);
-                let lanes = crate::tcplane::TcpLanes::start(at, config.limits.tcp_lane_pending)
+                let lanes = crate::net::tcplane::TcpLanes::start(at, config.limits.tcp_lane_pending)
                     .await
                     .map_err(|source| AgentError::Bind { addr: at, source })?;
                 info!(
@@ -191,7 +196,7 @@ impl Agent {
         };
         let metrics_at = config.metrics;
         let limits = Arc::new(RateLimits::new(config.limits.rates));
-        let credit = crate::credit::Credit::for_memory(config.limits.memory_bytes);
+        let credit = crate::net::credit::Credit::for_memory(config.limits.memory_bytes);
         let shared = Arc::new(Shared {
             live: RwLock::new(Arc::new(Live { config, hooks })),
             custom,
@@ -318,11 +323,11 @@ impl Agent {
 }
 
 /// The export hash cache in `data_dir`; in memory only if the file can not be used.
-fn open_cache(data_dir: &std::path::Path) -> crate::hashcache::HashCache {
+fn open_cache(data_dir: &std::path::Path) -> crate::store::hashcache::HashCache {
     let path = data_dir.join("hash-cache");
-    crate::hashcache::HashCache::open(&path).unwrap_or_else(|e| {
+    crate::store::hashcache::HashCache::open(&path).unwrap_or_else(|e| {
         warn!(path = %path.display(), error = %e, "hash cache kept in memory only");
-        crate::hashcache::HashCache::in_memory()
+        crate::store::hashcache::HashCache::in_memory()
     })
 }
 
@@ -331,13 +336,17 @@ fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::E
     let mut server = TlsMaterial::load(&config.tls)?.server_config(&config.tuning)?;
     // A connection may open more data streams only once it carries data (see `credit`):
     // credit given in the handshake could not be taken back.
-    server.transport_config(config.tuning.transport_with_uni_streams(crate::credit::MIN_STREAMS));
+    server.transport_config(
+        config
+            .tuning
+            .transport_with_uni_streams(crate::net::credit::MIN_STREAMS),
+    );
     let addr = config.listen;
     let bind_err = |source| AgentError::Bind { addr, source };
     let (sock, buffers) = match socket {
-        None => crate::quic::udp_socket(addr, &config.tuning).map_err(bind_err)?,
+        None => crate::net::quic::udp_socket(addr, &config.tuning).map_err(bind_err)?,
         Some(sock) => {
-            let got = crate::quic::size_buffers(&sock, config.tuning.socket_buffer());
+            let got = crate::net::quic::size_buffers(&sock, config.tuning.socket_buffer());
             (sock, got)
         }
     };
@@ -350,7 +359,7 @@ fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::E
              raise net.core.rmem_max and wmem_max (systemd/99-barge.conf)"
         );
     }
-    crate::quic::endpoint(sock, Some(server), &config.tuning).map_err(bind_err)
+    crate::net::quic::endpoint(sock, Some(server), &config.tuning).map_err(bind_err)
 }
 
 async fn start_metrics(
@@ -363,7 +372,7 @@ async fn start_metrics(
     let addr = listener.local_addr().unwrap_or(at);
     info!(%addr, "metrics endpoint on http://{addr}/metrics");
     let render = move || shared.metrics.render(shared.gauges());
-    Ok((tokio::spawn(crate::metrics::serve(listener, render)), addr))
+    Ok((tokio::spawn(crate::agent::metrics::serve(listener, render)), addr))
 }
 
 fn resolve_hooks(config: &Config, custom: &Hooks) -> Result<Hooks, AgentError> {
@@ -820,7 +829,7 @@ impl JobCtx {
         let tcp = (self.shared.tcp.as_ref())
             .filter(|_| tcp_allowed)
             .map(|lanes| (lanes, self.conn.remote_address().ip()));
-        let meter = crate::metrics::Meter {
+        let meter = crate::agent::metrics::Meter {
             metrics: self.shared.metrics.clone(),
             limits: self.shared.limits.clone(),
             peer: self.peer.clone(),
@@ -883,7 +892,7 @@ impl JobCtx {
         });
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fault = transfer::Fault {
-            pace: Some(crate::metrics::Meter {
+            pace: Some(crate::agent::metrics::Meter {
                 metrics: self.shared.metrics.clone(),
                 limits: self.shared.limits.clone(),
                 peer: self.peer.clone(),
@@ -982,7 +991,7 @@ impl JobCtx {
         let started = std::time::Instant::now();
         let res = tokio::task::spawn_blocking(move || hook.run(&job))
             .await
-            .unwrap_or_else(|e| Err(crate::hook::HookError::Other(e.to_string())));
+            .unwrap_or_else(|e| Err(crate::engines::hook::HookError::Other(e.to_string())));
         let elapsed_ms = started.elapsed().as_millis() as u64;
         self.shared.metrics.after_commit(res.is_ok());
         match res {
@@ -1008,8 +1017,8 @@ impl JobCtx {
     }
 }
 
-fn source_code(e: &crate::source::SourceError) -> u16 {
-    use crate::source::SourceError as S;
+fn source_code(e: &crate::store::source::SourceError) -> u16 {
+    use crate::store::source::SourceError as S;
     match e {
         S::NotFound(_) => code::NOT_FOUND,
         S::BadName(_) | S::Symlink(_) | S::Links { .. } => code::BAD_NAME,

@@ -2,9 +2,9 @@
 //! does with offers no honest `barge push` would make.
 
 use super::Env;
-use barge::disk::Disk;
 use barge::proto::blocks::FileHashes;
 use barge::proto::wire::{Offer, OfferFile};
+use barge::store::disk::Disk;
 use barge::transfer::{self, Fault, TransferError};
 use std::path::PathBuf;
 
@@ -34,7 +34,7 @@ pub fn offer_for(names: &[&str], data: &[u8]) -> Offer {
 pub async fn send_offer(env: &Env, offer: Offer, source: PathBuf) -> Result<transfer::SendReport, TransferError> {
     let conn = env.client("client").connect(&env.peer()).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    let stamp = barge::hashcache::FileStamp::now(&source).unwrap_or(barge::hashcache::FileStamp {
+    let stamp = barge::store::hashcache::FileStamp::now(&source).unwrap_or(barge::store::hashcache::FileStamp {
         dev: 0,
         ino: 0,
         size: 0,
@@ -43,7 +43,7 @@ pub async fn send_offer(env: &Env, offer: Offer, source: PathBuf) -> Result<tran
     let sources = offer
         .files
         .iter()
-        .map(|f| barge::source::SourceFile {
+        .map(|f| barge::store::source::SourceFile {
             // A name the agent must refuse is no RelPath: the source's own name is not sent.
             name: barge::proto::path::RelPath::new(&f.path)
                 .unwrap_or_else(|_| barge::proto::path::RelPath::new("x").unwrap()),

@@ -9,7 +9,7 @@ pub mod proc;
 use barge::agent::{Agent, Hooks};
 use barge::client::{Client, Peer};
 use barge::config::Config;
-use barge::tls::TlsFiles;
+use barge::net::tls::TlsFiles;
 use std::path::{Path, PathBuf};
 
 pub struct Env {
@@ -82,9 +82,9 @@ pub async fn env() -> Env {
 pub async fn env_with(targets: &str, extra: &str, hooks: Hooks) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    barge::certs::init_ca(&certs).unwrap();
+    barge::net::certs::init_ca(&certs).unwrap();
     for name in ["agent", "client", "stranger"] {
-        barge::certs::issue(&certs, name, &[]).unwrap();
+        barge::net::certs::issue(&certs, name, &[]).unwrap();
     }
     for d in ["inbox", "outbox", "src"] {
         std::fs::create_dir_all(dir.path().join(d)).unwrap();

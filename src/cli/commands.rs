@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use barge::agent::Agent;
 use barge::client::{Client, Peer, PushOptions};
 use barge::config::Config;
+use barge::net::tls::TlsFiles;
 use barge::proto::keys::KeyRange;
-use barge::tls::TlsFiles;
 use barge::transfer::TransferError;
 use std::path::PathBuf;
 
@@ -57,7 +57,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::ZdbHook(z) => runtime(Some(1))?.block_on(zdb_hook(z)),
         Command::ZdbClone(z) => runtime(Some(1))?.block_on(zdb_clone(z)),
         Command::ZdbSync(z) => runtime(Some(1))?.block_on(zdb_sync(z)),
-        Command::Demo(d) => runtime(None)?.block_on(crate::demo::run(d)),
+        Command::Demo(d) => runtime(None)?.block_on(crate::cli::demo::run(d)),
     }
 }
 
@@ -91,17 +91,17 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(t) = e.downcast_ref::<TransferError>() {
         return transfer_code(t);
     }
-    if let Some(z) = e.downcast_ref::<barge::zdb::ZdbError>() {
+    if let Some(z) = e.downcast_ref::<barge::engines::zdb::ZdbError>() {
         return match z {
-            barge::zdb::ZdbError::Transfer(t) => transfer_code(t),
-            barge::zdb::ZdbError::Config { .. } => 3,
-            z if barge::zdb::Hook::is_usage(z) => 2,
+            barge::engines::zdb::ZdbError::Transfer(t) => transfer_code(t),
+            barge::engines::zdb::ZdbError::Config { .. } => 3,
+            z if barge::engines::zdb::Hook::is_usage(z) => 2,
             _ => 1,
         };
     }
     if e.downcast_ref::<barge::config::ConfigError>().is_some()
-        || e.downcast_ref::<barge::certs::CertError>().is_some()
-        || e.downcast_ref::<barge::tls::TlsError>().is_some()
+        || e.downcast_ref::<barge::net::certs::CertError>().is_some()
+        || e.downcast_ref::<barge::net::tls::TlsError>().is_some()
         || e.downcast_ref::<barge::agent::AgentError>().is_some()
     {
         return 3;
@@ -123,7 +123,7 @@ fn transfer_code(t: &TransferError) -> u8 {
 fn certs(c: CertsCommand) -> Result<()> {
     match c {
         CertsCommand::Init { dir } => {
-            barge::certs::init_ca(&dir)?;
+            barge::net::certs::init_ca(&dir)?;
             say!(
                 "made CA {} and {} (keep the key private)",
                 dir.join("ca.pem").display(),
@@ -131,8 +131,8 @@ fn certs(c: CertsCommand) -> Result<()> {
             );
         }
         CertsCommand::Issue { name, dir, sans } => {
-            barge::certs::issue(&dir, &name, &sans)?;
-            let (cert, key) = barge::certs::host_paths(&dir, &name);
+            barge::net::certs::issue(&dir, &name, &sans)?;
+            let (cert, key) = barge::net::certs::host_paths(&dir, &name);
             say!("issued {} and {} for identity {name}", cert.display(), key.display());
         }
     }
@@ -142,7 +142,7 @@ fn certs(c: CertsCommand) -> Result<()> {
 fn hash(h: HashArgs) -> Result<()> {
     for f in &h.files {
         let size = std::fs::metadata(f).with_context(|| format!("{}", f.display()))?.len();
-        let hashes = barge::source::hash_file(f, size)?;
+        let hashes = barge::store::source::hash_file(f, size)?;
         say!("{}  {}", barge::proto::blocks::hex(&hashes.root), f.display());
     }
     Ok(())
@@ -154,22 +154,22 @@ async fn agent(a: AgentArgs) -> Result<()> {
         None => local_default(&a.data)?,
     };
     let drain = config.drain;
-    let socket = barge::systemd::activated_socket();
+    let socket = barge::agent::systemd::activated_socket();
     if socket.is_some() {
         tracing::info!("listening on the socket systemd passed (the config's listen address is not used)");
     }
     let agent = Agent::start_on(config, Default::default(), socket).await?;
-    barge::systemd::notify(&format!("READY=1\nSTATUS=listening on {}", agent.local_addr()));
-    let watchdog = barge::systemd::watchdog_interval().map(|every| {
+    barge::agent::systemd::notify(&format!("READY=1\nSTATUS=listening on {}", agent.local_addr()));
+    let watchdog = barge::agent::systemd::watchdog_interval().map(|every| {
         tokio::spawn(async move {
             loop {
-                barge::systemd::notify("WATCHDOG=1");
+                barge::agent::systemd::notify("WATCHDOG=1");
                 tokio::time::sleep(every).await;
             }
         })
     });
     serve_until_stopped(&agent, a.config.as_deref()).await;
-    barge::systemd::notify("STOPPING=1");
+    barge::agent::systemd::notify("STOPPING=1");
     tracing::info!(deadline_secs = drain.as_secs(), "stopping: draining running jobs");
     if let Some(w) = watchdog {
         w.abort();
@@ -197,7 +197,7 @@ fn reload(agent: &Agent, config: Option<&std::path::Path>) {
         tracing::warn!("SIGHUP: no --config to reload (the local default does not change)");
         return;
     };
-    barge::systemd::notify("RELOADING=1");
+    barge::agent::systemd::notify("RELOADING=1");
     let result = Config::load(path)
         .map_err(anyhow::Error::from)
         .and_then(|c| Ok(agent.reload(c)?));
@@ -207,7 +207,7 @@ fn reload(agent: &Agent, config: Option<&std::path::Path>) {
             tracing::error!(config = %path.display(), error = %format!("{e:#}"), "reload refused; the running config stays")
         }
     }
-    barge::systemd::notify("READY=1");
+    barge::agent::systemd::notify("READY=1");
 }
 
 fn local_default(data: &std::path::Path) -> Result<Config> {
@@ -228,12 +228,12 @@ fn client(id: &IdentityArgs) -> Result<Client> {
     let dir = id.certs.clone().unwrap_or_else(|| PathBuf::from("barge-data/certs"));
     let name = id.identity.clone().unwrap_or_else(|| "client".to_string());
     if !dir.join("ca.pem").exists() {
-        bail!(barge::tls::TlsError::Empty {
+        bail!(barge::net::tls::TlsError::Empty {
             path: dir.join("ca.pem"),
             what: "CA certificate (set --certs DIR or BARGE_CERTS)"
         });
     }
-    let mut tuning = barge::quic::Tuning::default();
+    let mut tuning = barge::net::quic::Tuning::default();
     if let Some(cc) = &id.congestion {
         tuning.congestion = cc.parse().map_err(|e| usage(format!("--congestion: {e}")))?;
     }
@@ -253,10 +253,10 @@ fn client(id: &IdentityArgs) -> Result<Client> {
     let cache_path = match id.hash_cache.as_deref() {
         Some("off") => None,
         Some(p) => Some(PathBuf::from(p)),
-        None => barge::hashcache::HashCache::default_path(),
+        None => barge::store::hashcache::HashCache::default_path(),
     };
     if let Some(path) = cache_path {
-        client.set_hash_cache(std::sync::Arc::new(barge::hashcache::HashCache::load(&path)));
+        client.set_hash_cache(std::sync::Arc::new(barge::store::hashcache::HashCache::load(&path)));
     }
     Ok(client)
 }
@@ -458,18 +458,18 @@ async fn job_op(j: JobArgs, commit: bool) -> Result<()> {
 }
 
 async fn zdb_hook(z: ZdbHookArgs) -> Result<()> {
-    let hook = barge::zdb::Hook::parse(&z.args)?;
-    if let barge::zdb::Hook::Ignored(name) = &hook {
+    let hook = barge::engines::zdb::Hook::parse(&z.args)?;
+    if let barge::engines::zdb::Hook::Ignored(name) = &hook {
         // Never let a missing config stop 0-db over a hook barge does not handle
         // (`ready` must exit 0 or 0-db will not start).
         tracing::debug!(hook = %name, "nothing to do");
         return Ok(());
     }
-    let config = barge::zdb::ZdbConfig::load(&z.config)?;
-    match barge::zdb::run_hook(&config, &hook).await? {
-        barge::zdb::Outcome::Done(line) => say!("{line}"),
+    let config = barge::engines::zdb::ZdbConfig::load(&z.config)?;
+    match barge::engines::zdb::run_hook(&config, &hook).await? {
+        barge::engines::zdb::Outcome::Done(line) => say!("{line}"),
         // The work is safe in the spool: exit 0 so 0-db goes on, and say why on stderr.
-        barge::zdb::Outcome::Spooled(line) => {
+        barge::engines::zdb::Outcome::Spooled(line) => {
             eprintln!("barge: {line}");
         }
     }
@@ -477,8 +477,8 @@ async fn zdb_hook(z: ZdbHookArgs) -> Result<()> {
 }
 
 async fn zdb_sync(z: ZdbSyncArgs) -> Result<()> {
-    let config = barge::zdb::ZdbConfig::load(&z.config)?;
-    let r = barge::zdb::sync(&config)
+    let config = barge::engines::zdb::ZdbConfig::load(&z.config)?;
+    let r = barge::engines::zdb::sync(&config)
         .await
         .with_context(|| format!("zdb-sync to {}", config.peer))?;
     say!(
@@ -494,8 +494,8 @@ async fn zdb_sync(z: ZdbSyncArgs) -> Result<()> {
 }
 
 async fn zdb_clone(z: ZdbCloneArgs) -> Result<()> {
-    let config = barge::zdb::ZdbConfig::load(&z.config)?;
-    let r = barge::zdb::clone_namespace(&config, &z.namespace)
+    let config = barge::engines::zdb::ZdbConfig::load(&z.config)?;
+    let r = barge::engines::zdb::clone_namespace(&config, &z.namespace)
         .await
         .with_context(|| format!("clone of namespace {:?} to {}", z.namespace, config.peer))?;
     say!(

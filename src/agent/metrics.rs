@@ -272,7 +272,7 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub struct Meter {
     pub metrics: std::sync::Arc<Metrics>,
-    pub limits: std::sync::Arc<crate::ratelimit::RateLimits>,
+    pub limits: std::sync::Arc<crate::agent::ratelimit::RateLimits>,
     pub peer: String,
     /// Also counts verified bytes here (a client's progress bar).
     pub progress: Option<std::sync::Arc<AtomicU64>>,
@@ -313,13 +313,13 @@ const REQUEST_LIMIT: usize = 1024;
 /// and [`REQUEST_DEADLINE`], and at most [`MAX_SCRAPES`] are served at once.
 pub async fn serve(listener: tokio::net::TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
     let render = std::sync::Arc::new(render);
-    let pending = crate::listen::Pending::new(crate::listen::PendingLimits {
+    let pending = crate::net::listen::Pending::new(crate::net::listen::PendingLimits {
         total: MAX_SCRAPES,
         per_ip: MAX_SCRAPES,
     });
-    let mut backoff = crate::listen::Backoff::new("metrics");
+    let mut backoff = crate::net::listen::Backoff::new("metrics");
     loop {
-        let (sock, peer) = crate::listen::accept(&listener, &mut backoff).await;
+        let (sock, peer) = crate::net::listen::accept(&listener, &mut backoff).await;
         let Some(slot) = pending.enter(peer.ip(), false) else {
             continue;
         };

@@ -33,9 +33,9 @@
 //! never make barge read or write outside those folders.
 
 use crate::client::{Client, Peer, PushOptions};
-use crate::hashcache::{FileStamp, HashCache};
-use crate::quic::Tuning;
-use crate::tls::TlsFiles;
+use crate::net::quic::Tuning;
+use crate::net::tls::TlsFiles;
+use crate::store::hashcache::{FileStamp, HashCache};
 use crate::transfer::TransferError;
 use serde::Deserialize;
 use std::io::Write;

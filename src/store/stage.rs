@@ -6,20 +6,20 @@
 //! the offer, so the same push sent again finds its staged blocks, re-verifies them
 //! from disk and asks only for what is missing, even after the agent restarted. A held
 //! job's blocks are all verified again before it commits ([`Stage::verify`]). Placing
-//! the staged files into the target is [`crate::commit`]'s.
+//! the staged files into the target is [`crate::store::commit`]'s.
 //!
 //! The job id is predictable and the target may be writable by other local users, so
 //! nothing under staging is reached by path: `.barge-staging` and the job's folder are
 //! made mode 0700 and must be real folders owned by the agent, checked on the opened
 //! descriptors; every staged file is opened below the job's folder, held open, with no
-//! symlink followed ([`crate::safefs`]). A symlink found there is an error.
+//! symlink followed ([`crate::store::safefs`]). A symlink found there is an error.
 
-use crate::disk::{Disk, Loc};
 use crate::proto::blocks::{block_count, block_len, BLOCK_SIZE};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
 use crate::proto::wire::Offer;
-use crate::safefs::{self, Root, Unsafe};
+use crate::store::disk::{Disk, Loc};
+use crate::store::safefs::{self, Root, Unsafe};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};

@@ -22,13 +22,13 @@
 //!
 //! Every rename is made between folder descriptors: the target's folders on the way are
 //! walked from the target, the staged side from the job's staging folder, with no symlink
-//! followed ([`crate::safefs`]). A folder of the target that a local user turned into a
+//! followed ([`crate::store::safefs`]). A folder of the target that a local user turned into a
 //! symlink after the plan was checked refuses the commit; nothing lands where it points.
 
 use crate::proto::path::RelPath;
 use crate::proto::wire::JobId;
-use crate::safefs::{self, Root};
-use crate::stage::{sync_dir, syncfs, Stage, StageError};
+use crate::store::safefs::{self, Root};
+use crate::store::stage::{sync_dir, syncfs, Stage, StageError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -197,7 +197,7 @@ impl Intent {
     pub fn apply(&self) -> Result<(), Unplaced> {
         match self.forward() {
             Ok(()) => {
-                crate::failpoint::hit("commit-placed");
+                crate::store::failpoint::hit("commit-placed");
                 Ok(())
             }
             Err(cause) => {
@@ -254,7 +254,7 @@ impl Intent {
         };
         match renamed {
             Ok(()) => {
-                crate::failpoint::hit("commit-rename");
+                crate::store::failpoint::hit("commit-rename");
                 Ok(())
             }
             // A folder of the job appeared in the target meanwhile (another job made it):
@@ -629,7 +629,7 @@ impl Done {
     }
 
     pub fn age(&self) -> Duration {
-        Duration::from_secs(crate::held::unix_now().saturating_sub(self.at))
+        Duration::from_secs(crate::store::held::unix_now().saturating_sub(self.at))
     }
 }
 
@@ -674,7 +674,7 @@ impl Ledger {
         let text = serde_json::to_vec(intent).expect("an intent serializes");
         let path = self.file(&intent.job, "intent");
         write_durably(&path, &text).map_err(|source| CommitError::Io { path, source })?;
-        crate::failpoint::hit("commit-intent");
+        crate::store::failpoint::hit("commit-intent");
         Ok(())
     }
 
@@ -959,7 +959,7 @@ mod tests {
             target: "t".into(),
             peer: "p".into(),
             report: intent.report.clone(),
-            at: crate::held::unix_now(),
+            at: crate::store::held::unix_now(),
             placed: fingerprint(&target, &paths),
         };
         ledger.finish(&done).unwrap();

@@ -25,7 +25,7 @@ pub const MIN_STREAMS: u32 = 1;
 
 /// Memory one open data stream may hold in the agent: its receive window in quinn, the
 /// block being read and the writes it has under way.
-pub const PER_STREAM: u64 = crate::quic::STREAM_WINDOW + (2 << 20);
+pub const PER_STREAM: u64 = crate::net::quic::STREAM_WINDOW + (2 << 20);
 
 /// The agent's connections and the data streams each may open.
 #[derive(Debug)]

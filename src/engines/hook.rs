@@ -3,14 +3,14 @@
 //! A hook runs once per job, after every file is staged and on disk, and its result
 //! decides commit or failure. `move` renames the files into the target folder and
 //! `replace` over older ones, all or none even across crashes (their plan is written
-//! first, see [`crate::commit`]); `exec` runs a command; engines that embed barge
+//! first, see [`crate::store::commit`]); `exec` runs a command; engines that embed barge
 //! implement [`ImportHook`]. barge can not see inside those two: they run at least once,
 //! again if the agent died while they ran and the job is sent again (`BARGE_JOB` names
 //! it, so they can notice).
 
-use crate::commit::{CommitError, JobRef, Kind, Ledger};
 use crate::proto::path::RelPath;
-use crate::stage::{Stage, StageError};
+use crate::store::commit::{CommitError, JobRef, Kind, Ledger};
+use crate::store::stage::{Stage, StageError};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -99,7 +99,7 @@ pub struct ImportJob {
 }
 
 impl ImportJob {
-    /// Places the staged files with `kind`, crash-safe (see [`crate::commit`]): the
+    /// Places the staged files with `kind`, crash-safe (see [`crate::store::commit`]): the
     /// intent is written first; if the files can not all be placed, those placed go
     /// back to staging and the job fails.
     fn place(&self, kind: Kind) -> Result<String, HookError> {
@@ -124,7 +124,7 @@ impl ImportJob {
             Some(l) => l.clone(),
             None => std::sync::Arc::new(Ledger::open(stage.job_dir.clone())?),
         };
-        Ok(crate::commit::place(kind, stage, paths, info, &ledger)?)
+        Ok(crate::store::commit::place(kind, stage, paths, info, &ledger)?)
     }
 
     /// Splits the job's files into those the target already holds with the same blake3
@@ -160,10 +160,10 @@ fn split_identical(
     target_dir: &Path,
     files: impl Iterator<Item = (RelPath, String)>,
 ) -> Result<(Vec<RelPath>, Vec<RelPath>), HookError> {
-    let target = crate::safefs::open_dir(target_dir).map_err(|e| HookError::Other(e.to_string()))?;
+    let target = crate::store::safefs::open_dir(target_dir).map_err(|e| HookError::Other(e.to_string()))?;
     let (mut same, mut rest) = (vec![], vec![]);
     for (rel, root) in files {
-        let there = crate::safefs::open_beneath(target.as_fd(), Path::new(rel.as_str()), libc::O_RDONLY, false);
+        let there = crate::store::safefs::open_beneath(target.as_fd(), Path::new(rel.as_str()), libc::O_RDONLY, false);
         match there {
             Ok(mut f) => {
                 let mut h = blake3::Hasher::new();
@@ -193,8 +193,8 @@ impl ImportHook for MoveHook {
     fn check(&self, target_dir: &Path, files: &[RelPath]) -> Result<(), HookError> {
         match self.skip_identical {
             // Whether what is there is the same is known once the roots are checked.
-            true => Ok(crate::commit::check_replaceable(target_dir, files)?),
-            false => Ok(crate::commit::check_destinations(target_dir, files)?),
+            true => Ok(crate::store::commit::check_replaceable(target_dir, files)?),
+            false => Ok(crate::store::commit::check_destinations(target_dir, files)?),
         }
     }
 
@@ -235,7 +235,7 @@ pub struct ReplaceHook;
 
 impl ImportHook for ReplaceHook {
     fn check(&self, target_dir: &Path, files: &[RelPath]) -> Result<(), HookError> {
-        Ok(crate::commit::check_replaceable(target_dir, files)?)
+        Ok(crate::store::commit::check_replaceable(target_dir, files)?)
     }
 
     fn import(&self, job: &ImportJob) -> Result<String, HookError> {

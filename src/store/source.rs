@@ -4,13 +4,13 @@
 //! arrives as `data/...`. The list is sorted so the same files always make the same
 //! offer, and so the same job id, which is what lets an interrupted push resume.
 
-use crate::hashcache::{FileStamp, HashCache};
 use crate::proto::blocks::FileHashes;
 use crate::proto::keys::{Key, KeyRange, KeySpan, Placement};
 use crate::proto::limits::MAX_FILES;
 use crate::proto::path::{PathError, RelPath, STAGING_DIR};
 use crate::proto::wire::{Offer, OfferFile};
-use crate::safefs::{self, Exported, Root};
+use crate::store::hashcache::{FileStamp, HashCache};
+use crate::store::safefs::{self, Exported, Root};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +35,10 @@ pub enum SourceError {
     #[error("{got} files is over the limit of {MAX_FILES} per job")]
     TooMany { got: usize },
     #[error("{path}: {err}")]
-    Sst { path: PathBuf, err: crate::sst::SstError },
+    Sst {
+        path: PathBuf,
+        err: crate::engines::sst::SstError,
+    },
     #[error("region not aligned: {name} holds keys {span}, across the range boundary {key}")]
     NotAligned { name: String, span: KeySpan, key: Key },
     #[error("{path}: has {links} hard links; an export sends only files with one")]
@@ -103,14 +106,14 @@ impl SourceFile {
     }
 
     /// Where the disk thread reads it (see [`SourceFile::open`]).
-    pub fn loc(&self) -> crate::disk::Loc {
+    pub fn loc(&self) -> crate::store::disk::Loc {
         match &self.within {
-            Some(w) => crate::disk::Loc::Beneath {
+            Some(w) => crate::store::disk::Loc::Beneath {
                 dir: w.root.clone(),
                 rel: w.rel.clone(),
                 shown: self.path.clone(),
             },
-            None => crate::disk::Loc::Path(self.path.clone()),
+            None => crate::store::disk::Loc::Path(self.path.clone()),
         }
     }
 
@@ -179,8 +182,8 @@ pub fn select_sst(
     Ok(out)
 }
 
-fn sst_span(file: &std::fs::File) -> Result<KeySpan, crate::sst::SstError> {
-    let k = crate::sst::read_keys_from(file)?;
+fn sst_span(file: &std::fs::File) -> Result<KeySpan, crate::engines::sst::SstError> {
+    let k = crate::engines::sst::read_keys_from(file)?;
     Ok(KeySpan {
         smallest: Key(k.smallest),
         largest: Key(k.largest),

@@ -9,7 +9,7 @@
 //! stays on the authenticated QUIC stream, and every block is still verified against
 //! the offer before it is written. The data itself is NOT encrypted on this lane.
 
-use crate::listen::{Pending, PendingLimits};
+use crate::net::listen::{Pending, PendingLimits};
 use crate::proto::job::BlockRef;
 use crate::proto::wire::{BlockHeader, TcpGrant};
 use crate::transfer::{expected_len, stream_done, take_block, Fault, Incoming, TransferError, Writes};
@@ -133,9 +133,9 @@ impl TcpLanes {
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, lanes: TcpLanes) {
-    let mut backoff = crate::listen::Backoff::new("tcp lane");
+    let mut backoff = crate::net::listen::Backoff::new("tcp lane");
     loop {
-        let (stream, peer) = crate::listen::accept(&listener, &mut backoff).await;
+        let (stream, peer) = crate::net::listen::accept(&listener, &mut backoff).await;
         // Over the bound, closed at once without reading anything. An address with a
         // job's lane open is held to its own bound only: a flood from elsewhere can not
         // lock the job's sender out.
@@ -156,7 +156,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, lanes: TcpLanes) {
 async fn serve(
     mut stream: tokio::net::TcpStream,
     from: IpAddr,
-    slot: crate::listen::Slot,
+    slot: crate::net::listen::Slot,
     lanes: &TcpLanes,
 ) -> Result<(), TransferError> {
     let _ = stream.set_nodelay(true);
@@ -204,8 +204,8 @@ async fn receive(
         stream.read_exact(&mut h[1..]).await.map_err(io)?;
         let head = BlockHeader::decode(&h);
         let len = expected_len(&inc.offer, head)?;
-        let data = if crate::buf::wants_direct(len) {
-            let mut buf = crate::buf::aligned(&crate::transfer::BLOCK_POOL, len);
+        let data = if crate::store::buf::wants_direct(len) {
+            let mut buf = crate::store::buf::aligned(&crate::transfer::BLOCK_POOL, len);
             stream.read_exact(buf.as_mut_slice()).await.map_err(io)?;
             buf.freeze()
         } else {
@@ -222,7 +222,7 @@ pub async fn send_lanes(
     ip: IpAddr,
     grant: TcpGrant,
     lanes: Vec<Vec<BlockRef>>,
-    sources: Arc<Vec<crate::source::SourceFile>>,
+    sources: Arc<Vec<crate::store::source::SourceFile>>,
     fault: &Fault,
 ) -> Result<(u64, u64), TransferError> {
     let addr = SocketAddr::new(ip, grant.port);
@@ -246,7 +246,7 @@ fn send_lane(
     addr: SocketAddr,
     token: [u8; 32],
     lane: Vec<BlockRef>,
-    sources: &[crate::source::SourceFile],
+    sources: &[crate::store::source::SourceFile],
     budget: &AtomicU64,
     corrupt: Option<(u32, u32)>,
 ) -> Result<(u64, u64), TransferError> {
@@ -291,7 +291,7 @@ fn send_lane(
         }
         // What went out must have been the offered version (see `transfer::SourceWatch`).
         let now = file.metadata().map_err(io(path))?;
-        if crate::hashcache::FileStamp::of(&now) != stamp {
+        if crate::store::hashcache::FileStamp::of(&now) != stamp {
             return Err(TransferError::SourceChanged(path.clone()));
         }
         sources[b.file as usize].check(&now)?;

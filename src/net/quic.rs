@@ -46,7 +46,7 @@ pub enum Congestion {
     Cubic,
     /// quinn's BBR as it is.
     Bbr,
-    /// quinn's BBR with an in-flight cap learned from heavy loss ([`crate::congestion`]).
+    /// quinn's BBR with an in-flight cap learned from heavy loss ([`crate::net::congestion`]).
     #[default]
     #[serde(rename = "bbr-bounded")]
     BbrBounded,
@@ -148,7 +148,7 @@ impl Tuning {
 
     /// The transport configuration, letting the peer open `uni` data streams at first
     /// (an agent starts every connection with few and gives more to those that carry
-    /// data, see [`crate::credit`]).
+    /// data, see [`crate::net::credit`]).
     pub fn transport_with_uni_streams(&self, uni: u32) -> Arc<quinn::TransportConfig> {
         let var = |v: u64| quinn::VarInt::from_u64(v).expect("window fits a varint");
         let mut t = quinn::TransportConfig::default();
@@ -168,7 +168,7 @@ impl Tuning {
             Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
             Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
             Congestion::BbrBounded => {
-                t.congestion_controller_factory(Arc::new(crate::congestion::BoundedBbr::default()))
+                t.congestion_controller_factory(Arc::new(crate::net::congestion::BoundedBbr::default()))
             }
             Congestion::NewReno => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
@@ -287,7 +287,7 @@ pub(crate) fn get_int(fd: i32, opt: libc::c_int) -> std::io::Result<usize> {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
-    use crate::tls::{TlsFiles, TlsMaterial};
+    use crate::net::tls::{TlsFiles, TlsMaterial};
 
     pub struct Pair {
         pub client: quinn::Connection,
@@ -298,9 +298,9 @@ pub(crate) mod testing {
 
     pub async fn loopback_pair(tuning: &Tuning) -> Pair {
         let dir = tempfile::tempdir().unwrap();
-        crate::certs::init_ca(dir.path()).unwrap();
-        crate::certs::issue(dir.path(), "server", &[]).unwrap();
-        crate::certs::issue(dir.path(), "client", &[]).unwrap();
+        crate::net::certs::init_ca(dir.path()).unwrap();
+        crate::net::certs::issue(dir.path(), "server", &[]).unwrap();
+        crate::net::certs::issue(dir.path(), "client", &[]).unwrap();
         let tls = |name| TlsMaterial::load(&TlsFiles::in_dir(dir.path(), name)).unwrap();
         let sock = || udp_socket("127.0.0.1:0".parse().unwrap(), tuning).unwrap().0;
         let server_config = tls("server").server_config(tuning).unwrap();

@@ -71,7 +71,7 @@ pub fn activated_socket() -> Option<std::net::UdpSocket> {
 }
 
 fn is_udp_socket(fd: i32) -> bool {
-    crate::quic::get_int(fd, libc::SO_TYPE).is_ok_and(|kind| kind == libc::SOCK_DGRAM as usize)
+    crate::net::quic::get_int(fd, libc::SO_TYPE).is_ok_and(|kind| kind == libc::SOCK_DGRAM as usize)
 }
 
 #[cfg(test)]

@@ -7,15 +7,15 @@
 //! is verified before it is written; the receiver commits only after the sender said
 //! how many data streams it used and all of them were read to the end.
 
-use crate::disk::Disk;
-use crate::hashcache::FileStamp;
 use crate::proto::job::{JobError, ReceiveJob, SendPlan};
 use crate::proto::limits::MAX_STREAMS;
 use crate::proto::wire::{
     code, data_stream_header, parse_data_stream_header, BlockHeader, JobId, Message, Offer, Refusal, WireError,
 };
-use crate::source::{SourceError, SourceFile};
-use crate::stage::{Stage, StageError};
+use crate::store::disk::Disk;
+use crate::store::hashcache::FileStamp;
+use crate::store::source::{SourceError, SourceFile};
+use crate::store::stage::{Stage, StageError};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ pub enum TransferError {
     #[error("cannot connect to {peer}: {reason}")]
     Connect { peer: String, reason: String },
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::net::tls::TlsError),
     #[error("connection lost: {0}")]
     Connection(quinn::ConnectionError),
     #[error("connection lost after the job was accepted: {0}; sending the job again resumes it")]
@@ -141,7 +141,7 @@ pub struct Fault {
     /// Not a fault: bytes sent so far on QUIC lanes are added here (progress bars).
     pub progress: Option<Arc<AtomicU64>>,
     /// Not a fault: the agent's rate limits for the peer it sends to (pulls).
-    pub pace: Option<crate::metrics::Meter>,
+    pub pace: Option<crate::agent::metrics::Meter>,
 }
 
 impl Fault {
@@ -244,7 +244,7 @@ async fn send_accepted(
         match grant.filter(|_| offer.tcp_lane) {
             Some(g) => {
                 let files = Arc::new(sources.clone());
-                crate::tcplane::send_lanes(conns[0].remote_address().ip(), g, plan.lanes, files, fault).await
+                crate::net::tcplane::send_lanes(conns[0].remote_address().ip(), g, plan.lanes, files, fault).await
             }
             None => run_lanes(conns, offer.job_id(), plan, paths, watch.clone(), disk, fault).await,
         }
@@ -340,7 +340,7 @@ impl SourceWatch {
     }
 
     /// Reads block `b` of `source` and checks that the file is unchanged (and, for an
-    /// export's file, still has one link: see [`crate::source::Within`]).
+    /// export's file, still has one link: see [`crate::store::source::Within`]).
     async fn read(
         &self,
         disk: &Disk,
@@ -546,9 +546,9 @@ pub struct Incoming {
     pub progress: watch::Sender<Progress>,
     pub started: std::time::Instant,
     /// The agent's metrics and rate limits for this job's sender.
-    pub meter: Option<crate::metrics::Meter>,
+    pub meter: Option<crate::agent::metrics::Meter>,
     /// What the job has still to write, promised on its file system.
-    pub space: Option<crate::space::Reservation>,
+    pub space: Option<crate::store::space::Reservation>,
     /// Mode of the folders the job brings, if the target sets one.
     pub dir_mode: Option<u32>,
 }
@@ -588,7 +588,7 @@ pub fn spawn_data_router(
     conn: quinn::Connection,
     table: JobTable,
     peer: String,
-    credit: Option<Arc<crate::credit::Credit>>,
+    credit: Option<Arc<crate::net::credit::Credit>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let id = conn.stable_id();
@@ -838,7 +838,7 @@ pub(crate) fn expected_len(offer: &Offer, head: BlockHeader) -> Result<usize, Tr
 
 /// Reads exactly `len` bytes, without copying when quinn hands them in one piece.
 async fn read_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes, TransferError> {
-    if crate::buf::wants_direct(len) {
+    if crate::store::buf::wants_direct(len) {
         return read_aligned_block(stream, len).await;
     }
     let mut first: Option<Bytes> = None;
@@ -867,11 +867,11 @@ async fn read_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes,
 
 /// Large blocks, the bulk of the data, are gathered into aligned buffers (whole blocks
 /// from a pool) so the disk can take them with O_DIRECT.
-pub(crate) static BLOCK_POOL: std::sync::LazyLock<Arc<crate::buf::Pool>> =
-    std::sync::LazyLock::new(|| crate::buf::Pool::new(crate::proto::blocks::BLOCK_SIZE as usize));
+pub(crate) static BLOCK_POOL: std::sync::LazyLock<Arc<crate::store::buf::Pool>> =
+    std::sync::LazyLock::new(|| crate::store::buf::Pool::new(crate::proto::blocks::BLOCK_SIZE as usize));
 
 async fn read_aligned_block(stream: &mut quinn::RecvStream, len: usize) -> Result<Bytes, TransferError> {
-    let mut buf = crate::buf::aligned(&BLOCK_POOL, len);
+    let mut buf = crate::store::buf::aligned(&BLOCK_POOL, len);
     let dst = buf.as_mut_slice();
     let mut got = 0;
     while got < dst.len() {
@@ -927,12 +927,12 @@ pub struct Receiver<'a> {
     /// Routes this connection's QUIC data streams to their job.
     pub table: &'a JobTable,
     /// Metrics and rate limits (the agent), or none (a pulling client).
-    pub meter: Option<&'a crate::metrics::Meter>,
+    pub meter: Option<&'a crate::agent::metrics::Meter>,
     /// The TCP lane, if the job's target allows it, and the IP address of the QUIC
     /// connection the job came on: only lane connections from there are taken.
-    pub tcp: Option<(&'a crate::tcplane::TcpLanes, std::net::IpAddr)>,
+    pub tcp: Option<(&'a crate::net::tcplane::TcpLanes, std::net::IpAddr)>,
     /// The job's share of its file system's free space (an agent), if counted.
-    pub space: Option<&'a crate::space::Reservation>,
+    pub space: Option<&'a crate::store::space::Reservation>,
     /// Give the job up if no block arrives for this long before its commit (an
     /// agent: a sender that stops sending must not hold a job slot for ever).
     pub stall: Option<std::time::Duration>,

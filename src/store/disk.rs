@@ -16,7 +16,7 @@
 //! io_uring, where several are in flight at once: moving them too made one 2 GiB file
 //! slower (0.64x instead of 0.78x of the quinn ceiling in back-to-back runs).
 
-use crate::safefs;
+use crate::store::safefs;
 use bytes::Bytes;
 use std::io;
 use std::os::fd::AsFd;
@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Where a file is: a path, or a name below a folder held open. Either way the last
 /// component is opened with `O_NOFOLLOW`; below a folder, no symlink is followed at all
-/// and nothing outside the folder is reached (see [`crate::safefs`]). Staged files are
+/// and nothing outside the folder is reached (see [`crate::store::safefs`]). Staged files are
 /// always `Beneath` their job's staging folder.
 #[derive(Clone, Debug)]
 pub enum Loc {
@@ -316,7 +316,7 @@ fn read_plain(path: &Loc, offset: u64, len: usize, stat: bool) -> io::Result<(By
 fn write_plain(path: &Loc, offset: u64, data: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let w = libc::O_WRONLY | libc::O_CREAT;
-    if crate::buf::direct_ok(data, offset) {
+    if crate::store::buf::direct_ok(data, offset) {
         match path.open(w | libc::O_DIRECT) {
             Ok(f) => match f.write_all_at(data, offset) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -402,7 +402,7 @@ async fn read(path: Loc, offset: u64, len: usize, stat: bool) -> io::Result<(Byt
 const OPEN_FOR_WRITE: libc::c_int = libc::O_WRONLY | libc::O_CREAT;
 
 async fn write(path: Loc, offset: u64, data: Bytes) -> io::Result<()> {
-    if crate::buf::direct_ok(&data, offset) {
+    if crate::store::buf::direct_ok(&data, offset) {
         match write_direct(&path, offset, data.clone()).await {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // no O_DIRECT here
             other => return other,
@@ -474,9 +474,9 @@ mod tests {
         // A small block (plain thread), a whole block (io_uring) and an empty file.
         let small = dir.path().join("a/b/small");
         disk.write_at(small.clone(), 0, Bytes::from_static(b"x")).await.unwrap();
-        let pool = crate::buf::Pool::new(1 << 20);
+        let pool = crate::store::buf::Pool::new(1 << 20);
         let big = dir.path().join("a/c/big");
-        disk.write_at(big.clone(), 0, crate::buf::aligned(&pool, 1 << 20).freeze())
+        disk.write_at(big.clone(), 0, crate::store::buf::aligned(&pool, 1 << 20).freeze())
             .await
             .unwrap();
         let empty = dir.path().join("d/e/empty");
@@ -497,8 +497,8 @@ mod tests {
         // 256 KiB goes to the plain thread (O_DIRECT where the file system allows it),
         // 1 MiB to io_uring; both at an aligned offset after a small buffered write.
         for len in [256usize << 10, 1 << 20] {
-            let pool = crate::buf::Pool::new(len);
-            let mut buf = crate::buf::aligned(&pool, len);
+            let pool = crate::store::buf::Pool::new(len);
+            let mut buf = crate::store::buf::aligned(&pool, len);
             buf.as_mut_slice()
                 .iter_mut()
                 .enumerate()

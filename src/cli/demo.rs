@@ -6,7 +6,7 @@ use anyhow::{ensure, Context, Result};
 use barge::agent::Agent;
 use barge::client::{Client, Peer, PushOptions};
 use barge::config::Config;
-use barge::tls::TlsFiles;
+use barge::net::tls::TlsFiles;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -15,9 +15,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let root = tmp.path.clone();
     println!("barge demo in {}", root.display());
     let certs = root.join("certs");
-    barge::certs::init_ca(&certs)?;
+    barge::net::certs::init_ca(&certs)?;
     for name in ["store-a", "store-b", "operator"] {
-        barge::certs::issue(&certs, name, &[])?;
+        barge::net::certs::issue(&certs, name, &[])?;
     }
     println!("made a private CA and certificates for store-a, store-b and operator");
     let data = root.join("a-export/dataset");
@@ -132,7 +132,7 @@ fn generate(dir: &Path, total: u64) -> Result<(usize, u64)> {
 }
 
 fn compare(src: &Path, dst: &Path) -> Result<usize> {
-    let files = barge::source::collect_push(&[src.to_path_buf()])?;
+    let files = barge::store::source::collect_push(&[src.to_path_buf()])?;
     for f in &files {
         let rel: PathBuf = f.name.as_str().split('/').skip(1).collect();
         let got = std::fs::read(dst.join(&rel)).with_context(|| format!("{}", dst.join(&rel).display()))?;

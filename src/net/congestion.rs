@@ -359,12 +359,12 @@ mod tests {
 
     #[tokio::test]
     async fn data_flows_without_a_probe_rtt_at_its_start() {
-        let tuning = crate::quic::Tuning {
-            congestion: crate::quic::Congestion::BbrBounded,
+        let tuning = crate::net::quic::Tuning {
+            congestion: crate::net::quic::Congestion::BbrBounded,
             ..Default::default()
         };
-        let pair = crate::quic::testing::loopback_pair(&tuning).await;
-        crate::quic::testing::send(&pair, 1 << 20).await;
+        let pair = crate::net::quic::testing::loopback_pair(&tuning).await;
+        crate::net::quic::testing::send(&pair, 1 << 20).await;
         let conn = &pair.client;
         // Well within 200 ms of the first data: quinn's BBR alone would be in ProbeRTT now.
         let state = inner_state(conn);

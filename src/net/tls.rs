@@ -4,9 +4,9 @@
 //! anonymous mode. The identity of a peer is the first DNS name in its certificate;
 //! allow lists are checked against it by the agent.
 
-use crate::certs::{ca_paths, host_paths};
+use crate::net::certs::{ca_paths, host_paths};
+use crate::net::quic::Tuning;
 use crate::proto::wire::ALPN;
-use crate::quic::Tuning;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -194,8 +194,8 @@ mod tests {
     #[test]
     fn identity_is_the_certificates_dns_name() {
         let dir = tempfile::tempdir().unwrap();
-        crate::certs::init_ca(dir.path()).unwrap();
-        crate::certs::issue(dir.path(), "store-7.example", &["10.0.0.7".into()]).unwrap();
+        crate::net::certs::init_ca(dir.path()).unwrap();
+        crate::net::certs::issue(dir.path(), "store-7.example", &["10.0.0.7".into()]).unwrap();
         let files = TlsFiles::in_dir(dir.path(), "store-7.example");
         let m = TlsMaterial::load(&files).unwrap();
         assert_eq!(identity_of(&m.chain[0]).as_deref(), Some("store-7.example"));
@@ -206,8 +206,8 @@ mod tests {
     #[test]
     fn missing_or_garbage_files_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        crate::certs::init_ca(dir.path()).unwrap();
-        crate::certs::issue(dir.path(), "a", &[]).unwrap();
+        crate::net::certs::init_ca(dir.path()).unwrap();
+        crate::net::certs::issue(dir.path(), "a", &[]).unwrap();
         let mut files = TlsFiles::in_dir(dir.path(), "a");
         std::fs::write(dir.path().join("bad.key"), "not a key").unwrap();
         files.key = dir.path().join("bad.key");
