@@ -53,11 +53,11 @@ fn wire(c: &mut Criterion) {
         tcp_lane: false,
         hold: false,
     });
-    let frame = offer.encode();
+    let frame = offer.encode().unwrap();
     let mut g = c.benchmark_group("wire");
     g.throughput(Throughput::Bytes(frame.len() as u64));
     g.bench_function("encode an offer of 10,000 files", |b| {
-        b.iter(|| black_box(&offer).encode())
+        b.iter(|| black_box(&offer).encode().unwrap())
     });
     g.bench_function("decode an offer of 10,000 files", |b| {
         b.iter_batched(

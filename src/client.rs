@@ -11,6 +11,7 @@ use crate::net::quic::Tuning;
 use crate::net::tls::{TlsFiles, TlsMaterial};
 use crate::proto::job::ReceiveJob;
 use crate::proto::keys::KeyRange;
+use crate::proto::session::check_answer;
 use crate::proto::wire::{JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
 use crate::store::commit::{JobRef, Kind, Ledger};
 use crate::store::disk::Disk;
@@ -18,7 +19,9 @@ use crate::store::hashcache::HashCache;
 use crate::store::source::SourceFile;
 use crate::store::space::{check_space, DEFAULT_RESERVE};
 use crate::store::stage::Stage;
-use crate::transfer::{self, Fault, JobTable, Received, SendReport, TransferError};
+#[cfg(feature = "faults")]
+use crate::transfer::Fault;
+use crate::transfer::{self, Flow, JobTable, Received, SendReport, TransferError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -100,7 +103,8 @@ pub struct PushOptions {
     /// Send only the SST files whose keys lie in this range (implies `sst`); a file
     /// across a boundary fails the push before anything is sent.
     pub range: Option<KeyRange>,
-    #[doc(hidden)]
+    /// Faults to inject (the crate's own tests).
+    #[cfg(feature = "faults")]
     pub fault: Fault,
 }
 
@@ -297,10 +301,14 @@ impl Client {
             Ok::<_, TransferError>(conns)
         };
         let ((offer, files), conns) = tokio::try_join!(prepared, connected)?;
-        let mut fault = opts.fault.clone();
-        fault.progress = Some(self.tally.done.clone());
+        #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
+        let mut flow = Flow::new(Some(self.tally.done.clone()), None);
+        #[cfg(feature = "faults")]
+        {
+            flow.fault = opts.fault.clone();
+        }
         let (mut send, mut recv) = conns[0].open_bi().await?;
-        let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &fault).await;
+        let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &flow).await;
         for c in &conns {
             let p = c.stats().path;
             tracing::debug!(
@@ -377,7 +385,7 @@ impl Client {
         };
         match self.request(peer, &ask).await? {
             Message::Listing(files) => Ok(files),
-            other => Err(unexpected("a listing", other)),
+            _ => unreachable!("check_answer takes only a listing"),
         }
     }
 
@@ -385,7 +393,7 @@ impl Client {
     pub async fn jobs(&self, peer: &Peer) -> Result<Vec<JobInfo>, TransferError> {
         match self.request(peer, &Message::ListJobs).await? {
             Message::Jobs(jobs) => Ok(jobs),
-            other => Err(unexpected("a job list", other)),
+            _ => unreachable!("check_answer takes only a job list"),
         }
     }
 
@@ -394,17 +402,14 @@ impl Client {
         let op = Message::JobOp { op: JobOp::Commit, job };
         match self.request(peer, &op).await? {
             Message::Committed { report } => Ok(report),
-            other => Err(unexpected("committed", other)),
+            _ => unreachable!("check_answer takes only committed"),
         }
     }
 
     /// Aborts a held job: everything it staged is removed.
     pub async fn abort(&self, peer: &Peer, job: JobId) -> Result<(), TransferError> {
         let op = Message::JobOp { op: JobOp::Abort, job };
-        match self.request(peer, &op).await? {
-            Message::Aborted => Ok(()),
-            other => Err(unexpected("aborted", other)),
-        }
+        self.request(peer, &op).await.map(drop)
     }
 
     /// Sends one request on a new stream and reads its answer; refusals are errors.
@@ -413,13 +418,9 @@ impl Client {
         let (mut send, mut recv) = conn.open_bi().await?;
         transfer::write_msg(&mut send, msg).await?;
         let _ = send.finish();
-        let answer = transfer::expect_msg(&mut recv).await;
+        let answer = transfer::expect_msg(&mut recv, "an answer").await;
         conn.close(quinn::VarInt::from_u32(0), b"done");
-        match answer? {
-            Message::Reject(r) => Err(TransferError::Rejected(r)),
-            Message::Failed(r) => Err(TransferError::Failed(r)),
-            m => Ok(m),
-        }
+        Ok(check_answer(msg, answer?)?)
     }
 
     async fn fetch(
@@ -442,16 +443,14 @@ impl Client {
         let table = JobTable::default();
         let router = transfer::spawn_data_router(conn.clone(), table.clone(), peer.name.clone(), None);
         let (mut send, mut recv) = conn.open_bi().await?;
-        transfer::write_msg(
-            &mut send,
-            &Message::Fetch {
-                export: export.to_string(),
-                files: files.to_vec(),
-                range,
-            },
-        )
-        .await?;
-        let mut result = self.receive_pull(&peer.name, &into, &table, &mut send, &mut recv).await;
+        let fetch = Message::Fetch {
+            export: export.to_string(),
+            files: files.to_vec(),
+            range,
+        };
+        transfer::write_msg(&mut send, &fetch).await?;
+        let pulling = (into.as_path(), &table, &fetch);
+        let mut result = self.receive_pull(&peer.name, pulling, &mut send, &mut recv).await;
         if let Ok(report) = &mut result {
             // Our last word (committed) is only queued: closing now would drop it, and
             // the exporter would count a pull that worked as failed. Wait until the
@@ -473,15 +472,13 @@ impl Client {
     async fn receive_pull(
         &self,
         peer: &str,
-        into: &Path,
-        table: &JobTable,
+        (into, table, fetch): (&Path, &JobTable, &Message),
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<PullReport, TransferError> {
-        let offer = match transfer::expect_msg(recv).await? {
-            Message::Offer(o) => o,
-            Message::Reject(r) => return Err(TransferError::Rejected(r)),
-            other => return Err(TransferError::Protocol(format!("expected offer, got {other:?}"))),
+        let answer = transfer::expect_msg(recv, "an offer").await?;
+        let Message::Offer(offer) = check_answer(fetch, answer)? else {
+            unreachable!("check_answer takes only an offer")
         };
         if let Some(job) = finish_cut_off_pull(&offer, into) {
             let report = PullReport::already_placed(&job);
@@ -548,7 +545,7 @@ impl Client {
             res.map(|_| Received::Committed("pulled".to_string()))
                 .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))
         };
-        let at = transfer::Receiver {
+        let at = transfer::ReceiveAt {
             peer,
             disk: &self.disk,
             table,
@@ -561,7 +558,10 @@ impl Client {
         let received = transfer::receive_job(send, recv, job, stage, at, hook).await;
         match received.map_err(transfer::after_accept)? {
             Received::Committed(_) | Received::Held => Ok(report),
-            Received::Aborted => Err(TransferError::Protocol("the exporter aborted the pull".into())),
+            Received::Aborted => Err(TransferError::Failed(Refusal::new(
+                crate::proto::wire::code::ABORTED,
+                "the exporter aborted the pull",
+            ))),
         }
     }
 }
@@ -605,10 +605,6 @@ async fn prepare_pull(
     check_space(into, job.missing_bytes(), DEFAULT_RESERVE)
         .map_err(|e| Refusal::new(crate::proto::wire::code::NO_SPACE, e.to_string()))?;
     Ok((job, stage))
-}
-
-fn unexpected(want: &str, got: Message) -> TransferError {
-    TransferError::Protocol(format!("expected {want}, got {got:?}"))
 }
 
 fn connect_err(peer: impl std::fmt::Display, e: impl std::fmt::Display) -> TransferError {

@@ -107,7 +107,7 @@ async fn raw(env: &Env, bytes: &[u8]) -> Message {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     send.finish().unwrap();
-    transfer::expect_msg(&mut recv).await.unwrap()
+    transfer::expect_msg(&mut recv, "an answer").await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +118,8 @@ async fn malformed_control_messages_get_named_errors_and_the_agent_survives() {
         files: vec![],
         range: None,
     }
-    .encode();
+    .encode()
+    .unwrap();
     let mut unknown_version = good.clone();
     unknown_version[4] = 9;
     let mut unknown_type = good.clone();
@@ -131,8 +132,8 @@ async fn malformed_control_messages_get_named_errors_and_the_agent_survives() {
         ("unknown type", unknown_type, "type 200"),
         (
             "commit first",
-            Message::Commit { streams: 1 }.encode(),
-            "starts with an offer",
+            Message::Commit { streams: 1 }.encode().unwrap(),
+            "start with an offer",
         ),
     ];
     for (what, bytes, want) in cases {

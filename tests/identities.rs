@@ -28,7 +28,7 @@ fn refused(r: Result<impl std::fmt::Debug, TransferError>) -> Refusal {
 
 /// The refusal a request stream gets back.
 async fn answer(recv: &mut quinn::RecvStream) -> Refusal {
-    match tokio::time::timeout(Duration::from_secs(15), transfer::expect_msg(recv)).await {
+    match tokio::time::timeout(Duration::from_secs(15), transfer::expect_msg(recv, "an answer")).await {
         Ok(Ok(Message::Reject(r) | Message::Failed(r))) => r,
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -64,7 +64,7 @@ async fn a_large_request_is_read_only_once_it_is_authorized() {
 
     // 60 MiB announced for something that is not an offer: refused unread.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let list = Message::ListJobs.encode();
+    let list = Message::ListJobs.encode().unwrap();
     let mut frame = (60u32 << 20).to_be_bytes().to_vec();
     frame.extend_from_slice(&list[4..]);
     frame.resize(4 + Message::PEEK_LEN, 0);
@@ -75,7 +75,7 @@ async fn a_large_request_is_read_only_once_it_is_authorized() {
 
     // A 10 MiB offer into a target closed to this peer: refused from its first bytes.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let whole = Message::Offer(offer("shut", b"x", vec![])).encode();
+    let whole = Message::Offer(offer("shut", b"x", vec![])).encode().unwrap();
     let mut frame = (10u32 << 20).to_be_bytes().to_vec();
     frame.extend_from_slice(&whole[4..]);
     frame.resize(4 + Message::PEEK_LEN, 0);
@@ -267,7 +267,7 @@ async fn a_sender_that_stops_sending_is_given_up() {
     transfer::write_msg(&mut send, &Message::Offer(offer("in", &data, vec![])))
         .await
         .unwrap();
-    let accepted = transfer::expect_msg(&mut recv).await.unwrap();
+    let accepted = transfer::expect_msg(&mut recv, "an answer").await.unwrap();
     assert!(matches!(accepted, Message::Accept { .. }), "{accepted:?}");
     let started = Instant::now();
     let r = answer(&mut recv).await;

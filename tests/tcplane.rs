@@ -127,7 +127,7 @@ async fn raw_job(env: &Env) -> (quinn::Connection, quinn::SendStream, quinn::Rec
     barge::transfer::write_msg(&mut send, &Message::Offer(offer))
         .await
         .unwrap();
-    match barge::transfer::expect_msg(&mut recv).await.unwrap() {
+    match barge::transfer::expect_msg(&mut recv, "an answer").await.unwrap() {
         Message::Accept { tcp: Some(g), .. } => (conn, send, recv, g),
         other => panic!("{other:?}"),
     }
@@ -179,7 +179,7 @@ async fn a_revoked_token_closes_the_jobs_open_lane_connections() {
     assert!(!closed_within(&mut lane, Duration::from_millis(300)).await, "taken");
     // The job ends (aborted by its sender): its token is revoked.
     barge::transfer::write_msg(&mut send, &Message::Abort).await.unwrap();
-    let answer = barge::transfer::expect_msg(&mut recv).await.unwrap();
+    let answer = barge::transfer::expect_msg(&mut recv, "an answer").await.unwrap();
     assert!(
         matches!(answer, Message::Failed(ref r) if r.code == code::ABORTED),
         "{answer:?}"

@@ -69,7 +69,7 @@ async fn flood(
     let c = client(host, who);
     let mut opened = 0;
     let mut keep = vec![];
-    let list = Message::ListJobs.encode();
+    let list = Message::ListJobs.encode().unwrap();
     let offer = Message::Offer(barge::proto::wire::Offer {
         target: "shut".into(),
         files: vec![],
@@ -77,7 +77,8 @@ async fn flood(
         tcp_lane: false,
         hold: false,
     })
-    .encode();
+    .encode()
+    .unwrap();
     for _ in 0..conns {
         let Ok(conn) = c.connect(&peer(host)).await else {
             continue;

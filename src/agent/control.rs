@@ -121,7 +121,7 @@ impl JobCtx {
             if !may_write(&inc.offer.target, &inc.peer) {
                 continue;
             }
-            let missing = inc.job.lock().expect("job").missing_bytes();
+            let missing = inc.missing_bytes();
             out.push(info(
                 *id,
                 "receiving",

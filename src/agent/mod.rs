@@ -26,6 +26,7 @@ use crate::engines::hook::{
 use crate::net::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
+use crate::proto::session::{self, Opening};
 use crate::proto::wire::{code, JobId, Message, Offer, Refusal};
 use crate::store::commit::Ledger;
 use crate::store::disk::Disk;
@@ -115,7 +116,7 @@ impl Shared {
         let table = self.table.lock().expect("job table");
         let receiving: u64 = table
             .values()
-            .map(|inc| inc.offer.total_bytes() - inc.job.lock().expect("job").missing_bytes())
+            .map(|inc| inc.offer.total_bytes() - inc.missing_bytes())
             .sum();
         let held = self.holds.list();
         Gauges {
@@ -579,16 +580,13 @@ fn refuse(code: u16, reason: impl Into<String>) -> Refusal {
 impl JobCtx {
     async fn run(self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let authorize = |target: &str, len: u64| self.may_send_large(target, len);
-        let result = match gate::read_request(&mut recv, authorize).await {
-            Ok(Message::Offer(offer)) => self.push(offer, &mut send, &mut recv).await,
-            Ok(Message::Fetch { export, files, range }) => self.pull(export, files, range, &mut send, &mut recv).await,
-            Ok(m @ (Message::JobOp { .. } | Message::ListJobs | Message::List { .. })) => {
-                self.answer(m, &mut send).await
-            }
-            Ok(other) => Err(refuse(
-                code::BAD_MESSAGE,
-                format!("a stream starts with an offer, fetch, job operation or listing, not {other:?}"),
-            )),
+        let opened = gate::read_request(&mut recv, authorize)
+            .await
+            .and_then(|m| session::opening(m).map_err(|p| p.refusal()));
+        let result = match opened {
+            Ok(Opening::Push(offer)) => self.push(offer, &mut send, &mut recv).await,
+            Ok(Opening::Pull { export, files, range }) => self.pull(export, files, range, &mut send, &mut recv).await,
+            Ok(Opening::Request(m)) => self.answer(m, &mut send).await,
             Err(r) => Err(r),
         };
         if let Err(r) = result {
@@ -835,7 +833,7 @@ impl JobCtx {
             peer: self.peer.clone(),
             progress: None,
         };
-        let at = transfer::Receiver {
+        let at = transfer::ReceiveAt {
             peer: &self.peer,
             disk: &self.shared.disk,
             table: &self.table,
@@ -891,16 +889,13 @@ impl JobCtx {
             )
         });
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let fault = transfer::Fault {
-            pace: Some(crate::agent::metrics::Meter {
-                metrics: self.shared.metrics.clone(),
-                limits: self.shared.limits.clone(),
-                peer: self.peer.clone(),
-                progress: None,
-            }),
-            progress: Some(sent.clone()),
-            ..Default::default()
+        let pacer = crate::agent::metrics::Meter {
+            metrics: self.shared.metrics.clone(),
+            limits: self.shared.limits.clone(),
+            peer: self.peer.clone(),
+            progress: None,
         };
+        let flow = transfer::Flow::new(Some(sent.clone()), Some(pacer));
         let run = transfer::send_job(
             std::slice::from_ref(&self.conn),
             send,
@@ -908,7 +903,7 @@ impl JobCtx {
             offer,
             list,
             &self.shared.disk,
-            &fault,
+            &flow,
         );
         // A client that never answers or stops reading must not keep the job slot.
         let stall = live.config.limits.stall;

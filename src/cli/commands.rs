@@ -290,6 +290,8 @@ fn parse_range(range: Option<&str>) -> Result<Option<KeyRange>> {
 
 async fn push(p: PushArgs) -> Result<()> {
     let peer: Peer = p.to.parse().map_err(usage)?;
+    // With the test-only `faults` feature PushOptions has one more field.
+    #[allow(clippy::needless_update)]
     let opts = PushOptions {
         meta: parse_meta(&p.meta)?,
         tcp_lane: p.tcp_lane,

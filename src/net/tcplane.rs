@@ -10,19 +10,40 @@
 //! the offer before it is written. The data itself is NOT encrypted on this lane.
 
 use crate::net::listen::{Pending, PendingLimits};
-use crate::proto::job::BlockRef;
-use crate::proto::wire::{BlockHeader, TcpGrant};
-use crate::transfer::{expected_len, stream_done, take_block, Fault, Incoming, TransferError, Writes};
-use bytes::BytesMut;
+use crate::proto::wire::TcpGrant;
 use std::collections::HashMap;
-use std::io::Write;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
+
+/// What a granted token opens: the receiving side of a job, which takes each lane
+/// connection that presents the token (`transfer` implements it; this module knows
+/// nothing of jobs).
+pub trait LaneSink: Send + Sync + 'static {
+    /// Reads the lane `stream` to its end; an error names why it failed.
+    fn take(self: Arc<Self>, stream: tokio::net::TcpStream)
+        -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+}
+
+/// Why a lane connection was refused or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    #[error("tcp lane: no token in time")]
+    NoToken,
+    #[error("tcp lane: unknown token")]
+    UnknownToken,
+    #[error("tcp lane: token presented from another address than the job's")]
+    WrongPeer,
+    #[error("tcp lane: the job's token was revoked")]
+    Revoked,
+    #[error("tcp lane: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("tcp lane: {0}")]
+    Job(String),
+}
 
 /// How long a new TCP connection has to present its token.
 const TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,7 +63,7 @@ pub const DEFAULT_LIMITS: PendingLimits = PendingLimits {
 /// A job's open lane: where its blocks go, who may bring them, and a channel whose
 /// sender is dropped when the token is revoked (the job's lane connections then close).
 struct Lane {
-    inc: Arc<Incoming>,
+    sink: Arc<dyn LaneSink>,
     peer: IpAddr,
     revoked: tokio::sync::watch::Sender<()>,
 }
@@ -55,14 +76,6 @@ pub struct TcpLanes {
     port: u16,
     tokens: Tokens,
     pending: Pending,
-}
-
-/// Why a lane connection was refused or ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refused {
-    NoToken,
-    UnknownToken,
-    WrongPeer,
 }
 
 impl TcpLanes {
@@ -92,10 +105,10 @@ impl TcpLanes {
     /// Opens the lane for a job whose QUIC connection comes from `peer`: only lane
     /// connections from that IP address may present the token. The grant goes to the
     /// sender in `Accept`.
-    pub fn grant(&self, inc: Arc<Incoming>, peer: IpAddr) -> TcpGrant {
+    pub fn grant(&self, sink: Arc<dyn LaneSink>, peer: IpAddr) -> TcpGrant {
         let token: [u8; 32] = rand::random();
         let lane = Lane {
-            inc,
+            sink,
             peer: peer.to_canonical(),
             revoked: tokio::sync::watch::channel(()).0,
         };
@@ -122,13 +135,13 @@ impl TcpLanes {
         &self,
         token: &[u8; 32],
         from: IpAddr,
-    ) -> Result<(Arc<Incoming>, tokio::sync::watch::Receiver<()>), Refused> {
+    ) -> Result<(Arc<dyn LaneSink>, tokio::sync::watch::Receiver<()>), LaneError> {
         let tokens = self.tokens.lock().expect("tcp tokens");
-        let lane = tokens.get(token).ok_or(Refused::UnknownToken)?;
+        let lane = tokens.get(token).ok_or(LaneError::UnknownToken)?;
         if lane.peer != from.to_canonical() {
-            return Err(Refused::WrongPeer);
+            return Err(LaneError::WrongPeer);
         }
-        Ok((lane.inc.clone(), lane.revoked.subscribe()))
+        Ok((lane.sink.clone(), lane.revoked.subscribe()))
     }
 }
 
@@ -158,174 +171,16 @@ async fn serve(
     from: IpAddr,
     slot: crate::net::listen::Slot,
     lanes: &TcpLanes,
-) -> Result<(), TransferError> {
+) -> Result<(), LaneError> {
     let _ = stream.set_nodelay(true);
     let mut token = [0u8; 32];
     let read = tokio::time::timeout(TOKEN_TIMEOUT, stream.read_exact(&mut token)).await;
     drop(slot);
-    let refused = |r: Refused| {
-        TransferError::Protocol(
-            match r {
-                Refused::NoToken => "tcp lane: no token in time",
-                Refused::UnknownToken => "tcp lane: unknown token",
-                Refused::WrongPeer => "tcp lane: token presented from another address than the job's",
-            }
-            .into(),
-        )
-    };
-    read.map_err(|_| refused(Refused::NoToken))?
-        .map_err(|e| TransferError::Stream(e.to_string()))?;
-    let (inc, mut revoked) = lanes.admit(&token, from).map_err(refused)?;
-    let writes = Writes::new();
-    let mut result = tokio::select! {
-        r = receive(&mut stream, &inc, &writes) => r,
+    read.map_err(|_| LaneError::NoToken)??;
+    let (sink, mut revoked) = lanes.admit(&token, from)?;
+    tokio::select! {
+        r = sink.take(stream) => r.map_err(LaneError::Job),
         // The job ended (its writes are its own business now: they are counted).
-        _ = revoked.changed() => return Err(TransferError::Protocol("tcp lane: the job's token was revoked".into())),
-    };
-    if result.is_ok() {
-        result = writes.drain().await;
+        _ = revoked.changed() => Err(LaneError::Revoked),
     }
-    stream_done(&inc, &result);
-    result
-}
-
-async fn receive(
-    stream: &mut tokio::net::TcpStream,
-    inc: &Arc<Incoming>,
-    writes: &Writes,
-) -> Result<(), TransferError> {
-    let io = |e: std::io::Error| TransferError::Stream(e.to_string());
-    loop {
-        let mut h = [0u8; BlockHeader::LEN];
-        let first = stream.read(&mut h[..1]).await.map_err(io)?;
-        if first == 0 {
-            return Ok(());
-        }
-        stream.read_exact(&mut h[1..]).await.map_err(io)?;
-        let head = BlockHeader::decode(&h);
-        let len = expected_len(&inc.offer, head)?;
-        let data = if crate::store::buf::wants_direct(len) {
-            let mut buf = crate::store::buf::aligned(&crate::transfer::BLOCK_POOL, len);
-            stream.read_exact(buf.as_mut_slice()).await.map_err(io)?;
-            buf.freeze()
-        } else {
-            let mut buf = BytesMut::zeroed(len);
-            stream.read_exact(&mut buf).await.map_err(io)?;
-            buf.freeze()
-        };
-        take_block(inc, head, data, writes).await?;
-    }
-}
-
-/// Sends the lanes of a plan over TCP to `ip` as granted; returns (blocks, bytes).
-pub async fn send_lanes(
-    ip: IpAddr,
-    grant: TcpGrant,
-    lanes: Vec<Vec<BlockRef>>,
-    sources: Arc<Vec<crate::store::source::SourceFile>>,
-    fault: &Fault,
-) -> Result<(u64, u64), TransferError> {
-    let addr = SocketAddr::new(ip, grant.port);
-    let budget = Arc::new(AtomicU64::new(fault.stop_after_blocks.unwrap_or(u64::MAX)));
-    let mut tasks = tokio::task::JoinSet::new();
-    for lane in lanes {
-        let (sources, budget, corrupt) = (sources.clone(), budget.clone(), fault.corrupt);
-        tasks.spawn_blocking(move || send_lane(addr, grant.token, lane, &sources, &budget, corrupt));
-    }
-    let (mut blocks, mut bytes) = (0, 0);
-    while let Some(r) = tasks.join_next().await {
-        let (b, n) = r.expect("tcp lane task")?;
-        blocks += b;
-        bytes += n;
-    }
-    Ok((blocks, bytes))
-}
-
-/// One lane, blocking: token, then for each block its header and `sendfile`.
-fn send_lane(
-    addr: SocketAddr,
-    token: [u8; 32],
-    lane: Vec<BlockRef>,
-    sources: &[crate::store::source::SourceFile],
-    budget: &AtomicU64,
-    corrupt: Option<(u32, u32)>,
-) -> Result<(u64, u64), TransferError> {
-    let io = |path: &PathBuf| {
-        let path = path.clone();
-        move |source| TransferError::Io { path, source }
-    };
-    let peer = PathBuf::from(addr.to_string());
-    let mut sock = std::net::TcpStream::connect(addr).map_err(|e| TransferError::Connect {
-        peer: addr.to_string(),
-        reason: format!("tcp lane: {e}"),
-    })?;
-    sock.set_nodelay(true).map_err(io(&peer))?;
-    sock.write_all(&token).map_err(io(&peer))?;
-    let (mut blocks, mut bytes) = (0u64, 0u64);
-    let mut open: Option<(u32, std::fs::File)> = None;
-    for b in lane {
-        if budget
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_err()
-        {
-            break;
-        }
-        let (path, stamp) = (&sources[b.file as usize].path, sources[b.file as usize].stamp);
-        if open.as_ref().map(|(f, _)| *f) != Some(b.file) {
-            open = Some((b.file, sources[b.file as usize].open()?));
-        }
-        let file = &open.as_ref().expect("file opened above").1;
-        let head = BlockHeader {
-            file: b.file,
-            block: b.block,
-            len: b.len,
-        };
-        sock.write_all(&head.encode()).map_err(io(&peer))?;
-        if corrupt == Some((b.file, b.block)) {
-            let mut data = vec![0u8; b.len as usize];
-            std::os::unix::fs::FileExt::read_exact_at(file, &mut data, b.offset).map_err(io(path))?;
-            data[0] ^= 1;
-            sock.write_all(&data).map_err(io(&peer))?;
-        } else {
-            sendfile_all(&sock, file, b.offset, b.len as usize).map_err(io(path))?;
-        }
-        // What went out must have been the offered version (see `transfer::SourceWatch`).
-        let now = file.metadata().map_err(io(path))?;
-        if crate::store::hashcache::FileStamp::of(&now) != stamp {
-            return Err(TransferError::SourceChanged(path.clone()));
-        }
-        sources[b.file as usize].check(&now)?;
-        blocks += 1;
-        bytes += b.len as u64;
-    }
-    sock.shutdown(std::net::Shutdown::Write).map_err(io(&peer))?;
-    // Wait until the receiver has read everything and closed its side.
-    let mut rest = [0u8; 1];
-    let _ = std::io::Read::read(&mut sock, &mut rest);
-    Ok((blocks, bytes))
-}
-
-/// Copies `len` bytes at `offset` of `file` to the socket inside the kernel.
-fn sendfile_all(sock: &std::net::TcpStream, file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<()> {
-    let mut off = offset as libc::off_t;
-    let end = offset + len as u64;
-    while (off as u64) < end {
-        let left = (end - off as u64) as usize;
-        // SAFETY: both descriptors are open for the call; `off` is ours.
-        let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, left) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file shrank while it was sent",
-            ));
-        }
-    }
-    Ok(())
 }

@@ -178,8 +178,10 @@ impl Sender {
             (SendState::Offered, m) => self.finish(SendEnd::Protocol(ProtocolError::new("accept", &m))),
             (SendState::Committing, Message::Committed { report }) => self.finish(SendEnd::Committed(report)),
             (SendState::Committing, Message::Held { job }) => self.finish(SendEnd::Held(job)),
+            // The receiver's acknowledgement of our abort: our own reason stands.
+            (SendState::Aborting { .. }, _) => self.finish(SendEnd::Own),
             (_, Message::Failed(r)) => self.finish(SendEnd::Failed(r)),
-            (SendState::Aborting { .. } | SendState::Explaining { .. }, _) => self.finish(SendEnd::Own),
+            (SendState::Explaining { .. }, _) => self.finish(SendEnd::Own),
             (SendState::Committing, m) => self.finish(SendEnd::Protocol(ProtocolError::new("committed", &m))),
             (SendState::Sending { .. }, m) => {
                 self.finish(SendEnd::Protocol(ProtocolError::new("nothing while sending", &m)))
@@ -354,6 +356,16 @@ impl Receiver {
         &self.job
     }
 
+    /// Adds the TCP lane's grant to the `Accept` not yet sent (the lane can be opened
+    /// only once the job is registered, after the machine is made).
+    pub fn grant_tcp(&mut self, grant: TcpGrant) {
+        for a in &mut self.out {
+            if let RecvAction::Send(Message::Accept { tcp, .. }) = a {
+                *tcp = Some(grant);
+            }
+        }
+    }
+
     /// The next thing to do, if any.
     pub fn poll_action(&mut self) -> Option<RecvAction> {
         self.out.pop_front()
@@ -466,7 +478,7 @@ impl Receiver {
                 self.state = RecvState::Hooking;
                 self.out.push_back(RecvAction::RunHook);
             }
-            Err(r) => self.fail(r),
+            Err(r) => self.fail_now(r),
         }
     }
 
@@ -485,13 +497,13 @@ impl Receiver {
                 self.send(Message::Held { job: self.job.id });
                 self.end(RecvEnd::Held);
             }
-            Err(r) => self.fail(r),
+            Err(r) => self.fail_now(r),
         }
     }
 
     /// A newer attempt of the same sender takes the job over.
     pub fn take_over(&mut self) -> bool {
-        let running = self.error.is_none() && self.state != RecvState::Done;
+        let running = self.error.is_none() && self.state != RecvState::Done && !self.data_in();
         self.fail(Refusal::new(
             code::ABORTED,
             "taken over by a newer attempt of the same sender",
@@ -544,8 +556,17 @@ impl Receiver {
         self.check();
     }
 
-    /// Fails the job with `why` unless it failed already.
+    /// Fails the job with `why` unless it failed already. Once every block is in, only
+    /// the seal or the hook can fail it: a late lane error or a take-over must not cut
+    /// off a hook that may be committing.
     fn fail(&mut self, why: Refusal) {
+        if self.data_in() {
+            return;
+        }
+        self.fail_now(why);
+    }
+
+    fn fail_now(&mut self, why: Refusal) {
         if self.error.is_some() || self.state == RecvState::Done {
             return;
         }
@@ -588,6 +609,66 @@ impl Receiver {
             }
             _ => {}
         }
+    }
+}
+
+/// What a stream asks for, by its first message.
+#[derive(Debug)]
+pub enum Opening {
+    /// A push: the offer of a job into an import target.
+    Push(Offer),
+    /// A pull: the agent sends a job out of an export.
+    Pull {
+        export: String,
+        files: Vec<String>,
+        range: Option<super::keys::KeyRange>,
+    },
+    /// A request with one answer: a listing, the jobs, a held job's commit or abort.
+    Request(Message),
+}
+
+/// Reads a stream's first message; only those that open something may come first.
+pub fn opening(msg: Message) -> Result<Opening, ProtocolError> {
+    match msg {
+        Message::Offer(o) => Ok(Opening::Push(o)),
+        Message::Fetch { export, files, range } => Ok(Opening::Pull { export, files, range }),
+        m @ (Message::JobOp { .. } | Message::ListJobs | Message::List { .. }) => Ok(Opening::Request(m)),
+        other => Err(ProtocolError::new(
+            "a stream to start with an offer, fetch, job operation or listing",
+            &other,
+        )),
+    }
+}
+
+/// Why a request got no answer of the kind it asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerError {
+    Rejected(Refusal),
+    Failed(Refusal),
+    Protocol(ProtocolError),
+}
+
+/// Checks that `got` answers `request`: a listing for a listing, the jobs for the jobs,
+/// `committed` or `aborted` for a job operation, an offer for a fetch (a pull).
+pub fn check_answer(request: &Message, got: Message) -> Result<Message, AnswerError> {
+    use super::wire::JobOp;
+    let expected = match request {
+        Message::List { .. } => "a listing",
+        Message::ListJobs => "a job list",
+        Message::JobOp { op: JobOp::Commit, .. } => "committed",
+        Message::JobOp { op: JobOp::Abort, .. } => "aborted",
+        Message::Fetch { .. } => "an offer",
+        _ => "nothing",
+    };
+    match (request, got) {
+        (_, Message::Reject(r)) => Err(AnswerError::Rejected(r)),
+        (_, Message::Failed(r)) => Err(AnswerError::Failed(r)),
+        (Message::List { .. }, m @ Message::Listing(_))
+        | (Message::ListJobs, m @ Message::Jobs(_))
+        | (Message::JobOp { op: JobOp::Commit, .. }, m @ Message::Committed { .. })
+        | (Message::JobOp { op: JobOp::Abort, .. }, m @ Message::Aborted)
+        | (Message::Fetch { .. }, m @ Message::Offer(_)) => Ok(m),
+        (_, other) => Err(AnswerError::Protocol(ProtocolError::new(expected, &other))),
     }
 }
 
@@ -782,6 +863,35 @@ mod tests {
     }
 
     #[test]
+    fn requests_take_only_their_own_answers_and_streams_open_only_with_requests() {
+        use crate::proto::wire::JobOp;
+        let job = JobId([1; 16]);
+        let commit = Message::JobOp { op: JobOp::Commit, job };
+        let done = Message::Committed { report: "r".into() };
+        assert_eq!(check_answer(&commit, done.clone()), Ok(done.clone()));
+        let wrong = check_answer(&Message::JobOp { op: JobOp::Abort, job }, done);
+        let Err(AnswerError::Protocol(p)) = wrong else {
+            panic!("{wrong:?}")
+        };
+        assert_eq!(p.to_string(), "protocol violation: expected aborted, got committed");
+        let no = Refusal::new(code::NOT_FOUND, "no such job");
+        assert_eq!(
+            check_answer(&commit, Message::Reject(no.clone())),
+            Err(AnswerError::Rejected(no))
+        );
+        assert!(matches!(
+            check_answer(&Message::ListJobs, Message::Listing(vec![])),
+            Err(AnswerError::Protocol(_))
+        ));
+        assert!(matches!(
+            opening(Message::ListJobs),
+            Ok(Opening::Request(Message::ListJobs))
+        ));
+        let e = opening(Message::Commit { streams: 1 }).unwrap_err();
+        assert!(e.to_string().contains("start with an offer"), "{e}");
+    }
+
+    #[test]
     fn an_accept_that_does_not_fit_the_offer_ends_the_sender() {
         let mut s = Sender::new(offer(&[("a", b"x")]), 1);
         drain_send(&mut s);
@@ -805,8 +915,11 @@ mod tests {
         drain_send(&mut s);
         s.lanes_failed(true, now);
         assert!(matches!(drain_send(&mut s)[..], [SendAction::Send(Message::Abort)]));
-        s.handle_timeout(now + REPLY_GRACE);
-        assert!(matches!(drain_send(&mut s)[..], [SendAction::Finish(SendEnd::Own)]));
+        s.handle_message(Message::Failed(Refusal::new(code::ABORTED, "aborted by the sender")));
+        assert!(
+            matches!(drain_send(&mut s)[..], [SendAction::Finish(SendEnd::Own)]),
+            "the acknowledgement of our abort does not replace our reason"
+        );
 
         let mut s = Sender::new(o, 1);
         s.handle_message(accept);
@@ -853,6 +966,6 @@ mod tests {
             panic!()
         };
         assert_eq!(report.len(), crate::proto::limits::MAX_REASON_LEN);
-        assert!(Message::decode(&m.encode()[4..]).is_ok(), "what is sent decodes");
+        assert!(m.encode().is_ok(), "what is sent passes the wire's limits");
     }
 }

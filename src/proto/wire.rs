@@ -190,10 +190,11 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// A refusal; a reason longer than the wire takes ([`MAX_REASON_LEN`]) is cut.
     pub fn new(code: u16, reason: impl Into<String>) -> Refusal {
         Refusal {
             code,
-            reason: reason.into(),
+            reason: cut_reason(reason.into()),
             retry_after: 0,
         }
     }
@@ -328,8 +329,18 @@ const T_LIST: u8 = 14;
 const T_LISTING: u8 = 15;
 
 impl Message {
-    /// Encodes the message as one frame (length prefix included).
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes the message as one frame (length prefix included). What the peer's
+    /// decoder would refuse (a name, a report, a list over its limit) is refused here,
+    /// by the same checks, so nothing is sent that can not be read.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let w = self.encode_unchecked();
+        Message::check_frame_len(u32::try_from(w.len() - 4).unwrap_or(u32::MAX))?;
+        Message::decode(&w[4..])?;
+        Ok(w)
+    }
+
+    /// The frame without the limit checks (tests that craft bad messages use it).
+    pub fn encode_unchecked(&self) -> Vec<u8> {
         let mut w = vec![0, 0, 0, 0, VERSION, self.type_byte()];
         self.encode_fields(&mut w);
         let len = (w.len() - 4) as u32;
@@ -855,15 +866,21 @@ mod tests {
 
     #[test]
     fn golden_bytes_of_commit_and_reject() {
-        assert_eq!(Message::Commit { streams: 3 }.encode(), [0, 0, 0, 6, 2, 5, 0, 0, 0, 3]);
+        assert_eq!(
+            Message::Commit { streams: 3 }.encode().unwrap(),
+            [0, 0, 0, 6, 2, 5, 0, 0, 0, 3]
+        );
         let r = Message::Reject(Refusal::new(code::NOT_ALLOWED, "no"));
         assert_eq!(
-            r.encode(),
+            r.encode().unwrap(),
             [0, 0, 0, 14, 2, 4, 0, 3, 0, 0, 0, 2, b'n', b'o', 0, 0, 0, 0]
         );
         let busy = Message::Reject(Refusal::new(code::BUSY, "").retry_after(30));
-        assert_eq!(busy.encode(), [0, 0, 0, 12, 2, 4, 0, 8, 0, 0, 0, 0, 0, 0, 0, 30]);
-        assert_eq!(Message::Abort.encode(), [0, 0, 0, 2, 2, 6]);
+        assert_eq!(
+            busy.encode().unwrap(),
+            [0, 0, 0, 12, 2, 4, 0, 8, 0, 0, 0, 0, 0, 0, 0, 30]
+        );
+        assert_eq!(Message::Abort.encode().unwrap(), [0, 0, 0, 2, 2, 6]);
     }
 
     #[test]
@@ -878,14 +895,14 @@ mod tests {
         want.extend([0, 0, 0, 1, 0, 0, 0, 1, b'k', 0, 0, 0, 1, b'v']);
         want.push(0); // no TCP lane asked for
         want.push(0); // not held
-        assert_eq!(Message::Offer(small_offer()).encode(), want);
+        assert_eq!(Message::Offer(small_offer()).encode().unwrap(), want);
     }
 
     #[test]
     fn a_version_1_offer_reads_with_the_legacy_mode_and_modes_beyond_0777_are_refused() {
         let mut offer = small_offer();
         offer.files[0].mode = 0o600;
-        let v2 = Message::Offer(offer).encode()[4..].to_vec();
+        let v2 = Message::Offer(offer).encode().unwrap()[4..].to_vec();
         // Version 1: the same bytes without the mode field (after the key span byte).
         let at = v2.len() - 14 - 2 - 4;
         let mut v1 = [&v2[..at], &v2[at + 4..]].concat();
@@ -971,14 +988,14 @@ mod tests {
             Message::Failed(Refusal::new(10, "bad")),
         ];
         for m in msgs {
-            let frame = m.encode();
+            let frame = m.encode().unwrap();
             assert_eq!(Message::decode(&frame[4..]).unwrap(), m);
         }
     }
 
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
-        let frame = Message::Offer(small_offer()).encode();
+        let frame = Message::Offer(small_offer()).encode().unwrap();
         for cut in 0..frame.len() - 4 {
             assert!(Message::decode(&frame[4..4 + cut]).is_err(), "cut at {cut}");
         }
@@ -1009,8 +1026,34 @@ mod tests {
     fn block_list_must_fit_the_file_size() {
         let mut o = small_offer();
         o.files[0].hashes.size = 3 << 20;
-        let frame = Message::Offer(o).encode();
+        let frame = Message::Offer(o.clone()).encode_unchecked();
         assert!(matches!(Message::decode(&frame[4..]), Err(WireError::BlockList { .. })));
+        assert!(matches!(Message::Offer(o).encode(), Err(WireError::BlockList { .. })));
+    }
+
+    #[test]
+    fn encoding_refuses_what_decoding_would_refuse() {
+        let long = "x".repeat(MAX_REASON_LEN + 1);
+        let report = Message::Committed { report: long.clone() };
+        assert!(
+            matches!(report.encode(), Err(WireError::Limit { .. })),
+            "a report over the limit is not sent"
+        );
+        let cut = Message::Committed {
+            report: cut_reason(long.clone()),
+        };
+        assert!(cut.encode().is_ok());
+        assert_eq!(
+            Refusal::new(code::IO, long).reason.len(),
+            MAX_REASON_LEN,
+            "reasons are cut where made"
+        );
+        let name = "n".repeat(MAX_NAME_LEN + 1);
+        let list = Message::List {
+            export: name,
+            range: None,
+        };
+        assert!(matches!(list.encode(), Err(WireError::Limit { .. })));
     }
 
     #[test]
@@ -1074,11 +1117,11 @@ mod tests {
 
     #[test]
     fn an_offer_names_its_target_in_its_first_bytes() {
-        let frame = Message::Offer(small_offer()).encode();
+        let frame = Message::Offer(small_offer()).encode().unwrap();
         let body = &frame[4..];
         let prefix = &body[..body.len().min(Message::PEEK_LEN)];
         assert_eq!(Message::peek_offer_target(prefix), Ok(Some("t".into())));
-        let list = Message::ListJobs.encode();
+        let list = Message::ListJobs.encode().unwrap();
         assert_eq!(Message::peek_offer_target(&list[4..]), Ok(None));
         assert_eq!(Message::peek_offer_target(&body[..3]), Err(WireError::Truncated));
         assert!(matches!(

@@ -94,7 +94,8 @@ impl Journal {
             peer: job.peer.clone(),
             job_dir: job.job_dir.clone(),
             held_at: job.held_at,
-            offer: Key(Message::Offer(job.offer.clone()).encode()[4..].to_vec()).hex(),
+            // The offer was decoded from the wire, so it is within the wire's limits.
+            offer: Key(Message::Offer(job.offer.clone()).encode_unchecked()[4..].to_vec()).hex(),
         };
         let text = serde_json::to_vec_pretty(&entry).expect("journal entry serializes");
         let (tmp, path) = (self.dir.join(format!(".{}.tmp", job.id)), self.path(job.id));

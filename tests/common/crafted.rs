@@ -5,7 +5,7 @@ use super::Env;
 use barge::proto::blocks::FileHashes;
 use barge::proto::wire::{Offer, OfferFile};
 use barge::store::disk::Disk;
-use barge::transfer::{self, Fault, TransferError};
+use barge::transfer::{self, Flow, TransferError};
 use std::path::PathBuf;
 
 /// An offer into `in` of `names`, each file holding `data`.
@@ -56,5 +56,5 @@ pub async fn send_offer(env: &Env, offer: Offer, source: PathBuf) -> Result<tran
         .collect();
     let disk = Disk::start().unwrap();
     let conns = std::slice::from_ref(&conn);
-    transfer::send_job(conns, &mut send, &mut recv, offer, sources, &disk, &Fault::default()).await
+    transfer::send_job(conns, &mut send, &mut recv, offer, sources, &disk, &Flow::default()).await
 }

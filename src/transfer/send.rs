@@ -1,0 +1,407 @@
+//! The sending half of a job (a pushing client, an agent serving a pull): runs a
+//! [`Sender`] machine, reading the blocks it plans from disk onto QUIC streams or the
+//! TCP lane.
+
+use super::framing::{read_msg, stream_err, write_error, write_msg};
+use super::{after_accept, Flow, TransferError};
+use crate::proto::job::{BlockRef, SendPlan};
+use crate::proto::limits::MAX_STREAMS;
+use crate::proto::session::{ProtocolError, SendAction, SendEnd, Sender};
+use crate::proto::wire::{data_stream_header, BlockHeader, JobId, Message, Offer, TcpGrant};
+use crate::store::disk::Disk;
+use crate::store::hashcache::FileStamp;
+use crate::store::source::{SourceError, SourceFile};
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// What a sender did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendReport {
+    /// The job's id (what `commit` and `abort` take for a held job).
+    pub job: JobId,
+    /// Each file's name and blake3 root.
+    pub hashes: Vec<(String, crate::proto::blocks::Digest)>,
+    pub files: usize,
+    pub bytes_total: u64,
+    pub blocks_sent: u64,
+    pub bytes_sent: u64,
+    pub blocks_held: u64,
+    pub streams: usize,
+    /// Whether the data went over the TCP lane (asked for and granted).
+    pub tcp_lane: bool,
+    /// The job is staged and held on the receiver, waiting for commit or abort.
+    pub held: bool,
+    /// QUIC connections the data streams were spread over.
+    pub connections: usize,
+    /// The receiver's import hook report.
+    pub report: String,
+}
+
+impl SendReport {
+    fn of(offer: &Offer) -> SendReport {
+        SendReport {
+            job: offer.job_id(),
+            hashes: offer.files.iter().map(|f| (f.path.clone(), f.hashes.root)).collect(),
+            files: offer.files.len(),
+            bytes_total: offer.total_bytes(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Sends a job: offer, then the blocks the receiver lacks, then commit.
+pub async fn send_job(
+    conns: &[quinn::Connection],
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    offer: Offer,
+    sources: Vec<SourceFile>,
+    disk: &Disk,
+    flow: &Flow,
+) -> Result<SendReport, TransferError> {
+    let mut m = Sender::new(offer, MAX_STREAMS);
+    let mut report = SendReport::of(m.offer());
+    let (plan, grant) = loop {
+        match m.poll_action() {
+            Some(SendAction::Send(msg)) => write_msg(send, &msg).await?,
+            Some(SendAction::Lanes { plan, tcp }) => break (plan, tcp),
+            Some(SendAction::Finish(end)) => return finish(end, report, None),
+            None => match read_msg(recv).await? {
+                Some(msg) => m.handle_message(msg),
+                None => m.handle_end(),
+            },
+        }
+    };
+    report.blocks_held = plan.held;
+    report.streams = plan.lanes.len();
+    report.tcp_lane = grant.is_some();
+    report.connections = if report.tcp_lane {
+        0
+    } else {
+        conns.len().min(report.streams)
+    };
+    let lanes = Lanes {
+        conns,
+        disk,
+        flow,
+        sources,
+    };
+    let res = drive(&mut m, send, recv, lanes, plan, grant, &mut report).await;
+    res.map_err(after_accept)
+}
+
+/// What the lanes send from, and how.
+struct Lanes<'a> {
+    conns: &'a [quinn::Connection],
+    disk: &'a Disk,
+    flow: &'a Flow,
+    sources: Vec<SourceFile>,
+}
+
+/// Runs the accepted job: the lanes and the control stream's last word, as the machine
+/// says. One read of the control stream is kept across the loop: a read cut off half
+/// way would lose the bytes it had taken (quinn reads are not cancel-safe).
+async fn drive(
+    m: &mut Sender,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    lanes: Lanes<'_>,
+    plan: SendPlan,
+    grant: Option<TcpGrant>,
+    report: &mut SendReport,
+) -> Result<SendReport, TransferError> {
+    let watch = Arc::new(SourceWatch::new(&lanes.sources));
+    let sent = send_lanes(&lanes, m.offer().job_id(), plan, grant, watch.clone());
+    tokio::pin!(sent);
+    let control = read_msg(recv);
+    tokio::pin!(control);
+    let (mut sending, mut reading) = (true, true);
+    let mut own: Option<TransferError> = None;
+    loop {
+        while let Some(action) = m.poll_action() {
+            match action {
+                SendAction::Send(msg) => {
+                    if let Err(e) = write_msg(send, &msg).await {
+                        // The receiver may have failed the job and stopped reading: its
+                        // reason, if it gives one, is the error.
+                        own.get_or_insert(e);
+                        m.lanes_failed(false, std::time::Instant::now());
+                    } else if msg == Message::Abort {
+                        let _ = send.finish();
+                    }
+                }
+                SendAction::Lanes { .. } => {}
+                SendAction::Finish(end) => return finish(end, std::mem::take(report), own),
+            }
+        }
+        let deadline = m.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            r = &mut sent, if sending => {
+                sending = false;
+                let now = std::time::Instant::now();
+                match r.and_then(|done| lanes_sent(done, &lanes, &watch, report)) {
+                    Ok(()) => m.lanes_done(),
+                    Err(e) => {
+                        let abort = matches!(e, TransferError::SourceChanged(_));
+                        if matches!(e, TransferError::Interrupted(_)) {
+                            return Err(e);
+                        }
+                        own = Some(e);
+                        m.lanes_failed(abort, now);
+                    }
+                }
+            }
+            msg = &mut control, if reading => {
+                reading = false;
+                match msg {
+                    Ok(Some(msg)) => m.handle_message(msg),
+                    Ok(None) => m.handle_end(),
+                    Err(e) => {
+                        own.get_or_insert(e);
+                        m.handle_end();
+                    }
+                }
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => m.handle_timeout(std::time::Instant::now()),
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The lanes are all sent: count them, and check the files not checked as they were read.
+fn lanes_sent(
+    (blocks, bytes): (u64, u64),
+    lanes: &Lanes<'_>,
+    watch: &SourceWatch,
+    report: &mut SendReport,
+) -> Result<(), TransferError> {
+    report.blocks_sent = blocks;
+    report.bytes_sent = bytes;
+    if lanes.flow.drops_after_lanes() {
+        let close = |c: &quinn::Connection| c.close(quinn::VarInt::from_u32(0), b"interrupted");
+        lanes.conns.iter().for_each(close);
+        return Err(TransferError::Interrupted(blocks));
+    }
+    watch.check_rest(&lanes.sources)
+}
+
+/// The sender's result from how the machine ended.
+fn finish(end: SendEnd, mut report: SendReport, own: Option<TransferError>) -> Result<SendReport, TransferError> {
+    match end {
+        SendEnd::Committed(r) => {
+            report.report = r;
+            Ok(report)
+        }
+        SendEnd::Held(job) => {
+            report.held = true;
+            report.report = format!("held as job {job}: commit or abort it");
+            Ok(report)
+        }
+        SendEnd::Rejected(r) => Err(TransferError::Rejected(r)),
+        SendEnd::Failed(r) => Err(TransferError::Failed(r)),
+        SendEnd::Protocol(p) => Err(own.unwrap_or(TransferError::Protocol(p))),
+        SendEnd::BadAccept(e) => Err(e.into()),
+        SendEnd::Own => Err(own.unwrap_or_else(|| ProtocolError::ended("committed").into())),
+    }
+}
+
+/// Sends the plan over the TCP lane if granted, else over QUIC streams.
+async fn send_lanes(
+    lanes: &Lanes<'_>,
+    job: JobId,
+    plan: SendPlan,
+    grant: Option<TcpGrant>,
+    watch: Arc<SourceWatch>,
+) -> Result<(u64, u64), TransferError> {
+    let sources = Arc::new(lanes.sources.clone());
+    match grant {
+        Some(g) => {
+            let ip = lanes.conns[0].remote_address().ip();
+            super::tcp::send_lanes(ip, g, plan.lanes, sources, lanes.flow).await
+        }
+        None => run_lanes(lanes.conns, job, plan, sources, watch, lanes.disk, lanes.flow).await,
+    }
+}
+
+/// Whether the files being sent are still the versions offered. A file that changed
+/// while it was sent would commit a mix of versions, so that fails the job.
+///
+/// Each block is checked as it is read: the file's metadata, taken through the
+/// descriptor the block was just read from, must still be the offered version's. So a
+/// block of a file overwritten in place (same size, new modification time) is never
+/// sent: the push stops with "changed while it was sent" (and aborts the job, so the
+/// receiver drops what it staged) instead of the receiver failing the job on a block
+/// that does not match its hash. Files not read here (held by the receiver, or sent over
+/// the TCP lane, which checks after each block it sent) are checked by path before the
+/// commit.
+struct SourceWatch {
+    stamps: Vec<FileStamp>,
+    checked: Vec<AtomicBool>,
+    /// Whether the test fault changed the first file already.
+    changed: AtomicBool,
+}
+
+impl SourceWatch {
+    fn new(sources: &[SourceFile]) -> SourceWatch {
+        SourceWatch {
+            stamps: sources.iter().map(|s| s.stamp).collect(),
+            checked: sources.iter().map(|_| false.into()).collect(),
+            changed: false.into(),
+        }
+    }
+
+    /// Reads block `b` of `source` and checks that the file is unchanged (and, for an
+    /// export's file, still has one link: see [`crate::store::source::Within`]).
+    async fn read(&self, disk: &Disk, source: &SourceFile, b: &BlockRef, flow: &Flow) -> Result<Bytes, TransferError> {
+        let i = b.file as usize;
+        let path = source.path.clone();
+        if i == 0 {
+            flow.before_read(&path, &self.changed);
+        }
+        let read = disk.read_and_stat(source.loc(), b.offset, b.len as usize).await;
+        let (data, meta) = read.map_err(|e| source_read_error(path.clone(), e))?;
+        source.check(&meta)?;
+        if FileStamp::of(&meta) != self.stamps[i] {
+            return Err(TransferError::SourceChanged(path));
+        }
+        self.checked[i].store(true, Ordering::Release);
+        Ok(data)
+    }
+
+    /// Checks, by path, every file not checked as it was read.
+    fn check_rest(&self, sources: &[SourceFile]) -> Result<(), TransferError> {
+        let unchecked = sources
+            .iter()
+            .zip(&self.checked)
+            .filter(|(_, c)| !c.load(Ordering::Acquire));
+        for (s, _) in unchecked {
+            if FileStamp::now(&s.path).ok() != Some(s.stamp) {
+                return Err(TransferError::SourceChanged(s.path.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends the plan's lanes, one stream each, spread round-robin over `conns`.
+async fn run_lanes(
+    conns: &[quinn::Connection],
+    job: JobId,
+    plan: SendPlan,
+    sources: Arc<Vec<SourceFile>>,
+    watch: Arc<SourceWatch>,
+    disk: &Disk,
+    flow: &Flow,
+) -> Result<(u64, u64), TransferError> {
+    let budget = Arc::new(AtomicU64::new(flow.budget()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, lane) in plan.lanes.into_iter().enumerate() {
+        let stream = conns[i % conns.len()].open_uni().await?;
+        let ctx = LaneCtx {
+            job,
+            sources: sources.clone(),
+            watch: watch.clone(),
+            disk: disk.clone(),
+            flow: flow.clone(),
+            budget: budget.clone(),
+        };
+        tasks.spawn(send_lane(stream, lane, ctx));
+    }
+    let (mut blocks, mut bytes) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (b, n) = r.expect("lane task")?;
+        blocks += b;
+        bytes += n;
+    }
+    Ok((blocks, bytes))
+}
+
+struct LaneCtx {
+    job: JobId,
+    sources: Arc<Vec<SourceFile>>,
+    watch: Arc<SourceWatch>,
+    disk: Disk,
+    flow: Flow,
+    budget: Arc<AtomicU64>,
+}
+
+/// Takes one block from the shared budget (fault injection limits it); false once spent.
+pub(crate) fn take_budget(budget: &AtomicU64) -> bool {
+    budget
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+        .is_ok()
+}
+
+/// Sends one lane: reads run ahead of the network by a few blocks.
+async fn send_lane(
+    mut stream: quinn::SendStream,
+    lane: Vec<BlockRef>,
+    ctx: LaneCtx,
+) -> Result<(u64, u64), TransferError> {
+    stream
+        .write_all(&data_stream_header(ctx.job))
+        .await
+        .map_err(write_error)?;
+    let (tx, mut rx) = mpsc::channel::<Result<(BlockRef, Bytes), TransferError>>(4);
+    let (disk, sources, watch, flow) = (
+        ctx.disk.clone(),
+        ctx.sources.clone(),
+        ctx.watch.clone(),
+        ctx.flow.clone(),
+    );
+    let reader = tokio::spawn(async move {
+        for b in lane {
+            let r = watch.read(&disk, &sources[b.file as usize], &b, &flow).await;
+            if tx.send(r.map(|d| (b, d))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (mut blocks, mut bytes) = (0u64, 0u64);
+    while let Some(item) = rx.recv().await {
+        let (b, data) = item?;
+        if !take_budget(&ctx.budget) {
+            break;
+        }
+        ctx.flow.pace(b.len as u64).await;
+        let data = ctx.flow.on_wire(b.file, b.block, data);
+        let head = BlockHeader {
+            file: b.file,
+            block: b.block,
+            len: b.len,
+        };
+        stream
+            .write_chunk(Bytes::copy_from_slice(&head.encode()))
+            .await
+            .map_err(write_error)?;
+        stream.write_chunk(data).await.map_err(write_error)?;
+        blocks += 1;
+        bytes += b.len as u64;
+        ctx.flow.sent(b.len as u64);
+    }
+    reader.abort();
+    stream.finish().map_err(stream_err)?;
+    // Wait until the peer has every byte of this stream (or stopped it).
+    let _ = stream.stopped().await;
+    Ok((blocks, bytes))
+}
+
+fn source_read_error(path: PathBuf, e: std::io::Error) -> TransferError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return SourceError::Symlink(path).into();
+    }
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        let source = std::io::Error::other("file shrank while it was sent");
+        return TransferError::Io { path, source };
+    }
+    TransferError::Io { path, source: e }
+}
