@@ -12,6 +12,7 @@ use crate::net::tls::{TlsFiles, TlsMaterial};
 use crate::proto::job::ReceiveJob;
 use crate::proto::keys::KeyRange;
 use crate::proto::session::check_answer;
+use crate::proto::wire::WireCode;
 use crate::proto::wire::{JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
 use crate::store::commit::{JobRef, Kind, Ledger};
 use crate::store::disk::Disk;
@@ -543,7 +544,7 @@ impl Client {
             };
             let res = tokio::task::spawn_blocking(place).await.expect("move task");
             res.map(|_| Received::Committed("pulled".to_string()))
-                .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))
+                .map_err(|e| e.refusal())
         };
         let at = transfer::ReceiveAt {
             peer,
@@ -596,14 +597,10 @@ async fn prepare_pull(
     disk: &Disk,
 ) -> Result<(ReceiveJob, Stage), Refusal> {
     let mut job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
-    MoveHook::default()
-        .check(into, &job.paths)
-        .map_err(|e| Refusal::new(crate::proto::wire::code::EXISTS, e.to_string()))?;
-    let io = |e: crate::store::stage::StageError| Refusal::new(crate::proto::wire::code::IO, e.to_string());
-    let stage = Stage::open(&into.join(crate::proto::path::STAGING_DIR), &job).map_err(io)?;
+    MoveHook::default().check(into, &job.paths).map_err(|e| e.refusal())?;
+    let stage = Stage::open(&into.join(crate::proto::path::STAGING_DIR), &job).map_err(|e| e.refusal())?;
     stage.scan(&mut job, disk).await;
-    check_space(into, job.missing_bytes(), DEFAULT_RESERVE)
-        .map_err(|e| Refusal::new(crate::proto::wire::code::NO_SPACE, e.to_string()))?;
+    check_space(into, job.missing_bytes(), DEFAULT_RESERVE).map_err(|e| e.refusal())?;
     Ok((job, stage))
 }
 

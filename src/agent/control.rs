@@ -2,13 +2,15 @@
 //! export. Each is one request and one answer on its own stream.
 
 use super::handover::{self, drop_held, import_job, Handover};
-use super::{refuse, source_code, ActiveGuard, JobCtx, RETRY_BUSY};
+use super::{refuse, ActiveGuard, JobCtx, RETRY_BUSY};
 use crate::config::{Export, ExportKind};
 use crate::proto::job::ReceiveJob;
 use crate::proto::keys::KeyRange;
+use crate::proto::wire::WireCode;
 use crate::proto::wire::{code, JobId, JobInfo, JobOp, ListedFile, Message, Offer, Refusal};
 use crate::store::source::SourceFile;
 use crate::store::stage::Stage;
+use crate::transfer::codes::io_refusal;
 use tracing::{info, info_span, warn, Instrument};
 
 impl JobCtx {
@@ -162,7 +164,7 @@ impl JobCtx {
         files: &[String],
         range: Option<&KeyRange>,
     ) -> Result<(Vec<SourceFile>, Offer), Refusal> {
-        let src = |e: crate::store::source::SourceError| refuse(source_code(&e), e.to_string());
+        let src = |e: crate::store::source::SourceError| e.refusal();
         let list = crate::store::source::collect_export(&ex.path, files).map_err(src)?;
         let cache = &self.shared.cache;
         let (list, spans) = match (ex.kind, range) {
@@ -182,7 +184,7 @@ impl JobCtx {
                 let picked =
                     tokio::task::spawn_blocking(move || crate::store::source::select_sst(list, range.as_ref(), &cache))
                         .await
-                        .map_err(|e| refuse(code::IO, e.to_string()))?
+                        .map_err(io_refusal)?
                         .map_err(src)?;
                 let (list, spans): (Vec<_>, Vec<_>) = picked.into_iter().unzip();
                 (list, Some(spans))
@@ -190,7 +192,7 @@ impl JobCtx {
         };
         let mut offer = crate::store::source::make_offer(&ex.name, &list, vec![], cache)
             .await
-            .map_err(|e| refuse(code::IO, e.to_string()))?;
+            .map_err(|e| e.refusal())?;
         for (f, span) in offer.files.iter_mut().zip(spans.into_iter().flatten()) {
             f.keys = Some(span);
         }

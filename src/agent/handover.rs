@@ -9,10 +9,11 @@ use crate::config::{Config, HookSpec, Import};
 use crate::engines::hook::{ImportFile, ImportHook, ImportJob};
 use crate::proto::blocks::hex;
 use crate::proto::path::RelPath;
-use crate::proto::wire::{code, JobId, Offer, Refusal};
+use crate::proto::wire::{code, JobId, Offer, Refusal, WireCode};
 use crate::store::commit::{fingerprint, Done, Ledger};
 use crate::store::held::{HeldJob, Holds, Journal};
 use crate::store::stage::Stage;
+use crate::transfer::codes::io_refusal;
 use std::sync::Arc;
 use tracing::{error, info, info_span, warn};
 
@@ -57,7 +58,7 @@ impl Handover {
                 };
                 Ok((report, recording))
             }
-            Err(e) => Err(refuse(hook_code(&e), format!("import hook failed: {e}"))),
+            Err(e) => Err(refuse(e.code(), format!("import hook failed: {e}"))),
         }
     }
 }
@@ -147,21 +148,6 @@ pub(super) fn import_job(
     }
 }
 
-pub(super) fn hook_code(e: &crate::engines::hook::HookError) -> u16 {
-    use crate::engines::hook::HookError;
-    use crate::store::commit::CommitError;
-    use crate::store::stage::StageError;
-    let stage = match e {
-        HookError::Stage(s) | HookError::Commit(CommitError::Place(s)) => Some(s),
-        _ => None,
-    };
-    match stage {
-        Some(StageError::Exists(_) | StageError::Differs(_)) => code::EXISTS,
-        Some(StageError::Escape(_)) => code::BAD_NAME,
-        _ => code::HOOK_FAILED,
-    }
-}
-
 /// The recorded outcome of `job` into `target`, if it committed and (for hooks that
 /// place files) the target still holds what it placed.
 /// Only its own sender is answered from the record: to another, the job is new.
@@ -185,10 +171,7 @@ pub(super) fn again(done: &Done) -> String {
 /// Journals a staged `hold` job and records it as held (its target stays claimed).
 pub(super) fn hold(shared: &Shared, offer: &Offer, peer: &str, stage: &Stage) -> Result<(), Refusal> {
     let job = HeldJob::new(offer.clone(), peer, stage.job_dir.clone());
-    shared
-        .journal
-        .record(&job)
-        .map_err(|e| refuse(code::IO, e.to_string()))?;
+    shared.journal.record(&job).map_err(io_refusal)?;
     shared.holds.insert(job);
     Ok(())
 }

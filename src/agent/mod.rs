@@ -27,7 +27,7 @@ use crate::net::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
 use crate::proto::session::{self, Opening};
-use crate::proto::wire::{code, JobId, Message, Offer, Refusal};
+use crate::proto::wire::{code, JobId, Message, Offer, Refusal, WireCode};
 use crate::store::commit::Ledger;
 use crate::store::disk::Disk;
 use crate::store::held::{Claim, Holds, Journal};
@@ -742,16 +742,14 @@ impl JobCtx {
         limits: &crate::config::Limits,
     ) -> Result<(ReceiveJob, Stage, Reservation), Refusal> {
         let t = std::time::Instant::now();
-        hook.check(&target.path, &job.paths)
-            .map_err(|e| refuse(handover::hook_code(&e), e.to_string()))?;
+        hook.check(&target.path, &job.paths).map_err(|e| e.refusal())?;
         let roots: Vec<_> = job
             .paths
             .iter()
             .cloned()
             .zip(job.offer.files.iter().map(|f| f.hashes.root))
             .collect();
-        hook.check_roots(&target.path, &roots)
-            .map_err(|e| refuse(handover::hook_code(&e), e.to_string()))?;
+        hook.check_roots(&target.path, &roots).map_err(|e| e.refusal())?;
         if let Some(max) = limits.max_staged_bytes {
             let staged = self.shared.staging_committed(None);
             if staged.saturating_add(job.offer.total_bytes()) > max {
@@ -776,7 +774,7 @@ impl JobCtx {
                 .iter_mut()
                 .for_each(|f| f.mode = mode);
         }
-        let stage = Stage::open(&target.staging, &job).map_err(|e| refuse(code::IO, e.to_string()))?;
+        let stage = Stage::open(&target.staging, &job).map_err(|e| e.refusal())?;
         let opened_ms = t.elapsed().as_millis() as u64;
         let found = stage.scan(&mut job, &self.shared.disk).await;
         tracing::debug!(opened_ms, ready_ms = t.elapsed().as_millis() as u64, "staging ready");
@@ -787,7 +785,7 @@ impl JobCtx {
                 if found == 0 {
                     stage.remove();
                 }
-                return Err(refuse(code::NO_SPACE, e.to_string()).retry_after(RETRY_SPACE));
+                return Err(e.refusal());
             }
         };
         info!(resumed_blocks = found, missing = job.missing(), "offer accepted");
@@ -1012,20 +1010,8 @@ impl JobCtx {
     }
 }
 
-fn source_code(e: &crate::store::source::SourceError) -> u16 {
-    use crate::store::source::SourceError as S;
-    match e {
-        S::NotFound(_) => code::NOT_FOUND,
-        S::BadName(_) | S::Symlink(_) | S::Links { .. } => code::BAD_NAME,
-        S::TooMany { .. } => code::LIMIT,
-        S::NotAligned { .. } => code::NOT_ALIGNED,
-        _ => code::IO,
-    }
-}
-
 /// How long a refused sender should wait before trying again.
 const RETRY_BUSY: u32 = transfer::RETRY_BUSY;
-const RETRY_SPACE: u32 = transfer::RETRY_SPACE;
 const RETRY_DRAIN: u32 = 30;
 
 /// One of the agent's `max_jobs` job slots, and of its peer's share of them, given

@@ -10,7 +10,7 @@
 use super::blocks::{block_count, block_len, VerifyError};
 use super::limits::MAX_STREAMS;
 use super::path::{PathError, RelPath};
-use super::wire::{code, JobId, Message, Offer, Refusal};
+use super::wire::{JobId, Message, Offer};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -33,23 +33,6 @@ pub enum JobError {
     Incomplete { missing: u64 },
     #[error("accept does not match the offer")]
     BadAccept,
-}
-
-impl JobError {
-    /// The wire code for this error.
-    pub fn code(&self) -> u16 {
-        match self {
-            JobError::BadName(_) | JobError::Duplicate(_) | JobError::FileIsFolder(_) => code::BAD_NAME,
-            JobError::BadTree { .. } => code::BAD_TREE,
-            JobError::BadBlock { .. } => code::BAD_BLOCK,
-            JobError::UnknownFile(_) | JobError::BadAccept => code::BAD_MESSAGE,
-            JobError::Incomplete { .. } => code::INCOMPLETE,
-        }
-    }
-
-    pub fn refusal(&self) -> Refusal {
-        Refusal::new(self.code(), self.to_string())
-    }
 }
 
 /// Receiver side of a job: validated names and the set of verified blocks.
@@ -274,7 +257,7 @@ fn spread(todo: Vec<BlockRef>, lanes: usize) -> Vec<Vec<BlockRef>> {
 mod tests {
     use super::*;
     use crate::proto::blocks::{FileHashes, BLOCK_SIZE};
-    use crate::proto::wire::OfferFile;
+    use crate::proto::wire::{code, OfferFile, WireCode};
 
     fn file(path: &str, data: &[u8]) -> OfferFile {
         let hashes = FileHashes::from_reader(data, data.len() as u64).unwrap();

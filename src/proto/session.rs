@@ -16,7 +16,7 @@
 
 use super::job::{JobError, ReceiveJob, SendPlan};
 use super::limits::MAX_STREAMS;
-use super::wire::{code, cut_reason, JobId, Message, Offer, Refusal, TcpGrant};
+use super::wire::{code, cut_reason, JobId, Message, Offer, Refusal, TcpGrant, WireCode};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -45,11 +45,6 @@ impl ProtocolError {
             expected,
             got: "the end of the stream",
         }
-    }
-
-    /// How the receiver tells the sender.
-    pub fn refusal(&self) -> Refusal {
-        Refusal::new(code::BAD_MESSAGE, self.to_string())
     }
 }
 

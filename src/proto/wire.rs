@@ -42,6 +42,50 @@ pub mod code {
     pub const NOT_ALIGNED: u16 = 18;
 }
 
+/// An error the peer is told about. Every error that reaches the wire implements it:
+/// the protocol's own ([`super::job::JobError`], [`super::session::ProtocolError`],
+/// [`WireError`]) below, the local ones (disk, sources, space, hooks) in
+/// `transfer::codes`; nothing else picks a code for an error.
+pub trait WireCode: std::fmt::Display {
+    /// The wire code (see [`code`]).
+    fn code(&self) -> u16;
+
+    /// Seconds after which sending the job again is likely to work; 0: it will not help.
+    fn retry_after(&self) -> u32 {
+        0
+    }
+
+    /// How the peer is told: the code, the message cut to the wire's limit, the retry.
+    fn refusal(&self) -> Refusal {
+        Refusal::new(self.code(), self.to_string()).retry_after(self.retry_after())
+    }
+}
+
+impl WireCode for WireError {
+    fn code(&self) -> u16 {
+        code::BAD_MESSAGE
+    }
+}
+
+impl WireCode for super::session::ProtocolError {
+    fn code(&self) -> u16 {
+        code::BAD_MESSAGE
+    }
+}
+
+impl WireCode for super::job::JobError {
+    fn code(&self) -> u16 {
+        use super::job::JobError;
+        match self {
+            JobError::BadName(_) | JobError::Duplicate(_) | JobError::FileIsFolder(_) => code::BAD_NAME,
+            JobError::BadTree { .. } => code::BAD_TREE,
+            JobError::BadBlock { .. } => code::BAD_BLOCK,
+            JobError::UnknownFile(_) | JobError::BadAccept => code::BAD_MESSAGE,
+            JobError::Incomplete { .. } => code::INCOMPLETE,
+        }
+    }
+}
+
 /// A job's identity: derived from its target and files, never trusted from the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct JobId(pub [u8; 16]);

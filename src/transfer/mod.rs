@@ -10,6 +10,7 @@
 //! every lane (verify each block, then write it), [`receive`] registers a job so its
 //! lanes find it and seals and hands it over when the machine says so.
 
+pub mod codes;
 pub mod framing;
 pub mod lane;
 pub mod receive;
@@ -67,21 +68,6 @@ pub enum TransferError {
     SourceChanged(PathBuf),
     #[error("interrupted on purpose after {0} blocks (fault injection)")]
     Interrupted(u64),
-}
-
-impl TransferError {
-    /// How the receiving side tells its sender about this failure: the one place a
-    /// local error gets its wire code (reasons are cut to the wire's limit by
-    /// [`Refusal::new`]).
-    pub fn refusal(&self) -> Refusal {
-        match self {
-            TransferError::Job(j) => j.refusal(),
-            TransferError::Failed(r) | TransferError::Rejected(r) => r.clone(),
-            TransferError::Protocol(p) => p.refusal(),
-            TransferError::Wire(w) => Refusal::new(code::BAD_MESSAGE, w.to_string()),
-            other => Refusal::new(code::IO, other.to_string()),
-        }
-    }
 }
 
 impl From<crate::proto::session::AnswerError> for TransferError {

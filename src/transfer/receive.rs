@@ -8,6 +8,7 @@ use super::{lane, TransferError, RETRY_SPACE};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
 use crate::proto::session::{HookEnd, Receiver, RecvAction, RecvEnd, REPLY_GRACE};
+use crate::proto::wire::WireCode;
 use crate::proto::wire::{code, parse_data_stream_header, BlockHeader, JobId, Offer, Refusal};
 use crate::store::disk::Disk;
 use crate::store::stage::Stage;
@@ -150,10 +151,9 @@ pub(crate) async fn take_block(
 ) -> Result<(), TransferError> {
     let len = data.len();
     if let Some(space) = &inc.space {
-        space.check(len as u64).map_err(|e| {
-            let r = Refusal::new(code::NO_SPACE, e.to_string()).retry_after(RETRY_SPACE);
-            TransferError::Failed(r)
-        })?;
+        space
+            .check(len as u64)
+            .map_err(|e| TransferError::Failed(e.refusal()))?;
     }
     if let Some(m) = &inc.meter {
         m.pace(len as u64).await;
@@ -429,7 +429,7 @@ async fn seal(inc: &Incoming) {
     tracing::debug!(ms = ms(inc.started), "every block in");
     let sealed = inc.stage.seal(&inc.offer, &inc.paths, &inc.disk, inc.dir_mode).await;
     tracing::debug!(ms = ms(inc.started), "staged files synced");
-    let sealed = sealed.map_err(|e| Refusal::new(code::IO, e.to_string()));
+    let sealed = sealed.map_err(|e| e.refusal());
     inc.with(|s| s.sealed(sealed));
 }
 
