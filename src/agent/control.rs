@@ -36,7 +36,7 @@ impl JobCtx {
         let _active = ActiveGuard::try_claim(&self.shared, id, &self.peer).map_err(|_| {
             refuse(code::BUSY, format!("job {id} is being received or committed now")).retry_after(RETRY_BUSY)
         })?;
-        let holds = &self.shared.holds;
+        let holds = &self.shared.jobs.held;
         let Some(job) = holds.take(id) else {
             return self.not_held(op, id);
         };
@@ -133,7 +133,7 @@ impl JobCtx {
                 inc.started.elapsed(),
             ));
         }
-        for h in self.shared.holds.list() {
+        for h in self.shared.jobs.held.list() {
             if may_write(&h.offer.target, &h.peer) {
                 out.push(info(h.id, "held", &h.offer, &h.peer, 0, h.age()));
             }

@@ -172,7 +172,7 @@ pub(super) fn again(done: &Done) -> String {
 pub(super) fn hold(shared: &Shared, offer: &Offer, peer: &str, stage: &Stage) -> Result<(), Refusal> {
     let job = HeldJob::new(offer.clone(), peer, stage.job_dir.clone());
     shared.journal.record(&job).map_err(io_refusal)?;
-    shared.holds.insert(job);
+    shared.jobs.held.insert(job);
     Ok(())
 }
 
@@ -182,7 +182,7 @@ pub(super) fn drop_held(shared: &Shared, job: &HeldJob) {
     if let Err(e) = shared.journal.remove(job.id) {
         warn!(job = %job.id, error = %e, "journal entry not removed");
     }
-    shared.holds.release(&job.offer.target, job.id);
+    shared.jobs.held.release(&job.offer.target, job.id);
 }
 
 /// Whether `job_dir` is a job folder directly in `target`'s staging area (or the one an

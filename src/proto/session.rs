@@ -219,9 +219,21 @@ impl Sender {
     /// anything else waits briefly for the receiver's own reason (it may have failed
     /// the job and stopped reading).
     pub fn lanes_failed(&mut self, abort: bool, now: Instant) {
-        if self.state == SendState::Done {
+        if !matches!(self.state, SendState::Sending { .. }) {
             return;
         }
+        self.wait_for_reason(abort, now);
+    }
+
+    /// A message could not be written (the receiver may have failed the job and
+    /// stopped reading): wait briefly for its reason.
+    pub fn send_failed(&mut self, now: Instant) {
+        if matches!(self.state, SendState::Sending { .. } | SendState::Committing) {
+            self.wait_for_reason(false, now);
+        }
+    }
+
+    fn wait_for_reason(&mut self, abort: bool, now: Instant) {
         let until = now + REPLY_GRACE;
         if abort {
             self.state = SendState::Aborting { until };

@@ -128,7 +128,7 @@ async fn drive(
                         // The receiver may have failed the job and stopped reading: its
                         // reason, if it gives one, is the error.
                         own.get_or_insert(e);
-                        m.lanes_failed(false, std::time::Instant::now());
+                        m.send_failed(std::time::Instant::now());
                     } else if msg == Message::Abort {
                         let _ = send.finish();
                     }
