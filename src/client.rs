@@ -498,7 +498,7 @@ impl Client {
         self.tally
             .done
             .store(job.offer.total_bytes() - job.missing_bytes(), Ordering::Relaxed);
-        let meter = crate::agent::metrics::Meter {
+        let meter = crate::metrics::Meter {
             metrics: Arc::default(),
             limits: Arc::default(),
             peer: peer.to_string(),

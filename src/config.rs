@@ -121,7 +121,7 @@ struct RawLimits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Data rates in bytes per second (received for pushes, sent for pulls).
-    pub rates: crate::agent::ratelimit::Rates,
+    pub rates: crate::metrics::ratelimit::Rates,
     /// QUIC connections at once; more are closed with a reason.
     pub max_connections: usize,
     /// Bytes staged at once (jobs being received plus held jobs); a job that would
@@ -576,7 +576,7 @@ fn limits(raw: &RawLimits, max_jobs: usize) -> Result<Limits, ConfigError> {
         return Err(invalid("limits.tcp_lane_pending_per_ip", "must be at least 1"));
     }
     Ok(Limits {
-        rates: crate::agent::ratelimit::Rates {
+        rates: crate::metrics::ratelimit::Rates {
             global: mbit("rate_mbit", raw.rate_mbit)?,
             per_peer: mbit("peer_rate_mbit", raw.peer_rate_mbit)?,
         },

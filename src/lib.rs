@@ -32,7 +32,9 @@
 //!   lanes: the sending and receiving halves of a job, one receive path for every lane.
 //! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports;
 //!   authorizes an identity before it reads what it sends, and counts what each
-//!   identity holds so none locks out the others; its metrics and rate limits.
+//!   identity holds so none locks out the others.
+//! - [`metrics`]: counters for Prometheus, and the per-peer rate limits a job's blocks
+//!   are paced by ([`metrics::Meter`], passed to `transfer` by the agent).
 //! - [`client`]: push, pull, list, commit and abort from a program or the CLI.
 //! - [`config`]: the agent's TOML configuration, validated in one place.
 //!
@@ -92,6 +94,7 @@ pub mod agent;
 pub mod client;
 pub mod config;
 pub mod engines;
+pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod store;

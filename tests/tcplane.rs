@@ -33,14 +33,17 @@ async fn a_push_over_the_tcp_lane_arrives_verified() {
             &content(100 + i, (i as usize * 13) % 3000),
         );
     }
-    let r = env
-        .client("client")
+    let client = env.client("client");
+    let r = client
         .push(&env.peer(), "in", &[env.src().join("t")], &tcp())
         .await
         .unwrap();
     assert!(r.tcp_lane, "the lane was granted and used");
     assert!(r.streams > 1);
     assert_same_tree(&env.src(), &env.inbox());
+    let done = client.tally().done.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(done, r.bytes_sent, "progress counts the TCP lane's bytes as it does QUIC's");
+    assert_eq!(r.bytes_sent, r.bytes_total);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,9 +4,9 @@
 //! recorded so the same job sent again is answered "committed".
 
 use super::{refuse, Shared};
-use crate::agent::metrics::Metrics;
 use crate::config::{Config, HookSpec, Import};
 use crate::engines::hook::{ImportFile, ImportHook, ImportJob};
+use crate::metrics::Metrics;
 use crate::proto::blocks::hex;
 use crate::proto::path::RelPath;
 use crate::proto::wire::{code, JobId, Offer, Refusal, WireCode};

@@ -15,18 +15,16 @@ mod control;
 mod gate;
 mod handover;
 mod jobs;
-pub mod metrics;
 mod pull;
 mod push;
-pub mod ratelimit;
 pub mod systemd;
 
-use crate::agent::metrics::{Gauges, Metrics, Outcome};
-use crate::agent::ratelimit::RateLimits;
 use crate::config::{AllowList, Config, Export, HookSpec, Import};
 use crate::engines::hook::{
     AfterCommitHook, AfterCommitJob, ExecHook, ExportedFile, ImportHook, MoveHook, ReplaceHook,
 };
+use crate::metrics::ratelimit::RateLimits;
+use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::net::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
@@ -347,7 +345,7 @@ async fn start_metrics(
             .metrics
             .render(shared.jobs.gauges(shared.draining.load(Ordering::Relaxed)))
     };
-    Ok((tokio::spawn(crate::agent::metrics::serve(listener, render)), addr))
+    Ok((tokio::spawn(crate::metrics::serve(listener, render)), addr))
 }
 
 fn resolve_hooks(config: &Config, custom: &Hooks) -> Result<Hooks, AgentError> {

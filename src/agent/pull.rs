@@ -25,7 +25,7 @@ impl JobCtx {
             )
         });
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let pacer = crate::agent::metrics::Meter {
+        let pacer = crate::metrics::Meter {
             metrics: self.shared.metrics.clone(),
             limits: self.shared.limits.clone(),
             peer: self.peer.clone(),

@@ -184,7 +184,7 @@ impl JobCtx {
         let tcp = (self.shared.tcp.as_ref())
             .filter(|_| tcp_allowed)
             .map(|lanes| (lanes, self.conn.remote_address().ip()));
-        let meter = crate::agent::metrics::Meter {
+        let meter = crate::metrics::Meter {
             metrics: self.shared.metrics.clone(),
             limits: self.shared.limits.clone(),
             peer: self.peer.clone(),

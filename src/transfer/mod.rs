@@ -125,7 +125,7 @@ pub struct Flow {
     /// client that takes nothing).
     pub progress: Option<Arc<AtomicU64>>,
     /// The rate limits of the peer sent to (an agent serving a pull).
-    pub pacer: Option<crate::agent::metrics::Meter>,
+    pub pacer: Option<crate::metrics::Meter>,
     /// Test-only faults.
     #[cfg(feature = "faults")]
     pub fault: Fault,
@@ -133,7 +133,7 @@ pub struct Flow {
 
 impl Flow {
     /// Progress counted in `progress`, paced by `pacer`.
-    pub fn new(progress: Option<Arc<AtomicU64>>, pacer: Option<crate::agent::metrics::Meter>) -> Flow {
+    pub fn new(progress: Option<Arc<AtomicU64>>, pacer: Option<crate::metrics::Meter>) -> Flow {
         Flow {
             progress,
             pacer,

@@ -32,7 +32,7 @@ pub struct Incoming {
     pub disk: Disk,
     pub started: Instant,
     /// The agent's metrics and rate limits for this job's sender.
-    pub meter: Option<crate::agent::metrics::Meter>,
+    pub meter: Option<crate::metrics::Meter>,
     /// What the job has still to write, promised on its file system.
     pub space: Option<crate::store::space::Reservation>,
     /// Mode of the folders the job brings, if the target sets one.
@@ -292,7 +292,7 @@ pub struct ReceiveAt<'a> {
     /// Routes this connection's QUIC data streams to their job.
     pub table: &'a JobTable,
     /// Metrics and rate limits (the agent), or none (a pulling client).
-    pub meter: Option<&'a crate::agent::metrics::Meter>,
+    pub meter: Option<&'a crate::metrics::Meter>,
     /// The TCP lane, if the job's target allows it, and the IP address of the QUIC
     /// connection the job came on: only lane connections from there are taken.
     pub tcp: Option<(&'a crate::net::tcplane::TcpLanes, std::net::IpAddr)>,

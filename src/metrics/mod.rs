@@ -6,6 +6,8 @@
 //! responder on a loopback address (`GET /metrics`), off unless configured: metrics
 //! name peers and targets, which is nothing to publish beyond the host.
 
+pub mod ratelimit;
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -272,7 +274,7 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub struct Meter {
     pub metrics: std::sync::Arc<Metrics>,
-    pub limits: std::sync::Arc<crate::agent::ratelimit::RateLimits>,
+    pub limits: std::sync::Arc<crate::metrics::ratelimit::RateLimits>,
     pub peer: String,
     /// Also counts verified bytes here (a client's progress bar).
     pub progress: Option<std::sync::Arc<AtomicU64>>,
