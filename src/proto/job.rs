@@ -253,13 +253,13 @@ fn spread(todo: Vec<BlockRef>, lanes: usize) -> Vec<Vec<BlockRef>> {
     out
 }
 
+/// Offers for the protocol core's unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::blocks::{FileHashes, BLOCK_SIZE};
-    use crate::proto::wire::{code, OfferFile, WireCode};
+pub(crate) mod testing {
+    use crate::proto::blocks::FileHashes;
+    use crate::proto::wire::{Offer, OfferFile};
 
-    fn file(path: &str, data: &[u8]) -> OfferFile {
+    pub(crate) fn file(path: &str, data: &[u8]) -> OfferFile {
         let hashes = FileHashes::from_reader(data, data.len() as u64).unwrap();
         OfferFile {
             path: path.into(),
@@ -269,7 +269,7 @@ mod tests {
         }
     }
 
-    fn offer(files: Vec<OfferFile>) -> Offer {
+    pub(crate) fn offer(files: Vec<OfferFile>) -> Offer {
         Offer {
             target: "t".into(),
             files,
@@ -278,6 +278,14 @@ mod tests {
             hold: false,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{file, offer};
+    use super::*;
+    use crate::proto::blocks::BLOCK_SIZE;
+    use crate::proto::wire::{code, WireCode};
 
     #[test]
     fn a_job_commits_only_when_every_block_verified() {

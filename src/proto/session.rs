@@ -682,26 +682,10 @@ pub fn check_answer(request: &Message, got: Message) -> Result<Message, AnswerEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::blocks::FileHashes;
-    use crate::proto::wire::OfferFile;
+    use crate::proto::job::testing;
 
     fn offer(files: &[(&str, &[u8])]) -> Offer {
-        let files = files
-            .iter()
-            .map(|(path, data)| OfferFile {
-                path: path.to_string(),
-                hashes: FileHashes::from_reader(*data, data.len() as u64).unwrap(),
-                keys: None,
-                mode: 0o644,
-            })
-            .collect();
-        Offer {
-            target: "t".into(),
-            files,
-            meta: vec![],
-            tcp_lane: false,
-            hold: false,
-        }
+        testing::offer(files.iter().map(|(p, d)| testing::file(p, d)).collect())
     }
 
     fn drain_send(s: &mut Sender) -> Vec<SendAction> {

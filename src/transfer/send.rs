@@ -316,6 +316,13 @@ async fn run_lanes(
         };
         tasks.spawn(send_lane(stream, lane, ctx));
     }
+    sum_lanes(tasks).await
+}
+
+/// Waits for every lane; the blocks and bytes they sent, or the first lane's error.
+pub(super) async fn sum_lanes(
+    mut tasks: tokio::task::JoinSet<Result<(u64, u64), TransferError>>,
+) -> Result<(u64, u64), TransferError> {
     let (mut blocks, mut bytes) = (0, 0);
     while let Some(r) = tasks.join_next().await {
         let (b, n) = r.expect("lane task")?;

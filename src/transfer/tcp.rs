@@ -36,13 +36,7 @@ pub(super) async fn send_lanes(
         };
         tasks.spawn_blocking(move || lane.send(blocks));
     }
-    let (mut blocks, mut bytes) = (0, 0);
-    while let Some(r) = tasks.join_next().await {
-        let (b, n) = r.expect("tcp lane task")?;
-        blocks += b;
-        bytes += n;
-    }
-    Ok((blocks, bytes))
+    super::send::sum_lanes(tasks).await
 }
 
 /// One lane's connection and what it sends from; it runs on a blocking thread.
