@@ -263,7 +263,8 @@ enum Entry {
 }
 
 /// Parses records; returns them and the length of the valid prefix (0: bad magic).
-fn parse(bytes: &[u8]) -> (HashMap<FileStamp, FileHashes>, HashMap<FileStamp, KeySpan>, u64) {
+/// Public only so the fuzz target (`fuzz/targets/hashcache.rs`) can reach it.
+pub fn parse(bytes: &[u8]) -> (HashMap<FileStamp, FileHashes>, HashMap<FileStamp, KeySpan>, u64) {
     let mut maps: Maps = Default::default();
     if bytes.len() < 8 || &bytes[..8] != MAGIC {
         return (maps.0, maps.1, 0);
