@@ -42,7 +42,10 @@ async fn a_push_over_the_tcp_lane_arrives_verified() {
     assert!(r.streams > 1);
     assert_same_tree(&env.src(), &env.inbox());
     let done = client.tally().done.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(done, r.bytes_sent, "progress counts the TCP lane's bytes as it does QUIC's");
+    assert_eq!(
+        done, r.bytes_sent,
+        "progress counts the TCP lane's bytes as it does QUIC's"
+    );
     assert_eq!(r.bytes_sent, r.bytes_total);
 }
 

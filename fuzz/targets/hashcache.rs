@@ -10,7 +10,7 @@
 
 use super::input::Input;
 /// The module under test, named here only (the seed writer reaches it through this too).
-pub use barge::hashcache as cache;
+pub use barge::store::hashcache as cache;
 use cache::parse;
 
 /// The first bytes of a cache file.

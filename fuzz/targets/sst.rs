@@ -4,7 +4,7 @@
 //! lengths are checked against the file's length before a read).
 
 /// The module under test, named here only (the seed writer reaches it through this too).
-pub use barge::sst as reader;
+pub use barge::engines::sst as reader;
 use reader::keys_from_bytes;
 
 pub fn run(data: &[u8]) {
