@@ -663,7 +663,7 @@ fn encode_job_info(j: &JobInfo, w: &mut Vec<u8>) {
 
 fn decode_jobs(r: &mut Reader) -> Result<Message, WireError> {
     let n = r.count("jobs", MAX_LISTED_JOBS)?;
-    let mut jobs = Vec::with_capacity(n);
+    let mut jobs = Vec::with_capacity(n.min(1024));
     for _ in 0..n {
         jobs.push(JobInfo {
             id: r.job_id()?,
