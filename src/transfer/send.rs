@@ -166,6 +166,9 @@ async fn drive(
                 }
             }
             _ = sleep_until(deadline), if deadline.is_some() => m.handle_timeout(std::time::Instant::now()),
+            // Nothing left to wait for (the machine finishes on the control stream's
+            // last word, so this is not reached): end rather than wait for ever.
+            else => m.handle_end(),
         }
     }
 }
