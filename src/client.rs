@@ -6,7 +6,8 @@
 //! moves the files into place only when all of them arrived. Held jobs are committed
 //! or aborted, and jobs and exports listed, with one request and one answer each.
 
-use crate::engines::hook::{ImportHook, MoveHook};
+use crate::config::OnExists;
+use crate::engines::hook::{ImportHook, MoveHook, ReplaceHook};
 use crate::net::quic::Tuning;
 use crate::net::tls::{TlsFiles, TlsMaterial};
 use crate::proto::job::ReceiveJob;
@@ -122,6 +123,9 @@ pub struct PullReport {
     pub bytes: u64,
     pub blocks_received: u64,
     pub blocks_resumed: u64,
+    /// Files `into` already held with the same content (`OnExists::SkipIdentical`):
+    /// none of their bytes were sent.
+    pub files_there: usize,
     /// What the exporter's `after_commit` command said, if the export has one: its
     /// report, or why it failed (the pull stays committed either way).
     pub after_commit: Option<Result<String, String>>,
@@ -148,6 +152,7 @@ impl PullReport {
             bytes: job.offer.total_bytes(),
             blocks_received: 0,
             blocks_resumed: blocks,
+            files_there: 0,
             after_commit: None,
         }
     }
@@ -358,7 +363,7 @@ impl Client {
         files: &[String],
         into: &Path,
     ) -> Result<PullReport, TransferError> {
-        self.fetch(peer, export, files, None, into).await
+        self.fetch(peer, export, (files, None), into, OnExists::Refuse).await
     }
 
     /// Pulls the SST files of `export` whose keys lie in `range` into `into`. The
@@ -370,7 +375,23 @@ impl Client {
         range: &KeyRange,
         into: &Path,
     ) -> Result<PullReport, TransferError> {
-        self.fetch(peer, export, &[], Some(range.clone()), into).await
+        self.fetch(peer, export, (&[], Some(range.clone())), into, OnExists::Refuse)
+            .await
+    }
+
+    /// Pulls `files` (all if empty; or, for an SST export, those in `range`) of
+    /// `export` into `into`, doing `on_exists` with a name `into` already has: refuse
+    /// the pull, skip a file with the same content (none of its bytes are sent, so a
+    /// pull run again moves no data), or replace it.
+    pub async fn pull_into(
+        &self,
+        peer: &Peer,
+        export: &str,
+        (files, range): (&[String], Option<KeyRange>),
+        into: &Path,
+        on_exists: OnExists,
+    ) -> Result<PullReport, TransferError> {
+        self.fetch(peer, export, (files, range), into, on_exists).await
     }
 
     /// Lists the files of `export` (inside `range`, for an SST export).
@@ -428,9 +449,9 @@ impl Client {
         &self,
         peer: &Peer,
         export: &str,
-        files: &[String],
-        range: Option<KeyRange>,
+        (files, range): (&[String], Option<KeyRange>),
         into: &Path,
+        on_exists: OnExists,
     ) -> Result<PullReport, TransferError> {
         std::fs::create_dir_all(into).map_err(|source| TransferError::Io {
             path: into.to_path_buf(),
@@ -450,7 +471,7 @@ impl Client {
             range,
         };
         transfer::write_msg(&mut send, &fetch).await?;
-        let pulling = (into.as_path(), &table, &fetch);
+        let pulling = (into.as_path(), &table, &fetch, on_exists);
         let mut result = self.receive_pull(&peer.name, pulling, &mut send, &mut recv).await;
         if let Ok(report) = &mut result {
             // Our last word (committed) is only queued: closing now would drop it, and
@@ -473,7 +494,7 @@ impl Client {
     async fn receive_pull(
         &self,
         peer: &str,
-        (into, table, fetch): (&Path, &JobTable, &Message),
+        (into, table, fetch, on_exists): (&Path, &JobTable, &Message, OnExists),
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<PullReport, TransferError> {
@@ -486,7 +507,7 @@ impl Client {
             transfer::confirm_committed(send, recv, &job, "pulled before".into()).await?;
             return Ok(report);
         }
-        let (job, stage) = match prepare_pull(offer, into, &self.disk).await {
+        let (job, stage) = match prepare_pull(offer, into, &self.disk, on_exists).await {
             Ok(x) => x,
             Err(r) => {
                 transfer::write_msg(send, &Message::Reject(r.clone())).await?;
@@ -516,6 +537,7 @@ impl Client {
             bytes: job.offer.total_bytes(),
             blocks_received: job.missing(),
             blocks_resumed: 0,
+            files_there: job.there().iter().filter(|t| **t).count(),
             after_commit: None,
         };
         let total: u64 = job
@@ -524,10 +546,23 @@ impl Client {
             .iter()
             .map(|f| crate::proto::blocks::block_count(f.hashes.size))
             .sum();
-        report.blocks_resumed = total - job.missing();
+        let there: u64 = (job.offer.files.iter().zip(job.there()))
+            .filter(|(_, t)| **t)
+            .map(|(f, _)| crate::proto::blocks::block_count(f.hashes.size))
+            .sum();
+        report.blocks_resumed = total - job.missing() - there;
+        let skip = job.there().to_vec();
+        let kind = match on_exists {
+            OnExists::Replace => Kind::Replace,
+            _ => Kind::Move,
+        };
         let st = stage.clone();
         let (into2, peer2, id) = (into.to_path_buf(), peer.to_string(), job.id.to_string());
         let hook = move |_offer, paths: Vec<crate::proto::path::RelPath>| async move {
+            let paths: Vec<_> = (paths.into_iter().zip(skip))
+                .filter(|(_, there)| !there)
+                .map(|(p, _)| p)
+                .collect();
             let place = move || {
                 let info = JobRef {
                     job: id,
@@ -540,7 +575,7 @@ impl Client {
                 // The intent lives in the job's staging folder: a pull cut off while
                 // placing finishes when the same pull runs again.
                 let ledger = Ledger::open(st.job_dir.clone())?;
-                crate::store::commit::place(Kind::Move, &st, &paths, info, &ledger).map(|_| st.remove())
+                crate::store::commit::place(kind, &st, &paths, info, &ledger).map(|_| st.remove())
             };
             let res = tokio::task::spawn_blocking(place).await.expect("move task");
             res.map(|_| Received::Committed("pulled".to_string()))
@@ -595,9 +630,22 @@ async fn prepare_pull(
     offer: crate::proto::wire::Offer,
     into: &Path,
     disk: &Disk,
+    on_exists: OnExists,
 ) -> Result<(ReceiveJob, Stage), Refusal> {
     let mut job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
-    MoveHook::default().check(into, &job.paths).map_err(|e| e.refusal())?;
+    let hook: Box<dyn ImportHook> = match on_exists {
+        OnExists::Refuse => Box::new(MoveHook::default()),
+        OnExists::SkipIdentical => Box::new(MoveHook { skip_identical: true }),
+        OnExists::Replace => Box::new(ReplaceHook),
+    };
+    hook.check(into, &job.paths).map_err(|e| e.refusal())?;
+    let roots: Vec<_> = (job.paths.iter().cloned())
+        .zip(job.offer.files.iter().map(|f| f.hashes.root))
+        .collect();
+    let there = hook.already_there(into, &roots).map_err(|e| e.refusal())?;
+    (there.iter().enumerate())
+        .filter(|(_, t)| **t)
+        .for_each(|(i, _)| job.already_there(i));
     let stage = Stage::open(&into.join(crate::proto::path::STAGING_DIR), &job).map_err(|e| e.refusal())?;
     stage.scan(&mut job, disk).await;
     check_space(into, job.missing_bytes(), DEFAULT_RESERVE).map_err(|e| e.refusal())?;

@@ -340,8 +340,25 @@ pub enum OnExists {
     /// Refuse the job, naming the file.
     #[default]
     Refuse,
-    /// A file with the same blake3 root counts as delivered; other content is refused.
+    /// A file with the same blake3 root counts as delivered (its bytes are not sent);
+    /// other content is refused.
     SkipIdentical,
+    /// The file is replaced, atomically (as `hook = "replace"`).
+    Replace,
+}
+
+impl std::str::FromStr for OnExists {
+    type Err = String;
+
+    /// `refuse`, `skip-identical` or `replace`, as in the config.
+    fn from_str(s: &str) -> Result<OnExists, String> {
+        match s {
+            "refuse" => Ok(OnExists::Refuse),
+            "skip-identical" => Ok(OnExists::SkipIdentical),
+            "replace" => Ok(OnExists::Replace),
+            _ => Err(format!("{s:?} is not refuse, skip-identical or replace")),
+        }
+    }
 }
 
 /// A validated agent configuration.

@@ -352,6 +352,7 @@ fn resolve_hooks(config: &Config, custom: &Hooks) -> Result<Hooks, AgentError> {
     let mut out = Hooks::new();
     for t in &config.imports {
         let hook: Arc<dyn ImportHook> = match &t.hook {
+            HookSpec::Move if t.on_exists == crate::config::OnExists::Replace => Arc::new(ReplaceHook),
             HookSpec::Move => Arc::new(MoveHook {
                 skip_identical: t.on_exists == crate::config::OnExists::SkipIdentical,
             }),

@@ -108,7 +108,14 @@ impl JobCtx {
             .cloned()
             .zip(job.offer.files.iter().map(|f| f.hashes.root))
             .collect();
-        hook.check_roots(&target.path, &roots).map_err(|e| e.refusal())?;
+        let there = hook.already_there(&target.path, &roots).map_err(|e| e.refusal())?;
+        // A held job stages everything: its commit may come much later, when the files
+        // there now may be gone.
+        if !job.offer.hold {
+            (there.iter().enumerate())
+                .filter(|(_, t)| **t)
+                .for_each(|(i, _)| job.already_there(i));
+        }
         if let Some(max) = limits.max_staged_bytes {
             let staged = self.shared.jobs.staging_committed(None);
             if staged.saturating_add(job.offer.total_bytes()) > max {
@@ -147,7 +154,13 @@ impl JobCtx {
                 return Err(e.refusal());
             }
         };
-        info!(resumed_blocks = found, missing = job.missing(), "offer accepted");
+        let there = job.there().iter().filter(|t| **t).count();
+        info!(
+            resumed_blocks = found,
+            missing = job.missing(),
+            already_there = there,
+            "offer accepted"
+        );
         Ok((job, stage, space))
     }
 

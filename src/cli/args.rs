@@ -193,11 +193,20 @@ pub struct PullArgs {
     /// Folder to put the files in (created if missing).
     #[arg(long, value_name = "DIR")]
     pub into: PathBuf,
+    /// What to do with a name DIR already has: `refuse` the pull, `skip-identical` (a
+    /// file with the same blake3 hash is kept and none of its bytes are sent, so running
+    /// the pull again moves no data; other content is refused), or `replace` it.
+    #[arg(long, value_name = "WHAT", default_value = "refuse", value_parser = parse_on_exists)]
+    pub on_exists: barge::config::OnExists,
     /// Print one JSON object (job id, files, bytes, seconds, hashes) instead of text.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub id: IdentityArgs,
+}
+
+fn parse_on_exists(s: &str) -> Result<barge::config::OnExists, String> {
+    s.parse()
 }
 
 #[derive(Debug, Args)]

@@ -347,10 +347,8 @@ async fn pull(p: PullArgs) -> Result<()> {
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
     let range = parse_range(p.range.as_deref())?;
-    let r = match &range {
-        Some(range) => with_progress(&client, client.pull_range(&peer, &p.export, range, &p.into)).await,
-        None => with_progress(&client, client.pull(&peer, &p.export, &p.files, &p.into)).await,
-    };
+    let what = (p.files.as_slice(), range);
+    let r = with_progress(&client, client.pull_into(&peer, &p.export, what, &p.into, p.on_exists)).await;
     client.close().await;
     let r = r.with_context(|| format!("pull from {peer} ({})", p.export))?;
     if p.json {
@@ -360,7 +358,12 @@ async fn pull(p: PullArgs) -> Result<()> {
             Some(Ok(report)) => serde_json::json!({"ok": true, "report": report}),
             Some(Err(why)) => serde_json::json!({"ok": false, "error": why}),
         };
-        let extra = serde_json::json!({"into": p.into, "received_blocks": r.blocks_received, "after_commit": after});
+        let extra = serde_json::json!({
+            "into": p.into,
+            "received_blocks": r.blocks_received,
+            "files_there": r.files_there,
+            "after_commit": after,
+        });
         print_json(r.job, r.files, r.bytes, secs, &r.hashes, extra);
         return Ok(());
     }
@@ -373,6 +376,13 @@ async fn pull(p: PullArgs) -> Result<()> {
         r.blocks_received,
         r.blocks_resumed
     );
+    if r.files_there > 0 {
+        say!(
+            "{} files were in {} with the same content: not sent",
+            r.files_there,
+            p.into.display()
+        );
+    }
     match &r.after_commit {
         Some(Ok(report)) => say!("source: {report}"),
         // The pull committed; the source's own step after it did not.

@@ -151,6 +151,15 @@ pub trait ImportHook: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Which of the job's files the target already holds with the same content: their
+    /// bytes are not sent, and the import must count them as delivered. Called before
+    /// any data moves, in place of [`ImportHook::check_roots`]; the default runs it and
+    /// says none.
+    fn already_there(&self, target_dir: &Path, files: &[(RelPath, [u8; 32])]) -> Result<Vec<bool>, HookError> {
+        self.check_roots(target_dir, files)?;
+        Ok(vec![false; files.len()])
+    }
+
     fn import(&self, job: &ImportJob) -> Result<String, HookError>;
 }
 
@@ -206,6 +215,18 @@ impl ImportHook for MoveHook {
             split_identical(target_dir, hex)?;
         }
         Ok(())
+    }
+
+    fn already_there(&self, target_dir: &Path, files: &[(RelPath, [u8; 32])]) -> Result<Vec<bool>, HookError> {
+        if !self.skip_identical {
+            return Ok(vec![false; files.len()]);
+        }
+        let hex = files
+            .iter()
+            .map(|(rel, root)| (rel.clone(), blake3::Hash::from(*root).to_hex().to_string()));
+        let (same, _) = split_identical(target_dir, hex)?;
+        let same: std::collections::HashSet<_> = same.into_iter().collect();
+        Ok(files.iter().map(|(rel, _)| same.contains(rel)).collect())
     }
 
     fn import(&self, job: &ImportJob) -> Result<String, HookError> {

@@ -43,6 +43,9 @@ pub struct ReceiveJob {
     pub paths: Vec<RelPath>,
     held: Vec<Vec<bool>>,
     missing: u64,
+    /// Files the target already holds with the same root: no bytes come for them, and
+    /// they are neither staged nor sealed (see [`ReceiveJob::already_there`]).
+    there: Vec<bool>,
 }
 
 impl ReceiveJob {
@@ -67,9 +70,29 @@ impl ReceiveJob {
             offer: Arc::new(offer),
             id,
             paths,
+            there: vec![false; held.len()],
             held,
             missing,
         })
+    }
+
+    /// Marks file `file` as already in the target with the same content: every block
+    /// counts as held, so the sender sends none of it.
+    pub fn already_there(&mut self, file: usize) {
+        self.there[file] = true;
+        for b in 0..self.held[file].len() {
+            self.record(file as u32, b as u32);
+        }
+    }
+
+    /// Per file, whether it is already in the target (see [`ReceiveJob::already_there`]).
+    pub fn there(&self) -> &[bool] {
+        &self.there
+    }
+
+    /// Per file, which blocks are held.
+    pub fn held(&self) -> &[Vec<bool>] {
+        &self.held
     }
 
     /// Checks a block against the offer; on success returns its byte offset.

@@ -28,6 +28,9 @@ pub struct Incoming {
     wake: tokio::sync::Notify,
     pub offer: Arc<Offer>,
     pub paths: Vec<RelPath>,
+    /// Files the target already holds: not staged, not sealed (see
+    /// [`ReceiveJob::already_there`]).
+    pub there: Vec<bool>,
     pub stage: Stage,
     pub disk: Disk,
     pub started: Instant,
@@ -325,6 +328,7 @@ where
         peer: at.peer.to_string(),
         offer: job.offer.clone(),
         paths: job.paths.clone(),
+        there: job.there().to_vec(),
         session: Mutex::new(Receiver::accept(job, None, at.stall, Instant::now())),
         wake: tokio::sync::Notify::new(),
         stage,
@@ -427,10 +431,31 @@ async fn sleep_until(deadline: Option<Instant>) {
 async fn seal(inc: &Incoming) {
     let ms = |t: Instant| t.elapsed().as_millis() as u64;
     tracing::debug!(ms = ms(inc.started), "every block in");
-    let sealed = inc.stage.seal(&inc.offer, &inc.paths, &inc.disk, inc.dir_mode).await;
+    let sealed = match inc.there.contains(&true) {
+        false => inc.stage.seal(&inc.offer, &inc.paths, &inc.disk, inc.dir_mode).await,
+        true => {
+            let (offer, paths) = staged_only(inc);
+            inc.stage.seal(&offer, &paths, &inc.disk, inc.dir_mode).await
+        }
+    };
     tracing::debug!(ms = ms(inc.started), "staged files synced");
     let sealed = sealed.map_err(|e| e.refusal());
     inc.with(|s| s.sealed(sealed));
+}
+
+/// The job's offer and names without the files the target already holds.
+fn staged_only(inc: &Incoming) -> (Offer, Vec<RelPath>) {
+    let mut offer = (*inc.offer).clone();
+    let keep = |i: &usize| !inc.there[*i];
+    offer.files = (offer.files.into_iter().enumerate())
+        .filter(|(i, _)| keep(i))
+        .map(|(_, f)| f)
+        .collect();
+    let paths = (inc.paths.iter().enumerate())
+        .filter(|(i, _)| keep(i))
+        .map(|(_, p)| p.clone())
+        .collect();
+    (offer, paths)
 }
 
 fn hook_end(done: Result<Received, Refusal>) -> Result<HookEnd, Refusal> {
