@@ -52,6 +52,7 @@ fn wire(c: &mut Criterion) {
         meta: vec![],
         tcp_lane: false,
         hold: false,
+        relay: vec![],
     });
     let frame = offer.encode().unwrap();
     let mut g = c.benchmark_group("wire");

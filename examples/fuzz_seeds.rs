@@ -68,6 +68,7 @@ mod seeds {
             meta: vec![("region".into(), "7".into())],
             tcp_lane: true,
             hold: false,
+            relay: vec![],
         }))
     }
 

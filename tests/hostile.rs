@@ -77,6 +77,7 @@ async fn a_job_larger_than_the_free_space_is_refused() {
         meta: vec![],
         tcp_lane: false,
         hold: false,
+        relay: vec![],
     };
     let err = send_offer(&env, offer, env.src().join("none")).await.unwrap_err();
     let TransferError::Rejected(r) = err else {

@@ -47,6 +47,7 @@ fn offer(target: &str, data: &[u8], meta: Vec<(String, String)>) -> Offer {
         meta,
         tcp_lane: false,
         hold: false,
+        relay: vec![],
     }
 }
 

@@ -129,6 +129,7 @@ async fn raw_job(env: &Env) -> (quinn::Connection, quinn::SendStream, quinn::Rec
         meta: vec![],
         tcp_lane: true,
         hold: false,
+        relay: vec![],
     };
     barge::transfer::write_msg(&mut send, &Message::Offer(offer))
         .await

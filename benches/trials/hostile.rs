@@ -76,6 +76,7 @@ async fn flood(
         meta: vec![],
         tcp_lane: false,
         hold: false,
+        relay: vec![],
     })
     .encode()
     .unwrap();
@@ -290,6 +291,7 @@ fn job_id(host: &Host) -> String {
         meta: vec![],
         tcp_lane: false,
         hold: false,
+        relay: vec![],
     };
     offer.job_id().to_string()
 }

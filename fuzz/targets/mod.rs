@@ -40,5 +40,6 @@ pub fn offer_of(files: impl Iterator<Item = (String, FileHashes)>) -> Offer {
         meta: vec![],
         tcp_lane: false,
         hold: false,
+        relay: vec![],
     }
 }

@@ -299,6 +299,7 @@ pub(crate) mod testing {
             meta: vec![],
             tcp_lane: false,
             hold: false,
+            relay: vec![],
         }
     }
 }

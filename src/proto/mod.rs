@@ -37,4 +37,8 @@ pub mod limits {
     pub const MAX_LISTED_JOBS: usize = 10_000;
     /// Data streams a sender opens per job at most.
     pub const MAX_STREAMS: usize = 8;
+    /// Most replicas after the first in a relay chain.
+    pub const MAX_HOPS: usize = 16;
+    /// Longest peer (`NAME@ADDR:PORT`) in a relay chain.
+    pub const MAX_PEER_LEN: usize = 512;
 }

@@ -16,7 +16,7 @@
 
 use super::job::{JobError, ReceiveJob, SendPlan};
 use super::limits::MAX_STREAMS;
-use super::wire::{code, cut_reason, JobId, Message, Offer, Refusal, TcpGrant, WireCode};
+use super::wire::{code, cut_reason, JobId, Message, Offer, Refusal, ReplicaResult, TcpGrant, WireCode};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,8 @@ pub struct Sender {
     /// Whether the offer asked for the TCP lane.
     tcp_lane: bool,
     max_lanes: usize,
+    /// What a relay said about the replicas after it.
+    replicas: Vec<ReplicaResult>,
 }
 
 impl Sender {
@@ -129,11 +131,18 @@ impl Sender {
             state: SendState::Offered,
             out,
             max_lanes,
+            replicas: vec![],
         }
     }
 
     pub fn offer(&self) -> &Offer {
         &self.offer
+    }
+
+    /// How the job ended on the replicas after the receiver, as the receiver (a relay)
+    /// reported it; empty for a job without a relay.
+    pub fn replicas(&self) -> &[ReplicaResult] {
+        &self.replicas
     }
 
     /// The next thing to do, if any.
@@ -171,6 +180,13 @@ impl Sender {
             (SendState::Offered, Message::Accept { have, tcp }) => self.accepted_with(&have, tcp),
             (SendState::Offered, Message::Reject(r)) => self.finish(SendEnd::Rejected(r)),
             (SendState::Offered, m) => self.finish(SendEnd::Protocol(ProtocolError::new("accept", &m))),
+            // A relay reports its replicas once, before its own last word; only
+            // replicas the offer named.
+            (SendState::Sending { .. } | SendState::Committing | SendState::Explaining { .. }, Message::Replicas(r))
+                if self.replicas.is_empty() && self.named(&r) =>
+            {
+                self.replicas = r
+            }
             (SendState::Committing, Message::Committed { report }) => self.finish(SendEnd::Committed(report)),
             (SendState::Committing, Message::Held { job }) => self.finish(SendEnd::Held(job)),
             // The receiver's acknowledgement of our abort: our own reason stands.
@@ -183,6 +199,11 @@ impl Sender {
             }
             (SendState::Done, _) => {}
         }
+    }
+
+    fn named(&self, replicas: &[ReplicaResult]) -> bool {
+        let hops = &self.offer.relay;
+        replicas.len() <= hops.len() && replicas.iter().all(|r| hops.iter().any(|h| h.peer == r.peer))
     }
 
     fn accepted_with(&mut self, have: &[Vec<u8>], tcp: Option<TcpGrant>) {
@@ -489,6 +510,15 @@ impl Receiver {
         }
     }
 
+    /// The replicas after this one (a relay's) ended as `results`: the sender hears it
+    /// before this job's own last word. Only while the hook runs (the relay waits for
+    /// them before it runs its own hook).
+    pub fn relayed(&mut self, results: Vec<ReplicaResult>) {
+        if self.state == RecvState::Hooking && !results.is_empty() {
+            self.send(Message::Replicas(results));
+        }
+    }
+
     /// The import hook ended.
     pub fn hook_done(&mut self, result: Result<HookEnd, Refusal>) {
         if self.state != RecvState::Hooking {
@@ -736,6 +766,77 @@ mod tests {
         s.handle_message(done);
         assert!(matches!(drain_send(&mut s)[..], [SendAction::Finish(SendEnd::Committed(ref r))] if r == "ok"));
         assert!(s.is_done() && r.is_done());
+    }
+
+    fn replica(peer: &str, outcome: super::super::wire::ReplicaOutcome) -> ReplicaResult {
+        ReplicaResult {
+            peer: peer.into(),
+            target: "in".into(),
+            outcome,
+            job: JobId::default(),
+            code: 0,
+            text: "moved".into(),
+            bytes: 5,
+        }
+    }
+
+    #[test]
+    fn a_relay_reports_its_replicas_before_its_own_last_word() {
+        use super::super::wire::{Hop, ReplicaOutcome};
+        let now = Instant::now();
+        let mut o = offer(&[("a", b"hello")]);
+        o.relay = vec![Hop {
+            peer: "c@127.0.0.1:1".into(),
+            target: "in".into(),
+        }];
+        let mut s = Sender::new(o.clone(), 4);
+        drain_send(&mut s);
+        let mut r = Receiver::accept(ReceiveJob::new(o).unwrap(), None, None, now);
+        let Some(RecvAction::Send(accept)) = r.poll_action() else {
+            panic!()
+        };
+        s.handle_message(accept);
+        drain_send(&mut s);
+        r.block_written(0, 0, now);
+        s.lanes_done();
+        let Some(SendAction::Send(commit)) = s.poll_action() else {
+            panic!()
+        };
+        // Before the hook runs, a relay's replicas are not reported.
+        r.relayed(vec![replica("c@127.0.0.1:1", ReplicaOutcome::Committed)]);
+        r.handle_message(commit);
+        assert_eq!(drain_recv(&mut r), vec![RecvAction::Seal]);
+        r.sealed(Ok(()));
+        assert_eq!(drain_recv(&mut r), vec![RecvAction::RunHook]);
+        r.relayed(vec![replica("c@127.0.0.1:1", ReplicaOutcome::Committed)]);
+        r.hook_done(Ok(HookEnd::Committed("ok".into())));
+        let acts = drain_recv(&mut r);
+        assert_eq!(acts.len(), 3, "{acts:?}");
+        for act in acts {
+            if let RecvAction::Send(m) = act {
+                s.handle_message(m);
+            }
+        }
+        assert!(matches!(drain_send(&mut s)[..], [SendAction::Finish(SendEnd::Committed(_))]));
+        assert_eq!(s.replicas(), [replica("c@127.0.0.1:1", ReplicaOutcome::Committed)]);
+    }
+
+    #[test]
+    fn replicas_the_offer_did_not_name_break_the_protocol() {
+        use super::super::wire::ReplicaOutcome;
+        let o = offer(&[("a", b"hello")]);
+        let mut s = Sender::new(o.clone(), 4);
+        drain_send(&mut s);
+        let job = ReceiveJob::new(o).unwrap();
+        s.handle_message(job.accept());
+        drain_send(&mut s);
+        s.handle_message(Message::Replicas(vec![replica("x@127.0.0.1:1", ReplicaOutcome::Failed)]));
+        let end = drain_send(&mut s);
+        assert!(
+            matches!(&end[..], [SendAction::Finish(SendEnd::Protocol(p))] if p.got == "replicas"),
+            "{end:?}"
+        );
+        assert!(s.replicas().is_empty());
     }
 
     #[test]

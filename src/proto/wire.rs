@@ -9,8 +9,10 @@ use super::blocks::{listed_blocks, Digest, FileHashes};
 use super::keys::{Key, KeyRange, KeySpan};
 use super::limits::*;
 
-/// Protocol version carried in every frame.
-pub const VERSION: u8 = 2;
+/// The newest protocol version: 3 added relays (an offer's next hops, and the
+/// `Replicas` a relay reports back). A frame carries the oldest version that can say
+/// what it holds, so peers of version 2 still read every message of a job without a relay.
+pub const VERSION: u8 = 3;
 /// The oldest version still read: 1 differs only in offers, which lacked file modes.
 pub const OLDEST_VERSION: u8 = 1;
 /// The mode of a file offered without one (by a version 1 peer).
@@ -137,6 +139,51 @@ pub struct Offer {
     /// Stage and verify everything, then wait for a separate commit or abort; the
     /// target is held by this job meanwhile.
     pub hold: bool,
+    /// The replicas after this one, in order: the receiver forwards every block it
+    /// verifies to the first, which forwards to the next (see `agent::relay`). Not part
+    /// of the job's id: the same job resent along another chain resumes.
+    pub relay: Vec<Hop>,
+}
+
+/// One replica of a relay chain: the agent (`NAME@ADDR:PORT`) and its import target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub peer: String,
+    pub target: String,
+}
+
+/// How a job ended on one replica of a relay chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaOutcome {
+    Committed = 1,
+    Held = 2,
+    Failed = 3,
+}
+
+impl ReplicaOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaOutcome::Committed => "committed",
+            ReplicaOutcome::Held => "held",
+            ReplicaOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// What a relay reports about one replica after it: how the job ended there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaResult {
+    pub peer: String,
+    pub target: String,
+    pub outcome: ReplicaOutcome,
+    /// The job's id on that replica (what `commit` and `abort` take if it is held).
+    pub job: JobId,
+    /// The wire code of a failure; 0 otherwise.
+    pub code: u16,
+    /// The import hook's report, or why it failed.
+    pub text: String,
+    /// Bytes of blocks sent to that replica (its predecessor's count).
+    pub bytes: u64,
 }
 
 impl Offer {
@@ -300,6 +347,9 @@ pub enum Message {
     List { export: String, range: Option<KeyRange> },
     /// Agent → client: the listing.
     Listing(Vec<ListedFile>),
+    /// Relay → its sender, before its last word: how the job ended on the replicas
+    /// after it in the chain.
+    Replicas(Vec<ReplicaResult>),
 }
 
 /// What to do with a held job.
@@ -371,6 +421,7 @@ const T_LIST_JOBS: u8 = 12;
 const T_JOBS: u8 = 13;
 const T_LIST: u8 = 14;
 const T_LISTING: u8 = 15;
+const T_REPLICAS: u8 = 16;
 
 impl Message {
     /// Encodes the message as one frame (length prefix included). What the peer's
@@ -385,11 +436,20 @@ impl Message {
 
     /// The frame without the limit checks (tests that craft bad messages use it).
     pub fn encode_unchecked(&self) -> Vec<u8> {
-        let mut w = vec![0, 0, 0, 0, VERSION, self.type_byte()];
+        let mut w = vec![0, 0, 0, 0, self.version(), self.type_byte()];
         self.encode_fields(&mut w);
         let len = (w.len() - 4) as u32;
         w[..4].copy_from_slice(&len.to_be_bytes());
         w
+    }
+
+    /// The oldest version that can carry this message (see [`VERSION`]).
+    fn version(&self) -> u8 {
+        match self {
+            Message::Offer(o) if !o.relay.is_empty() => 3,
+            Message::Replicas(_) => 3,
+            _ => 2,
+        }
     }
 
     /// The message's kind, as errors name it.
@@ -410,6 +470,7 @@ impl Message {
             Message::Jobs(_) => "jobs",
             Message::List { .. } => "list",
             Message::Listing(_) => "listing",
+            Message::Replicas(_) => "replicas",
         }
     }
 
@@ -430,6 +491,7 @@ impl Message {
             Message::Jobs(_) => T_JOBS,
             Message::List { .. } => T_LIST,
             Message::Listing(_) => T_LISTING,
+            Message::Replicas(_) => T_REPLICAS,
         }
     }
 
@@ -475,6 +537,10 @@ impl Message {
                 put_string(w, export);
                 put_range(w, range);
             }
+            Message::Replicas(list) => {
+                put_u32(w, list.len() as u32);
+                list.iter().for_each(|r| encode_replica(r, w));
+            }
             Message::Listing(files) => {
                 put_u32(w, files.len() as u32);
                 for f in files {
@@ -518,6 +584,7 @@ impl Message {
                 range: r.range()?,
             },
             T_LISTING => decode_listing(&mut r)?,
+            T_REPLICAS if version >= 3 => decode_replicas(&mut r)?,
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -572,6 +639,51 @@ fn encode_offer(o: &Offer, w: &mut Vec<u8>) {
     }
     w.push(o.tcp_lane as u8);
     w.push(o.hold as u8);
+    if !o.relay.is_empty() {
+        put_u32(w, o.relay.len() as u32);
+        for h in &o.relay {
+            put_string(w, &h.peer);
+            put_string(w, &h.target);
+        }
+    }
+}
+
+fn encode_replica(r: &ReplicaResult, w: &mut Vec<u8>) {
+    put_string(w, &r.peer);
+    put_string(w, &r.target);
+    w.push(r.outcome as u8);
+    w.extend_from_slice(&r.job.0);
+    w.extend_from_slice(&r.code.to_be_bytes());
+    put_string(w, &r.text);
+    w.extend_from_slice(&r.bytes.to_be_bytes());
+}
+
+fn decode_replicas(r: &mut Reader) -> Result<Message, WireError> {
+    let n = r.count("replicas", MAX_HOPS)?;
+    let mut list = Vec::with_capacity(n);
+    for _ in 0..n {
+        list.push(ReplicaResult {
+            peer: r.string(MAX_PEER_LEN)?,
+            target: r.string(MAX_NAME_LEN)?,
+            outcome: match r.u8()? {
+                1 => ReplicaOutcome::Committed,
+                2 => ReplicaOutcome::Held,
+                3 => ReplicaOutcome::Failed,
+                other => {
+                    return Err(WireError::Limit {
+                        what: "replica outcome",
+                        got: other as u64,
+                        max: 3,
+                    })
+                }
+            },
+            job: r.job_id()?,
+            code: u16::from_be_bytes(r.take(2)?.try_into().expect("2 bytes")),
+            text: r.string(MAX_REASON_LEN)?,
+            bytes: r.u64()?,
+        });
+    }
+    Ok(Message::Replicas(list))
 }
 
 /// Version 1 offers (written by older peers, and in held-job journals) carry no file
@@ -619,12 +731,23 @@ fn decode_offer(r: &mut Reader, version: u8) -> Result<Offer, WireError> {
     }
     let tcp_lane = r.flag()?;
     let hold = r.flag()?;
+    let mut relay = vec![];
+    if version >= 3 {
+        let n = r.count("relay hops", MAX_HOPS)?;
+        for _ in 0..n {
+            relay.push(Hop {
+                peer: r.string(MAX_PEER_LEN)?,
+                target: r.string(MAX_NAME_LEN)?,
+            });
+        }
+    }
     Ok(Offer {
         target,
         files,
         meta,
         tcp_lane,
         hold,
+        relay,
     })
 }
 
@@ -905,6 +1028,7 @@ mod tests {
             meta: vec![("k".into(), "v".into())],
             tcp_lane: false,
             hold: false,
+            relay: vec![],
         }
     }
 

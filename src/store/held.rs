@@ -280,6 +280,7 @@ mod tests {
             meta: vec![("region".into(), "2".into())],
             tcp_lane: false,
             hold: true,
+            relay: vec![],
         }
     }
 

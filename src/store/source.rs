@@ -369,6 +369,7 @@ pub async fn make_offer(
         meta,
         tcp_lane: false,
         hold: false,
+        relay: vec![],
     })
 }
 

@@ -518,6 +518,7 @@ mod tests {
             meta: vec![],
             tcp_lane: false,
             hold: false,
+            relay: vec![],
         };
         let disk = Disk::start().unwrap();
         let mut job = ReceiveJob::new(offer.clone()).unwrap();
@@ -570,6 +571,7 @@ mod tests {
             meta: vec![],
             tcp_lane: false,
             hold: false,
+            relay: vec![],
         };
         let a = Stage::open(&root, &ReceiveJob::new(offer.clone()).unwrap()).unwrap();
         let mut other = offer;
@@ -613,6 +615,7 @@ mod tests {
             meta: vec![],
             tcp_lane: false,
             hold: false,
+            relay: vec![],
         };
         let job = ReceiveJob::new(offer).unwrap();
         std::os::unix::fs::symlink(t.path(), t.path().join(STAGING_DIR)).unwrap();

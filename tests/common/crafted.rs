@@ -26,6 +26,7 @@ pub fn offer_for(names: &[&str], data: &[u8]) -> Offer {
         meta: vec![],
         tcp_lane: false,
         hold: false,
+        relay: vec![],
     }
 }
 

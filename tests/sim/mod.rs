@@ -344,6 +344,7 @@ impl Source {
             meta: vec![("seed".into(), format!("{:x}", rng.next_u64()))],
             tcp_lane: false,
             hold: false,
+            relay: vec![],
         };
         Source { offer, data }
     }
