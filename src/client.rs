@@ -6,6 +6,9 @@
 //! moves the files into place only when all of them arrived. Held jobs are committed
 //! or aborted, and jobs and exports listed, with one request and one answer each.
 
+mod chain;
+pub use chain::{ChainReport, Replica};
+
 use crate::config::OnExists;
 use crate::engines::hook::{ImportHook, MoveHook, ReplaceHook};
 use crate::net::quic::Tuning;
@@ -590,6 +593,7 @@ impl Client {
             space: None,
             stall: None,
             dir_mode: None,
+            relay: None,
         };
         let received = transfer::receive_job(send, recv, job, stage, at, hook).await;
         match received.map_err(transfer::after_accept)? {

@@ -217,6 +217,10 @@ struct RawTarget {
     kind: Option<ExportKind>,
     #[serde(default)]
     operators: Vec<String>,
+    #[serde(default)]
+    relay_from: Vec<String>,
+    #[serde(default)]
+    ship: Vec<String>,
     on_exists: Option<OnExists>,
     file_mode: Option<String>,
     dir_mode: Option<String>,
@@ -284,6 +288,9 @@ pub struct Export {
     /// `after_commit`: a command run on this agent once a receiver committed a pull
     /// from this export (see `hook::AfterCommitHook`).
     pub after_commit: Option<AfterCommitSpec>,
+    /// `ship`: identities that may order this agent to send the export's files to
+    /// another agent (`barge ship`); separate from `allow`, which lets a peer pull.
+    pub ship: AllowList,
 }
 
 /// An export's `after_commit` command and how it runs: like an import's exec hook,
@@ -311,6 +318,9 @@ pub struct Import {
     pub tcp_lane: bool,
     /// Identities that may list, commit and abort other senders' held jobs here.
     pub operators: AllowList,
+    /// `relay_from`: senders whose jobs this target forwards to the next replica of a
+    /// relay chain, with this agent's identity. Empty: it relays for nobody.
+    pub relay_from: AllowList,
     /// What a `move` does with a name the target already has.
     pub on_exists: OnExists,
     /// Modes its files and the folders a job brings get, instead of the sender's
@@ -453,7 +463,7 @@ allow = ["*"]
     /// open nothing on this agent.
     pub fn knows(&self, identity: &str) -> bool {
         let imports = self.imports.iter().flat_map(|t| [&t.allow, &t.operators]);
-        let exports = self.exports.iter().map(|t| &t.allow);
+        let exports = self.exports.iter().flat_map(|t| [&t.allow, &t.ship]);
         imports.chain(exports).any(|a| a.allows(identity))
     }
 }
@@ -522,6 +532,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 allow: t.allow,
                 kind: t.kind,
                 after_commit: t.after_commit,
+                ship: t.ship,
             })
             .collect(),
         imports: imports
@@ -533,6 +544,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 hook,
                 tcp_lane: t.tcp_lane,
                 operators: t.operators,
+                relay_from: t.relay_from,
                 on_exists: t.on_exists,
                 file_mode: t.file_mode,
                 dir_mode: t.dir_mode,
@@ -686,6 +698,8 @@ struct Target {
     tcp_lane: bool,
     kind: ExportKind,
     operators: AllowList,
+    relay_from: AllowList,
+    ship: AllowList,
     on_exists: OnExists,
     file_mode: Option<u32>,
     dir_mode: Option<u32>,
@@ -727,6 +741,12 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
     let dir_mode = mode(&format!("{key}.dir_mode"), t.dir_mode.as_deref())?;
     if !import && (file_mode.is_some() || dir_mode.is_some()) {
         return Err(invalid(format!("{key}.file_mode"), "only import targets set modes"));
+    }
+    if !import && !t.relay_from.is_empty() {
+        return Err(invalid(format!("{key}.relay_from"), "only import targets relay"));
+    }
+    if import && !t.ship.is_empty() {
+        return Err(invalid(format!("{key}.ship"), "only exports are shipped from"));
     }
     if !import && !t.operators.is_empty() {
         return Err(invalid(
@@ -781,6 +801,8 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             tcp_lane: t.tcp_lane,
             kind: t.kind.unwrap_or_default(),
             operators: AllowList(t.operators),
+            relay_from: AllowList(t.relay_from),
+            ship: AllowList(t.ship),
             on_exists: t.on_exists.unwrap_or_default(),
             file_mode,
             dir_mode,

@@ -113,3 +113,118 @@ async fn a_pull_run_again_with_skip_identical_moves_no_data() {
     assert_eq!(r.files, 2);
     assert_same_tree(&env.outbox(), &into);
 }
+
+/// Agents named `names`, each with import target `in` (every name and `client`
+/// allowed; `relay_from` as given; `on_exists`) and export `out`, on loopback.
+struct Fleet {
+    dir: tempfile::TempDir,
+    agents: Vec<Option<barge::agent::Agent>>,
+    names: Vec<String>,
+}
+
+impl Fleet {
+    async fn start(names: &[&str], target_extra: &str) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        barge::net::certs::init_ca(&certs).unwrap();
+        for name in names.iter().chain(&["client", "operator", "stranger"]) {
+            barge::net::certs::issue(&certs, name, &[]).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("src")).unwrap();
+        let mut fleet = Fleet {
+            dir,
+            agents: vec![],
+            names: names.iter().map(|n| n.to_string()).collect(),
+        };
+        for i in 0..names.len() {
+            let agent = fleet.start_one(i, target_extra).await;
+            fleet.agents.push(Some(agent));
+        }
+        fleet
+    }
+
+    fn config_path(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("{}.toml", self.names[i]))
+    }
+
+    async fn start_one(&self, i: usize, target_extra: &str) -> barge::agent::Agent {
+        let name = &self.names[i];
+        let root = self.dir.path().join(name);
+        for d in ["in", "out"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let allow: Vec<String> = self
+            .names
+            .iter()
+            .chain(&["client".to_string()])
+            .map(|n| format!("{n:?}"))
+            .collect();
+        let allow = allow.join(", ");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{name}/data\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
+             [[import]]\nname = \"in\"\npath = \"{name}/in\"\nallow = [{allow}]\nrelay_from = [{allow}]\n{target_extra}\n\
+             [[export]]\nname = \"out\"\npath = \"{name}/out\"\nallow = [{allow}]\nship = [\"operator\"]\n"
+        );
+        std::fs::write(self.config_path(i), text).unwrap();
+        let config = barge::config::Config::load(&self.config_path(i)).unwrap();
+        barge::agent::Agent::start(config).await.unwrap()
+    }
+
+    fn peer(&self, i: usize) -> barge::client::Peer {
+        let addr = self.agents[i].as_ref().unwrap().local_addr();
+        format!("{}@{addr}", self.names[i]).parse().unwrap()
+    }
+
+    fn replica(&self, i: usize) -> barge::client::Replica {
+        barge::client::Replica {
+            peer: self.peer(i),
+            target: "in".into(),
+        }
+    }
+
+    fn inbox(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(&self.names[i]).join("in")
+    }
+
+    fn src(&self) -> std::path::PathBuf {
+        self.dir.path().join("src")
+    }
+
+    fn client(&self, identity: &str) -> barge::client::Client {
+        barge::client::Client::new(&barge::net::tls::TlsFiles::in_dir(
+            &self.dir.path().join("certs"),
+            identity,
+        ))
+        .unwrap()
+    }
+}
+
+/// Writes `n` files of `len` bytes under the fleet's `src/set`.
+fn data_set(fleet: &Fleet, n: u64, len: usize) -> std::path::PathBuf {
+    let set = fleet.src().join("set");
+    for i in 0..n {
+        write(&set.join(format!("f{i}")), &content(100 + i, len));
+    }
+    set
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_three_replicas_gets_every_block_from_the_sender_once() {
+    let fleet = Fleet::start(&["b", "c", "d"], "").await;
+    let set = data_set(&fleet, 4, (3 << 20) + 12345);
+    let client = fleet.client("client");
+    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
+    let r = client
+        .push_chain(&chain, &[set.clone()], &PushOptions::default())
+        .await
+        .unwrap();
+    let payload = 4 * ((3 << 20) + 12345) as u64;
+    assert_eq!(r.bytes_sent, payload, "the sender sends each byte once");
+    assert_eq!(r.replicas.len(), 3);
+    for (i, rep) in r.replicas.iter().enumerate() {
+        assert_eq!(rep.peer, fleet.peer(i).to_string());
+        assert_eq!(rep.outcome, barge::proto::wire::ReplicaOutcome::Committed, "{rep:?}");
+        assert_eq!(rep.bytes, payload, "each hop got every byte once: {rep:?}");
+        assert_same_tree(&fleet.src(), &fleet.inbox(i));
+    }
+}

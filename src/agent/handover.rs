@@ -150,16 +150,12 @@ pub(super) fn import_job(
 
 /// The recorded outcome of `job` into `target`, if it committed and (for hooks that
 /// place files) the target still holds what it placed.
-/// Only its own sender is answered from the record: to another, the job is new.
-pub(super) fn committed_before(
-    ledger: &Ledger,
-    job: JobId,
-    peer: &str,
-    target: &Import,
-    paths: &[RelPath],
-) -> Option<Done> {
+pub(super) fn committed_before(ledger: &Ledger, job: JobId, target: &Import, paths: &[RelPath]) -> Option<Done> {
     let done = ledger.done(job)?;
-    let ours = done.target == target.name && done.peer == peer;
+    // Any sender the target allows: the same job may come by another route (a relay
+    // chain whose relay failed, a ship after a push), and saying it is in tells the
+    // sender nothing its job id did not.
+    let ours = done.target == target.name;
     (ours && done.still_holds(&target.path, paths)).then_some(done)
 }
 

@@ -17,6 +17,7 @@ mod handover;
 mod jobs;
 mod pull;
 mod push;
+mod relay;
 pub mod systemd;
 
 use crate::config::{AllowList, Config, Export, HookSpec, Import};
@@ -98,6 +99,8 @@ struct Shared {
     peers: Arc<gate::Peers>,
     /// Refused connections and requests are logged, but not every one of a flood.
     refusal_log: gate::LogLimit,
+    /// The agent's own client, for relays and ships (see `relay`).
+    client: Mutex<Option<Arc<crate::client::Client>>>,
 }
 
 impl Shared {
@@ -183,6 +186,7 @@ impl Agent {
             credit: Arc::new(credit),
             peers: Arc::default(),
             refusal_log: gate::LogLimit::new(20, Duration::from_secs(10)),
+            client: Mutex::default(),
         });
         let mut tasks = vec![];
         let mut metrics_addr = None;

@@ -14,14 +14,17 @@ impl JobCtx {
         let live = self.shared.live();
         let target = self.import_target(&live, &offer.target)?;
         let hook = live.hooks[&target.name].clone();
+        self.check_relay(&target, &offer)?;
         let job = ReceiveJob::new(offer).map_err(|e| e.refusal())?;
+        // As the sender offered it: a relay forwards it so (the target may set modes).
+        let offered = job.offer.clone();
         let span =
             info_span!("job", id = %job.id, target = %target.name, files = job.paths.len(), hold = job.offer.hold);
         let _guard = ActiveGuard::take_over(&self.shared, job.id, &self.peer)
             .instrument(span.clone())
             .await?;
         let slot = JobSlot::claim(&self.shared, &live, &self.peer)?;
-        if let Some(done) = handover::committed_before(&self.shared.commits, job.id, &self.peer, &target, &job.paths) {
+        if let Some(done) = handover::committed_before(&self.shared.commits, job.id, &target, &job.paths) {
             span.in_scope(|| info!(report = %done.report, "committed before; sent again, confirmed without data"));
             // What a commit cut off after its outcome was recorded left in staging.
             Stage::at(target.staging.join(job.id.to_string())).remove();
@@ -36,7 +39,8 @@ impl JobCtx {
         let (job, stage, space) = async { self.prepare(job, &target, hook.as_ref(), limits).await }
             .instrument(span.clone())
             .await?;
-        let run = self.receive(job, stage, (space, slot), target, hook, send, recv);
+        let relay = self.start_relay(&offered, &job, &stage, &target)?;
+        let run = self.receive(job, stage, (space, slot, relay), target, hook, send, recv);
         if let Err(e) = run.instrument(span.clone()).await {
             span.in_scope(|| warn!(error = %e, "job failed"));
         }
@@ -169,7 +173,7 @@ impl JobCtx {
         &self,
         job: ReceiveJob,
         stage: Stage,
-        (space, job_slot): (Reservation, JobSlot<'_>),
+        (space, job_slot, relay): (Reservation, JobSlot<'_>, Option<transfer::Relay>),
         target: Import,
         hook: Arc<dyn ImportHook>,
         send: &mut quinn::SendStream,
@@ -212,6 +216,7 @@ impl JobCtx {
             space: Some(&space),
             stall: Some(self.shared.config().limits.stall),
             dir_mode,
+            relay: relay.as_ref(),
         };
         let out = transfer::receive_job(send, recv, job, stage, at, run_hook).await;
         // The sender has its answer: its next job may have the slot while this one's

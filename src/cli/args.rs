@@ -142,11 +142,15 @@ pub struct PushArgs {
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
     /// The agent: HOST:PORT (HOST is the name in its certificate) or NAME@ADDR:PORT.
-    #[arg(long, value_name = "PEER")]
-    pub to: String,
-    /// Import target on the agent.
-    #[arg(long, value_name = "TARGET")]
-    pub import: String,
+    /// Given several times, a relay chain in this order: the first replica forwards
+    /// each block to the second as it verifies it, and so on, so this side sends each
+    /// byte once. Put hosts that share a rack next to each other.
+    #[arg(long, value_name = "PEER", required = true)]
+    pub to: Vec<String>,
+    /// Import target on the agent(s); with several replicas, either one TARGET for
+    /// all, or NAME=TARGET for each (NAME: the replica's certificate name).
+    #[arg(long, value_name = "TARGET", required = true)]
+    pub import: Vec<String>,
     /// Metadata for the import hook, KEY=VALUE (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     pub meta: Vec<String>,
@@ -236,10 +240,11 @@ pub struct PeerArgs {
 
 #[derive(Debug, Args)]
 pub struct JobArgs {
-    /// The agent: HOST:PORT or NAME@ADDR:PORT.
-    pub peer: String,
-    /// The job id `push --hold` printed (32 hex digits).
-    pub job: String,
+    /// The agent(s), HOST:PORT or NAME@ADDR:PORT, then the job id `push --hold`
+    /// printed (32 hex digits). With several agents (the replicas of a held relay
+    /// push), each is done in turn and reported; the command fails if any did.
+    #[arg(required = true, num_args = 2.., value_name = "PEER... JOB")]
+    pub args: Vec<String>,
     #[command(flatten)]
     pub id: IdentityArgs,
 }

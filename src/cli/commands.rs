@@ -6,10 +6,11 @@ use crate::cli::{
 };
 use anyhow::{bail, Context, Result};
 use barge::agent::Agent;
-use barge::client::{Client, Peer, PushOptions};
+use barge::client::{Client, Peer, PushOptions, Replica};
 use barge::config::Config;
 use barge::net::tls::TlsFiles;
 use barge::proto::keys::KeyRange;
+use barge::proto::wire::{ReplicaOutcome, ReplicaResult};
 use barge::transfer::TransferError;
 use std::path::PathBuf;
 
@@ -288,8 +289,47 @@ fn parse_range(range: Option<&str>) -> Result<Option<KeyRange>> {
     Ok(range.map(parse).transpose()?)
 }
 
+/// The replicas of a push: each `--to`, with its `--import` (one for all, or
+/// NAME=TARGET each).
+fn replicas(to: &[String], import: &[String]) -> Result<Vec<Replica>> {
+    let peers = to
+        .iter()
+        .map(|t| t.parse::<Peer>().map_err(usage))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let [target] = import {
+        if !target.contains('=') {
+            let one = |peer: Peer| Replica {
+                peer,
+                target: target.clone(),
+            };
+            return Ok(peers.into_iter().map(one).collect());
+        }
+    }
+    let mut named = std::collections::HashMap::new();
+    for i in import {
+        let (name, target) = i
+            .split_once('=')
+            .filter(|(n, t)| !n.is_empty() && !t.is_empty())
+            .ok_or_else(|| usage(format!("--import {i:?}: with several, each is NAME=TARGET")))?;
+        named.insert(name.to_string(), target.to_string());
+    }
+    let with_target = |peer: Peer| match named.remove(&peer.name) {
+        Some(target) => Ok(Replica { peer, target }),
+        None => Err(usage(format!("no --import NAME=TARGET for {}", peer.name))),
+    };
+    let list = peers.into_iter().map(with_target).collect::<Result<Vec<_>, _>>()?;
+    if let Some(name) = named.keys().next() {
+        return Err(usage(format!("--import {name}=...: no --to names {name}")).into());
+    }
+    Ok(list)
+}
+
 async fn push(p: PushArgs) -> Result<()> {
-    let peer: Peer = p.to.parse().map_err(usage)?;
+    let mut chain = replicas(&p.to, &p.import)?;
+    if chain.len() > 1 {
+        return push_chain(p, chain).await;
+    }
+    let Replica { peer, target } = chain.remove(0);
     // With the test-only `faults` feature PushOptions has one more field.
     #[allow(clippy::needless_update)]
     let opts = PushOptions {
@@ -303,9 +343,9 @@ async fn push(p: PushArgs) -> Result<()> {
     };
     let client = client(&p.id)?;
     let started = std::time::Instant::now();
-    let r = with_progress(&client, client.push(&peer, &p.import, &p.paths, &opts)).await;
+    let r = with_progress(&client, client.push(&peer, &target, &p.paths, &opts)).await;
     client.close().await;
-    let r = r.with_context(|| format!("push to {peer} ({})", p.import))?;
+    let r = r.with_context(|| format!("push to {peer} ({target})"))?;
     let secs = started.elapsed().as_secs_f64();
     if p.json {
         let extra = serde_json::json!({
@@ -324,7 +364,7 @@ async fn push(p: PushArgs) -> Result<()> {
         r.files,
         r.bytes_total,
         peer.name,
-        p.import,
+        target,
         secs,
         r.bytes_sent as f64 / secs / 1e6,
         r.blocks_sent,
@@ -334,12 +374,113 @@ async fn push(p: PushArgs) -> Result<()> {
         true => say!(
             "held as job {} until `barge commit {} {0}` or `barge abort {1} {0}`",
             r.job,
-            p.to
+            p.to[0]
         ),
         false if !r.report.is_empty() => say!("import hook: {}", r.report),
         false => {}
     }
     Ok(())
+}
+
+/// A push to several replicas, relayed: a line (or JSON entry) per replica.
+async fn push_chain(p: PushArgs, chain: Vec<Replica>) -> Result<()> {
+    #[allow(clippy::needless_update)]
+    let opts = PushOptions {
+        meta: parse_meta(&p.meta)?,
+        hold: p.hold,
+        sst: p.sst,
+        range: parse_range(p.range.as_deref())?,
+        ..Default::default()
+    };
+    if p.tcp_lane || p.connections > 1 {
+        tracing::warn!("a relay chain sends on one QUIC connection: --tcp-lane and --connections are not used");
+    }
+    let client = client(&p.id)?;
+    let started = std::time::Instant::now();
+    let r = with_progress(&client, client.push_chain(&chain, &p.paths, &opts)).await;
+    client.close().await;
+    let r = r.context("push to the replicas")?;
+    let secs = started.elapsed().as_secs_f64();
+    report_replicas(&r.replicas, p.json, || {
+        let f = &r.first;
+        let extra = serde_json::json!({"sent_bytes": r.bytes_sent, "sent_blocks": r.blocks_sent});
+        (f.job, f.files, f.bytes_total, secs, f.hashes.clone(), extra)
+    });
+    if !p.json {
+        say!(
+            "sent {} bytes for {} replicas of {} files, {} bytes, in {secs:.2}s",
+            r.bytes_sent,
+            r.replicas.len(),
+            r.first.files,
+            r.first.bytes_total
+        );
+    }
+    replicas_failed(&r.replicas)
+}
+
+type JsonHead = (
+    barge::proto::wire::JobId,
+    usize,
+    u64,
+    f64,
+    Vec<(String, barge::proto::blocks::Digest)>,
+    serde_json::Value,
+);
+
+/// Prints how the job ended on each replica: a line each, or one JSON object whose
+/// `replicas` lists them (with `head`'s fields).
+fn report_replicas(list: &[ReplicaResult], json: bool, head: impl FnOnce() -> JsonHead) {
+    if json {
+        let (job, files, bytes, secs, hashes, mut extra) = head();
+        let entries: Vec<_> = list.iter().map(replica_json).collect();
+        extra["replicas"] = entries.into();
+        print_json(job, files, bytes, secs, &hashes, extra);
+        return;
+    }
+    for r in list {
+        say!("{}: {} ({}): {}", r.peer, r.outcome.as_str(), r.target, r.text);
+        if r.outcome == ReplicaOutcome::Held {
+            say!(
+                "  held as job {} until `barge commit {} {0}` or `barge abort`",
+                r.job,
+                r.peer
+            );
+        }
+    }
+}
+
+fn replica_json(r: &ReplicaResult) -> serde_json::Value {
+    let (report, error) = match r.outcome {
+        ReplicaOutcome::Failed => (None, Some(&r.text)),
+        _ => (Some(&r.text), None),
+    };
+    serde_json::json!({
+        "peer": r.peer,
+        "target": r.target,
+        "outcome": r.outcome.as_str(),
+        "job": r.job.to_string(),
+        "report": report,
+        "error": error,
+        "code": r.code,
+        "received_bytes": r.bytes,
+    })
+}
+
+/// An error naming every replica that failed (exit 5 if all were refusals, else 6).
+fn replicas_failed(list: &[ReplicaResult]) -> Result<()> {
+    let failed: Vec<_> = list.iter().filter(|r| r.outcome == ReplicaOutcome::Failed).collect();
+    let Some(first) = failed.first() else {
+        return Ok(());
+    };
+    let names: Vec<_> = failed.iter().map(|r| format!("{}: {}", r.peer, r.text)).collect();
+    let why = format!(
+        "{} of {} replicas failed: {}",
+        failed.len(),
+        list.len(),
+        names.join("; ")
+    );
+    let refusal = barge::proto::wire::Refusal::new(first.code, why);
+    Err(TransferError::Failed(refusal).into())
 }
 
 async fn pull(p: PullArgs) -> Result<()> {
@@ -449,22 +590,44 @@ async fn jobs(j: PeerArgs) -> Result<()> {
 }
 
 async fn job_op(j: JobArgs, commit: bool) -> Result<()> {
-    let peer: Peer = j.peer.parse().map_err(usage)?;
-    let job: barge::proto::wire::JobId = j.job.parse().map_err(usage)?;
+    let (job, peers) = j.args.split_last().expect("clap asks for two at least");
+    let job: barge::proto::wire::JobId = job.parse().map_err(usage)?;
+    let peers = peers
+        .iter()
+        .map(|p| p.parse::<Peer>().map_err(usage))
+        .collect::<Result<Vec<_>, _>>()?;
     let client = client(&j.id)?;
-    if commit {
-        let report = client.commit(&peer, job).await;
+    if let [peer] = &peers[..] {
+        let done = job_op_one(&client, peer, job, commit).await;
         client.close().await;
+        return done;
+    }
+    let mut failed = vec![];
+    for peer in &peers {
+        if let Err(e) = job_op_one(&client, peer, job, commit).await {
+            eprintln!("barge: {peer}: {e:#}");
+            failed.push(peer.to_string());
+        }
+    }
+    client.close().await;
+    match failed.len() {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} of {} agents failed: {}", peers.len(), failed.join(", ")),
+    }
+}
+
+async fn job_op_one(client: &Client, peer: &Peer, job: barge::proto::wire::JobId, commit: bool) -> Result<()> {
+    if commit {
+        let report = client.commit(peer, job).await;
         let report = report.with_context(|| format!("commit {job} on {peer}"))?;
-        say!("committed job {job}");
+        say!("{}: committed job {job}", peer.name);
         if !report.is_empty() {
             say!("import hook: {report}");
         }
     } else {
-        let done = client.abort(&peer, job).await;
-        client.close().await;
+        let done = client.abort(peer, job).await;
         done.with_context(|| format!("abort {job} on {peer}"))?;
-        say!("aborted job {job}; its staged files are removed");
+        say!("{}: aborted job {job}; its staged files are removed", peer.name);
     }
     Ok(())
 }

@@ -182,11 +182,10 @@ impl Sender {
             (SendState::Offered, m) => self.finish(SendEnd::Protocol(ProtocolError::new("accept", &m))),
             // A relay reports its replicas once, before its own last word; only
             // replicas the offer named.
-            (SendState::Sending { .. } | SendState::Committing | SendState::Explaining { .. }, Message::Replicas(r))
-                if self.replicas.is_empty() && self.named(&r) =>
-            {
-                self.replicas = r
-            }
+            (
+                SendState::Sending { .. } | SendState::Committing | SendState::Explaining { .. },
+                Message::Replicas(r),
+            ) if self.replicas.is_empty() && self.named(&r) => self.replicas = r,
             (SendState::Committing, Message::Committed { report }) => self.finish(SendEnd::Committed(report)),
             (SendState::Committing, Message::Held { job }) => self.finish(SendEnd::Held(job)),
             // The receiver's acknowledgement of our abort: our own reason stands.
@@ -817,7 +816,10 @@ mod tests {
                 s.handle_message(m);
             }
         }
-        assert!(matches!(drain_send(&mut s)[..], [SendAction::Finish(SendEnd::Committed(_))]));
+        assert!(matches!(
+            drain_send(&mut s)[..],
+            [SendAction::Finish(SendEnd::Committed(_))]
+        ));
         assert_eq!(s.replicas(), [replica("c@127.0.0.1:1", ReplicaOutcome::Committed)]);
     }
 
@@ -830,7 +832,10 @@ mod tests {
         let job = ReceiveJob::new(o).unwrap();
         s.handle_message(job.accept());
         drain_send(&mut s);
-        s.handle_message(Message::Replicas(vec![replica("x@127.0.0.1:1", ReplicaOutcome::Failed)]));
+        s.handle_message(Message::Replicas(vec![replica(
+            "x@127.0.0.1:1",
+            ReplicaOutcome::Failed,
+        )]));
         let end = drain_send(&mut s);
         assert!(
             matches!(&end[..], [SendAction::Finish(SendEnd::Protocol(p))] if p.got == "replicas"),

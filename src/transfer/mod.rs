@@ -14,6 +14,7 @@ pub mod codes;
 pub mod framing;
 pub mod lane;
 pub mod receive;
+pub mod relay;
 pub mod send;
 mod tcp;
 
@@ -23,8 +24,8 @@ mod fault;
 pub use fault::Fault;
 
 pub use framing::{expect_msg, read_msg, write_msg};
-pub use receive::{confirm_committed, receive_job, spawn_data_router, Incoming, JobTable, ReceiveAt, Received};
-pub use send::{send_job, SendReport};
+pub use receive::{confirm_committed, receive_job, spawn_data_router, Incoming, JobTable, ReceiveAt, Received, Relay};
+pub use send::{send_job, send_relayed, Blocks, SendReport};
 
 use crate::proto::job::JobError;
 use crate::proto::session::ProtocolError;
@@ -66,6 +67,8 @@ pub enum TransferError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}: changed while it was sent; the job was aborted")]
     SourceChanged(PathBuf),
+    #[error("the job this relay forwards ended upstream: {why}")]
+    Upstream { why: Refusal, aborted: bool },
     #[error("interrupted on purpose after {0} blocks (fault injection)")]
     Interrupted(u64),
 }

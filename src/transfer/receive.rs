@@ -9,7 +9,7 @@ use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
 use crate::proto::session::{HookEnd, Receiver, RecvAction, RecvEnd, REPLY_GRACE};
 use crate::proto::wire::WireCode;
-use crate::proto::wire::{code, parse_data_stream_header, BlockHeader, JobId, Offer, Refusal};
+use crate::proto::wire::{code, parse_data_stream_header, BlockHeader, JobId, Offer, Refusal, ReplicaResult};
 use crate::store::disk::Disk;
 use crate::store::stage::Stage;
 use bytes::Bytes;
@@ -40,6 +40,8 @@ pub struct Incoming {
     pub space: Option<crate::store::space::Reservation>,
     /// Mode of the folders the job brings, if the target sets one.
     pub dir_mode: Option<u32>,
+    /// A relay's tap: told of every block written, for the next replica.
+    pub tap: Option<Arc<super::relay::Tap>>,
 }
 
 impl Incoming {
@@ -213,6 +215,9 @@ impl PendingWrite {
                     space.written(head.len as u64);
                 }
                 inc.with(|s| s.block_written(head.file, head.block, Instant::now()));
+                if let Some(tap) = &inc.tap {
+                    tap.mark(head.file, head.block);
+                }
                 if let Some(m) = &inc.meter {
                     m.received(head.len as u64);
                 }
@@ -306,6 +311,26 @@ pub struct ReceiveAt<'a> {
     pub stall: Option<std::time::Duration>,
     /// Mode of the folders the job brings (an import target's `dir_mode`), if set.
     pub dir_mode: Option<u32>,
+    /// The job is relayed to more replicas: the hook runs once they are done.
+    pub relay: Option<&'a Relay>,
+}
+
+/// A relay's forwarding of the job it receives (see [`super::relay`]).
+pub struct Relay {
+    pub tap: Arc<super::relay::Tap>,
+    /// The forwarding task: how the job ended on the replicas after this one.
+    pub done: Mutex<Option<tokio::task::JoinHandle<Vec<ReplicaResult>>>>,
+}
+
+impl Relay {
+    /// How the replicas after this one ended (none if the forwarding task died).
+    async fn results(&self) -> Vec<ReplicaResult> {
+        let task = self.done.lock().expect("relay").take();
+        match task {
+            Some(t) => t.await.unwrap_or_default(),
+            None => vec![],
+        }
+    }
 }
 
 /// Receives an accepted job: registers it, sends `Accept`, takes data until `Commit`,
@@ -337,13 +362,14 @@ where
         meter: at.meter.cloned(),
         space: at.space.cloned(),
         dir_mode: at.dir_mode,
+        tap: at.relay.map(|r| r.tap.clone()),
     });
     at.table.lock().expect("job table").insert(id, inc.clone());
     let grant = (at.tcp.filter(|_| want_tcp)).map(|(lanes, ip)| lanes.grant(inc.clone(), ip));
     if let Some(g) = grant {
         inc.with(|s| s.grant_tcp(g));
     }
-    let result = drive(send, recv, &inc, hook).await;
+    let result = drive(send, recv, &inc, at.relay, hook).await;
     if let (Some((lanes, _)), Some(g)) = (at.tcp, grant) {
         lanes.revoke(&g.token);
     }
@@ -358,6 +384,7 @@ async fn drive<H, F>(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     inc: &Arc<Incoming>,
+    relay: Option<&Relay>,
     hook: H,
 ) -> Result<Received, TransferError>
 where
@@ -398,6 +425,12 @@ where
             }
             RecvAction::Seal => seal(inc).await,
             RecvAction::RunHook => {
+                if let Some(r) = relay {
+                    // The replicas after this one first: the sender hears of them
+                    // before this job's own last word.
+                    let results = r.results().await;
+                    inc.with(|s| s.relayed(results));
+                }
                 let run = hook.take().expect("the hook runs once");
                 let done = run(inc.offer.clone(), inc.paths.clone()).await;
                 tracing::debug!(ms = inc.started.elapsed().as_millis() as u64, "hook done");
@@ -406,6 +439,13 @@ where
             RecvAction::RemoveStaging => inc.stage.remove(),
             RecvAction::Finish(end) => {
                 let _ = send.finish();
+                if let Some(tap) = &inc.tap {
+                    match &end {
+                        RecvEnd::Failed(why) => tap.end(why.clone(), false),
+                        RecvEnd::Aborted => tap.end(Refusal::new(code::ABORTED, "aborted by the sender"), true),
+                        RecvEnd::Committed(_) | RecvEnd::Held => {}
+                    }
+                }
                 return finish(end, own);
             }
         }

@@ -7,7 +7,7 @@ use super::{after_accept, Flow, TransferError};
 use crate::proto::job::{BlockRef, SendPlan};
 use crate::proto::limits::MAX_STREAMS;
 use crate::proto::session::{ProtocolError, SendAction, SendEnd, Sender};
-use crate::proto::wire::{data_stream_header, BlockHeader, JobId, Message, Offer, TcpGrant};
+use crate::proto::wire::{data_stream_header, BlockHeader, JobId, Message, Offer, ReplicaResult, TcpGrant};
 use crate::store::disk::Disk;
 use crate::store::hashcache::FileStamp;
 use crate::store::source::{SourceError, SourceFile};
@@ -38,6 +38,32 @@ pub struct SendReport {
     pub connections: usize,
     /// The receiver's import hook report.
     pub report: String,
+    /// How the job ended on the replicas after the receiver (a relay chain).
+    pub replicas: Vec<ReplicaResult>,
+}
+
+/// Where a sender's blocks come from.
+#[derive(Clone)]
+pub enum Blocks {
+    /// The files offered, read as they are and checked unchanged.
+    Files(Vec<SourceFile>),
+    /// A relay's: the blocks its own receiving job verifies and writes.
+    Relayed(Arc<super::relay::Tap>),
+}
+
+impl From<Vec<SourceFile>> for Blocks {
+    fn from(files: Vec<SourceFile>) -> Blocks {
+        Blocks::Files(files)
+    }
+}
+
+impl Blocks {
+    fn files(&self) -> &[SourceFile] {
+        match self {
+            Blocks::Files(f) => f,
+            Blocks::Relayed(_) => &[],
+        }
+    }
 }
 
 impl SendReport {
@@ -58,11 +84,43 @@ pub async fn send_job(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     offer: Offer,
-    sources: Vec<SourceFile>,
+    sources: impl Into<Blocks>,
     disk: &Disk,
     flow: &Flow,
 ) -> Result<SendReport, TransferError> {
+    send_relayed(conns, (send, recv), offer, sources.into(), disk, flow)
+        .await
+        .0
+}
+
+/// [`send_job`], also when it fails with what a relay said about the replicas after
+/// it (a relay whose own hook failed may have delivered them).
+pub async fn send_relayed(
+    conns: &[quinn::Connection],
+    (send, recv): (&mut quinn::SendStream, &mut quinn::RecvStream),
+    offer: Offer,
+    sources: Blocks,
+    disk: &Disk,
+    flow: &Flow,
+) -> (Result<SendReport, TransferError>, Vec<ReplicaResult>) {
     let mut m = Sender::new(offer, MAX_STREAMS);
+    let res = run_job(&mut m, conns, (send, recv), sources, disk, flow).await;
+    let replicas = m.replicas().to_vec();
+    let res = res.map(|mut r| {
+        r.replicas = replicas.clone();
+        r
+    });
+    (res, replicas)
+}
+
+async fn run_job(
+    m: &mut Sender,
+    conns: &[quinn::Connection],
+    (send, recv): (&mut quinn::SendStream, &mut quinn::RecvStream),
+    sources: Blocks,
+    disk: &Disk,
+    flow: &Flow,
+) -> Result<SendReport, TransferError> {
     let mut report = SendReport::of(m.offer());
     let (plan, grant) = loop {
         match m.poll_action() {
@@ -89,7 +147,7 @@ pub async fn send_job(
         flow,
         sources,
     };
-    let res = drive(&mut m, send, recv, lanes, plan, grant, &mut report).await;
+    let res = drive(m, send, recv, lanes, plan, grant, &mut report).await;
     res.map_err(after_accept)
 }
 
@@ -98,7 +156,7 @@ struct Lanes<'a> {
     conns: &'a [quinn::Connection],
     disk: &'a Disk,
     flow: &'a Flow,
-    sources: Vec<SourceFile>,
+    sources: Blocks,
 }
 
 /// Runs the accepted job: the lanes and the control stream's last word, as the machine
@@ -113,10 +171,10 @@ async fn drive(
     grant: Option<TcpGrant>,
     report: &mut SendReport,
 ) -> Result<SendReport, TransferError> {
-    let watch = Arc::new(SourceWatch::new(&lanes.sources));
+    let watch = Arc::new(SourceWatch::new(lanes.sources.files()));
     let sent = send_lanes(&lanes, m.offer().job_id(), plan, grant, watch.clone());
     tokio::pin!(sent);
-    let control = read_msg(recv);
+    let control = read_answer(recv);
     tokio::pin!(control);
     let (mut sending, mut reading) = (true, true);
     let mut own: Option<TransferError> = None;
@@ -145,7 +203,10 @@ async fn drive(
                 match r.and_then(|done| lanes_sent(done, &lanes, &watch, report)) {
                     Ok(()) => m.lanes_done(),
                     Err(e) => {
-                        let abort = matches!(e, TransferError::SourceChanged(_));
+                        let abort = matches!(
+                            e,
+                            TransferError::SourceChanged(_) | TransferError::Upstream { aborted: true, .. }
+                        );
                         if matches!(e, TransferError::Interrupted(_)) {
                             return Err(e);
                         }
@@ -154,8 +215,11 @@ async fn drive(
                     }
                 }
             }
-            msg = &mut control, if reading => {
+            (replicas, msg) = &mut control, if reading => {
                 reading = false;
+                if let Some(r) = replicas {
+                    m.handle_message(r);
+                }
                 match msg {
                     Ok(Some(msg)) => m.handle_message(msg),
                     Ok(None) => m.handle_end(),
@@ -170,6 +234,15 @@ async fn drive(
             // last word, so this is not reached): end rather than wait for ever.
             else => m.handle_end(),
         }
+    }
+}
+
+/// The receiver's last word, and the `Replicas` a relay says before it. One future for
+/// both: a quinn read cut off half way would lose what it had taken.
+async fn read_answer(recv: &mut quinn::RecvStream) -> (Option<Message>, Result<Option<Message>, TransferError>) {
+    match read_msg(recv).await {
+        Ok(Some(r @ Message::Replicas(_))) => (Some(r), read_msg(recv).await),
+        other => (None, other),
     }
 }
 
@@ -194,7 +267,7 @@ fn lanes_sent(
         lanes.conns.iter().for_each(close);
         return Err(TransferError::Interrupted(blocks));
     }
-    watch.check_rest(&lanes.sources)
+    watch.check_rest(lanes.sources.files())
 }
 
 /// The sender's result from how the machine ended.
@@ -226,12 +299,14 @@ async fn send_lanes(
     watch: Arc<SourceWatch>,
 ) -> Result<(u64, u64), TransferError> {
     let sources = Arc::new(lanes.sources.clone());
-    match grant {
-        Some(g) => {
+    match (grant, &lanes.sources) {
+        (Some(g), Blocks::Files(files)) => {
             let ip = lanes.conns[0].remote_address().ip();
-            super::tcp::send_lanes(ip, g, plan.lanes, sources, lanes.flow).await
+            super::tcp::send_lanes(ip, g, plan.lanes, Arc::new(files.clone()), lanes.flow).await
         }
-        None => run_lanes(lanes.conns, job, plan, sources, watch, lanes.disk, lanes.flow).await,
+        // A relay never asks for the TCP lane (it sends what it verifies, as it comes).
+        (Some(_), Blocks::Relayed(_)) => Err(TransferError::Stream("a relay sends on QUIC only".into())),
+        (None, _) => run_lanes(lanes.conns, job, plan, sources, watch, lanes.disk, lanes.flow).await,
     }
 }
 
@@ -300,7 +375,7 @@ async fn run_lanes(
     conns: &[quinn::Connection],
     job: JobId,
     plan: SendPlan,
-    sources: Arc<Vec<SourceFile>>,
+    sources: Arc<Blocks>,
     watch: Arc<SourceWatch>,
     disk: &Disk,
     flow: &Flow,
@@ -337,7 +412,7 @@ pub(super) async fn sum_lanes(
 
 struct LaneCtx {
     job: JobId,
-    sources: Arc<Vec<SourceFile>>,
+    sources: Arc<Blocks>,
     watch: Arc<SourceWatch>,
     disk: Disk,
     flow: Flow,
@@ -370,7 +445,10 @@ async fn send_lane(
     );
     let reader = tokio::spawn(async move {
         for b in lane {
-            let r = watch.read(&disk, &sources[b.file as usize], &b, &flow).await;
+            let r = match &*sources {
+                Blocks::Files(files) => watch.read(&disk, &files[b.file as usize], &b, &flow).await,
+                Blocks::Relayed(tap) => tap.read(&disk, &b).await,
+            };
             if tx.send(r.map(|d| (b, d))).await.is_err() {
                 return;
             }

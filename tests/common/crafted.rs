@@ -41,7 +41,7 @@ pub async fn send_offer(env: &Env, offer: Offer, source: PathBuf) -> Result<tran
         size: 0,
         mtime_ns: 0,
     });
-    let sources = offer
+    let sources: Vec<_> = offer
         .files
         .iter()
         .map(|f| barge::store::source::SourceFile {

@@ -1,0 +1,199 @@
+//! One upload, many replicas: a relay chain.
+//!
+//! The sender offers the job to the first replica and names the others, in order, in
+//! the offer's `relay`; each replica verifies and writes every block and forwards it to
+//! the next while it writes (see [`crate::transfer::relay`]), with its own identity.
+//! Before its own last word a replica reports how the job ended on the replicas after
+//! it. A replica that refuses or fails does not sink the rest: whoever sent to it
+//! (this sender or a relay) sends the job on to the replicas it did not report,
+//! directly. Run again, the same job resumes on each replica what it lacks.
+//!
+//! The order is the command line's: put hosts that share a rack or a switch next to
+//! each other, so each block crosses the slow links as few times as possible.
+
+use super::{Client, Peer, PushOptions};
+use crate::proto::wire::{code, Hop, Offer, ReplicaOutcome, ReplicaResult, WireCode};
+use crate::transfer::{self, Blocks, Flow, SendReport, TransferError};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// One replica of a push: an agent and its import target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub peer: Peer,
+    pub target: String,
+}
+
+impl Replica {
+    fn hop(&self) -> Hop {
+        Hop {
+            peer: self.peer.to_string(),
+            target: self.target.clone(),
+        }
+    }
+}
+
+/// What a push to several replicas did.
+#[derive(Debug, Clone, Default)]
+pub struct ChainReport {
+    /// The job as offered to the first replica (names, roots, sizes).
+    pub first: SendReport,
+    /// Blocks and bytes this side sent, to all replicas together.
+    pub blocks_sent: u64,
+    pub bytes_sent: u64,
+    /// How the job ended on each replica, in the chain's order.
+    pub replicas: Vec<ReplicaResult>,
+}
+
+impl ChainReport {
+    /// Whether every replica committed (or holds the job, for a `hold` push).
+    pub fn all_delivered(&self) -> bool {
+        self.replicas.iter().all(|r| r.outcome != ReplicaOutcome::Failed)
+    }
+}
+
+/// How long a replica whose predecessor failed is asked again while it says busy (it
+/// may still hold the failed relay's attempt until that connection times out).
+const FALLBACK_PATIENCE: Duration = Duration::from_secs(60);
+
+impl Client {
+    /// Pushes files and folders to every replica in `chain`, sending each block once:
+    /// each replica forwards to the next. Fails only if the files can not be read;
+    /// each replica's outcome is in the report.
+    pub async fn push_chain(
+        &self,
+        chain: &[Replica],
+        paths: &[PathBuf],
+        opts: &PushOptions,
+    ) -> Result<ChainReport, TransferError> {
+        let first = chain
+            .first()
+            .ok_or_else(|| TransferError::Stream("no replica to push to".into()))?;
+        let paths = paths.to_vec();
+        let walk = tokio::task::spawn_blocking(move || crate::store::source::collect_push(&paths));
+        let files = walk.await.expect("walk task")?;
+        let (offer, files) = self.prepare(&first.target, files, opts).await?;
+        let hops: Vec<Hop> = chain.iter().map(Replica::hop).collect();
+        let mut report = self.deliver(hops, offer.clone(), Blocks::Files(files), opts).await;
+        report.first = SendReport {
+            job: offer.job_id(),
+            hashes: offer.files.iter().map(|f| (f.path.clone(), f.hashes.root)).collect(),
+            files: offer.files.len(),
+            bytes_total: offer.total_bytes(),
+            ..Default::default()
+        };
+        Ok(report)
+    }
+
+    /// Delivers `offer` (its target replaced by each hop's) from `blocks` along `hops`.
+    /// A relay calls this with its tap to forward what it receives.
+    pub async fn deliver(&self, hops: Vec<Hop>, offer: Offer, blocks: Blocks, opts: &PushOptions) -> ChainReport {
+        let order: Vec<String> = hops.iter().map(|h| h.peer.clone()).collect();
+        let mut pending: VecDeque<Hop> = hops.into();
+        let mut report = ChainReport::default();
+        while let Some(hop) = pending.pop_front() {
+            let mut offer = offer.clone();
+            offer.target = hop.target.clone();
+            offer.relay = pending.iter().cloned().collect();
+            let patient = report.replicas.iter().any(|r| r.outcome == ReplicaOutcome::Failed);
+            let (res, after) = self.send_hop(&hop, &offer, &blocks, opts, patient).await;
+            if let Ok(r) = &res {
+                report.blocks_sent += r.blocks_sent;
+                report.bytes_sent += r.bytes_sent;
+            }
+            report.replicas.push(result_of(&hop, &offer, res));
+            pending.retain(|h| !after.iter().any(|r| r.peer == h.peer));
+            report.replicas.extend(after);
+        }
+        let at = |r: &ReplicaResult| order.iter().position(|p| *p == r.peer);
+        report.replicas.sort_by_key(at);
+        report
+    }
+
+    /// Sends the job to one hop; a busy answer is tried again for a while when
+    /// `patient` (a failed relay's attempt may still hold the job there).
+    async fn send_hop(
+        &self,
+        hop: &Hop,
+        offer: &Offer,
+        blocks: &Blocks,
+        opts: &PushOptions,
+        patient: bool,
+    ) -> (Result<SendReport, TransferError>, Vec<ReplicaResult>) {
+        let until = Instant::now() + FALLBACK_PATIENCE;
+        loop {
+            let (res, after) = self.send_once(hop, offer, blocks, opts).await;
+            let wait = match &res {
+                Err(TransferError::Rejected(r)) if patient && r.code == code::BUSY && r.retry_after > 0 => {
+                    Duration::from_secs(r.retry_after.min(2) as u64)
+                }
+                _ => return (res, after),
+            };
+            if Instant::now() + wait > until {
+                return (res, after);
+            }
+            tracing::info!(peer = %hop.peer, reason = %res.as_ref().err().map(|e| e.to_string()).unwrap_or_default(), "replica busy; trying again");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        hop: &Hop,
+        offer: &Offer,
+        blocks: &Blocks,
+        opts: &PushOptions,
+    ) -> (Result<SendReport, TransferError>, Vec<ReplicaResult>) {
+        let peer: Peer = match hop.peer.parse() {
+            Ok(p) => p,
+            Err(e) => return (Err(TransferError::Stream(e.to_string())), vec![]),
+        };
+        let mut conns = vec![];
+        for _ in 0..opts.connections.clamp(1, super::MAX_CONNECTIONS) {
+            match self.connect(&peer).await {
+                Ok(c) => conns.push(c),
+                Err(e) => return (Err(e), vec![]),
+            }
+        }
+        let (mut send, mut recv) = match conns[0].open_bi().await {
+            Ok(s) => s,
+            Err(e) => return (Err(e.into()), vec![]),
+        };
+        let flow = Flow::new(Some(self.tally.done.clone()), None);
+        let streams = (&mut send, &mut recv);
+        let out = transfer::send_relayed(&conns, streams, offer.clone(), blocks.clone(), &self.disk, &flow).await;
+        conns.iter().for_each(|c| c.close(quinn::VarInt::from_u32(0), b"done"));
+        out
+    }
+}
+
+/// One hop's line of the report.
+fn result_of(hop: &Hop, offer: &Offer, res: Result<SendReport, TransferError>) -> ReplicaResult {
+    let mut r = ReplicaResult {
+        peer: hop.peer.clone(),
+        target: hop.target.clone(),
+        outcome: ReplicaOutcome::Committed,
+        job: offer.job_id(),
+        code: 0,
+        text: String::new(),
+        bytes: 0,
+    };
+    match res {
+        Ok(s) => {
+            r.outcome = if s.held {
+                ReplicaOutcome::Held
+            } else {
+                ReplicaOutcome::Committed
+            };
+            r.text = s.report;
+            r.bytes = s.bytes_sent;
+        }
+        Err(e) => {
+            r.outcome = ReplicaOutcome::Failed;
+            r.code = e.code();
+            r.text = crate::proto::wire::cut_reason(e.to_string());
+        }
+    }
+    r
+}
