@@ -7,7 +7,7 @@
 //! or aborted, and jobs and exports listed, with one request and one answer each.
 
 mod chain;
-pub use chain::{ChainReport, Replica};
+pub use chain::{ChainReport, Replica, ShipReport};
 
 use crate::config::OnExists;
 use crate::engines::hook::{ImportHook, MoveHook, ReplaceHook};

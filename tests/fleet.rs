@@ -120,10 +120,16 @@ struct Fleet {
     dir: tempfile::TempDir,
     agents: Vec<Option<barge::agent::Agent>>,
     names: Vec<String>,
+    /// Who each agent's import target `in` allows (default: every agent and `client`).
+    allow: fn(&str) -> Option<&'static str>,
 }
 
 impl Fleet {
     async fn start(names: &[&str], target_extra: &str) -> Fleet {
+        Fleet::start_with(names, target_extra, |_| None).await
+    }
+
+    async fn start_with(names: &[&str], target_extra: &str, allow: fn(&str) -> Option<&'static str>) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         barge::net::certs::init_ca(&certs).unwrap();
@@ -135,6 +141,7 @@ impl Fleet {
             dir,
             agents: vec![],
             names: names.iter().map(|n| n.to_string()).collect(),
+            allow,
         };
         for i in 0..names.len() {
             let agent = fleet.start_one(i, target_extra).await;
@@ -159,11 +166,12 @@ impl Fleet {
             .chain(&["client".to_string()])
             .map(|n| format!("{n:?}"))
             .collect();
-        let allow = allow.join(", ");
+        let all = allow.join(", ");
+        let allow = (self.allow)(name).map(str::to_string).unwrap_or_else(|| all.clone());
         let text = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{name}/data\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
-             [[import]]\nname = \"in\"\npath = \"{name}/in\"\nallow = [{allow}]\nrelay_from = [{allow}]\n{target_extra}\n\
-             [[export]]\nname = \"out\"\npath = \"{name}/out\"\nallow = [{allow}]\nship = [\"operator\"]\n"
+             [[import]]\nname = \"in\"\npath = \"{name}/in\"\nallow = [{allow}]\nrelay_from = [{all}]\noperators = [\"client\"]\n{target_extra}\n\
+             [[export]]\nname = \"out\"\npath = \"{name}/out\"\nallow = [{all}]\nship = [\"operator\"]\n"
         );
         std::fs::write(self.config_path(i), text).unwrap();
         let config = barge::config::Config::load(&self.config_path(i)).unwrap();
@@ -227,4 +235,152 @@ async fn a_chain_of_three_replicas_gets_every_block_from_the_sender_once() {
         assert_eq!(rep.bytes, payload, "each hop got every byte once: {rep:?}");
         assert_same_tree(&fleet.src(), &fleet.inbox(i));
     }
+}
+
+fn ship_to(fleet: &Fleet, export: &str, to: &[usize], hold: bool) -> barge::proto::wire::Ship {
+    barge::proto::wire::Ship {
+        export: export.into(),
+        files: vec![],
+        range: None,
+        to: to
+            .iter()
+            .map(|i| barge::proto::wire::Hop {
+                peer: fleet.peer(*i).to_string(),
+                target: "in".into(),
+            })
+            .collect(),
+        hold,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ship_sends_an_export_from_one_agent_to_another_and_names_every_refusal() {
+    // b takes pushes from everyone but a.
+    let fleet = Fleet::start_with(&["a", "b", "c"], "", |n| (n == "b").then_some("\"c\", \"client\"")).await;
+    let out = fleet.dir.path().join("a/out");
+    write(&out.join("x/one"), &content(7, (2 << 20) + 5));
+    write(&out.join("two"), &content(8, 777));
+    let operator = fleet.client("operator");
+    let r = operator.ship(&fleet.peer(0), ship_to(&fleet, "out", &[2], false)).await.unwrap();
+    assert_eq!(r.replicas.len(), 1);
+    assert_eq!(r.replicas[0].outcome, barge::proto::wire::ReplicaOutcome::Committed, "{r:?}");
+    assert_same_tree(&out, &fleet.inbox(2));
+    assert!(operator.tally().done.load(std::sync::atomic::Ordering::Relaxed) > 0, "progress was shown");
+
+    // An identity missing from the export's ship list is refused, by name.
+    let err = fleet.client("client").ship(&fleet.peer(0), ship_to(&fleet, "out", &[2], false)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("client may not order ships from export \"out\""), "{text}");
+    assert!(matches!(err, barge::transfer::TransferError::Rejected(ref r) if r.code == barge::proto::wire::code::NOT_ALLOWED));
+
+    // b does not allow a: the replica's line names b, and that a was refused.
+    let r = operator.ship(&fleet.peer(0), ship_to(&fleet, "out", &[1], false)).await.unwrap();
+    let line = &r.replicas[0];
+    assert_eq!(line.outcome, barge::proto::wire::ReplicaOutcome::Failed);
+    assert!(line.peer.starts_with("b@"), "{line:?}");
+    assert!(line.text.contains("a may not write to import target \"in\""), "{line:?}");
+    assert!(list(&fleet.inbox(1)).is_empty(), "nothing reached b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_chain_commits_or_aborts_on_every_replica() {
+    let fleet = Fleet::start(&["b", "c", "d"], "").await;
+    let set = data_set(&fleet, 3, (1 << 20) + 99);
+    let client = fleet.client("client");
+    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
+    let held = |tag: &str| PushOptions {
+        hold: true,
+        meta: vec![("load".into(), tag.into())],
+        ..Default::default()
+    };
+    let r = client.push_chain(&chain, &[set.clone()], &held("one")).await.unwrap();
+    for (i, rep) in r.replicas.iter().enumerate() {
+        assert_eq!(rep.outcome, barge::proto::wire::ReplicaOutcome::Held, "{rep:?}");
+        assert!(list(&fleet.inbox(i)).is_empty(), "nothing visible while held");
+    }
+    let job = r.first.job;
+    assert!(r.replicas.iter().all(|x| x.job == job), "one job id on every replica (same target)");
+    for i in 0..3 {
+        client.commit(&fleet.peer(i), job).await.unwrap();
+        assert_same_tree(&fleet.src(), &fleet.inbox(i));
+    }
+    // Another load, held everywhere, then aborted everywhere: nothing stays.
+    let more = fleet.src().join("more");
+    write(&more.join("extra"), &content(9, (1 << 20) + 4096));
+    let r = client.push_chain(&chain, &[more], &held("two")).await.unwrap();
+    assert!(r.all_delivered(), "{:?}", r.replicas);
+    for i in 0..3 {
+        client.abort(&fleet.peer(i), r.first.job).await.unwrap();
+        assert!(!fleet.inbox(i).join("more").exists());
+        let staging = barge::config::Config::load(&fleet.config_path(i)).unwrap().import("in").unwrap().staging.clone();
+        assert!(emptied(&staging), "replica {i}: nothing left staged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_holds_half_the_files_gets_only_the_other_half() {
+    let fleet = Fleet::start(&["b", "c", "d"], "on_exists = \"skip-identical\"").await;
+    let set = data_set(&fleet, 4, 2 << 20);
+    // c already has f0 and f1, the same content.
+    for f in ["f0", "f1"] {
+        let to = fleet.inbox(1).join("set").join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(set.join(f), to).unwrap();
+    }
+    let client = fleet.client("client");
+    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
+    let r = client.push_chain(&chain, &[set.clone()], &PushOptions::default()).await.unwrap();
+    let whole = 4 * (2 << 20) as u64;
+    let got: Vec<u64> = r.replicas.iter().map(|x| x.bytes).collect();
+    assert_eq!(got, [whole, whole / 2, whole], "c got only f2 and f3; d, after it, everything");
+    assert_eq!(r.bytes_sent, whole, "the sender still sends each byte once");
+    for i in 0..3 {
+        assert_same_tree(&fleet.src(), &fleet.inbox(i));
+    }
+    assert!(r.replicas[1].text.contains("2 already there"), "{:?}", r.replicas[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_refuses_is_skipped_and_named() {
+    // c allows nobody but client: b's forward to it is refused, so b sends to d itself.
+    let fleet = Fleet::start_with(&["b", "c", "d"], "", |n| (n == "c").then_some("\"client\"")).await;
+    let set = data_set(&fleet, 2, 1 << 20);
+    let client = fleet.client("client");
+    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
+    let r = client.push_chain(&chain, &[set.clone()], &PushOptions::default()).await.unwrap();
+    use barge::proto::wire::ReplicaOutcome::*;
+    let outcomes: Vec<_> = r.replicas.iter().map(|x| x.outcome).collect();
+    assert_eq!(outcomes, [Committed, Failed, Committed], "{:?}", r.replicas);
+    assert!(r.replicas[1].text.contains("b may not write"), "{:?}", r.replicas[1]);
+    assert_eq!(r.bytes_sent, 2 << 20, "the sender still sent once");
+    assert_same_tree(&fleet.src(), &fleet.inbox(0));
+    assert_same_tree(&fleet.src(), &fleet.inbox(2));
+    assert!(list(&fleet.inbox(1)).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_relays_only_for_the_senders_it_names() {
+    let fleet = Fleet::start(&["b", "c"], "").await;
+    // `stranger` may write to b? No: not on the allow list, so make b's relay the
+    // question: client is allowed and in relay_from; an offer that names hops from a
+    // sender missing from relay_from is refused by name, before any data.
+    let text = std::fs::read_to_string(fleet.config_path(0)).unwrap();
+    let text = text.replacen("relay_from = [\"b\", \"c\", \"client\"]", "relay_from = [\"c\"]", 1);
+    assert!(text.contains("relay_from = [\"c\"]"), "{text}");
+    std::fs::write(fleet.config_path(0), text).unwrap();
+    let agent = fleet.agents[0].as_ref().unwrap();
+    agent.reload(barge::config::Config::load(&fleet.config_path(0)).unwrap()).unwrap();
+    let set = data_set(&fleet, 1, 1000);
+    let client = fleet.client("client");
+    let chain: Vec<_> = (0..2).map(|i| fleet.replica(i)).collect();
+    let r = client.push_chain(&chain, &[set.clone()], &PushOptions::default()).await.unwrap();
+    assert_eq!(r.replicas[0].outcome, barge::proto::wire::ReplicaOutcome::Failed);
+    assert!(
+        r.replicas[0].text.contains("does not relay for client"),
+        "{:?}",
+        r.replicas[0]
+    );
+    // The sender then sends to c itself.
+    assert_eq!(r.replicas[1].outcome, barge::proto::wire::ReplicaOutcome::Committed);
+    assert_same_tree(&fleet.src(), &fleet.inbox(1));
 }

@@ -155,6 +155,7 @@ impl JobCtx {
             Ok(Opening::Push(offer)) => self.push(offer, &mut send, &mut recv).await,
             Ok(Opening::Pull { export, files, range }) => self.pull(export, files, range, &mut send, &mut recv).await,
             Ok(Opening::Request(m)) => self.answer(m, &mut send).await,
+            Ok(Opening::Ship(ship)) => self.ship(ship, &mut send).await,
             Err(r) => Err(r),
         };
         if let Err(r) = result {

@@ -138,8 +138,26 @@ impl JobCtx {
                 out.push(info(h.id, "held", &h.offer, &h.peer, 0, h.age()));
             }
         }
+        out.extend(self.ships(&live));
         out.sort_by(|a, b| (&a.target, a.age_secs).cmp(&(&b.target, b.age_secs)));
         out
+    }
+
+    /// Ships running from exports this peer may order ships from: `shipping`, with
+    /// their operator and replicas in place of a peer.
+    fn ships(&self, live: &super::Live) -> Vec<JobInfo> {
+        let may = |export: &str| live.config.export(export).is_some_and(|e| e.ship.allows(&self.peer));
+        let runs = self.shared.ships.list().into_iter().filter(|r| may(&r.export));
+        runs.map(|run| {
+            let to: Vec<&str> = run.to.iter().map(|h| h.peer.as_str()).collect();
+            let who = crate::proto::wire::cut_name(format!("{} -> {}", run.operator, to.join(" -> ")));
+            let total = run.offer.total_bytes();
+            let sent = run.sent.load(std::sync::atomic::Ordering::Relaxed).min(total);
+            let mut job = info(run.offer.job_id(), "shipping", &run.offer, &who, total - sent, run.started.elapsed());
+            job.target = run.export.clone();
+            job
+        })
+        .collect()
     }
 
     async fn listing(&self, ex: &Export, range: Option<&KeyRange>) -> Result<Vec<ListedFile>, Refusal> {

@@ -18,6 +18,7 @@ mod jobs;
 mod pull;
 mod push;
 mod relay;
+mod ship;
 pub mod systemd;
 
 use crate::config::{AllowList, Config, Export, HookSpec, Import};
@@ -101,6 +102,8 @@ struct Shared {
     refusal_log: gate::LogLimit,
     /// The agent's own client, for relays and ships (see `relay`).
     client: Mutex<Option<Arc<crate::client::Client>>>,
+    /// Ships running now.
+    ships: ship::Ships,
 }
 
 impl Shared {
@@ -187,6 +190,7 @@ impl Agent {
             peers: Arc::default(),
             refusal_log: gate::LogLimit::new(20, Duration::from_secs(10)),
             client: Mutex::default(),
+            ships: Default::default(),
         });
         let mut tasks = vec![];
         let mut metrics_addr = None;

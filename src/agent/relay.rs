@@ -58,7 +58,7 @@ impl JobCtx {
         };
         let blocks = Blocks::Relayed(tap.clone());
         let span = info_span!("relay", hops = hops.len(), next = %hops[0].peer);
-        let task = async move { client.deliver(hops, base, blocks, &opts).await.replicas };
+        let task = async move { client.deliver(hops, base, blocks, &opts, Arc::default()).await.replicas };
         let done = tokio::spawn(task.instrument(span));
         Ok(Some(Relay {
             tap,

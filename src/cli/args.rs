@@ -37,6 +37,12 @@ pub enum Command {
     Push(PushArgs),
     /// Fetch an export of an agent (all of it, named files, or an SST key range) into a folder.
     Pull(PullArgs),
+    /// Ask agent SRC_PEER to push files of its export to other agents' import targets,
+    /// with its own identity (the data does not pass through here). Needs the export to
+    /// name you in its `ship` list, and each target to allow SRC_PEER. Shows progress and
+    /// each replica's result; the ship goes on if this command is stopped, and running
+    /// it again attaches to it.
+    Ship(ShipArgs),
     /// List an export's files with sizes, blake3 hashes and (SST exports) key ranges.
     Ls(LsArgs),
     /// List your jobs being received or held on the agent (and everyone's on the import
@@ -174,6 +180,36 @@ pub struct PushArgs {
     #[arg(long, value_name = "START..END")]
     pub range: Option<String>,
     /// Print one JSON object (job id, files, bytes, seconds, hashes) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub id: IdentityArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ShipArgs {
+    /// The agent that sends: HOST:PORT or NAME@ADDR:PORT.
+    pub peer: String,
+    /// Export on that agent.
+    #[arg(long, value_name = "NAME")]
+    pub export: String,
+    /// Only this file of the export, by its relative name (repeatable).
+    #[arg(long = "file", value_name = "REL", conflicts_with = "range")]
+    pub files: Vec<String>,
+    /// SST export only: the files whose keys lie in [START, END).
+    #[arg(long, value_name = "START..END")]
+    pub range: Option<String>,
+    /// The receiving agent(s), as for `push --to`; several make a relay chain in
+    /// this order (SRC_PEER sends each byte once).
+    #[arg(long, value_name = "PEER", required = true)]
+    pub to: Vec<String>,
+    /// Import target(s), as for `push --import`.
+    #[arg(long, value_name = "TARGET", required = true)]
+    pub import: Vec<String>,
+    /// Stage, verify and hold on every replica until `barge commit` or `barge abort`.
+    #[arg(long)]
+    pub hold: bool,
+    /// Print one JSON object (job, files, bytes, seconds, replicas) instead of text.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

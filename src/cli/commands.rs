@@ -1,7 +1,7 @@
 //! What each command does, with `anyhow` context for the one line a failure prints.
 
 use crate::cli::{
-    AgentArgs, CertsCommand, Command, HashArgs, IdentityArgs, JobArgs, LsArgs, PeerArgs, PullArgs, PushArgs,
+    AgentArgs, CertsCommand, Command, HashArgs, IdentityArgs, JobArgs, LsArgs, PeerArgs, PullArgs, PushArgs, ShipArgs,
     ZdbCloneArgs, ZdbHookArgs, ZdbSyncArgs,
 };
 use anyhow::{bail, Context, Result};
@@ -50,6 +50,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Agent(a) => runtime(None)?.block_on(agent(a)),
         Command::Push(p) => runtime(Some(p.connections.max(1).into()))?.block_on(push(p)),
         Command::Pull(p) => runtime(Some(1))?.block_on(pull(p)),
+        Command::Ship(s) => runtime(Some(1))?.block_on(ship(s)),
         Command::Ls(l) => runtime(Some(1))?.block_on(ls(l)),
         Command::Jobs(j) => runtime(Some(1))?.block_on(jobs(j)),
         Command::Status(j) => runtime(Some(1))?.block_on(status(j)),
@@ -481,6 +482,41 @@ fn replicas_failed(list: &[ReplicaResult]) -> Result<()> {
     );
     let refusal = barge::proto::wire::Refusal::new(first.code, why);
     Err(TransferError::Failed(refusal).into())
+}
+
+async fn ship(a: ShipArgs) -> Result<()> {
+    let agent: Peer = a.peer.parse().map_err(usage)?;
+    let chain = replicas(&a.to, &a.import)?;
+    let ship = barge::proto::wire::Ship {
+        export: a.export.clone(),
+        files: a.files.clone(),
+        range: parse_range(a.range.as_deref())?,
+        to: chain
+            .iter()
+            .map(|r| barge::proto::wire::Hop {
+                peer: r.peer.to_string(),
+                target: r.target.clone(),
+            })
+            .collect(),
+        hold: a.hold,
+    };
+    let client = client(&a.id)?;
+    let started = std::time::Instant::now();
+    let r = with_progress(&client, client.ship(&agent, ship)).await;
+    client.close().await;
+    let r = r.with_context(|| format!("ship from {agent} ({})", a.export))?;
+    let secs = started.elapsed().as_secs_f64();
+    let tally = client.tally();
+    let total = tally.total.load(std::sync::atomic::Ordering::Relaxed);
+    report_replicas(&r.replicas, a.json, || {
+        let job = r.replicas.first().map(|x| x.job).unwrap_or_default();
+        let extra = serde_json::json!({"from": agent.to_string(), "report": r.report});
+        (job, 0, total, secs, vec![], extra)
+    });
+    if !a.json {
+        say!("{}: {} ({total} bytes, {secs:.2}s)", agent.name, r.report);
+    }
+    replicas_failed(&r.replicas)
 }
 
 async fn pull(p: PullArgs) -> Result<()> {

@@ -12,10 +12,13 @@
 //! each other, so each block crosses the slow links as few times as possible.
 
 use super::{Client, Peer, PushOptions};
-use crate::proto::wire::{code, Hop, Offer, ReplicaOutcome, ReplicaResult, WireCode};
+use crate::proto::session::ProtocolError;
+use crate::proto::wire::{code, Hop, Message, Offer, ReplicaOutcome, ReplicaResult, Ship, WireCode};
 use crate::transfer::{self, Blocks, Flow, SendReport, TransferError};
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One replica of a push: an agent and its import target.
@@ -53,6 +56,13 @@ impl ChainReport {
     }
 }
 
+/// What a ship did: how it ended on each replica, and the agent's last word.
+#[derive(Debug, Clone, Default)]
+pub struct ShipReport {
+    pub replicas: Vec<ReplicaResult>,
+    pub report: String,
+}
+
 /// How long a replica whose predecessor failed is asked again while it says busy (it
 /// may still hold the failed relay's attempt until that connection times out).
 const FALLBACK_PATIENCE: Duration = Duration::from_secs(60);
@@ -75,7 +85,8 @@ impl Client {
         let files = walk.await.expect("walk task")?;
         let (offer, files) = self.prepare(&first.target, files, opts).await?;
         let hops: Vec<Hop> = chain.iter().map(Replica::hop).collect();
-        let mut report = self.deliver(hops, offer.clone(), Blocks::Files(files), opts).await;
+        let progress = self.tally.done.clone();
+        let mut report = self.deliver(hops, offer.clone(), Blocks::Files(files), opts, progress).await;
         report.first = SendReport {
             job: offer.job_id(),
             hashes: offer.files.iter().map(|f| (f.path.clone(), f.hashes.root)).collect(),
@@ -86,9 +97,54 @@ impl Client {
         Ok(report)
     }
 
-    /// Delivers `offer` (its target replaced by each hop's) from `blocks` along `hops`.
-    /// A relay calls this with its tap to forward what it receives.
-    pub async fn deliver(&self, hops: Vec<Hop>, offer: Offer, blocks: Blocks, opts: &PushOptions) -> ChainReport {
+    /// Asks `agent` to send `ship`'s files to its replicas, with its own identity, and
+    /// follows it (progress in [`Client::tally`]) until it ends. The ship goes on if
+    /// this side goes away; asked for again, it is attached to.
+    pub async fn ship(&self, agent: &Peer, ship: Ship) -> Result<ShipReport, TransferError> {
+        let conn = self.connect(agent).await?;
+        let res = self.follow_ship(&conn, ship).await;
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        res
+    }
+
+    async fn follow_ship(&self, conn: &quinn::Connection, ship: Ship) -> Result<ShipReport, TransferError> {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        transfer::write_msg(&mut send, &Message::Ship(ship)).await?;
+        let _ = send.finish();
+        let mut report = ShipReport::default();
+        loop {
+            match transfer::expect_msg(&mut recv, "ship progress").await? {
+                Message::Progress { done, total } => {
+                    self.tally.total.store(total, Ordering::Relaxed);
+                    self.tally.done.store(done, Ordering::Relaxed);
+                }
+                Message::Replicas(r) => report.replicas = r,
+                Message::Committed { report: text } => {
+                    report.report = text;
+                    return Ok(report);
+                }
+                Message::Failed(r) if !report.replicas.is_empty() => {
+                    report.report = r.reason;
+                    return Ok(report);
+                }
+                Message::Failed(r) => return Err(TransferError::Failed(r)),
+                Message::Reject(r) => return Err(TransferError::Rejected(r)),
+                other => return Err(ProtocolError::new("ship progress", &other).into()),
+            }
+        }
+    }
+
+    /// Delivers `offer` (its target replaced by each hop's) from `blocks` along `hops`,
+    /// counting the bytes sent in `progress`. A relay calls this with its tap to forward
+    /// what it receives; an agent shipping an export with the export's files.
+    pub async fn deliver(
+        &self,
+        hops: Vec<Hop>,
+        offer: Offer,
+        blocks: Blocks,
+        opts: &PushOptions,
+        progress: Arc<AtomicU64>,
+    ) -> ChainReport {
         let order: Vec<String> = hops.iter().map(|h| h.peer.clone()).collect();
         let mut pending: VecDeque<Hop> = hops.into();
         let mut report = ChainReport::default();
@@ -97,7 +153,8 @@ impl Client {
             offer.target = hop.target.clone();
             offer.relay = pending.iter().cloned().collect();
             let patient = report.replicas.iter().any(|r| r.outcome == ReplicaOutcome::Failed);
-            let (res, after) = self.send_hop(&hop, &offer, &blocks, opts, patient).await;
+            let sending = (&blocks, &progress);
+            let (res, after) = self.send_hop(&hop, &offer, sending, opts, patient).await;
             if let Ok(r) = &res {
                 report.blocks_sent += r.blocks_sent;
                 report.bytes_sent += r.bytes_sent;
@@ -117,13 +174,13 @@ impl Client {
         &self,
         hop: &Hop,
         offer: &Offer,
-        blocks: &Blocks,
+        sending: (&Blocks, &Arc<AtomicU64>),
         opts: &PushOptions,
         patient: bool,
     ) -> (Result<SendReport, TransferError>, Vec<ReplicaResult>) {
         let until = Instant::now() + FALLBACK_PATIENCE;
         loop {
-            let (res, after) = self.send_once(hop, offer, blocks, opts).await;
+            let (res, after) = self.send_once(hop, offer, sending, opts).await;
             let wait = match &res {
                 Err(TransferError::Rejected(r)) if patient && r.code == code::BUSY && r.retry_after > 0 => {
                     Duration::from_secs(r.retry_after.min(2) as u64)
@@ -142,7 +199,7 @@ impl Client {
         &self,
         hop: &Hop,
         offer: &Offer,
-        blocks: &Blocks,
+        (blocks, progress): (&Blocks, &Arc<AtomicU64>),
         opts: &PushOptions,
     ) -> (Result<SendReport, TransferError>, Vec<ReplicaResult>) {
         let peer: Peer = match hop.peer.parse() {
@@ -160,7 +217,7 @@ impl Client {
             Ok(s) => s,
             Err(e) => return (Err(e.into()), vec![]),
         };
-        let flow = Flow::new(Some(self.tally.done.clone()), None);
+        let flow = Flow::new(Some(progress.clone()), None);
         let streams = (&mut send, &mut recv);
         let out = transfer::send_relayed(&conns, streams, offer.clone(), blocks.clone(), &self.disk, &flow).await;
         conns.iter().for_each(|c| c.close(quinn::VarInt::from_u32(0), b"done"));

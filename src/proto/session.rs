@@ -661,6 +661,8 @@ pub enum Opening {
     },
     /// A request with one answer: a listing, the jobs, a held job's commit or abort.
     Request(Message),
+    /// A third-party ship: the agent sends an export's files to other agents.
+    Ship(super::wire::Ship),
 }
 
 /// Reads a stream's first message; only those that open something may come first.
@@ -669,6 +671,7 @@ pub fn opening(msg: Message) -> Result<Opening, ProtocolError> {
         Message::Offer(o) => Ok(Opening::Push(o)),
         Message::Fetch { export, files, range } => Ok(Opening::Pull { export, files, range }),
         m @ (Message::JobOp { .. } | Message::ListJobs | Message::List { .. }) => Ok(Opening::Request(m)),
+        Message::Ship(sh) => Ok(Opening::Ship(sh)),
         other => Err(ProtocolError::new(
             "a stream to start with an offer, fetch, job operation or listing",
             &other,

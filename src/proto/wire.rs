@@ -252,6 +252,19 @@ pub fn cut_reason(mut text: String) -> String {
     text
 }
 
+/// `text` cut to what a name field holds on the wire ([`MAX_NAME_LEN`]), at a
+/// character boundary.
+pub fn cut_name(mut text: String) -> String {
+    if text.len() > MAX_NAME_LEN {
+        let mut end = MAX_NAME_LEN;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// Where and how to open the TCP data lane of one job.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TcpGrant {
@@ -350,6 +363,23 @@ pub enum Message {
     /// Relay → its sender, before its last word: how the job ended on the replicas
     /// after it in the chain.
     Replicas(Vec<ReplicaResult>),
+    /// Operator → agent: send these files of `export` to the replicas `to` (a relay
+    /// chain if more than one), with this agent's identity. Answered by `Progress`
+    /// now and then, then `Replicas` and `Committed` (every replica has it) or `Failed`.
+    Ship(Ship),
+    /// Agent → operator: bytes of a ship sent so far, of `total`.
+    Progress { done: u64, total: u64 },
+}
+
+/// What `barge ship` asks of an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ship {
+    pub export: String,
+    /// Files of the export (all if empty); for an SST export, or those in `range`.
+    pub files: Vec<String>,
+    pub range: Option<KeyRange>,
+    pub to: Vec<Hop>,
+    pub hold: bool,
 }
 
 /// What to do with a held job.
@@ -422,6 +452,8 @@ const T_JOBS: u8 = 13;
 const T_LIST: u8 = 14;
 const T_LISTING: u8 = 15;
 const T_REPLICAS: u8 = 16;
+const T_SHIP: u8 = 17;
+const T_PROGRESS: u8 = 18;
 
 impl Message {
     /// Encodes the message as one frame (length prefix included). What the peer's
@@ -447,7 +479,7 @@ impl Message {
     fn version(&self) -> u8 {
         match self {
             Message::Offer(o) if !o.relay.is_empty() => 3,
-            Message::Replicas(_) => 3,
+            Message::Replicas(_) | Message::Ship(_) | Message::Progress { .. } => 3,
             _ => 2,
         }
     }
@@ -471,6 +503,8 @@ impl Message {
             Message::List { .. } => "list",
             Message::Listing(_) => "listing",
             Message::Replicas(_) => "replicas",
+            Message::Ship(_) => "ship",
+            Message::Progress { .. } => "progress",
         }
     }
 
@@ -492,6 +526,8 @@ impl Message {
             Message::List { .. } => T_LIST,
             Message::Listing(_) => T_LISTING,
             Message::Replicas(_) => T_REPLICAS,
+            Message::Ship(_) => T_SHIP,
+            Message::Progress { .. } => T_PROGRESS,
         }
     }
 
@@ -536,6 +572,22 @@ impl Message {
             Message::List { export, range } => {
                 put_string(w, export);
                 put_range(w, range);
+            }
+            Message::Ship(sh) => {
+                put_string(w, &sh.export);
+                put_u32(w, sh.files.len() as u32);
+                sh.files.iter().for_each(|f| put_string(w, f));
+                put_range(w, &sh.range);
+                put_u32(w, sh.to.len() as u32);
+                for h in &sh.to {
+                    put_string(w, &h.peer);
+                    put_string(w, &h.target);
+                }
+                w.push(sh.hold as u8);
+            }
+            Message::Progress { done, total } => {
+                w.extend_from_slice(&done.to_be_bytes());
+                w.extend_from_slice(&total.to_be_bytes());
             }
             Message::Replicas(list) => {
                 put_u32(w, list.len() as u32);
@@ -585,6 +637,11 @@ impl Message {
             },
             T_LISTING => decode_listing(&mut r)?,
             T_REPLICAS if version >= 3 => decode_replicas(&mut r)?,
+            T_SHIP if version >= 3 => decode_ship(&mut r)?,
+            T_PROGRESS if version >= 3 => Message::Progress {
+                done: r.u64()?,
+                total: r.u64()?,
+            },
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -656,6 +713,34 @@ fn encode_replica(r: &ReplicaResult, w: &mut Vec<u8>) {
     w.extend_from_slice(&r.code.to_be_bytes());
     put_string(w, &r.text);
     w.extend_from_slice(&r.bytes.to_be_bytes());
+}
+
+fn decode_ship(r: &mut Reader) -> Result<Message, WireError> {
+    let export = r.string(MAX_NAME_LEN)?;
+    let n = r.count("files per job", MAX_FILES)?;
+    let files = (0..n).map(|_| r.string(MAX_PATH_LEN)).collect::<Result<_, _>>()?;
+    let range = r.range()?;
+    let to = decode_hops(r)?;
+    let hold = r.flag()?;
+    Ok(Message::Ship(Ship {
+        export,
+        files,
+        range,
+        to,
+        hold,
+    }))
+}
+
+fn decode_hops(r: &mut Reader) -> Result<Vec<Hop>, WireError> {
+    let n = r.count("relay hops", MAX_HOPS)?;
+    (0..n)
+        .map(|_| {
+            Ok(Hop {
+                peer: r.string(MAX_PEER_LEN)?,
+                target: r.string(MAX_NAME_LEN)?,
+            })
+        })
+        .collect()
 }
 
 fn decode_replicas(r: &mut Reader) -> Result<Message, WireError> {
@@ -731,16 +816,10 @@ fn decode_offer(r: &mut Reader, version: u8) -> Result<Offer, WireError> {
     }
     let tcp_lane = r.flag()?;
     let hold = r.flag()?;
-    let mut relay = vec![];
-    if version >= 3 {
-        let n = r.count("relay hops", MAX_HOPS)?;
-        for _ in 0..n {
-            relay.push(Hop {
-                peer: r.string(MAX_PEER_LEN)?,
-                target: r.string(MAX_NAME_LEN)?,
-            });
-        }
-    }
+    let relay = match version >= 3 {
+        true => decode_hops(r)?,
+        false => vec![],
+    };
     Ok(Offer {
         target,
         files,
