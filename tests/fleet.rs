@@ -261,24 +261,49 @@ async fn a_ship_sends_an_export_from_one_agent_to_another_and_names_every_refusa
     write(&out.join("x/one"), &content(7, (2 << 20) + 5));
     write(&out.join("two"), &content(8, 777));
     let operator = fleet.client("operator");
-    let r = operator.ship(&fleet.peer(0), ship_to(&fleet, "out", &[2], false)).await.unwrap();
+    let r = operator
+        .ship(&fleet.peer(0), ship_to(&fleet, "out", &[2], false))
+        .await
+        .unwrap();
     assert_eq!(r.replicas.len(), 1);
-    assert_eq!(r.replicas[0].outcome, barge::proto::wire::ReplicaOutcome::Committed, "{r:?}");
+    assert_eq!(
+        r.replicas[0].outcome,
+        barge::proto::wire::ReplicaOutcome::Committed,
+        "{r:?}"
+    );
     assert_same_tree(&out, &fleet.inbox(2));
-    assert!(operator.tally().done.load(std::sync::atomic::Ordering::Relaxed) > 0, "progress was shown");
+    assert!(
+        operator.tally().done.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "progress was shown"
+    );
 
     // An identity missing from the export's ship list is refused, by name.
-    let err = fleet.client("client").ship(&fleet.peer(0), ship_to(&fleet, "out", &[2], false)).await.unwrap_err();
+    let err = fleet
+        .client("client")
+        .ship(&fleet.peer(0), ship_to(&fleet, "out", &[2], false))
+        .await
+        .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("client may not order ships from export \"out\""), "{text}");
-    assert!(matches!(err, barge::transfer::TransferError::Rejected(ref r) if r.code == barge::proto::wire::code::NOT_ALLOWED));
+    assert!(
+        text.contains("client may not order ships from export \"out\""),
+        "{text}"
+    );
+    assert!(
+        matches!(err, barge::transfer::TransferError::Rejected(ref r) if r.code == barge::proto::wire::code::NOT_ALLOWED)
+    );
 
     // b does not allow a: the replica's line names b, and that a was refused.
-    let r = operator.ship(&fleet.peer(0), ship_to(&fleet, "out", &[1], false)).await.unwrap();
+    let r = operator
+        .ship(&fleet.peer(0), ship_to(&fleet, "out", &[1], false))
+        .await
+        .unwrap();
     let line = &r.replicas[0];
     assert_eq!(line.outcome, barge::proto::wire::ReplicaOutcome::Failed);
     assert!(line.peer.starts_with("b@"), "{line:?}");
-    assert!(line.text.contains("a may not write to import target \"in\""), "{line:?}");
+    assert!(
+        line.text.contains("a may not write to import target \"in\""),
+        "{line:?}"
+    );
     assert!(list(&fleet.inbox(1)).is_empty(), "nothing reached b");
 }
 
@@ -299,7 +324,10 @@ async fn a_held_chain_commits_or_aborts_on_every_replica() {
         assert!(list(&fleet.inbox(i)).is_empty(), "nothing visible while held");
     }
     let job = r.first.job;
-    assert!(r.replicas.iter().all(|x| x.job == job), "one job id on every replica (same target)");
+    assert!(
+        r.replicas.iter().all(|x| x.job == job),
+        "one job id on every replica (same target)"
+    );
     for i in 0..3 {
         client.commit(&fleet.peer(i), job).await.unwrap();
         assert_same_tree(&fleet.src(), &fleet.inbox(i));
@@ -312,7 +340,12 @@ async fn a_held_chain_commits_or_aborts_on_every_replica() {
     for i in 0..3 {
         client.abort(&fleet.peer(i), r.first.job).await.unwrap();
         assert!(!fleet.inbox(i).join("more").exists());
-        let staging = barge::config::Config::load(&fleet.config_path(i)).unwrap().import("in").unwrap().staging.clone();
+        let staging = barge::config::Config::load(&fleet.config_path(i))
+            .unwrap()
+            .import("in")
+            .unwrap()
+            .staging
+            .clone();
         assert!(emptied(&staging), "replica {i}: nothing left staged");
     }
 }
@@ -329,10 +362,17 @@ async fn a_replica_that_holds_half_the_files_gets_only_the_other_half() {
     }
     let client = fleet.client("client");
     let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
-    let r = client.push_chain(&chain, &[set.clone()], &PushOptions::default()).await.unwrap();
+    let r = client
+        .push_chain(&chain, &[set.clone()], &PushOptions::default())
+        .await
+        .unwrap();
     let whole = 4 * (2 << 20) as u64;
     let got: Vec<u64> = r.replicas.iter().map(|x| x.bytes).collect();
-    assert_eq!(got, [whole, whole / 2, whole], "c got only f2 and f3; d, after it, everything");
+    assert_eq!(
+        got,
+        [whole, whole / 2, whole],
+        "c got only f2 and f3; d, after it, everything"
+    );
     assert_eq!(r.bytes_sent, whole, "the sender still sends each byte once");
     for i in 0..3 {
         assert_same_tree(&fleet.src(), &fleet.inbox(i));
@@ -347,7 +387,10 @@ async fn a_replica_that_refuses_is_skipped_and_named() {
     let set = data_set(&fleet, 2, 1 << 20);
     let client = fleet.client("client");
     let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
-    let r = client.push_chain(&chain, &[set.clone()], &PushOptions::default()).await.unwrap();
+    let r = client
+        .push_chain(&chain, &[set.clone()], &PushOptions::default())
+        .await
+        .unwrap();
     use barge::proto::wire::ReplicaOutcome::*;
     let outcomes: Vec<_> = r.replicas.iter().map(|x| x.outcome).collect();
     assert_eq!(outcomes, [Committed, Failed, Committed], "{:?}", r.replicas);
@@ -369,11 +412,16 @@ async fn a_target_relays_only_for_the_senders_it_names() {
     assert!(text.contains("relay_from = [\"c\"]"), "{text}");
     std::fs::write(fleet.config_path(0), text).unwrap();
     let agent = fleet.agents[0].as_ref().unwrap();
-    agent.reload(barge::config::Config::load(&fleet.config_path(0)).unwrap()).unwrap();
+    agent
+        .reload(barge::config::Config::load(&fleet.config_path(0)).unwrap())
+        .unwrap();
     let set = data_set(&fleet, 1, 1000);
     let client = fleet.client("client");
     let chain: Vec<_> = (0..2).map(|i| fleet.replica(i)).collect();
-    let r = client.push_chain(&chain, &[set.clone()], &PushOptions::default()).await.unwrap();
+    let r = client
+        .push_chain(&chain, &[set.clone()], &PushOptions::default())
+        .await
+        .unwrap();
     assert_eq!(r.replicas[0].outcome, barge::proto::wire::ReplicaOutcome::Failed);
     assert!(
         r.replicas[0].text.contains("does not relay for client"),
@@ -383,4 +431,152 @@ async fn a_target_relays_only_for_the_senders_it_names() {
     // The sender then sends to c itself.
     assert_eq!(r.replicas[1].outcome, barge::proto::wire::ReplicaOutcome::Committed);
     assert_same_tree(&fleet.src(), &fleet.inbox(1));
+}
+
+/// A replica agent as a process of its own (so it can be killed), from `barge agent`.
+fn replica_proc(p: &std::path::Path, name: &str) -> common::proc::AgentProc {
+    let conf = p.join(format!("{name}.toml"));
+    if !conf.exists() {
+        std::fs::create_dir_all(p.join(name).join("in")).unwrap();
+        // b takes the client's data at 160 Mbit/s, so it can be killed half way.
+        let rate = if name == "b" { "peer_rate_mbit = 160\n" } else { "" };
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{name}/data\"\n[transport]\nidle_timeout_secs = 2\n\
+             [limits]\n{rate}[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
+             [[import]]\nname = \"in\"\npath = \"{name}/in\"\nallow = [\"client\", \"b\", \"c\"]\nrelay_from = [\"client\", \"b\", \"c\"]\n"
+        );
+        std::fs::write(&conf, text).unwrap();
+    }
+    common::proc::AgentProc::start(&["--config", conf.to_str().unwrap()], p, &[])
+}
+
+fn chain_push(p: &std::path::Path, agents: &[(&str, &common::proc::AgentProc)]) -> std::process::Output {
+    let mut args = vec![
+        "push".to_string(),
+        "src".into(),
+        "--import".into(),
+        "in".into(),
+        "--json".into(),
+    ];
+    for (name, a) in agents {
+        args.push("--to".into());
+        args.push(format!("{name}@{}", a.addr));
+    }
+    args.extend(["--certs", "certs", "--identity", "client", "--hash-cache", "off"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::proc::barge(&args, p)
+}
+
+fn replicas_of(out: &std::process::Output) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let list = v["replicas"].as_array().unwrap().clone();
+    (v, list)
+}
+
+#[test]
+fn the_middle_replica_killed_the_others_commit_and_a_second_run_sends_only_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    common::proc::make_certs(p, &["b", "c", "d", "client"]);
+    let mib = 1 << 20;
+    for i in 0..8 {
+        write(&p.join(format!("src/f{i}")), &content(200 + i, 6 * mib));
+    }
+    let total = 48 * mib as u64;
+    let (d, c) = (replica_proc(p, "d"), replica_proc(p, "c"));
+    let mut b = replica_proc(p, "b");
+    let staging = p.join("b/data");
+    let (b_addr, c_addr, d_addr) = (b.addr.clone(), c.addr.clone(), d.addr.clone());
+    let push = std::thread::spawn({
+        let p = p.to_path_buf();
+        move || {
+            let args = [
+                "push",
+                "src",
+                "--import",
+                "in",
+                "--json",
+                "--to",
+                &format!("b@{b_addr}"),
+                "--to",
+                &format!("c@{c_addr}"),
+                "--to",
+                &format!("d@{d_addr}"),
+                "--certs",
+                "certs",
+                "--identity",
+                "client",
+                "--hash-cache",
+                "off",
+            ];
+            common::proc::barge(&args, &p)
+        }
+    });
+    // Kill b once it has staged a good part (but not all) of the job.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while du(&staging) < 12 * mib as u64 {
+        assert!(std::time::Instant::now() < until, "b staged nothing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    b.kill();
+    let out = push.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "one replica failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, list) = replicas_of(&out);
+    let outcome = |i: usize| list[i]["outcome"].as_str().unwrap().to_string();
+    assert_eq!(
+        [outcome(0), outcome(1), outcome(2)],
+        ["failed", "committed", "committed"],
+        "{list:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 3 replicas failed: b@"));
+    for name in ["c", "d"] {
+        assert_same_tree(&p.join("src"), &p.join(name).join("in/src"));
+    }
+    assert!(
+        !p.join("b/in/src").exists() && common::list(&p.join("b/in")).is_empty(),
+        "nothing half-written visible on b"
+    );
+
+    // b back, the same command again: b gets only the blocks it lacks, c and d nothing.
+    let b = replica_proc(p, "b");
+    let out = chain_push(p, &[("b", &b), ("c", &c), ("d", &d)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (v, list) = replicas_of(&out);
+    assert!(list.iter().all(|r| r["outcome"] == "committed"), "{list:?}");
+    let resumed = b
+        .log()
+        .lines()
+        .find_map(|l| l.split("resumed_blocks=").nth(1))
+        .and_then(|n| n.split_whitespace().next()?.parse::<u64>().ok())
+        .expect("b logs what it resumed");
+    assert!(resumed > 0, "b kept what it had verified");
+    assert_eq!(
+        v["sent_bytes"].as_u64().unwrap(),
+        total - resumed * mib as u64,
+        "only what b lacked"
+    );
+    assert_eq!(list[1]["received_bytes"], 0, "c had it");
+    assert_eq!(list[2]["received_bytes"], 0, "d had it");
+    for name in ["b", "c", "d"] {
+        assert_same_tree(&p.join("src"), &p.join(name).join("in/src"));
+    }
+}
+
+/// Bytes in the files under `dir`.
+fn du(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => du(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
 }

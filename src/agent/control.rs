@@ -153,7 +153,14 @@ impl JobCtx {
             let who = crate::proto::wire::cut_name(format!("{} -> {}", run.operator, to.join(" -> ")));
             let total = run.offer.total_bytes();
             let sent = run.sent.load(std::sync::atomic::Ordering::Relaxed).min(total);
-            let mut job = info(run.offer.job_id(), "shipping", &run.offer, &who, total - sent, run.started.elapsed());
+            let mut job = info(
+                run.offer.job_id(),
+                "shipping",
+                &run.offer,
+                &who,
+                total - sent,
+                run.started.elapsed(),
+            );
             job.target = run.export.clone();
             job
         })

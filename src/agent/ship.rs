@@ -134,7 +134,12 @@ fn ship_answer(results: &[ReplicaResult]) -> Message {
         },
         Some(first) => {
             let names: Vec<_> = failed.iter().map(|r| format!("{}: {}", r.peer, r.text)).collect();
-            let why = format!("{} of {} replicas failed: {}", failed.len(), results.len(), names.join("; "));
+            let why = format!(
+                "{} of {} replicas failed: {}",
+                failed.len(),
+                results.len(),
+                names.join("; ")
+            );
             Message::Failed(refuse(first.code, crate::proto::wire::cut_reason(why)))
         }
     }

@@ -86,7 +86,9 @@ impl Client {
         let (offer, files) = self.prepare(&first.target, files, opts).await?;
         let hops: Vec<Hop> = chain.iter().map(Replica::hop).collect();
         let progress = self.tally.done.clone();
-        let mut report = self.deliver(hops, offer.clone(), Blocks::Files(files), opts, progress).await;
+        let mut report = self
+            .deliver(hops, offer.clone(), Blocks::Files(files), opts, progress)
+            .await;
         report.first = SendReport {
             job: offer.job_id(),
             hashes: offer.files.iter().map(|f| (f.path.clone(), f.hashes.root)).collect(),
