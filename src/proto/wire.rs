@@ -1250,9 +1250,60 @@ mod tests {
 
     #[test]
     fn unknown_version_type_and_trailing_bytes_are_named() {
-        assert_eq!(Message::decode(&[3, 5, 0, 0, 0, 1]), Err(WireError::Version(3)));
+        assert_eq!(Message::decode(&[4, 5, 0, 0, 0, 1]), Err(WireError::Version(4)));
         assert_eq!(Message::decode(&[1, 99]), Err(WireError::UnknownType(99)));
         assert_eq!(Message::decode(&[1, 6, 0]), Err(WireError::Trailing(1)));
+        // Version 3's messages do not exist in a version 2 frame.
+        assert_eq!(Message::decode(&[2, T_PROGRESS, 0]), Err(WireError::UnknownType(T_PROGRESS)));
+    }
+
+    #[test]
+    fn relays_ships_and_progress_round_trip_on_version_3_and_the_rest_stays_on_2() {
+        let hop = Hop {
+            peer: "c@127.0.0.1:7878".into(),
+            target: "in".into(),
+        };
+        let plain = Message::Offer(small_offer()).encode().unwrap();
+        assert_eq!(plain[4], 2, "an offer without a relay is read by version 2 peers");
+        let mut relayed = small_offer();
+        relayed.relay = vec![hop.clone(), hop.clone()];
+        let result = ReplicaResult {
+            peer: hop.peer.clone(),
+            target: "in".into(),
+            outcome: ReplicaOutcome::Held,
+            job: JobId([7; 16]),
+            code: 0,
+            text: "held".into(),
+            bytes: 1 << 30,
+        };
+        let ship = Ship {
+            export: "out".into(),
+            files: vec!["a".into()],
+            range: None,
+            to: vec![hop.clone()],
+            hold: true,
+        };
+        for m in [
+            Message::Offer(relayed),
+            Message::Replicas(vec![result]),
+            Message::Ship(ship),
+            Message::Progress { done: 5, total: 9 },
+        ] {
+            let frame = m.encode().unwrap();
+            assert_eq!(frame[4], 3, "{}", m.kind());
+            assert_eq!(Message::decode(&frame[4..]).unwrap(), m);
+            for cut in 0..frame.len() - 4 {
+                assert!(Message::decode(&frame[4..4 + cut]).is_err(), "{} cut at {cut}", m.kind());
+            }
+        }
+        let too_many = Message::Ship(Ship {
+            export: "out".into(),
+            files: vec![],
+            range: None,
+            to: vec![hop; MAX_HOPS + 1],
+            hold: false,
+        });
+        assert!(matches!(too_many.encode(), Err(WireError::Limit { what: "relay hops", .. })));
     }
 
     #[test]
