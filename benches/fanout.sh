@@ -28,7 +28,7 @@
 # (`barge hash`), and so after rsync; a failed transfer or a differing replica exits 1.
 # Counted per row: the bytes the source put on its link (its veth's tx counter, so
 # packet overhead and acknowledgements included), and for barge rows the payload bytes
-# its pushes report sent (`bytes_sent` in --json; older binaries call it `sent_bytes`).
+# its pushes report sent (`sent_bytes` in --json).
 #
 # Targets (the issue): the relay chain delivers all three replicas, committed and
 # verified, in at most 1.2 x T1 (that is at least 2.5 x faster than row 3), and the
@@ -223,7 +223,7 @@ push() {  # $1 replica, $2 output prefix; one plain push from the source
     die "push to $r failed (exit above; agent log $WORK/$r.log)"
   fi
 }
-sent() { jq -r '.bytes_sent // .sent_bytes // empty' "$1"; }
+sent() { jq -r '.sent_bytes // empty' "$1"; }
 
 # Each row prints "seconds source-wire-bytes payload-bytes-sent" (the last "-" for rsync).
 row1() {
@@ -265,7 +265,7 @@ row4() {
     die "row 4: not every replica committed"
   fi
   verify 4 1 2 3
-  echo "  relay replicas: $(jq -c '[.replicas[] | {peer, outcome, bytes_received}]' "$o.json")" >&2
+  echo "  relay replicas: $(jq -c '[.replicas[] | {peer, outcome, received_bytes}]' "$o.json")" >&2
   local s; s=$(sent "$o.json")
   [ "$s" = "$PAYLOAD_BYTES" ] || echo "row 4: the source sent $s payload bytes, not $PAYLOAD_BYTES" >&2
   echo "$t $s"

@@ -580,3 +580,58 @@ fn du(dir: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+/// An agent process `name` with import target `in` (allowing `a`, `b`; `operator` among
+/// its operators; relaying for `a`) and export `out` (shipped on `operator`'s order).
+fn ops_proc(p: &std::path::Path, name: &str) -> common::proc::AgentProc {
+    for d in ["in", "out"] {
+        std::fs::create_dir_all(p.join(name).join(d)).unwrap();
+    }
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{name}/data\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
+         [[import]]\nname = \"in\"\npath = \"{name}/in\"\nallow = [\"a\", \"b\"]\nrelay_from = [\"a\"]\noperators = [\"operator\"]\n\
+         [[export]]\nname = \"out\"\npath = \"{name}/out\"\nallow = [\"operator\"]\nship = [\"operator\"]\n"
+    );
+    let conf = p.join(format!("{name}.toml"));
+    std::fs::write(&conf, text).unwrap();
+    common::proc::AgentProc::start(&["--config", conf.to_str().unwrap()], p, &[])
+}
+
+#[test]
+fn an_operator_ships_a_held_load_to_two_agents_and_commits_it_on_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    common::proc::make_certs(p, &["a", "b", "c", "operator"]);
+    let (a, b, c) = (ops_proc(p, "a"), ops_proc(p, "b"), ops_proc(p, "c"));
+    write(&p.join("a/out/region/1.sst"), &content(1, (1 << 20) + 3));
+    write(&p.join("a/out/region/2.sst"), &content(2, 4000));
+    let (pa, pb, pc) = (format!("a@{}", a.addr), format!("b@{}", b.addr), format!("c@{}", c.addr));
+    let id = ["--certs", "certs", "--identity", "operator"];
+    let ship = |extra: &[&str]| {
+        let mut args = vec!["ship", &pa, "--export", "out", "--to", &pb, "--to", &pc, "--import", "in"];
+        args.extend(extra);
+        args.extend(id);
+        common::proc::barge(&args, p)
+    };
+    let out = ship(&["--hold", "--json"]);
+    let (v, list) = replicas_of(&out);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(list.iter().all(|r| r["outcome"] == "held"), "{v}");
+    assert_eq!(v["bytes"], (1 << 20) + 3 + 4000);
+    assert!(common::list(&p.join("b/in")).is_empty() && common::list(&p.join("c/in")).is_empty());
+    let job = list[0]["job"].as_str().unwrap().to_string();
+    let mut args = vec!["commit", &pb, &pc, &job];
+    args.extend(id);
+    let said = common::proc::ok(&common::proc::barge(&args, p));
+    assert!(said.contains("b: committed job") && said.contains("c: committed job"), "{said}");
+    for name in ["b", "c"] {
+        assert_same_tree(&p.join("a/out"), &p.join(name).join("in"));
+    }
+    // Shipped again: every replica has it already, so it is confirmed, not sent.
+    let said = common::proc::ok(&ship(&[]));
+    assert!(said.contains("shipped to 2 replicas"), "{said}");
+    // Someone not on the export's ship list is refused, naming who and from where.
+    let mut args = vec!["ship", &pa, "--export", "out", "--to", &pb, "--import", "in"];
+    args.extend(["--certs", "certs", "--identity", "b"]);
+    common::proc::fails(&common::proc::barge(&args, p), 5, "b may not order ships from export \"out\"");
+}
