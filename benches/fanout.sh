@@ -70,7 +70,7 @@ SSHD=$(command -v sshd)  # sshd wants an absolute path to re-exec itself
 PAYLOAD_BYTES=$(((MIB << 20) / NFILES * NFILES))
 [ "$PAYLOAD_BYTES" -gt 0 ] || die "FANOUT_MIB=$MIB over $NFILES files is empty"
 [ "$RUNS" -ge 1 ] || die "FANOUT_RUNS must be at least 1"
-ROWS="1 2 3 4 5"
+ROWS=${FANOUT_ROWS:-"1 2 3 4 5"}
 [ "$SKIP_RELAY" = 1 ] && ROWS="1 2 3 5"
 
 # Leftovers of a run that was killed go; a live run's namespaces (a source namespace is

@@ -605,10 +605,16 @@ fn an_operator_ships_a_held_load_to_two_agents_and_commits_it_on_both() {
     let (a, b, c) = (ops_proc(p, "a"), ops_proc(p, "b"), ops_proc(p, "c"));
     write(&p.join("a/out/region/1.sst"), &content(1, (1 << 20) + 3));
     write(&p.join("a/out/region/2.sst"), &content(2, 4000));
-    let (pa, pb, pc) = (format!("a@{}", a.addr), format!("b@{}", b.addr), format!("c@{}", c.addr));
+    let (pa, pb, pc) = (
+        format!("a@{}", a.addr),
+        format!("b@{}", b.addr),
+        format!("c@{}", c.addr),
+    );
     let id = ["--certs", "certs", "--identity", "operator"];
     let ship = |extra: &[&str]| {
-        let mut args = vec!["ship", &pa, "--export", "out", "--to", &pb, "--to", &pc, "--import", "in"];
+        let mut args = vec![
+            "ship", &pa, "--export", "out", "--to", &pb, "--to", &pc, "--import", "in",
+        ];
         args.extend(extra);
         args.extend(id);
         common::proc::barge(&args, p)
@@ -623,7 +629,10 @@ fn an_operator_ships_a_held_load_to_two_agents_and_commits_it_on_both() {
     let mut args = vec!["commit", &pb, &pc, &job];
     args.extend(id);
     let said = common::proc::ok(&common::proc::barge(&args, p));
-    assert!(said.contains("b: committed job") && said.contains("c: committed job"), "{said}");
+    assert!(
+        said.contains("b: committed job") && said.contains("c: committed job"),
+        "{said}"
+    );
     for name in ["b", "c"] {
         assert_same_tree(&p.join("a/out"), &p.join(name).join("in"));
     }
@@ -633,5 +642,9 @@ fn an_operator_ships_a_held_load_to_two_agents_and_commits_it_on_both() {
     // Someone not on the export's ship list is refused, naming who and from where.
     let mut args = vec!["ship", &pa, "--export", "out", "--to", &pb, "--import", "in"];
     args.extend(["--certs", "certs", "--identity", "b"]);
-    common::proc::fails(&common::proc::barge(&args, p), 5, "b may not order ships from export \"out\"");
+    common::proc::fails(
+        &common::proc::barge(&args, p),
+        5,
+        "b may not order ships from export \"out\"",
+    );
 }

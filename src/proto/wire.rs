@@ -1254,7 +1254,10 @@ mod tests {
         assert_eq!(Message::decode(&[1, 99]), Err(WireError::UnknownType(99)));
         assert_eq!(Message::decode(&[1, 6, 0]), Err(WireError::Trailing(1)));
         // Version 3's messages do not exist in a version 2 frame.
-        assert_eq!(Message::decode(&[2, T_PROGRESS, 0]), Err(WireError::UnknownType(T_PROGRESS)));
+        assert_eq!(
+            Message::decode(&[2, T_PROGRESS, 0]),
+            Err(WireError::UnknownType(T_PROGRESS))
+        );
     }
 
     #[test]
@@ -1293,7 +1296,11 @@ mod tests {
             assert_eq!(frame[4], 3, "{}", m.kind());
             assert_eq!(Message::decode(&frame[4..]).unwrap(), m);
             for cut in 0..frame.len() - 4 {
-                assert!(Message::decode(&frame[4..4 + cut]).is_err(), "{} cut at {cut}", m.kind());
+                assert!(
+                    Message::decode(&frame[4..4 + cut]).is_err(),
+                    "{} cut at {cut}",
+                    m.kind()
+                );
             }
         }
         let too_many = Message::Ship(Ship {
@@ -1303,7 +1310,10 @@ mod tests {
             to: vec![hop; MAX_HOPS + 1],
             hold: false,
         });
-        assert!(matches!(too_many.encode(), Err(WireError::Limit { what: "relay hops", .. })));
+        assert!(matches!(
+            too_many.encode(),
+            Err(WireError::Limit { what: "relay hops", .. })
+        ));
     }
 
     #[test]

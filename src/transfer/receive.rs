@@ -168,6 +168,9 @@ pub(crate) async fn take_block(
             m.failed();
         }
     })?;
+    if let Some(tap) = &inc.tap {
+        tap.stash(head.file, head.block, &data);
+    }
     let permit = writes.0.clone().acquire_many_owned(Writes::units(len)).await;
     let permit = permit.map_err(|_| TransferError::Stream("writes dropped".into()))?;
     let rel = &inc.paths[head.file as usize];

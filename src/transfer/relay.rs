@@ -2,12 +2,16 @@
 //! next replica as soon as each one is on disk.
 //!
 //! A relay (a replica with hops after it) forwards at block granularity: the job to the
-//! next hop starts when this one is accepted, and each of its lanes waits for the next
-//! block it plans to send to be verified and written here, then reads it back (from the
-//! page cache, just written) and sends it. So the sender's uplink carries each block once,
+//! next hop starts when this one is accepted, and its lanes send the blocks the next hop
+//! lacks in the order they are verified and written here (not in a planned order: a
+//! lane waiting for one late block while others pile up would stall the chain). So the sender's uplink carries each block once,
 //! every hop checks every block before it passes it on, and a block never waits for its
-//! file, or the job, to be complete. Blocks this replica held already (resumed, or a file
-//! the target holds with the same content) are read back the same way.
+//! file, or the job, to be complete. A block is forwarded from memory (the bytes that
+//! arrived, kept until sent on, up to [`STASH_BYTES`]): staged files are written with
+//! O_DIRECT, so reading one back is a disk read, and with three replicas on one disk
+//! those reads cost the chain a third of its rate (fanout bench). Blocks this replica held
+//! already (resumed, or a file the target holds with the same content), and any the
+//! stash had no room for, are read back from disk.
 
 use super::TransferError;
 use crate::proto::job::{BlockRef, ReceiveJob};
@@ -27,8 +31,18 @@ pub struct Tap {
     locs: Vec<Loc>,
 }
 
+/// Most bytes of received blocks kept for the next hop; beyond, it reads them back.
+pub const STASH_BYTES: usize = 32 << 20;
+
 struct TapState {
     have: Vec<Vec<bool>>,
+    /// Verified blocks as they arrived, until the next hop's lane takes them.
+    stash: std::collections::HashMap<(u32, u32), Bytes>,
+    stashed: usize,
+    /// Blocks in (written, or held before), in the order they came.
+    ready: std::collections::VecDeque<(u32, u32)>,
+    /// Blocks the next hop lacks and no lane has taken yet.
+    wanted: std::collections::HashMap<(u32, u32), BlockRef>,
     /// The receiving job ended without every block: why, and whether its sender aborted.
     ended: Option<(Refusal, bool)>,
 }
@@ -61,6 +75,10 @@ impl Tap {
         Ok(Tap {
             state: Mutex::new(TapState {
                 have: job.held().to_vec(),
+                stash: Default::default(),
+                stashed: 0,
+                ready: Default::default(),
+                wanted: Default::default(),
                 ended: None,
             }),
             changed: tokio::sync::Notify::new(),
@@ -68,11 +86,21 @@ impl Tap {
         })
     }
 
+    /// Keeps a verified block's bytes for the next hop, if there is room; it becomes
+    /// available once [`Tap::mark`] says it is written.
+    pub fn stash(&self, file: u32, block: u32, data: &Bytes) {
+        let mut s = self.state.lock().expect("tap");
+        if s.stashed + data.len() <= STASH_BYTES && s.stash.insert((file, block), data.clone()).is_none() {
+            s.stashed += data.len();
+        }
+    }
+
     /// Block `block` of file `file` is verified and written.
     pub fn mark(&self, file: u32, block: u32) {
         let mut s = self.state.lock().expect("tap");
         if let Some(slot) = s.have.get_mut(file as usize).and_then(|f| f.get_mut(block as usize)) {
             *slot = true;
+            s.ready.push_back((file, block));
         }
         drop(s);
         self.changed.notify_waiters();
@@ -80,43 +108,74 @@ impl Tap {
 
     /// The receiving job ended without every block (`aborted`: its sender gave it up).
     pub fn end(&self, why: Refusal, aborted: bool) {
-        self.state.lock().expect("tap").ended.get_or_insert((why, aborted));
+        let mut s = self.state.lock().expect("tap");
+        s.ended.get_or_insert((why, aborted));
+        s.stash.clear();
+        s.stashed = 0;
+        drop(s);
         self.changed.notify_waiters();
     }
 
-    /// Waits for block `b` to be in, then reads it.
-    pub async fn read(&self, disk: &Disk, b: &BlockRef) -> Result<Bytes, TransferError> {
-        loop {
+    /// The blocks the next hop lacks (its accept's plan): lanes take them with
+    /// [`Tap::next`]. Those in already come first.
+    pub fn want(&self, blocks: impl IntoIterator<Item = BlockRef>) {
+        let mut s = self.state.lock().expect("tap");
+        for b in blocks {
+            let key = (b.file, b.block);
+            if s.have.get(b.file as usize).and_then(|f| f.get(b.block as usize)) == Some(&true) {
+                s.ready.push_front(key);
+            }
+            s.wanted.insert(key, b);
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// The next block the next hop lacks, as soon as one is in here, with its bytes;
+    /// `None` once every wanted block was taken.
+    pub async fn next(&self, disk: &Disk) -> Result<Option<(BlockRef, Bytes)>, TransferError> {
+        let (b, kept) = loop {
             // Registered before the check, so a mark between the two is not missed.
             let changed = self.changed.notified();
-            {
-                let s = self.state.lock().expect("tap");
-                let have = s.have.get(b.file as usize).and_then(|f| f.get(b.block as usize));
-                match (have, &s.ended) {
-                    (Some(true), _) => break,
-                    (None, _) => {
-                        return Err(TransferError::Stream(format!(
-                            "no block {} of file {}",
-                            b.block, b.file
-                        )))
-                    }
-                    (_, Some((why, aborted))) => {
-                        return Err(TransferError::Upstream {
-                            why: why.clone(),
-                            aborted: *aborted,
-                        })
-                    }
-                    _ => {}
-                }
+            match self.take()? {
+                Some(Some(found)) => break found,
+                Some(None) => return Ok(None),
+                None => changed.await,
             }
-            changed.await;
+        };
+        if let Some(data) = kept {
+            return Ok(Some((b, data)));
         }
         let loc = self.locs[b.file as usize].clone();
         let shown = match &loc {
             Loc::Beneath { shown, .. } | Loc::Path(shown) => shown.clone(),
         };
-        disk.read_at(loc, b.offset, b.len as usize)
-            .await
-            .map_err(|source| TransferError::Io { path: shown, source })
+        let data = disk.read_at(loc, b.offset, b.len as usize).await;
+        let data = data.map_err(|source| TransferError::Io { path: shown, source })?;
+        Ok(Some((b, data)))
+    }
+
+    /// A wanted block that is in (and its bytes, if kept): `Some(None)` when none is
+    /// wanted any more, `None` to wait.
+    #[allow(clippy::type_complexity)]
+    fn take(&self) -> Result<Option<Option<(BlockRef, Option<Bytes>)>>, TransferError> {
+        let mut s = self.state.lock().expect("tap");
+        while let Some(key) = s.ready.pop_front() {
+            if let Some(b) = s.wanted.remove(&key) {
+                let kept = s.stash.remove(&key);
+                s.stashed -= kept.as_ref().map_or(0, Bytes::len);
+                return Ok(Some(Some((b, kept))));
+            }
+        }
+        if s.wanted.is_empty() {
+            return Ok(Some(None));
+        }
+        match &s.ended {
+            Some((why, aborted)) => Err(TransferError::Upstream {
+                why: why.clone(),
+                aborted: *aborted,
+            }),
+            None => Ok(None),
+        }
     }
 }

@@ -382,7 +382,12 @@ async fn run_lanes(
 ) -> Result<(u64, u64), TransferError> {
     let budget = Arc::new(AtomicU64::new(flow.budget()));
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, lane) in plan.lanes.into_iter().enumerate() {
+    let mut lanes = plan.lanes;
+    if let Blocks::Relayed(tap) = &*sources {
+        // A relay's lanes take the blocks as they come in, whatever the plan's order.
+        tap.want(lanes.iter_mut().flat_map(std::mem::take));
+    }
+    for (i, lane) in lanes.into_iter().enumerate() {
         let stream = conns[i % conns.len()].open_uni().await?;
         let ctx = LaneCtx {
             job,
@@ -444,13 +449,21 @@ async fn send_lane(
         ctx.flow.clone(),
     );
     let reader = tokio::spawn(async move {
-        for b in lane {
-            let r = match &*sources {
-                Blocks::Files(files) => watch.read(&disk, &files[b.file as usize], &b, &flow).await,
-                Blocks::Relayed(tap) => tap.read(&disk, &b).await,
-            };
-            if tx.send(r.map(|d| (b, d))).await.is_err() {
-                return;
+        match &*sources {
+            Blocks::Files(files) => {
+                for b in lane {
+                    let r = watch.read(&disk, &files[b.file as usize], &b, &flow).await;
+                    if tx.send(r.map(|d| (b, d))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Blocks::Relayed(tap) => {
+                while let Some(r) = tap.next(&disk).await.transpose() {
+                    if tx.send(r).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
     });
