@@ -39,7 +39,10 @@
 # FANOUT_MIB (payload, default 1024), FANOUT_FILES (default 8), FANOUT_RUNS (default 3),
 # FANOUT_RATE_MBIT (default 500), FANOUT_RELAY (default 1: `relay_from` in the agents'
 # configs), FANOUT_SKIP_RELAY (default 0, or 1 when FANOUT_RELAY=0), FANOUT_PORT (7878),
-# FANOUT_SSH_PORT (2222).
+# FANOUT_SSH_PORT (2222), FANOUT_STORE (tmpfs: each replica's target and staging on a
+# tmpfs of its own, as if each host had its own disk; disk: all on this machine's one
+# disk, which then writes three copies at once in row 4), FANOUT_ROWS (default all),
+# FANOUT_KEEP_LOGS (a folder to copy the agents' logs to).
 # Needs: jq, rsync, openssh-server (sshd), openssh-client, iproute2 (ip, tc, ss), bc, ping.
 set -euo pipefail
 shopt -s inherit_errexit  # the rows run in $(...): a failing step there must end them
@@ -52,6 +55,8 @@ NFILES=${FANOUT_FILES:-8}
 RUNS=${FANOUT_RUNS:-3}
 RATE=${FANOUT_RATE_MBIT:-500}
 RELAY=${FANOUT_RELAY:-1}
+STORE=${FANOUT_STORE:-tmpfs}
+case $STORE in tmpfs | disk) ;; *) echo "FANOUT_STORE must be tmpfs or disk" >&2; exit 2 ;; esac
 SKIP_RELAY=${FANOUT_SKIP_RELAY:-$([ "$RELAY" = 1 ] && echo 0 || echo 1)}
 PORT=${FANOUT_PORT:-7878}
 SSH_PORT=${FANOUT_SSH_PORT:-2222}
@@ -94,6 +99,7 @@ WORK=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
 
 # --- teardown: processes we started (by pid), namespaces, the run folder ------------------
 PIDS=()
+MOUNTS=()
 teardown() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do
@@ -101,6 +107,10 @@ teardown() {
     kill -9 "$p" 2>/dev/null || true
   done
   for n in "${NS[@]}" $SW; do ip netns del "$n" 2>/dev/null || true; done
+  for m in "${MOUNTS[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+  if [ -n "${FANOUT_KEEP_LOGS:-}" ]; then
+    mkdir -p "$FANOUT_KEEP_LOGS" && cp "$WORK"/*.log "$FANOUT_KEEP_LOGS"/ 2>/dev/null || true
+  fi
   rm -rf "$WORK"
 }
 trap teardown EXIT
@@ -144,6 +154,14 @@ wait_listen() {  # $1 namespace, $2 ss filter (e.g. "-u sport = :7878"), $3 what
 }
 for i in 1 2 3; do
   r=r$i
+  mkdir -p "$WORK/$r"
+  # Each replica's store on a tmpfs of its own: on this machine the four hosts share one
+  # disk, and the relay chain writes three copies at once (three times row 1's disk rate),
+  # which real hosts, each with its own disk, do not. FANOUT_STORE=disk keeps them on it.
+  if [ "$STORE" = tmpfs ]; then
+    mount -t tmpfs -o size=$((MIB * 3 + 512))m "fo-$r" "$WORK/$r"
+    MOUNTS+=("$WORK/$r")
+  fi
   mkdir -p "$WORK/$r/fanout"
   cat >"$WORK/$r.toml" <<TOML
 listen = "$(addr $i):$PORT"
@@ -162,7 +180,7 @@ allow = ["src", "r1", "r2", "r3"]
 hook = "move"
 $([ "$RELAY" = 1 ] && echo 'relay_from = ["src", "r1", "r2"]')
 TOML
-  ip netns exec "fo-$r" "$BARGE" agent --config "$WORK/$r.toml" >"$WORK/$r.log" 2>&1 &
+  RUST_LOG=${FANOUT_AGENT_LOG:-info} ip netns exec "fo-$r" "$BARGE" agent --config "$WORK/$r.toml" >"$WORK/$r.log" 2>&1 &
   PIDS+=($!)
 done
 for i in 1 2 3; do wait_listen "fo-r$i" "-u sport = :$PORT" "barge agent" "$WORK/r$i.log" "${PIDS[$((i - 1))]}"; done
@@ -288,7 +306,8 @@ row5() {
 
 # --- runs, interleaved ---------------------------------------------------------------------
 echo "fanout: $(${BARGE} --version), $MIB MiB in $NFILES files, $RATE Mbit/s per host each way," \
-  "$RUNS run(s), rows $ROWS; relay_from in configs: $([ "$RELAY" = 1 ] && echo yes || echo no)" >&2
+  "$RUNS run(s), rows $ROWS, replicas' stores on $STORE;" \
+  "relay_from in configs: $([ "$RELAY" = 1 ] && echo yes || echo no)" >&2
 declare -A T=() W=() P=()
 for run in $(seq "$RUNS"); do
   for r in $ROWS; do
@@ -311,7 +330,7 @@ MB=$(echo "$PAYLOAD_BYTES / 1000000" | bc -l)
 T1=$(med "${T[1]}")
 echo
 echo "fanout: $(echo "$PAYLOAD_BYTES / 1048576" | bc) MiB in $NFILES files to each replica, $RATE Mbit/s" \
-  "per host each way, median of $RUNS (range), source warm in page cache"
+  "per host each way, median of $RUNS (range), source warm in page cache, replicas' stores on $STORE"
 echo
 echo "| row | what | seconds | MB/s per replica | MB/s delivered | x T1 | source sent / payload (barge) | source wire / payload |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|"

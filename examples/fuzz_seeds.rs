@@ -163,8 +163,48 @@ mod seeds {
             ),
         ];
         let mut seeds: Seeds = messages.iter().map(|(label, m)| (label.to_string(), body(m))).collect();
+        seeds.extend(relays());
         seeds.extend(offers());
         seeds
+    }
+
+    /// Version 3: an offer that names further replicas, their results, a ship and its progress.
+    fn relays() -> Seeds {
+        let hop = |n: &str| Hop {
+            peer: format!("{n}@127.0.0.1:7878"),
+            target: "in".into(),
+        };
+        let relayed = Offer {
+            target: "in".into(),
+            files: vec![file("a", b"relayed")],
+            meta: vec![],
+            tcp_lane: false,
+            hold: true,
+            relay: vec![hop("c"), hop("d")],
+        };
+        let result = ReplicaResult {
+            peer: "c@127.0.0.1:7878".into(),
+            target: "in".into(),
+            outcome: ReplicaOutcome::Failed,
+            job: JobId([5; 16]),
+            code: code::NOT_ALLOWED,
+            text: "b may not write".into(),
+            bytes: 0,
+        };
+        let ship = Ship {
+            export: "db".into(),
+            files: vec!["a.sst".into()],
+            range: None,
+            to: vec![hop("b"), hop("c")],
+            hold: false,
+        };
+        let messages = [
+            ("relay-offer", Message::Offer(relayed)),
+            ("replicas", Message::Replicas(vec![result])),
+            ("ship", Message::Ship(ship)),
+            ("progress", Message::Progress { done: 1, total: 2 }),
+        ];
+        messages.iter().map(|(label, m)| (label.to_string(), body(m))).collect()
     }
 
     /// Offer bodies (behind an even byte), and built offers (behind an odd one).

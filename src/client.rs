@@ -4,7 +4,9 @@
 //! agent's certificate names the peer it meant to reach. A pull is a push in reverse:
 //! the client receives into a staging folder inside `--into`, verifies every block and
 //! moves the files into place only when all of them arrived. Held jobs are committed
-//! or aborted, and jobs and exports listed, with one request and one answer each.
+//! or aborted, and jobs and exports listed, with one request and one answer each. A
+//! push to several replicas runs as a relay chain, and a ship asks an agent to push
+//! its export itself (`chain`).
 
 mod chain;
 pub use chain::{ChainReport, Replica, ShipReport};
@@ -319,16 +321,7 @@ impl Client {
         let (mut send, mut recv) = conns[0].open_bi().await?;
         let result = transfer::send_job(&conns, &mut send, &mut recv, offer, files, &self.disk, &flow).await;
         for c in &conns {
-            let p = c.stats().path;
-            tracing::debug!(
-                rtt_us = p.rtt.as_micros() as u64,
-                cwnd = p.cwnd,
-                sent = p.sent_packets,
-                lost = p.lost_packets,
-                congestion_events = p.congestion_events,
-                mtu = p.current_mtu,
-                "path"
-            );
+            log_path(c);
             c.close(quinn::VarInt::from_u32(0), b"done");
         }
         result
@@ -654,6 +647,20 @@ async fn prepare_pull(
     stage.scan(&mut job, disk).await;
     check_space(into, job.missing_bytes(), DEFAULT_RESERVE).map_err(|e| e.refusal())?;
     Ok((job, stage))
+}
+
+/// What the connection's path looked like (debug): round trip, window, losses.
+fn log_path(c: &quinn::Connection) {
+    let p = c.stats().path;
+    tracing::debug!(
+        rtt_us = p.rtt.as_micros() as u64,
+        cwnd = p.cwnd,
+        sent = p.sent_packets,
+        lost = p.lost_packets,
+        congestion_events = p.congestion_events,
+        mtu = p.current_mtu,
+        "path"
+    );
 }
 
 fn connect_err(peer: impl std::fmt::Display, e: impl std::fmt::Display) -> TransferError {

@@ -9,7 +9,8 @@
 //!
 //! - [`proto`]: the core, tested without sockets. [`proto::blocks`] cuts files into
 //!   blocks whose blake3 chaining values merge into the plain blake3 root (what `b3sum`
-//!   prints); [`proto::wire`] encodes the control messages (version 2);
+//!   prints); [`proto::wire`] encodes the control messages (version 3: relays and
+//!   ships; a frame carries the oldest version that says what it holds);
 //!   [`proto::path`] checks relative names; [`proto::job`] tracks verified blocks and
 //!   plans which stream sends what; [`proto::session`] is the job protocol's order as a
 //!   sender and a receiver state machine; [`proto::keys`] names key ranges.
@@ -29,13 +30,16 @@
 //!   [`engines::hook::ImportHook`] trait), [`engines::sst`] (a RocksDB SST file's key
 //!   range), [`engines::zdb`] (0-db's hook program, spool, sync and clone).
 //! - [`transfer`]: the drivers that run [`proto::session`] over QUIC streams and TCP
-//!   lanes: the sending and receiving halves of a job, one receive path for every lane.
-//! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports;
+//!   lanes: the sending and receiving halves of a job, one receive path for every lane,
+//!   and [`transfer::relay`], the tap a relay forwards verified blocks from.
+//! - [`agent`]: the sidecar: accepts pushes into imports, serves pulls from exports,
+//!   relays a job to the replicas after it, ships an export on an operator's order;
 //!   authorizes an identity before it reads what it sends, and counts what each
 //!   identity holds so none locks out the others.
 //! - [`metrics`]: counters for Prometheus, and the per-peer rate limits a job's blocks
 //!   are paced by ([`metrics::Meter`], passed to `transfer` by the agent).
-//! - [`client`]: push, pull, list, commit and abort from a program or the CLI.
+//! - [`client`]: push, pull, list, commit and abort from a program or the CLI; push to
+//!   several replicas as a relay chain, and order a ship (`client::chain`).
 //! - [`config`]: the agent's TOML configuration, validated in one place.
 //!
 //! The binary's own code (arguments, commands, demo) is in `src/cli/`.

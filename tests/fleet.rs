@@ -122,6 +122,8 @@ struct Fleet {
     names: Vec<String>,
     /// Who each agent's import target `in` allows (default: every agent and `client`).
     allow: fn(&str) -> Option<&'static str>,
+    /// Agent-wide settings of each agent (before its tables).
+    settings: fn(&str) -> &'static str,
 }
 
 impl Fleet {
@@ -130,6 +132,15 @@ impl Fleet {
     }
 
     async fn start_with(names: &[&str], target_extra: &str, allow: fn(&str) -> Option<&'static str>) -> Fleet {
+        Fleet::start_full(names, target_extra, allow, |_| "").await
+    }
+
+    async fn start_full(
+        names: &[&str],
+        target_extra: &str,
+        allow: fn(&str) -> Option<&'static str>,
+        settings: fn(&str) -> &'static str,
+    ) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         barge::net::certs::init_ca(&certs).unwrap();
@@ -142,6 +153,7 @@ impl Fleet {
             agents: vec![],
             names: names.iter().map(|n| n.to_string()).collect(),
             allow,
+            settings,
         };
         for i in 0..names.len() {
             let agent = fleet.start_one(i, target_extra).await;
@@ -169,9 +181,10 @@ impl Fleet {
         let all = allow.join(", ");
         let allow = (self.allow)(name).map(str::to_string).unwrap_or_else(|| all.clone());
         let text = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{name}/data\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{name}/data\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
              [[import]]\nname = \"in\"\npath = \"{name}/in\"\nallow = [{allow}]\nrelay_from = [{all}]\noperators = [\"client\"]\n{target_extra}\n\
-             [[export]]\nname = \"out\"\npath = \"{name}/out\"\nallow = [{all}]\nship = [\"operator\"]\n"
+             [[export]]\nname = \"out\"\npath = \"{name}/out\"\nallow = [{all}]\nship = [\"operator\"]\n",
+            (self.settings)(name)
         );
         std::fs::write(self.config_path(i), text).unwrap();
         let config = barge::config::Config::load(&self.config_path(i)).unwrap();
@@ -647,4 +660,49 @@ fn an_operator_ships_a_held_load_to_two_agents_and_commits_it_on_both() {
         5,
         "b may not order ships from export \"out\"",
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ship_goes_on_without_its_operator_shows_in_status_and_is_attached_to() {
+    // b takes a's data at 80 Mbit/s, so the ship is still running when looked at.
+    let settings = |n: &str| if n == "b" { "[limits]\npeer_rate_mbit = 80" } else { "" };
+    let fleet = Fleet::start_full(&["a", "b"], "", |_| None, settings).await;
+    let out = fleet.dir.path().join("a/out");
+    for i in 0..4 {
+        write(&out.join(format!("f{i}")), &content(300 + i, 6 << 20));
+    }
+    let operator = fleet.client("operator");
+    let ship = ship_to(&fleet, "out", &[1], false);
+    // The operator gives up after a moment: the ship goes on.
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(700),
+        operator.ship(&fleet.peer(0), ship.clone()),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the ship was still running");
+    let jobs = operator.jobs(&fleet.peer(0)).await.unwrap();
+    let shipping: Vec<_> = jobs.iter().filter(|j| j.state == "shipping").collect();
+    assert_eq!(shipping.len(), 1, "{jobs:?}");
+    assert!(shipping[0].peer.starts_with("operator -> b@"), "{:?}", shipping[0]);
+    assert_eq!((shipping[0].target.as_str(), shipping[0].bytes), ("out", 24 << 20));
+    // Asked again, it attaches: still one ship, and b gets the bytes once.
+    let again = tokio::spawn({
+        let (peer, ship) = (fleet.peer(0), ship.clone());
+        let operator = fleet.client("operator");
+        async move { operator.ship(&peer, ship).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let jobs = operator.jobs(&fleet.peer(0)).await.unwrap();
+    assert_eq!(jobs.iter().filter(|j| j.state == "shipping").count(), 1, "{jobs:?}");
+    let r = again.await.unwrap().unwrap();
+    assert_eq!(
+        r.replicas[0].outcome,
+        barge::proto::wire::ReplicaOutcome::Committed,
+        "{r:?}"
+    );
+    assert_eq!(r.replicas[0].bytes, 24 << 20, "sent once, by the first ship");
+    assert_same_tree(&out, &fleet.inbox(1));
+    // Others do not see it.
+    let jobs = fleet.client("client").jobs(&fleet.peer(0)).await.unwrap();
+    assert!(jobs.iter().all(|j| j.state != "shipping"), "{jobs:?}");
 }

@@ -58,11 +58,34 @@ impl JobCtx {
         };
         let blocks = Blocks::Relayed(tap.clone());
         let span = info_span!("relay", hops = hops.len(), next = %hops[0].peer);
-        let task = async move { client.deliver(hops, base, blocks, &opts, Arc::default()).await.replicas };
+        let counted = tap.clone();
+        let task = async move {
+            // However the forwarding ends (even cut off), the tap keeps nothing more.
+            let _closing = Closing(counted.clone());
+            let report = client.deliver(hops, base, blocks, &opts, Arc::default()).await;
+            let memory = counted.from_memory.load(Ordering::Relaxed);
+            let disk = counted.from_disk.load(Ordering::Relaxed);
+            info!(
+                blocks_from_memory = memory,
+                blocks_read_back = disk,
+                bytes = report.bytes_sent,
+                "relayed"
+            );
+            report.replicas
+        };
         let done = tokio::spawn(task.instrument(span));
         Ok(Some(Relay {
             tap,
             done: Mutex::new(Some(done)),
         }))
+    }
+}
+
+/// Closes a relay's tap when its forwarding task ends, however it ends.
+struct Closing(Arc<Tap>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }

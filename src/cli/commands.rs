@@ -297,6 +297,10 @@ fn replicas(to: &[String], import: &[String]) -> Result<Vec<Replica>> {
         .iter()
         .map(|t| t.parse::<Peer>().map_err(usage))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = peers.iter().find(|p| !seen.insert(&p.name)) {
+        return Err(usage(format!("--to {}: a replica may be named once", twice.name)).into());
+    }
     if let [target] = import {
         if !target.contains('=') {
             let one = |peer: Peer| Replica {

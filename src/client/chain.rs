@@ -222,7 +222,10 @@ impl Client {
         let flow = Flow::new(Some(progress.clone()), None);
         let streams = (&mut send, &mut recv);
         let out = transfer::send_relayed(&conns, streams, offer.clone(), blocks.clone(), &self.disk, &flow).await;
-        conns.iter().for_each(|c| c.close(quinn::VarInt::from_u32(0), b"done"));
+        for c in &conns {
+            super::log_path(c);
+            c.close(quinn::VarInt::from_u32(0), b"done");
+        }
         out
     }
 }

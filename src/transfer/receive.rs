@@ -169,7 +169,7 @@ pub(crate) async fn take_block(
         }
     })?;
     if let Some(tap) = &inc.tap {
-        tap.stash(head.file, head.block, &data);
+        tap.keep(head.file, head.block, &data).await;
     }
     let permit = writes.0.clone().acquire_many_owned(Writes::units(len)).await;
     let permit = permit.map_err(|_| TransferError::Stream("writes dropped".into()))?;
