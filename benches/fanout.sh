@@ -109,7 +109,7 @@ teardown() {
   for n in "${NS[@]}" $SW; do ip netns del "$n" 2>/dev/null || true; done
   for m in "${MOUNTS[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
   if [ -n "${FANOUT_KEEP_LOGS:-}" ]; then
-    mkdir -p "$FANOUT_KEEP_LOGS" && cp "$WORK"/*.log "$FANOUT_KEEP_LOGS"/ 2>/dev/null || true
+    mkdir -p "$FANOUT_KEEP_LOGS" && cp "$WORK"/*.log "$WORK"/*.err "$FANOUT_KEEP_LOGS"/ 2>/dev/null || true
   fi
   rm -rf "$WORK"
 }
@@ -270,7 +270,7 @@ row3() {
 }
 row4() {
   local t0 t o=$WORK/o4; t0=$(now)
-  if ! ip netns exec fo-src "$BARGE" push "$PAYLOAD" \
+  if ! RUST_LOG=${FANOUT_CLIENT_LOG:-warn} ip netns exec fo-src "$BARGE" push "$PAYLOAD" \
     --to "r1@$(addr 1):$PORT" --to "r2@$(addr 2):$PORT" --to "r3@$(addr 3):$PORT" \
     --import fanout --json --certs "$C" --identity src --hash-cache "$WORK/hashes" \
     >"$o.json" 2>"$o.err"; then
