@@ -65,7 +65,7 @@ async fn a_held_job_stages_even_the_files_the_target_holds() {
     write(&a, &content(1, 2 << 20));
     let peer = env.peer();
     client
-        .push(&peer, "in", &[a.clone()], &PushOptions::default())
+        .push(&peer, "in", std::slice::from_ref(&a), &PushOptions::default())
         .await
         .unwrap();
     let held = PushOptions {
@@ -73,7 +73,7 @@ async fn a_held_job_stages_even_the_files_the_target_holds() {
         meta: vec![("held".into(), "yes".into())],
         ..Default::default()
     };
-    let r = client.push(&peer, "in", &[a.clone()], &held).await.unwrap();
+    let r = client.push(&peer, "in", std::slice::from_ref(&a), &held).await.unwrap();
     assert!(r.held);
     assert_eq!(r.blocks_sent, 2, "a held job's commit may come when the target changed");
     let report = client.commit(&peer, r.job).await.unwrap();
@@ -236,7 +236,7 @@ async fn a_chain_of_three_replicas_gets_every_block_from_the_sender_once() {
     let client = fleet.client("client");
     let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
     let r = client
-        .push_chain(&chain, &[set.clone()], &PushOptions::default())
+        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
         .await
         .unwrap();
     let payload = 4 * ((3 << 20) + 12345) as u64;
@@ -331,7 +331,10 @@ async fn a_held_chain_commits_or_aborts_on_every_replica() {
         meta: vec![("load".into(), tag.into())],
         ..Default::default()
     };
-    let r = client.push_chain(&chain, &[set.clone()], &held("one")).await.unwrap();
+    let r = client
+        .push_chain(&chain, std::slice::from_ref(&set), &held("one"))
+        .await
+        .unwrap();
     for (i, rep) in r.replicas.iter().enumerate() {
         assert_eq!(rep.outcome, barge::proto::wire::ReplicaOutcome::Held, "{rep:?}");
         assert!(list(&fleet.inbox(i)).is_empty(), "nothing visible while held");
@@ -376,7 +379,7 @@ async fn a_replica_that_holds_half_the_files_gets_only_the_other_half() {
     let client = fleet.client("client");
     let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
     let r = client
-        .push_chain(&chain, &[set.clone()], &PushOptions::default())
+        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
         .await
         .unwrap();
     let whole = 4 * (2 << 20) as u64;
@@ -401,7 +404,7 @@ async fn a_replica_that_refuses_is_skipped_and_named() {
     let client = fleet.client("client");
     let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
     let r = client
-        .push_chain(&chain, &[set.clone()], &PushOptions::default())
+        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
         .await
         .unwrap();
     use barge::proto::wire::ReplicaOutcome::*;
@@ -432,7 +435,7 @@ async fn a_target_relays_only_for_the_senders_it_names() {
     let client = fleet.client("client");
     let chain: Vec<_> = (0..2).map(|i| fleet.replica(i)).collect();
     let r = client
-        .push_chain(&chain, &[set.clone()], &PushOptions::default())
+        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
         .await
         .unwrap();
     assert_eq!(r.replicas[0].outcome, barge::proto::wire::ReplicaOutcome::Failed);
