@@ -584,14 +584,16 @@ fn the_middle_replica_killed_the_others_commit_and_a_second_run_sends_only_what_
     }
 }
 
-/// Bytes in the files under `dir`.
+/// Bytes allocated to the files under `dir` (not their lengths: blocks land at their
+/// offsets, so a file is as long as its furthest block long before it is full).
 fn du(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     entries
         .flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => du(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.blocks() * 512).unwrap_or(0),
             _ => 0,
         })
         .sum()

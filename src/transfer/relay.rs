@@ -156,9 +156,11 @@ impl Tap {
     }
 
     /// The blocks the next hop lacks (its accept's plan): lanes take them with
-    /// [`Tap::next`]. Those in already come first.
+    /// [`Tap::next`]. Those in already come first. A later call (the hop after a next
+    /// hop that failed) replaces the earlier plan.
     pub fn want(&self, blocks: impl IntoIterator<Item = BlockRef>) {
         let mut s = self.state.lock().expect("tap");
+        s.wanted.clear();
         for b in blocks {
             let key = (b.file, b.block);
             if s.have.get(b.file as usize).and_then(|f| f.get(b.block as usize)) == Some(&true) {
