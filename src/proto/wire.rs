@@ -475,8 +475,9 @@ impl Message {
         w
     }
 
-    /// The oldest version that can carry this message (see [`VERSION`]).
-    fn version(&self) -> u8 {
+    /// The oldest version that can carry this message, which its frame carries (see
+    /// [`VERSION`]).
+    pub fn version(&self) -> u8 {
         match self {
             Message::Offer(o) if !o.relay.is_empty() => 3,
             Message::Replicas(_) | Message::Ship(_) | Message::Progress { .. } => 3,
@@ -1045,7 +1046,8 @@ impl<'a> Reader<'a> {
 /// First bytes of every data stream: the version and the job the blocks belong to.
 pub fn data_stream_header(job: JobId) -> [u8; 17] {
     let mut h = [0u8; 17];
-    h[0] = VERSION;
+    // Data streams did not change in version 3: peers of version 2 read them.
+    h[0] = 2;
     h[1..].copy_from_slice(&job.0);
     h
 }
@@ -1375,7 +1377,7 @@ mod tests {
         assert_eq!(BlockHeader::decode(&h.encode()), h);
         let id = JobId([9; 16]);
         let head = data_stream_header(id);
-        assert_eq!(head[0], VERSION);
+        assert_eq!(head[0], 2, "version 2 peers read data streams of version 3 senders");
         assert_eq!(parse_data_stream_header(&head), Ok(id));
         let mut bad = head;
         bad[0] = 7;
