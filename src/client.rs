@@ -9,7 +9,7 @@
 //! its export itself (`chain`).
 
 mod chain;
-pub use chain::{ChainReport, Replica, ShipReport};
+pub use chain::{replicas_failed, ChainReport, Replica, ShipReport};
 
 use crate::config::OnExists;
 use crate::engines::hook::{ImportHook, MoveHook, ReplaceHook};
@@ -359,7 +359,8 @@ impl Client {
         files: &[String],
         into: &Path,
     ) -> Result<PullReport, TransferError> {
-        self.fetch(peer, export, (files, None), into, OnExists::Refuse).await
+        self.pull_into(peer, export, (files, None), into, OnExists::Refuse)
+            .await
     }
 
     /// Pulls the SST files of `export` whose keys lie in `range` into `into`. The
@@ -371,23 +372,8 @@ impl Client {
         range: &KeyRange,
         into: &Path,
     ) -> Result<PullReport, TransferError> {
-        self.fetch(peer, export, (&[], Some(range.clone())), into, OnExists::Refuse)
+        self.pull_into(peer, export, (&[], Some(range.clone())), into, OnExists::Refuse)
             .await
-    }
-
-    /// Pulls `files` (all if empty; or, for an SST export, those in `range`) of
-    /// `export` into `into`, doing `on_exists` with a name `into` already has: refuse
-    /// the pull, skip a file with the same content (none of its bytes are sent, so a
-    /// pull run again moves no data), or replace it.
-    pub async fn pull_into(
-        &self,
-        peer: &Peer,
-        export: &str,
-        (files, range): (&[String], Option<KeyRange>),
-        into: &Path,
-        on_exists: OnExists,
-    ) -> Result<PullReport, TransferError> {
-        self.fetch(peer, export, (files, range), into, on_exists).await
     }
 
     /// Lists the files of `export` (inside `range`, for an SST export).
@@ -441,7 +427,11 @@ impl Client {
         Ok(check_answer(msg, answer?)?)
     }
 
-    async fn fetch(
+    /// Pulls `files` (all if empty; or, for an SST export, those in `range`) of
+    /// `export` into `into`, doing `on_exists` with a name `into` already has: refuse
+    /// the pull, skip a file with the same content (none of its bytes are sent, so a
+    /// pull run again moves no data), or replace it.
+    pub async fn pull_into(
         &self,
         peer: &Peer,
         export: &str,

@@ -8,7 +8,7 @@
 
 use super::*;
 use crate::client::PushOptions;
-use crate::proto::wire::{Hop, ReplicaOutcome, ReplicaResult, Ship};
+use crate::proto::wire::{Hop, ReplicaResult, Ship};
 use crate::transfer::Blocks;
 use std::sync::atomic::AtomicU64;
 use tokio::sync::watch;
@@ -127,20 +127,10 @@ fn ship_key(export: &str, offer: &Offer, to: &[Hop]) -> String {
 
 /// The operator's last word: committed if every replica has the job, else which failed.
 fn ship_answer(results: &[ReplicaResult]) -> Message {
-    let failed: Vec<_> = results.iter().filter(|r| r.outcome == ReplicaOutcome::Failed).collect();
-    match failed.first() {
+    match crate::client::replicas_failed(results) {
         None => Message::Committed {
             report: format!("shipped to {} replicas", results.len()),
         },
-        Some(first) => {
-            let names: Vec<_> = failed.iter().map(|r| format!("{}: {}", r.peer, r.text)).collect();
-            let why = format!(
-                "{} of {} replicas failed: {}",
-                failed.len(),
-                results.len(),
-                names.join("; ")
-            );
-            Message::Failed(refuse(first.code, crate::proto::wire::cut_reason(why)))
-        }
+        Some(why) => Message::Failed(why),
     }
 }

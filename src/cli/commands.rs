@@ -471,21 +471,12 @@ fn replica_json(r: &ReplicaResult) -> serde_json::Value {
     })
 }
 
-/// An error naming every replica that failed (exit 5 if all were refusals, else 6).
+/// An error naming every replica that failed (exit 6).
 fn replicas_failed(list: &[ReplicaResult]) -> Result<()> {
-    let failed: Vec<_> = list.iter().filter(|r| r.outcome == ReplicaOutcome::Failed).collect();
-    let Some(first) = failed.first() else {
-        return Ok(());
-    };
-    let names: Vec<_> = failed.iter().map(|r| format!("{}: {}", r.peer, r.text)).collect();
-    let why = format!(
-        "{} of {} replicas failed: {}",
-        failed.len(),
-        list.len(),
-        names.join("; ")
-    );
-    let refusal = barge::proto::wire::Refusal::new(first.code, why);
-    Err(TransferError::Failed(refusal).into())
+    match barge::client::replicas_failed(list) {
+        None => Ok(()),
+        Some(why) => Err(TransferError::Failed(why).into()),
+    }
 }
 
 async fn ship(a: ShipArgs) -> Result<()> {

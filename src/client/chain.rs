@@ -230,6 +230,21 @@ impl Client {
     }
 }
 
+/// A failure naming every replica that failed, with the first one's code; `None` if
+/// every replica has the job.
+pub fn replicas_failed(results: &[ReplicaResult]) -> Option<crate::proto::wire::Refusal> {
+    let failed: Vec<_> = results.iter().filter(|r| r.outcome == ReplicaOutcome::Failed).collect();
+    let first = failed.first()?;
+    let names: Vec<_> = failed.iter().map(|r| format!("{}: {}", r.peer, r.text)).collect();
+    let why = format!(
+        "{} of {} replicas failed: {}",
+        failed.len(),
+        results.len(),
+        names.join("; ")
+    );
+    Some(crate::proto::wire::Refusal::new(first.code, why))
+}
+
 /// One hop's line of the report.
 fn result_of(hop: &Hop, offer: &Offer, res: Result<SendReport, TransferError>) -> ReplicaResult {
     let mut r = ReplicaResult {
