@@ -711,3 +711,64 @@ async fn a_ship_goes_on_without_its_operator_shows_in_status_and_is_attached_to(
     let jobs = fleet.client("client").jobs(&fleet.peer(0)).await.unwrap();
     assert!(jobs.iter().all(|j| j.state != "shipping"), "{jobs:?}");
 }
+
+/// A tmpfs of `mib` MiB mounted at `dir`; unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, mib: u64) -> Option<SmallFs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "fleet-small"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_room_is_named_and_the_others_commit() {
+    let mut fleet = Fleet::start(&["b", "c", "d"], "").await;
+    // c's target and staging on a file system far too small for the job.
+    fleet.agents[1].take().unwrap().shutdown().await;
+    let Some(_small) = SmallFs::mount(&fleet.dir.path().join("c"), 8) else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI=true: this test needs root to mount a tmpfs"
+        );
+        eprintln!("skipping: needs root to mount a tmpfs");
+        return;
+    };
+    fleet.agents[1] = Some(fleet.start_one(1, "").await);
+    let set = data_set(&fleet, 3, 3 << 20);
+    let client = fleet.client("client");
+    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
+    let r = client
+        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
+        .await
+        .unwrap();
+    use barge::proto::wire::ReplicaOutcome::*;
+    let outcomes: Vec<_> = r.replicas.iter().map(|x| x.outcome).collect();
+    assert_eq!(outcomes, [Committed, Failed, Committed], "{:?}", r.replicas);
+    assert_eq!(
+        r.replicas[1].code,
+        barge::proto::wire::code::NO_SPACE,
+        "{:?}",
+        r.replicas[1]
+    );
+    assert_eq!(r.bytes_sent, 9 << 20, "the sender still sent once");
+    assert_same_tree(&fleet.src(), &fleet.inbox(0));
+    assert_same_tree(&fleet.src(), &fleet.inbox(2));
+    assert!(list(&fleet.inbox(1)).is_empty(), "nothing on the full replica");
+}
