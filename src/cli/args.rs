@@ -12,7 +12,9 @@ Exit codes:
   4  could not connect or authenticate to the peer
   5  the peer refused the job (unknown target, not allowed, bad name, exists, no space,
      busy, target held by another job, region not aligned, no such held job)
-  6  the job failed after it was accepted (bad block, incomplete, import hook failed)";
+  6  the job failed after it was accepted (bad block, incomplete, import hook failed);
+     with several replicas (push or ship to a relay chain), any replica failed or refused:
+     each is named, the others' results stand";
 
 /// barge moves immutable storage files between hosts over QUIC with mutual TLS,
 /// verifies every 1 MiB block with blake3, and hands them to the storage engine
@@ -189,6 +191,7 @@ pub struct PushArgs {
 #[derive(Debug, Args)]
 pub struct ShipArgs {
     /// The agent that sends: HOST:PORT or NAME@ADDR:PORT.
+    #[arg(value_name = "SRC_PEER")]
     pub peer: String,
     /// Export on that agent.
     #[arg(long, value_name = "NAME")]
