@@ -564,3 +564,46 @@ fn a_file_overwritten_in_place_while_sent_fails_the_push_locally_and_leaves_noth
     assert!(list(&staged).is_empty(), "{:?}", list(&staged));
     assert!(list(&p.join("in")).is_empty());
 }
+
+#[test]
+fn man_pages_and_completions_are_made_from_the_commands_themselves() {
+    let t = tempfile::tempdir().unwrap();
+    ok(&barge(&["generate-docs", "--out", "docs"], t.path()));
+    let man = t.path().join("docs/man");
+    let top = std::fs::read_to_string(man.join("barge.1")).unwrap();
+    assert!(top.contains(".TH barge 1"), "{top}");
+    // One page per subcommand that --help lists (the generator itself is hidden).
+    for sub in [
+        "agent",
+        "push",
+        "pull",
+        "ship",
+        "ls",
+        "jobs",
+        "status",
+        "commit",
+        "abort",
+        "certs-issue",
+        "hash",
+    ] {
+        let page = std::fs::read_to_string(man.join(format!("barge-{sub}.1"))).unwrap();
+        assert!(page.contains(&format!(".TH barge-{sub} 1")), "barge-{sub}.1");
+    }
+    assert!(!man.join("barge-generate-docs.1").exists());
+    let ship = std::fs::read_to_string(man.join("barge-ship.1")).unwrap();
+    assert!(ship.contains("relay chain"), "the page says what --help says");
+    let completions = t.path().join("docs/completions");
+    for (file, mark) in [
+        ("barge.bash", "_barge()"),
+        ("_barge", "#compdef barge"),
+        ("barge.fish", "complete -c barge"),
+    ] {
+        let text = std::fs::read_to_string(completions.join(file)).unwrap();
+        assert!(text.contains(mark) && text.contains("ship"), "{file}");
+    }
+    // A folder that can not be made is a named error, not a panic.
+    std::fs::write(t.path().join("file"), "").unwrap();
+    let out = barge(&["generate-docs", "--out", "file/docs"], t.path());
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("creating file/docs/man"));
+}

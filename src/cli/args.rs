@@ -71,6 +71,13 @@ pub enum Command {
     Hash(HashArgs),
     /// Run a complete local transfer between two agents on loopback and show it worked.
     Demo(DemoArgs),
+    /// Write the man pages (barge(1) and one per subcommand) and the bash, zsh and fish
+    /// completions under DIR, for packaging: DIR/man/*.1 and DIR/completions/.
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -60,6 +60,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::ZdbClone(z) => runtime(Some(1))?.block_on(zdb_clone(z)),
         Command::ZdbSync(z) => runtime(Some(1))?.block_on(zdb_sync(z)),
         Command::Demo(d) => runtime(None)?.block_on(crate::cli::demo::run(d)),
+        Command::GenerateDocs { out } => generate_docs(&out),
     }
 }
 
@@ -261,6 +262,31 @@ fn client(id: &IdentityArgs) -> Result<Client> {
         client.set_hash_cache(std::sync::Arc::new(barge::store::hashcache::HashCache::load(&path)));
     }
     Ok(client)
+}
+
+/// The man pages and shell completions, made from the same definitions as `--help`.
+fn generate_docs(out: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    let cmd = crate::cli::args::Cli::command();
+    let (man, completions) = (out.join("man"), out.join("completions"));
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(cmd.clone(), &man).with_context(|| format!("writing {}", man.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        let written = clap_complete::generate_to(shell, &mut cmd.clone(), "barge", &completions);
+        written.with_context(|| format!("writing {} completions", shell))?;
+    }
+    say!(
+        "man pages in {}, completions in {}",
+        man.display(),
+        completions.display()
+    );
+    Ok(())
 }
 
 /// A number of seconds from 1 to 600 given for `flag`, or `default`.
