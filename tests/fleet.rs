@@ -211,6 +211,13 @@ impl Fleet {
         self.dir.path().join("src")
     }
 
+    /// `client` pushes `set` to every agent of the fleet, as a chain in their order.
+    async fn push_all(&self, set: &std::path::Path, opts: &PushOptions) -> barge::client::ChainReport {
+        let chain: Vec<_> = (0..self.names.len()).map(|i| self.replica(i)).collect();
+        let client = self.client("client");
+        client.push_chain(&chain, &[set.to_path_buf()], opts).await.unwrap()
+    }
+
     fn client(&self, identity: &str) -> barge::client::Client {
         barge::client::Client::new(&barge::net::tls::TlsFiles::in_dir(
             &self.dir.path().join("certs"),
@@ -233,12 +240,7 @@ fn data_set(fleet: &Fleet, n: u64, len: usize) -> std::path::PathBuf {
 async fn a_chain_of_three_replicas_gets_every_block_from_the_sender_once() {
     let fleet = Fleet::start(&["b", "c", "d"], "").await;
     let set = data_set(&fleet, 4, (3 << 20) + 12345);
-    let client = fleet.client("client");
-    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
-    let r = client
-        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
-        .await
-        .unwrap();
+    let r = fleet.push_all(&set, &PushOptions::default()).await;
     let payload = 4 * ((3 << 20) + 12345) as u64;
     assert_eq!(r.bytes_sent, payload, "the sender sends each byte once");
     assert_eq!(r.replicas.len(), 3);
@@ -376,12 +378,7 @@ async fn a_replica_that_holds_half_the_files_gets_only_the_other_half() {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(set.join(f), to).unwrap();
     }
-    let client = fleet.client("client");
-    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
-    let r = client
-        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
-        .await
-        .unwrap();
+    let r = fleet.push_all(&set, &PushOptions::default()).await;
     let whole = 4 * (2 << 20) as u64;
     let got: Vec<u64> = r.replicas.iter().map(|x| x.bytes).collect();
     assert_eq!(
@@ -401,12 +398,7 @@ async fn a_replica_that_refuses_is_skipped_and_named() {
     // c allows nobody but client: b's forward to it is refused, so b sends to d itself.
     let fleet = Fleet::start_with(&["b", "c", "d"], "", |n| (n == "c").then_some("\"client\"")).await;
     let set = data_set(&fleet, 2, 1 << 20);
-    let client = fleet.client("client");
-    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
-    let r = client
-        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
-        .await
-        .unwrap();
+    let r = fleet.push_all(&set, &PushOptions::default()).await;
     use barge::proto::wire::ReplicaOutcome::*;
     let outcomes: Vec<_> = r.replicas.iter().map(|x| x.outcome).collect();
     assert_eq!(outcomes, [Committed, Failed, Committed], "{:?}", r.replicas);
@@ -752,12 +744,7 @@ async fn a_replica_without_room_is_named_and_the_others_commit() {
     };
     fleet.agents[1] = Some(fleet.start_one(1, "").await);
     let set = data_set(&fleet, 3, 3 << 20);
-    let client = fleet.client("client");
-    let chain: Vec<_> = (0..3).map(|i| fleet.replica(i)).collect();
-    let r = client
-        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
-        .await
-        .unwrap();
+    let r = fleet.push_all(&set, &PushOptions::default()).await;
     use barge::proto::wire::ReplicaOutcome::*;
     let outcomes: Vec<_> = r.replicas.iter().map(|x| x.outcome).collect();
     assert_eq!(outcomes, [Committed, Failed, Committed], "{:?}", r.replicas);

@@ -241,22 +241,19 @@ fn put_str(h: &mut blake3::Hasher, s: &str) {
 
 /// `text` cut to what a report or reason may hold on the wire ([`MAX_REASON_LEN`]), at
 /// a character boundary.
-pub fn cut_reason(mut text: String) -> String {
-    if text.len() > MAX_REASON_LEN {
-        let mut end = MAX_REASON_LEN;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
+pub fn cut_reason(text: String) -> String {
+    cut_to(text, MAX_REASON_LEN)
 }
 
 /// `text` cut to what a name field holds on the wire ([`MAX_NAME_LEN`]), at a
 /// character boundary.
-pub fn cut_name(mut text: String) -> String {
-    if text.len() > MAX_NAME_LEN {
-        let mut end = MAX_NAME_LEN;
+pub fn cut_name(text: String) -> String {
+    cut_to(text, MAX_NAME_LEN)
+}
+
+fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
         while !text.is_char_boundary(end) {
             end -= 1;
         }
