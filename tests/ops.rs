@@ -229,7 +229,9 @@ async fn a_full_target_refuses_up_front_with_a_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staging_and_connection_limits_refuse_with_named_reasons() {
     let limits = "[limits]\nmax_staged_mib = 1\nmax_connections = 1\n";
-    let env = env_with(&format!("{limits}{}", targets("\"client\"")), "", Hooks::new()).await;
+    let metrics = "metrics = \"127.0.0.1:0\"";
+    let env = env_with(&format!("{limits}{}", targets("\"client\"")), metrics, Hooks::new()).await;
+    let addr = env.agent.metrics_addr().expect("metrics on");
     write(&env.src().join("two.sst"), &content(6, 2 << 20));
     let client = env.client("client");
     let err = client
@@ -240,8 +242,22 @@ async fn staging_and_connection_limits_refuse_with_named_reasons() {
     assert_eq!((r.code, r.retry_after), (code::BUSY, 10), "{err}");
     assert!(r.reason.contains("staging is full"), "{err}");
 
-    let _held_open = client.connect(&env.peer()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The refused push's connection may not be released yet on the agent; a connection
+    // opened meanwhile is itself closed at the limit, so open one until it stays open.
+    // Wait until the agent counts exactly that one connection.
+    let mut held_open = client.connect(&env.peer()).await.unwrap();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let counted = value(&scrape(addr).await, "barge_connections");
+        if held_open.close_reason().is_none() && counted == 1 {
+            break;
+        }
+        if held_open.close_reason().is_some() {
+            held_open = client.connect(&env.peer()).await.unwrap();
+        }
+    }
+    assert!(held_open.close_reason().is_none(), "one connection stays open");
+    assert_eq!(value(&scrape(addr).await, "barge_connections"), 1);
     let err = client.jobs(&env.peer()).await.unwrap_err();
     assert!(
         err.to_string().contains("connection limit") || err.to_string().contains("limit of 1 connections"),
