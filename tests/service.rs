@@ -86,7 +86,8 @@ fn next(sock: &UnixDatagram) -> String {
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).expect("a notification in time");
-    String::from_utf8_lossy(&buf[..n]).to_string()
+    // One `KEY=VALUE` per line; the last line may end with a newline.
+    String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
 }
 
 /// Waits for a notification starting with `want`, skipping watchdog pings.

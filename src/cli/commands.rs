@@ -5,6 +5,7 @@ use crate::cli::{
     ZdbCloneArgs, ZdbHookArgs, ZdbSyncArgs,
 };
 use anyhow::{bail, Context, Result};
+use barge::agent::systemd::{self, NotifyState};
 use barge::agent::Agent;
 use barge::client::{Client, Peer, PushOptions, Replica};
 use barge::config::Config;
@@ -157,22 +158,23 @@ async fn agent(a: AgentArgs) -> Result<()> {
         None => local_default(&a.data)?,
     };
     let drain = config.drain;
-    let socket = barge::agent::systemd::activated_socket();
+    let socket = systemd::activated_socket();
     if socket.is_some() {
         tracing::info!("listening on the socket systemd passed (the config's listen address is not used)");
     }
     let agent = Agent::start_on(config, Default::default(), socket).await?;
-    barge::agent::systemd::notify(&format!("READY=1\nSTATUS=listening on {}", agent.local_addr()));
-    let watchdog = barge::agent::systemd::watchdog_interval().map(|every| {
+    let status = format!("listening on {}", agent.local_addr());
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    let watchdog = systemd::watchdog_interval().map(|every| {
         tokio::spawn(async move {
             loop {
-                barge::agent::systemd::notify("WATCHDOG=1");
+                systemd::notify(&[NotifyState::Watchdog]);
                 tokio::time::sleep(every).await;
             }
         })
     });
     serve_until_stopped(&agent, a.config.as_deref()).await;
-    barge::agent::systemd::notify("STOPPING=1");
+    systemd::notify(&[NotifyState::Stopping]);
     tracing::info!(deadline_secs = drain.as_secs(), "stopping: draining running jobs");
     if let Some(w) = watchdog {
         w.abort();
@@ -200,7 +202,7 @@ fn reload(agent: &Agent, config: Option<&std::path::Path>) {
         tracing::warn!("SIGHUP: no --config to reload (the local default does not change)");
         return;
     };
-    barge::agent::systemd::notify("RELOADING=1");
+    systemd::reloading();
     let result = Config::load(path)
         .map_err(anyhow::Error::from)
         .and_then(|c| Ok(agent.reload(c)?));
@@ -210,7 +212,7 @@ fn reload(agent: &Agent, config: Option<&std::path::Path>) {
             tracing::error!(config = %path.display(), error = %format!("{e:#}"), "reload refused; the running config stays")
         }
     }
-    barge::agent::systemd::notify("READY=1");
+    systemd::notify(&[NotifyState::Ready]);
 }
 
 fn local_default(data: &std::path::Path) -> Result<Config> {
