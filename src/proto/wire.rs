@@ -1,4 +1,5 @@
-//! Control messages of protocol v1 and their byte encoding.
+//! Control messages and their byte encoding (protocol versions 1 to 3; the protocol
+//! as a whole is described in the [`proto`](super) module docs).
 //!
 //! Every message is a frame: a big-endian `u32` body length, then the body: a version
 //! byte, a type byte and the fields. Strings and lists are `u32`-counted. Decoding
