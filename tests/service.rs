@@ -25,7 +25,7 @@ fn have(tool: &str) -> bool {
 /// The unit with ExecStart pointing at the binary this test built (verify checks it).
 fn unit_here(dir: &Path) -> std::path::PathBuf {
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/barge.service")).unwrap();
-    let unit = unit.replace("/usr/local/bin/barge", env!("CARGO_BIN_EXE_barge"));
+    let unit = unit.replace("/usr/bin/barge", env!("CARGO_BIN_EXE_barge"));
     std::fs::write(dir.join("barge.service"), unit).unwrap();
     std::fs::copy(
         concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/barge.socket"),

@@ -481,13 +481,13 @@ fn the_sync_timer_units_pass_systemd_verify_and_security() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/");
     let unit = std::fs::read_to_string(format!("{dir}barge-zdb-sync.service")).unwrap();
     assert!(
-        unit.contains("ExecStart=/usr/local/bin/barge zdb-sync --config "),
+        unit.contains("ExecStart=/usr/bin/barge zdb-sync --config "),
         "{unit}"
     );
     let service = t.path().join("barge-zdb-sync.service");
     std::fs::write(
         &service,
-        unit.replace("/usr/local/bin/barge", env!("CARGO_BIN_EXE_barge")),
+        unit.replace("/usr/bin/barge", env!("CARGO_BIN_EXE_barge")),
     )
     .unwrap();
     let timer = t.path().join("barge-zdb-sync.timer");
