@@ -814,13 +814,13 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
 }
 
 /// Where an import target's jobs are staged, and whether that is inside the target. A
-/// `staging` folder given must be on the target's file system (a commit is a rename);
-/// by default `data_dir/staging/NAME` when `data_dir` is on it, else
+/// `staging` folder given must be on the target's mount (a commit is a rename); by
+/// default `data_dir/staging/NAME` when `data_dir` is on it, else
 /// `<target>/.barge-staging`.
 fn staging_root(t: &Target, data_dir: &Path, base: &Path) -> Result<(PathBuf, bool), ConfigError> {
-    use std::os::unix::fs::MetadataExt;
     let key = format!("import ({}).staging", t.name);
-    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
+    // The same mount, not only the same file system: a commit is a rename.
+    let dev = |p: &Path| crate::store::space::mount_of(p);
     let target_dev = dev(&t.path).map_err(|e| invalid(&key, format!("{}: {e}", t.path.display())))?;
     let Some(given) = &t.staging else {
         let shared = data_dir.join("staging");
@@ -847,7 +847,7 @@ fn staging_root(t: &Target, data_dir: &Path, base: &Path) -> Result<(PathBuf, bo
         Ok(_) => Err(invalid(
             key,
             format!(
-                "{} is on another file system than the target {}; staging and target must share one, so that a commit is a rename",
+                "{} is on another file system or mount than the target {}; staging and target must share one, so that a commit is a rename",
                 root.display(),
                 t.path.display()
             ),

@@ -480,16 +480,9 @@ fn the_sync_timer_units_pass_systemd_verify_and_security() {
     let t = tempfile::tempdir().unwrap();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/");
     let unit = std::fs::read_to_string(format!("{dir}barge-zdb-sync.service")).unwrap();
-    assert!(
-        unit.contains("ExecStart=/usr/bin/barge zdb-sync --config "),
-        "{unit}"
-    );
+    assert!(unit.contains("ExecStart=/usr/bin/barge zdb-sync --config "), "{unit}");
     let service = t.path().join("barge-zdb-sync.service");
-    std::fs::write(
-        &service,
-        unit.replace("/usr/bin/barge", env!("CARGO_BIN_EXE_barge")),
-    )
-    .unwrap();
+    std::fs::write(&service, unit.replace("/usr/bin/barge", env!("CARGO_BIN_EXE_barge"))).unwrap();
     let timer = t.path().join("barge-zdb-sync.timer");
     std::fs::copy(format!("{dir}barge-zdb-sync.timer"), &timer).unwrap();
     let out = std::process::Command::new("systemd-analyze")

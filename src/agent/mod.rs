@@ -204,7 +204,7 @@ impl Agent {
             warn!(
                 target = %t.name,
                 staging = %t.staging.display(),
-                "jobs are staged inside the import target (data_dir is on another file system): \
+                "jobs are staged inside the import target (data_dir is on another file system or mount): \
                  an engine that scans the target sees the staging folder while a job runs; set `staging`"
             );
         }

@@ -35,8 +35,11 @@ pub fn init_logging(cmd: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: journald keeps escape codes as they are.
+    use std::io::IsTerminal;
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match json {
         true => fmt.json().with_current_span(true).with_span_list(false).init(),

@@ -40,6 +40,34 @@ pub enum SpaceError {
     Filled { free: u64, promised: u64, reserve: u64 },
 }
 
+/// Which mount `path` is on: its file system's device and, where the kernel tells
+/// (statx `STATX_MNT_ID`, Linux 5.8+), the mount's id. A rename works only within one
+/// mount: two bind mounts of one file system (systemd's `ReadWritePaths=` makes one per
+/// path) share a device, yet a rename between them fails with EXDEV.
+pub fn mount_of(path: &Path) -> io::Result<(u64, Option<u64>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `c` is a valid C string and `stx` a buffer of the size statx writes.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            0,
+            libc::STATX_INO | libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statx succeeded, so it filled the buffer.
+    let stx = unsafe { stx.assume_init() };
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    let mnt = (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id);
+    Ok((dev, mnt))
+}
+
 /// Bytes available to unprivileged writers on the file system holding `path`.
 pub fn free_space(path: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -201,6 +229,18 @@ impl Drop for Held {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn one_folder_is_on_one_mount_and_a_missing_one_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("a")).unwrap();
+        let a = mount_of(&t.path().join("a")).unwrap();
+        assert_eq!(a, mount_of(t.path()).unwrap());
+        assert!(a.1.is_some(), "this kernel tells mount ids");
+        assert_ne!(a, mount_of(Path::new("/proc")).unwrap());
+        assert!(mount_of(&t.path().join("none")).is_err());
+    }
+
     use super::*;
 
     #[test]
