@@ -2,6 +2,7 @@
 //! together do not fit are refused up front, space taken from outside during a job
 //! stops it with a named error, and the reserve is kept. Needs root, `mkfs.ext4`,
 //! `mount` and `fallocate`; skipped with a message without them, except under CI=true.
+//! Also: state and storage on two bind mounts of one file system stage on the target's.
 
 mod common;
 
@@ -146,4 +147,79 @@ async fn jobs_that_together_do_not_fit_are_refused_up_front_and_the_reserve_is_k
         .await
         .unwrap();
     env.agent.shutdown().await;
+}
+
+/// `dir` bind-mounted at `at`, as systemd's `ReadWritePaths=` does for each path;
+/// unmounted when dropped.
+struct Bind(PathBuf);
+
+impl Bind {
+    fn mount(dir: &Path, at: &Path) -> Option<Bind> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount").arg("--bind").arg(dir).arg(at).status();
+        status.is_ok_and(|s| s.success()).then(|| Bind(at.to_path_buf()))
+    }
+}
+
+impl Drop for Bind {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// State and storage on one file system but two mounts (the packaged unit's
+/// `ReadWritePaths=/var/lib/barge /srv/storage`): a rename between them fails, so the
+/// default staging must go inside the target, and a `staging` on the state's mount is
+/// refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_stays_on_the_targets_mount_when_state_is_another_bind_mount_of_one_file_system() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path();
+    let (state, storage) = (
+        Bind::mount(&p.join("disk/state"), &p.join("state")),
+        Bind::mount(&p.join("disk/storage"), &p.join("storage")),
+    );
+    let (Some(_state), Some(_storage)) = (state, storage) else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true: this test needs root and mount --bind");
+        }
+        eprintln!("skipping: needs root and mount --bind");
+        return;
+    };
+    let certs = p.join("certs");
+    barge::net::certs::init_ca(&certs).unwrap();
+    for name in ["agent", "client"] {
+        barge::net::certs::issue(&certs, name, &[]).unwrap();
+    }
+    std::fs::create_dir_all(p.join("storage/in")).unwrap();
+    let config = |staging: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"state\"\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/agent.pem\"\nkey = \"certs/agent.key\"\n\
+             [[import]]\nname = \"in\"\npath = \"storage/in\"\nallow = [\"client\"]\n{staging}"
+        )
+    };
+    let path = p.join("agent.toml");
+    std::fs::write(&path, config("staging = \"state/staging-in\"\n")).unwrap();
+    let err = barge::config::Config::load(&path).unwrap_err().to_string();
+    assert!(err.contains("another file system or mount"), "{err}");
+
+    std::fs::write(&path, config("")).unwrap();
+    let loaded = barge::config::Config::load(&path).unwrap();
+    let target = loaded.import("in").unwrap();
+    assert!(target.staging_in_target, "{}", target.staging.display());
+    let agent = barge::agent::Agent::start(loaded).await.unwrap();
+    write(&p.join("a.sst"), &content(3, 3 << 20));
+    let client = barge::client::Client::new(&barge::net::tls::TlsFiles::in_dir(&certs, "client")).unwrap();
+    let peer = format!("agent@{}", agent.local_addr()).parse().unwrap();
+    client
+        .push(&peer, "in", &[p.join("a.sst")], &PushOptions::default())
+        .await
+        .expect("the commit is a rename within the target's mount");
+    assert_eq!(std::fs::read(p.join("storage/in/a.sst")).unwrap(), content(3, 3 << 20));
+    agent.shutdown().await;
 }
