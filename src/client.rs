@@ -38,7 +38,9 @@ use std::sync::Arc;
 /// An agent to talk to: the name its certificate must carry and where to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
+    /// The DNS name the agent's certificate must carry (its identity).
     pub name: String,
+    /// Where to reach it: `HOST:PORT`, resolved when connecting.
     pub addr: String,
 }
 
@@ -121,12 +123,17 @@ pub const MAX_CONNECTIONS: usize = 4;
 /// What a pull received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullReport {
+    /// The job's id.
     pub job: crate::proto::wire::JobId,
     /// Each file's name and blake3 root.
     pub hashes: Vec<(String, crate::proto::blocks::Digest)>,
+    /// Files received.
     pub files: usize,
+    /// Bytes of all the files.
     pub bytes: u64,
+    /// Blocks sent by the exporter for this pull.
     pub blocks_received: u64,
+    /// Blocks already held from an earlier, interrupted pull of the same job.
     pub blocks_resumed: u64,
     /// Files `into` already held with the same content (`OnExists::SkipIdentical`):
     /// none of their bytes were sent.
@@ -167,8 +174,11 @@ impl PullReport {
 /// of `total` (0 until the offer is known).
 #[derive(Debug, Default)]
 pub struct Tally {
+    /// Files in the job.
     pub files: AtomicU64,
+    /// Bytes of the whole job.
     pub total: AtomicU64,
+    /// Bytes verified or sent so far.
     pub done: Arc<AtomicU64>,
 }
 

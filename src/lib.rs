@@ -94,6 +94,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod client;
 pub mod config;

@@ -24,10 +24,15 @@ type Label<V> = [(&'static str, V); 1];
 /// How a job ended, for `barge_jobs_total{outcome=...}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// The job is in its target (a push), or its receiver committed it (a pull).
     Committed,
+    /// The job is staged and verified, waiting for a commit or abort.
     Held,
+    /// The job failed after it was accepted.
     Failed,
+    /// The sender aborted the job.
     Aborted,
+    /// The job was refused before any data moved.
     Refused,
 }
 
@@ -75,10 +80,13 @@ pub struct Metrics {
 /// Values read from the agent's state at scrape time.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Gauges {
+    /// Jobs being received now.
     pub jobs_receiving: u64,
+    /// Jobs staged and waiting for a commit or abort.
     pub jobs_held: u64,
     /// Bytes verified and staged, of jobs not yet committed.
     pub bytes_staged: u64,
+    /// The agent is draining for shutdown.
     pub draining: bool,
 }
 
@@ -102,10 +110,12 @@ impl Metrics {
         self.blocks_failed.inc();
     }
 
+    /// A job ended with `outcome`.
     pub fn job(&self, outcome: Outcome) {
         self.jobs.get_or_create(&outcome.label()).inc();
     }
 
+    /// An import hook ran for `took`; `ok` if it succeeded.
     pub fn hook(&self, took: std::time::Duration, ok: bool) {
         self.hook_runs.inc();
         self.hook_failures.inc_by(!ok as u64);
@@ -118,12 +128,14 @@ impl Metrics {
         self.after_commit_failures.inc_by(!ok as u64);
     }
 
-    pub fn connection_opened(&self) {
+    /// A QUIC connection was accepted.
+    pub(crate) fn connection_opened(&self) {
         self.connections.inc();
         self.connections_total.inc();
     }
 
-    pub fn connection_closed(&self) {
+    /// A QUIC connection closed.
+    pub(crate) fn connection_closed(&self) {
         self.connections.dec();
     }
 
@@ -207,8 +219,11 @@ impl Metrics {
 /// Counts and paces the blocks one peer sends into a job (the agent's side of a push).
 #[derive(Debug, Clone)]
 pub struct Meter {
+    /// Where the blocks are counted.
     pub metrics: std::sync::Arc<Metrics>,
+    /// The rate limits the blocks wait for.
     pub limits: std::sync::Arc<crate::metrics::ratelimit::RateLimits>,
+    /// Identity of the sending peer, for its rate limit and its byte counts.
     pub peer: String,
     /// Also counts verified bytes here (a client's progress bar).
     pub progress: Option<std::sync::Arc<AtomicU64>>,
@@ -220,6 +235,7 @@ impl Meter {
         self.limits.acquire(&self.peer, bytes).await;
     }
 
+    /// A block of `bytes` from the peer verified and written.
     pub fn received(&self, bytes: u64) {
         self.metrics.block_received(&self.peer, bytes);
         if let Some(p) = &self.progress {
@@ -227,6 +243,7 @@ impl Meter {
         }
     }
 
+    /// A block from the peer did not verify.
     pub fn failed(&self) {
         self.metrics.block_failed();
     }

@@ -29,9 +29,13 @@ use tokio::sync::{mpsc, oneshot};
 /// always `Beneath` their job's staging folder.
 #[derive(Clone, Debug)]
 pub enum Loc {
+    /// A path, its last component opened without following a symlink.
     Path(PathBuf),
+    /// A name below a folder held open.
     Beneath {
+        /// The folder.
         dir: safefs::Root,
+        /// The name below it.
         rel: PathBuf,
         /// The whole path, for messages.
         shown: PathBuf,
