@@ -361,7 +361,8 @@ pub struct Import {
     /// `dir_mode`: the mode of folders a job brings, instead of the agent's umask.
     pub dir_mode: Option<u32>,
     /// Where its jobs are staged: a folder on the target's file system, outside the
-    /// target (see [`staging_root`]).
+    /// target: `staging` if given, else `data_dir/staging/NAME` when `data_dir` is on
+    /// that file system, else `<target>/.barge-staging`.
     pub staging: PathBuf,
     /// The staging folder lies inside the target (no `staging` given, and `data_dir` is
     /// on another file system): an engine that scans the target sees it while a job runs.

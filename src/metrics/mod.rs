@@ -257,8 +257,9 @@ const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 const REQUEST_LIMIT: usize = 1024;
 
 /// Serves `GET /metrics` on `listener` with what `render` returns, until dropped.
-/// Accept errors are backed off, not fatal; each request gets [`REQUEST_LIMIT`] bytes
-/// and [`REQUEST_DEADLINE`], and at most [`MAX_SCRAPES`] are served at once.
+/// Accept errors are backed off, not fatal; each request gets 1 KiB and 5 s
+/// (`REQUEST_LIMIT`, `REQUEST_DEADLINE`), and at most 16 (`MAX_SCRAPES`) are served at
+/// once.
 pub async fn serve(listener: tokio::net::TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
     let render = std::sync::Arc::new(render);
     let pending = crate::net::listen::Pending::new(crate::net::listen::PendingLimits {

@@ -186,7 +186,7 @@ impl Reservation {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(l.saturating_sub(n)));
     }
 
-    /// Before writing `n` more bytes: every [`CHECK_EVERY`] bytes, checks that what all
+    /// Before writing `n` more bytes: every 4 MiB (`CHECK_EVERY`), checks that what all
     /// admitted jobs still have to write fits above the reserve.
     pub fn check(&self, n: u64) -> Result<(), SpaceError> {
         let h = &self.0;
