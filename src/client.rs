@@ -183,6 +183,62 @@ pub struct Tally {
 }
 
 /// A client endpoint with one identity; reusable for many jobs.
+///
+/// # Example
+///
+/// Push a file into an agent's import target, then pull an export's files back. The
+/// agent here runs in the same program (hidden setup; the [crate] docs show it), but
+/// it could be on any host the client reaches:
+///
+/// ```
+/// use barge::client::{Client, Peer, PushOptions};
+/// use barge::net::tls::TlsFiles;
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let certs = dir.path().join("certs");
+/// # barge::net::certs::init_ca(&certs)?;
+/// # barge::net::certs::issue(&certs, "store-b", &[])?;
+/// # barge::net::certs::issue(&certs, "operator", &[])?;
+/// # for d in ["ingest", "outbox", "src"] {
+/// #     std::fs::create_dir(dir.path().join(d))?;
+/// # }
+/// # std::fs::write(dir.path().join("outbox/000007.sst"), b"an exported file")?;
+/// # let config = barge::config::Config::parse(r#"
+/// #     listen = "127.0.0.1:0"
+/// #     [tls]
+/// #     ca = "certs/ca.pem"
+/// #     cert = "certs/store-b.pem"
+/// #     key = "certs/store-b.key"
+/// #     [[import]]
+/// #     name = "ingest"
+/// #     path = "ingest"
+/// #     allow = ["operator"]
+/// #     [[export]]
+/// #     name = "outbox"
+/// #     path = "outbox"
+/// #     allow = ["operator"]
+/// # "#, dir.path())?;
+/// # let agent = barge::agent::Agent::start(config).await?;
+/// # let addr = agent.local_addr();
+/// # let (file, pulled) = (dir.path().join("src/000042.sst"), dir.path().join("pulled"));
+/// # std::fs::write(&file, b"an immutable file")?;
+/// // This side's identity: `certs` holds ca.pem, operator.pem and operator.key, as
+/// // `barge certs` makes them. The agent's allow lists name "operator".
+/// let client = Client::new(&TlsFiles::in_dir(&certs, "operator"))?;
+/// // The agent: the name its certificate must carry, and its address.
+/// let peer: Peer = format!("store-b@{addr}").parse()?;
+///
+/// // Every block is verified as it arrives; the import commits all files or none.
+/// let sent = client.push(&peer, "ingest", &[file], &PushOptions::default()).await?;
+/// assert_eq!((sent.files, sent.bytes_total), (1, 17));
+///
+/// // Every file of the export (an empty list asks for all), into a local folder.
+/// let got = client.pull(&peer, "outbox", &[], &pulled).await?;
+/// assert_eq!(got.files, 1);
+/// assert_eq!(std::fs::read(pulled.join("000007.sst"))?, b"an exported file");
+/// # agent.shutdown().await;
+/// # Ok(()) }
+/// ```
 pub struct Client {
     endpoint: quinn::Endpoint,
     connect_timeout: std::time::Duration,

@@ -164,6 +164,48 @@ impl ImportJob {
 /// Hands a verified job to an engine. Runs on a blocking thread; the returned text is
 /// the report the sender sees on commit. Whatever it leaves in the staging folder is
 /// removed after it returns `Ok`.
+///
+/// An agent runs it for import targets with `hook = "custom"`, registered under the
+/// target's name with [`Agent::start_with_hooks`](crate::agent::Agent::start_with_hooks);
+/// the [crate] docs run a whole agent with one.
+///
+/// # Example
+///
+/// A hook for a target that takes only SST files: other names are refused before any
+/// data moves, and a committed job's files are handed to the engine.
+///
+/// ```
+/// use barge::engines::hook::{HookError, ImportHook, ImportJob};
+/// use barge::proto::path::RelPath;
+/// use std::{path::Path, sync::Arc};
+///
+/// struct SstIngest;
+///
+/// impl ImportHook for SstIngest {
+///     fn check(&self, _target_dir: &Path, files: &[RelPath]) -> Result<(), HookError> {
+///         match files.iter().find(|f| !f.as_str().ends_with(".sst")) {
+///             Some(f) => Err(HookError::Other(format!("{f} is not an SST file"))),
+///             None => Ok(()),
+///         }
+///     }
+///
+///     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
+///         // Each `f.path` is staged, verified and synced; ingest it here (RocksDB's
+///         // IngestExternalFile with move_files, say). An error fails the whole job.
+///         let names: Vec<&str> = job.files.iter().map(|f| f.name.as_str()).collect();
+///         Ok(format!("ingested {}", names.join(", ")))
+///     }
+/// }
+///
+/// let refused = SstIngest.check(Path::new("/data/db"), &[RelPath::new("notes.txt")?]);
+/// assert_eq!(refused.unwrap_err().to_string(), "hook: notes.txt is not an SST file");
+///
+/// // `Agent::start_with_hooks(config, hooks)` runs it for the target named "region-in".
+/// let hook: Arc<dyn ImportHook> = Arc::new(SstIngest);
+/// let hooks = barge::agent::Hooks::from([("region-in".to_string(), hook)]);
+/// # drop(hooks);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait ImportHook: Send + Sync + 'static {
     /// Called before any data moves, to refuse a job early (for example a name that
     /// already exists). The default accepts everything.
