@@ -38,7 +38,9 @@ use std::sync::Arc;
 /// An agent to talk to: the name its certificate must carry and where to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
+    /// The DNS name the agent's certificate must carry (its identity).
     pub name: String,
+    /// Where to reach it: `HOST:PORT`, resolved when connecting.
     pub addr: String,
 }
 
@@ -121,12 +123,17 @@ pub const MAX_CONNECTIONS: usize = 4;
 /// What a pull received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullReport {
+    /// The job's id.
     pub job: crate::proto::wire::JobId,
     /// Each file's name and blake3 root.
     pub hashes: Vec<(String, crate::proto::blocks::Digest)>,
+    /// Files received.
     pub files: usize,
+    /// Bytes of all the files.
     pub bytes: u64,
+    /// Blocks sent by the exporter for this pull.
     pub blocks_received: u64,
+    /// Blocks already held from an earlier, interrupted pull of the same job.
     pub blocks_resumed: u64,
     /// Files `into` already held with the same content (`OnExists::SkipIdentical`):
     /// none of their bytes were sent.
@@ -167,12 +174,71 @@ impl PullReport {
 /// of `total` (0 until the offer is known).
 #[derive(Debug, Default)]
 pub struct Tally {
+    /// Files in the job.
     pub files: AtomicU64,
+    /// Bytes of the whole job.
     pub total: AtomicU64,
+    /// Bytes verified or sent so far.
     pub done: Arc<AtomicU64>,
 }
 
 /// A client endpoint with one identity; reusable for many jobs.
+///
+/// # Example
+///
+/// Push a file into an agent's import target, then pull an export's files back. The
+/// agent here runs in the same program (hidden setup; the [crate] docs show it), but
+/// it could be on any host the client reaches:
+///
+/// ```
+/// use barge::client::{Client, Peer, PushOptions};
+/// use barge::net::tls::TlsFiles;
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let certs = dir.path().join("certs");
+/// # barge::net::certs::init_ca(&certs)?;
+/// # barge::net::certs::issue(&certs, "store-b", &[])?;
+/// # barge::net::certs::issue(&certs, "operator", &[])?;
+/// # for d in ["ingest", "outbox", "src"] {
+/// #     std::fs::create_dir(dir.path().join(d))?;
+/// # }
+/// # std::fs::write(dir.path().join("outbox/000007.sst"), b"an exported file")?;
+/// # let config = barge::config::Config::parse(r#"
+/// #     listen = "127.0.0.1:0"
+/// #     [tls]
+/// #     ca = "certs/ca.pem"
+/// #     cert = "certs/store-b.pem"
+/// #     key = "certs/store-b.key"
+/// #     [[import]]
+/// #     name = "ingest"
+/// #     path = "ingest"
+/// #     allow = ["operator"]
+/// #     [[export]]
+/// #     name = "outbox"
+/// #     path = "outbox"
+/// #     allow = ["operator"]
+/// # "#, dir.path())?;
+/// # let agent = barge::agent::Agent::start(config).await?;
+/// # let addr = agent.local_addr();
+/// # let (file, pulled) = (dir.path().join("src/000042.sst"), dir.path().join("pulled"));
+/// # std::fs::write(&file, b"an immutable file")?;
+/// // This side's identity: `certs` holds ca.pem, operator.pem and operator.key, as
+/// // `barge certs` makes them. The agent's allow lists name "operator".
+/// let client = Client::new(&TlsFiles::in_dir(&certs, "operator"))?;
+/// // The agent: the name its certificate must carry, and its address.
+/// let peer: Peer = format!("store-b@{addr}").parse()?;
+///
+/// // Every block is verified as it arrives; the import commits all files or none.
+/// let sent = client.push(&peer, "ingest", &[file], &PushOptions::default()).await?;
+/// assert_eq!((sent.files, sent.bytes_total), (1, 17));
+///
+/// // Every file of the export (an empty list asks for all), into a local folder.
+/// let got = client.pull(&peer, "outbox", &[], &pulled).await?;
+/// assert_eq!(got.files, 1);
+/// assert_eq!(std::fs::read(pulled.join("000007.sst"))?, b"an exported file");
+/// # agent.shutdown().await;
+/// # Ok(()) }
+/// ```
 pub struct Client {
     endpoint: quinn::Endpoint,
     connect_timeout: std::time::Duration,

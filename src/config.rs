@@ -31,12 +31,30 @@ pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has keys barge does not know.
     #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// A key has a value barge can not use.
     #[error("config key `{key}`: {problem}")]
-    Invalid { key: String, problem: String },
+    Invalid {
+        /// The key, as written in the file (`limits.max_connections`).
+        key: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -150,10 +168,14 @@ pub struct Limits {
 /// the other identities.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityLimits {
+    /// QUIC connections at once (`limits.identity_connections`).
     pub connections: usize,
+    /// Jobs being received or held at once (`limits.identity_jobs`).
     pub jobs: usize,
     /// Requests (control streams) being served at once.
     pub streams: usize,
+    /// Bytes staged at once (`limits.identity_staged_mib`); `None`: only the agent-wide
+    /// limit.
     pub staged_bytes: Option<u64>,
 }
 
@@ -243,6 +265,7 @@ pub enum ExportKind {
 pub struct AllowList(pub Vec<String>);
 
 impl AllowList {
+    /// Whether `identity` is on the list, or the list has `*`.
     pub fn allows(&self, identity: &str) -> bool {
         self.0.iter().any(|a| a == "*" || a == identity)
     }
@@ -281,9 +304,13 @@ pub struct ExecSpec {
 /// A folder peers may read from.
 #[derive(Debug, Clone)]
 pub struct Export {
+    /// The name peers pull by.
     pub name: String,
+    /// The folder (a relative path in the file is taken from the file's folder).
     pub path: PathBuf,
+    /// Identities that may list and pull its files.
     pub allow: AllowList,
+    /// What it holds: any files, or SST files a key range can select.
     pub kind: ExportKind,
     /// `after_commit`: a command run on this agent once a receiver committed a pull
     /// from this export (see `hook::AfterCommitHook`).
@@ -310,9 +337,14 @@ pub struct AfterCommitSpec {
 /// A folder peers may write to, and the hook that hands their files to the engine.
 #[derive(Debug, Clone)]
 pub struct Import {
+    /// The name peers push to.
     pub name: String,
+    /// The folder the engine reads (a relative path in the file is taken from the file's
+    /// folder).
     pub path: PathBuf,
+    /// Identities that may push to it.
     pub allow: AllowList,
+    /// What hands a committed job's files to the engine.
     pub hook: HookSpec,
     /// Whether senders may use the unencrypted TCP data lane for this target.
     pub tcp_lane: bool,
@@ -326,9 +358,11 @@ pub struct Import {
     /// Modes its files and the folders a job brings get, instead of the sender's
     /// (files) and the agent's umask (folders).
     pub file_mode: Option<u32>,
+    /// `dir_mode`: the mode of folders a job brings, instead of the agent's umask.
     pub dir_mode: Option<u32>,
     /// Where its jobs are staged: a folder on the target's file system, outside the
-    /// target (see [`staging_root`]).
+    /// target: `staging` if given, else `data_dir/staging/NAME` when `data_dir` is on
+    /// that file system, else `<target>/.barge-staging`.
     pub staging: PathBuf,
     /// The staging folder lies inside the target (no `staging` given, and `data_dir` is
     /// on another file system): an engine that scans the target sees it while a job runs.
@@ -374,11 +408,17 @@ impl std::str::FromStr for OnExists {
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The UDP address the QUIC endpoint binds (`listen`).
     pub listen: SocketAddr,
+    /// The agent's own state: held-job journal, commit intents, staging (`data_dir`).
     pub data_dir: PathBuf,
+    /// CA, certificate and key of this agent.
     pub tls: TlsFiles,
+    /// Folders peers may pull from.
     pub exports: Vec<Export>,
+    /// Folders peers may push to.
     pub imports: Vec<Import>,
+    /// How long a staged, unfinished job may wait to be resumed before it is removed.
     pub staging_ttl: Duration,
     /// How long a held job (`push --hold`) waits for commit or abort before it is removed.
     pub hold_ttl: Duration,
@@ -386,8 +426,11 @@ pub struct Config {
     pub drain: Duration,
     /// Loopback address of the Prometheus endpoint, if on.
     pub metrics: Option<SocketAddr>,
+    /// Admission limits, budgets per identity, and rates.
     pub limits: Limits,
+    /// Jobs received or held at once, over all identities (`max_jobs`).
     pub max_jobs: usize,
+    /// QUIC transport tuning (`[transport]`).
     pub tuning: Tuning,
     /// Port of the TCP data lane listener (0: any free port), if an import allows the lane.
     pub tcp_port: u16,
@@ -451,10 +494,12 @@ allow = ["*"]
         Ok((Config::parse(&text, base)?, made))
     }
 
+    /// The import target of that name.
     pub fn import(&self, name: &str) -> Option<&Import> {
         self.imports.iter().find(|t| t.name == name)
     }
 
+    /// The export of that name.
     pub fn export(&self, name: &str) -> Option<&Export> {
         self.exports.iter().find(|t| t.name == name)
     }

@@ -47,7 +47,9 @@
 //! # Example
 //!
 //! An engine that embeds an agent with its own import hook, and a client that pushes
-//! a file to it:
+//! a file to it. It runs as a doc test, on loopback with certificates made in a temporary
+//! folder; [`client::Client`] shows a push and a pull, [`engines::hook::ImportHook`] a
+//! hook that refuses a job before any data moves.
 //!
 //! ```
 //! use barge::{agent::{Agent, Hooks}, client::{Client, PushOptions}, config::Config};
@@ -93,6 +95,8 @@
 //! agent.shutdown().await;
 //! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod client;

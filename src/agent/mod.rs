@@ -51,18 +51,31 @@ use tracing::{info, info_span, warn, Instrument};
 /// Why an agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The agent's certificates could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The QUIC, TCP lane or metrics address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// io_uring could not be set up for the disk thread.
     #[error("io_uring: {0}")]
     Disk(std::io::Error),
+    /// An import target has `hook = "custom"`, but no
+    /// [`ImportHook`] was given for it.
     #[error("import target {0:?} has hook = \"custom\" but no ImportHook was registered for it")]
     MissingHook(String),
+    /// The journal of held jobs could not be opened.
     #[error(transparent)]
     Journal(#[from] crate::store::held::HeldError),
+    /// The commit ledger's folder could not be made.
     #[error(transparent)]
     Commits(#[from] crate::store::commit::CommitError),
+    /// A reload changed a setting that needs a restart (named).
     #[error("{0} can not change on reload; restart the agent for it")]
     NeedsRestart(&'static str),
 }
@@ -225,6 +238,7 @@ impl Agent {
         self.metrics_addr
     }
 
+    /// The address the QUIC endpoint is bound to (the real port when `listen` has port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 /// One replica of a push: an agent and its import target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replica {
+    /// The replica's agent.
     pub peer: Peer,
+    /// The import target on it.
     pub target: String,
 }
 
@@ -44,6 +46,7 @@ pub struct ChainReport {
     pub first: SendReport,
     /// Blocks and bytes this side sent, to all replicas together.
     pub blocks_sent: u64,
+    /// Bytes sent (see `blocks_sent`).
     pub bytes_sent: u64,
     /// How the job ended on each replica, in the chain's order.
     pub replicas: Vec<ReplicaResult>,
@@ -59,7 +62,9 @@ impl ChainReport {
 /// What a ship did: how it ended on each replica, and the agent's last word.
 #[derive(Debug, Clone, Default)]
 pub struct ShipReport {
+    /// How the job ended on each replica, in the chain's order.
     pub replicas: Vec<ReplicaResult>,
+    /// The agent's last word: `shipped to N replicas`, or why some replica failed.
     pub report: String,
 }
 

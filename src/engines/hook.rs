@@ -22,17 +22,37 @@ use std::time::{Duration, Instant};
 /// Why a hook failed; the text reaches the sender.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
+    /// A staged or target file could not be used, or the target holds a name with other
+    /// content.
     #[error(transparent)]
     Stage(#[from] StageError),
+    /// `move` or `replace` could not place the files (nothing of the job stays in the
+    /// target).
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// An `exec` command could not be started.
     #[error("hook command {program:?} could not start: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        /// The command.
+        program: String,
+        /// Why it could not start.
+        source: std::io::Error,
+    },
     /// `report` is the command's stdout (its stderr with `exec_stderr_to_sender`).
     #[error("hook command exited with {status}: {report}")]
-    Exit { status: String, report: String },
+    Exit {
+        /// How it exited (`exit status: 3`, a signal).
+        status: String,
+        /// The end of its output.
+        report: String,
+    },
+    /// An `exec` command ran past its time limit and was killed.
     #[error("hook timed out after {secs} s")]
-    Timeout { secs: u64 },
+    Timeout {
+        /// The limit, in seconds.
+        secs: u64,
+    },
+    /// Any other failure, as text: what an engine's [`ImportHook`] usually returns.
     #[error("hook: {0}")]
     Other(String),
 }
@@ -44,6 +64,7 @@ pub struct ImportFile {
     pub name: String,
     /// Where the file is now: synced, inside the staging folder.
     pub path: PathBuf,
+    /// Size in bytes.
     pub size: u64,
     /// blake3 root, hex, as `b3sum` prints it.
     pub blake3: String,
@@ -55,7 +76,9 @@ pub struct ImportFile {
 /// An SST file's key span as hooks see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImportKeys {
+    /// Smallest user key, hex.
     pub smallest: String,
+    /// Largest user key, hex.
     pub largest: String,
 }
 
@@ -71,14 +94,17 @@ impl From<&crate::proto::keys::KeySpan> for ImportKeys {
 /// A job ready to be imported.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImportJob {
+    /// The job's id, 32 hex digits (also `BARGE_JOB` for an `exec` hook).
     pub job: String,
     /// The import target's name and folder.
     pub target: String,
+    /// The import target's folder.
     pub target_dir: PathBuf,
     /// Folder that holds the staged files under their relative names.
     pub staged_dir: PathBuf,
     /// Identity of the peer that sent the job.
     pub peer: String,
+    /// The job's files, in the offer's order.
     pub files: Vec<ImportFile>,
     /// Engine metadata from the offer.
     pub meta: std::collections::BTreeMap<String, String>,
@@ -138,6 +164,48 @@ impl ImportJob {
 /// Hands a verified job to an engine. Runs on a blocking thread; the returned text is
 /// the report the sender sees on commit. Whatever it leaves in the staging folder is
 /// removed after it returns `Ok`.
+///
+/// An agent runs it for import targets with `hook = "custom"`, registered under the
+/// target's name with [`Agent::start_with_hooks`](crate::agent::Agent::start_with_hooks);
+/// the [crate] docs run a whole agent with one.
+///
+/// # Example
+///
+/// A hook for a target that takes only SST files: other names are refused before any
+/// data moves, and a committed job's files are handed to the engine.
+///
+/// ```
+/// use barge::engines::hook::{HookError, ImportHook, ImportJob};
+/// use barge::proto::path::RelPath;
+/// use std::{path::Path, sync::Arc};
+///
+/// struct SstIngest;
+///
+/// impl ImportHook for SstIngest {
+///     fn check(&self, _target_dir: &Path, files: &[RelPath]) -> Result<(), HookError> {
+///         match files.iter().find(|f| !f.as_str().ends_with(".sst")) {
+///             Some(f) => Err(HookError::Other(format!("{f} is not an SST file"))),
+///             None => Ok(()),
+///         }
+///     }
+///
+///     fn import(&self, job: &ImportJob) -> Result<String, HookError> {
+///         // Each `f.path` is staged, verified and synced; ingest it here (RocksDB's
+///         // IngestExternalFile with move_files, say). An error fails the whole job.
+///         let names: Vec<&str> = job.files.iter().map(|f| f.name.as_str()).collect();
+///         Ok(format!("ingested {}", names.join(", ")))
+///     }
+/// }
+///
+/// let refused = SstIngest.check(Path::new("/data/db"), &[RelPath::new("notes.txt")?]);
+/// assert_eq!(refused.unwrap_err().to_string(), "hook: notes.txt is not an SST file");
+///
+/// // `Agent::start_with_hooks(config, hooks)` runs it for the target named "region-in".
+/// let hook: Arc<dyn ImportHook> = Arc::new(SstIngest);
+/// let hooks = barge::agent::Hooks::from([("region-in".to_string(), hook)]);
+/// # drop(hooks);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait ImportHook: Send + Sync + 'static {
     /// Called before any data moves, to refuse a job early (for example a name that
     /// already exists). The default accepts everything.
@@ -160,6 +228,9 @@ pub trait ImportHook: Send + Sync + 'static {
         Ok(vec![false; files.len()])
     }
 
+    /// Imports the job's files (staged, verified and synced: [`ImportFile::path`]) into the
+    /// engine. `Ok` commits the job, its text the report the sender sees; `Err` fails the
+    /// job, and the sender gets the error's text.
     fn import(&self, job: &ImportJob) -> Result<String, HookError>;
 }
 
@@ -195,6 +266,7 @@ fn split_identical(
 /// content is refused.
 #[derive(Debug, Default)]
 pub struct MoveHook {
+    /// Count a file the target already holds with the same content as delivered.
     pub skip_identical: bool,
 }
 
@@ -275,10 +347,13 @@ impl ImportHook for ReplaceHook {
 /// command's stderr always goes to the agent's log.
 #[derive(Debug, Clone)]
 pub struct ExecHook {
+    /// The command and its arguments; the staged files' paths are appended.
     pub argv: Vec<String>,
     /// Names of variables copied from the agent's environment when set there.
     pub env: Vec<String>,
+    /// Longest a run may take before it is killed and the job fails.
     pub timeout: Duration,
+    /// Send the command's stderr to the sender on failure, instead of its stdout.
     pub stderr_to_sender: bool,
 }
 
@@ -463,12 +538,15 @@ fn run_command(mut cmd: Command, program: &str, stdin: Vec<u8>, timeout: Duratio
 /// (as JSON on stdin).
 #[derive(Debug, Clone, Serialize)]
 pub struct AfterCommitJob {
+    /// The pull's job id, 32 hex digits.
     pub job: String,
     /// The export's name and folder.
     pub export: String,
+    /// The export's folder.
     pub export_dir: PathBuf,
     /// Identity of the peer that pulled and committed the files.
     pub peer: String,
+    /// The files the receiver committed.
     pub files: Vec<ExportedFile>,
     /// The key range the pull asked for; `null` when it named files (or all).
     pub range: Option<HookRange>,
@@ -483,6 +561,7 @@ pub struct ExportedFile {
     pub name: String,
     /// Where the file is in the export folder.
     pub path: PathBuf,
+    /// Size in bytes.
     pub size: u64,
     /// blake3 root, hex, as `b3sum` prints it.
     pub blake3: String,
@@ -495,7 +574,9 @@ pub struct ExportedFile {
 /// `null` end is past the last.
 #[derive(Debug, Clone, Serialize)]
 pub struct HookRange {
+    /// First key of the range, hex; empty: the first key.
     pub start: String,
+    /// Key past the range, hex; `None` (`null`): past the last key.
     pub end: Option<String>,
 }
 
@@ -523,8 +604,11 @@ impl From<&crate::proto::keys::KeyRange> for HookRange {
 /// counts it.
 #[derive(Debug, Clone)]
 pub struct AfterCommitHook {
+    /// The command and its arguments (no file paths are added).
     pub argv: Vec<String>,
+    /// Names of variables copied from the agent's environment when set there.
     pub env: Vec<String>,
+    /// Longest a run may take before its process group is killed and it counts as failed.
     pub timeout: Duration,
 }
 

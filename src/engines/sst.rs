@@ -70,32 +70,56 @@ pub struct SstKeys {
 /// Why an SST file's key range could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum SstError {
+    /// The file could not be read.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+    /// Shorter than a footer; its size in bytes.
     #[error("too short for an sst file ({0} bytes)")]
     TooShort(u64),
+    /// The footer's magic number is not a block-based table's.
     #[error("not a rocksdb block-based table")]
     NotBlockBased,
+    /// A RocksDB table of another kind (plain, cuckoo).
     #[error("rocksdb {0} tables are not supported")]
     OtherTable(&'static str),
+    /// A table format version this reader does not know.
     #[error("unsupported format version {0}")]
     FormatVersion(u32),
+    /// A block compressed in a way this reader does not decompress.
     #[error("unsupported compression {}", compression_name(*.0))]
     Compression(u8),
+    /// An index type this reader does not walk.
     #[error("unsupported index type {0}")]
     IndexType(u32),
+    /// Some other table feature this reader does not read.
     #[error("unsupported {0}")]
     Unsupported(&'static str),
+    /// The footer does not decode.
     #[error("corrupt footer")]
     CorruptFooter,
+    /// A block (at this offset) does not decode.
     #[error("corrupt block at offset {0}")]
     CorruptBlock(u64),
+    /// A block handle points past the end of the file.
     #[error("block at offset {offset} ({size} bytes) lies outside the file")]
-    OutOfBounds { offset: u64, size: u64 },
+    OutOfBounds {
+        /// The block's offset.
+        offset: u64,
+        /// The block's size in bytes.
+        size: u64,
+    },
+    /// A block handle names a block larger than this reader takes.
     #[error("block at offset {offset} is too large ({size} bytes)")]
-    TooLarge { offset: u64, size: u64 },
+    TooLarge {
+        /// The block's offset.
+        offset: u64,
+        /// The block's size in bytes.
+        size: u64,
+    },
+    /// The file ended inside a block (at this offset).
     #[error("short read at offset {0}")]
     ShortRead(u64),
+    /// A table with no keys.
     #[error("empty table")]
     Empty,
 }

@@ -54,26 +54,48 @@ pub const DEFAULT_SPOOL_NAME: &str = "barge-zdb-spool";
 /// Why a hook call or a clone failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ZdbError {
+    /// The zdb configuration file could not be read or is not valid.
     #[error("zdb config {path}: {reason}")]
-    Config { path: PathBuf, reason: String },
+    Config {
+        /// The configuration file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A hook call with the wrong arguments.
     #[error("hook {hook}: expected {want}")]
-    Args { hook: String, want: &'static str },
+    Args {
+        /// The hook's name.
+        hook: String,
+        /// The arguments it takes.
+        want: &'static str,
+    },
+    /// A file a hook named is not where 0-db keeps such files.
     #[error("{path} is not a 0-db {kind} file in a namespace folder of {root}")]
     Outside {
+        /// The file as the hook named it.
         path: PathBuf,
+        /// `data` or `index`.
         kind: &'static str,
+        /// The data or index root it should be in.
         root: PathBuf,
     },
+    /// A `jump-index` dirty id that is not a number.
     #[error("dirty index id {0:?} is not a number")]
     BadDirty(String),
+    /// A namespace folder is missing or could not be read.
     #[error("namespace folder {0}: {1}")]
     Namespace(PathBuf, std::io::Error),
+    /// `missing-data`: the pull committed but the file is still not there.
     #[error("{0} is still missing after the pull")]
     StillMissing(PathBuf),
+    /// The spool folder or one of its entries could not be read or written.
     #[error("spool {0}: {1}")]
     Spool(PathBuf, std::io::Error),
+    /// `zdb-sync`: the backup holds data files (named) whose hash differs from this host's.
     #[error("the backup holds a different {0} than this host (not replaced; check which is right)")]
     Differs(String),
+    /// A push or pull to the backup agent failed.
     #[error(transparent)]
     Transfer(#[from] TransferError),
 }
@@ -81,17 +103,26 @@ pub enum ZdbError {
 /// A hook call from 0-db, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hook {
+    /// `jump-data`: 0-db sealed a data file and started the next.
     JumpData {
+        /// The sealed data file, to push.
         old: PathBuf,
     },
+    /// `jump-index`: 0-db moved on to a new index file.
     JumpIndex {
+        /// The index file it left, to push.
         old: PathBuf,
+        /// Ids of older index files it changed, sorted, without repeats (`i<id>`).
         dirty: Vec<u32>,
     },
+    /// `missing-data`: 0-db needs a data file back and waits for it.
     MissingData {
+        /// The data file to fetch from the backup.
         file: PathBuf,
     },
+    /// `namespace-updated`: a namespace's settings changed.
     NamespaceUpdated {
+        /// The namespace whose `zdb-namespace` to push.
         namespace: String,
     },
     /// A hook barge has nothing to do for (`ready`, `close`, ...).
@@ -165,7 +196,9 @@ fn parse_dirty(args: &[String]) -> Result<Vec<u32>, ZdbError> {
 /// A 0-db file located inside a root: its namespace and file name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZdbFile {
+    /// The namespace (the folder under the root).
     pub namespace: String,
+    /// The file's name in that folder (`d<N>`, `i<N>` or `zdb-namespace`).
     pub name: String,
 }
 
@@ -223,9 +256,13 @@ struct RawZdbConfig {
 /// files, and the backup agent with its targets.
 #[derive(Debug, Clone)]
 pub struct ZdbConfig {
+    /// 0-db's data root (`--data`).
     pub data_dir: PathBuf,
+    /// 0-db's index root (`--index`).
     pub index_dir: PathBuf,
+    /// The backup agent.
     pub peer: Peer,
+    /// This host's CA, certificate and key, to reach the backup.
     pub tls: TlsFiles,
     /// Import target on the peer for sealed data files (`hook = "move"`).
     pub data_target: String,
@@ -329,7 +366,9 @@ fn absolute(path: &Path) -> PathBuf {
 /// still exit 0, so 0-db goes on).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The work is done; what was done.
     Done(String),
+    /// The backup did not take it; it waits in the spool (the message says why).
     Spooled(String),
 }
 
@@ -433,7 +472,12 @@ pub enum Work {
     /// A sealed data file, to the data target.
     Data(ZdbFile),
     /// Index files and/or `zdb-namespace` of one namespace, to the index target.
-    Index { namespace: String, names: Vec<String> },
+    Index {
+        /// The namespace the files belong to.
+        namespace: String,
+        /// File names in the namespace's index folder.
+        names: Vec<String>,
+    },
 }
 
 impl Work {
@@ -483,7 +527,9 @@ pub struct Spool {
 /// What a drain sent.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
+    /// Spool entries sent (and removed).
     pub entries: usize,
+    /// Bytes pushed for them.
     pub bytes: u64,
 }
 
@@ -686,9 +732,11 @@ pub struct SyncReport {
     pub spooled: usize,
     /// Sealed data files sent, and those the backup already held identical.
     pub data_sent: usize,
+    /// Sealed data files the backup already held, identical, so not sent.
     pub data_present: usize,
     /// Index and namespace files sent (all of them, as they are now).
     pub index_files: usize,
+    /// Bytes pushed in all.
     pub bytes: u64,
 }
 
@@ -783,8 +831,11 @@ fn namespaces(root: &Path) -> Result<Vec<String>, ZdbError> {
 /// What a namespace clone sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneReport {
+    /// Data files sent.
     pub data_files: usize,
+    /// Index files and `zdb-namespace` sent.
     pub index_files: usize,
+    /// Bytes sent in all.
     pub bytes: u64,
 }
 

@@ -1,33 +1,38 @@
 //! The agent's counters, and a Prometheus text endpoint for them.
 //!
-//! Counters are plain atomics bumped where the work happens (a verified block, a hook
-//! run, a connection); gauges such as jobs in flight and bytes staged are read from the
-//! agent's state when scraped, so they can not drift. The endpoint is a minimal HTTP/1.1
+//! Counters are prometheus-client atomics bumped where the work happens (a verified
+//! block, a hook run, a connection); gauges such as jobs in flight and bytes staged are
+//! read from the agent's state when scraped, so they can not drift. prometheus-client
+//! writes the text (format 0.0.4), so names, labels and escaping follow its rules; the
+//! HTTP side is barge's own, to stay small and bounded. The endpoint is a minimal HTTP/1.1
 //! responder on a loopback address (`GET /metrics`), off unless configured: metrics
 //! name peers and targets, which is nothing to publish beyond the host.
 
 pub mod ratelimit;
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Bytes moved with one peer.
-#[derive(Debug, Default, Clone, Copy)]
-struct PeerBytes {
-    received: u64,
-    sent: u64,
-}
+/// A label set of one label, such as `outcome="committed"`.
+type Label<V> = [(&'static str, V); 1];
 
 /// How a job ended, for `barge_jobs_total{outcome=...}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// The job is in its target (a push), or its receiver committed it (a pull).
     Committed,
+    /// The job is staged and verified, waiting for a commit or abort.
     Held,
+    /// The job failed after it was accepted.
     Failed,
+    /// The sender aborted the job.
     Aborted,
+    /// The job was refused before any data moved.
     Refused,
 }
 
@@ -40,241 +45,185 @@ impl Outcome {
         Outcome::Refused,
     ];
 
-    fn name(self) -> &'static str {
-        match self {
+    fn label(self) -> Label<&'static str> {
+        let name = match self {
             Outcome::Committed => "committed",
             Outcome::Held => "held",
             Outcome::Failed => "failed",
             Outcome::Aborted => "aborted",
             Outcome::Refused => "refused",
-        }
+        };
+        [("outcome", name)]
     }
 }
 
-/// Everything the agent counts.
+/// Everything the agent counts. prometheus-client adds `_total` to a counter's name.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    blocks_received: AtomicU64,
-    bytes_received: AtomicU64,
-    blocks_sent: AtomicU64,
-    bytes_sent: AtomicU64,
-    blocks_failed: AtomicU64,
-    jobs: [AtomicU64; 5],
-    hook_runs: AtomicU64,
-    hook_failures: AtomicU64,
-    hook_micros: AtomicU64,
-    after_commit_runs: AtomicU64,
-    after_commit_failures: AtomicU64,
-    connections: AtomicU64,
-    connections_total: AtomicU64,
-    peers: Mutex<BTreeMap<String, PeerBytes>>,
+    blocks_received: Counter,
+    bytes_received: Counter,
+    blocks_sent: Counter,
+    bytes_sent: Counter,
+    blocks_failed: Counter,
+    jobs: Family<Label<&'static str>, Counter>,
+    hook_runs: Counter,
+    hook_failures: Counter,
+    hook_seconds: Counter<f64, AtomicU64>,
+    after_commit_runs: Counter,
+    after_commit_failures: Counter,
+    connections: Gauge<u64, AtomicU64>,
+    connections_total: Counter,
+    peer_received: Family<Label<String>, Counter>,
+    peer_sent: Family<Label<String>, Counter>,
 }
 
 /// Values read from the agent's state at scrape time.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Gauges {
+    /// Jobs being received now.
     pub jobs_receiving: u64,
+    /// Jobs staged and waiting for a commit or abort.
     pub jobs_held: u64,
     /// Bytes verified and staged, of jobs not yet committed.
     pub bytes_staged: u64,
+    /// The agent is draining for shutdown.
     pub draining: bool,
 }
 
 impl Metrics {
     /// A block from `peer` verified and written.
     pub fn block_received(&self, peer: &str, bytes: u64) {
-        self.blocks_received.fetch_add(1, Relaxed);
-        self.bytes_received.fetch_add(bytes, Relaxed);
-        self.peer(peer, |p| p.received += bytes);
+        self.blocks_received.inc();
+        self.bytes_received.inc_by(bytes);
+        self.peer(peer, bytes, 0);
     }
 
     /// A job's blocks sent to `peer` (a pull).
     pub fn sent(&self, peer: &str, blocks: u64, bytes: u64) {
-        self.blocks_sent.fetch_add(blocks, Relaxed);
-        self.bytes_sent.fetch_add(bytes, Relaxed);
-        self.peer(peer, |p| p.sent += bytes);
+        self.blocks_sent.inc_by(blocks);
+        self.bytes_sent.inc_by(bytes);
+        self.peer(peer, 0, bytes);
     }
 
     /// A block that did not verify.
     pub fn block_failed(&self) {
-        self.blocks_failed.fetch_add(1, Relaxed);
+        self.blocks_failed.inc();
     }
 
+    /// A job ended with `outcome`.
     pub fn job(&self, outcome: Outcome) {
-        let i = Outcome::ALL.iter().position(|o| *o == outcome).expect("listed");
-        self.jobs[i].fetch_add(1, Relaxed);
+        self.jobs.get_or_create(&outcome.label()).inc();
     }
 
+    /// An import hook ran for `took`; `ok` if it succeeded.
     pub fn hook(&self, took: std::time::Duration, ok: bool) {
-        self.hook_runs.fetch_add(1, Relaxed);
-        self.hook_failures.fetch_add(!ok as u64, Relaxed);
-        self.hook_micros.fetch_add(took.as_micros() as u64, Relaxed);
+        self.hook_runs.inc();
+        self.hook_failures.inc_by(!ok as u64);
+        self.hook_seconds.inc_by(took.as_secs_f64());
     }
 
     /// An export's `after_commit` command ran after a committed pull.
     pub fn after_commit(&self, ok: bool) {
-        self.after_commit_runs.fetch_add(1, Relaxed);
-        self.after_commit_failures.fetch_add(!ok as u64, Relaxed);
+        self.after_commit_runs.inc();
+        self.after_commit_failures.inc_by(!ok as u64);
     }
 
-    pub fn connection_opened(&self) {
-        self.connections.fetch_add(1, Relaxed);
-        self.connections_total.fetch_add(1, Relaxed);
+    /// A QUIC connection was accepted.
+    pub(crate) fn connection_opened(&self) {
+        self.connections.inc();
+        self.connections_total.inc();
     }
 
-    pub fn connection_closed(&self) {
-        self.connections.fetch_sub(1, Relaxed);
+    /// A QUIC connection closed.
+    pub(crate) fn connection_closed(&self) {
+        self.connections.dec();
     }
 
     /// Connections open now.
     pub fn connections(&self) -> u64 {
-        self.connections.load(Relaxed)
+        self.connections.get()
     }
 
-    fn peer(&self, peer: &str, f: impl FnOnce(&mut PeerBytes)) {
-        let mut peers = self.peers.lock().expect("peer metrics");
-        match peers.get_mut(peer) {
-            Some(p) => f(p),
-            None => f(peers.entry(peer.to_string()).or_default()),
-        }
+    /// Counts bytes with `peer`; a peer once seen shows in both directions, 0 in one.
+    fn peer(&self, peer: &str, received: u64, sent: u64) {
+        let label = [("peer", peer.to_string())];
+        self.peer_received.get_or_create(&label).inc_by(received);
+        self.peer_sent.get_or_create(&label).inc_by(sent);
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition (version 0.0.4) of every metric.
     pub fn render(&self, g: Gauges) -> String {
+        // Every outcome shows, at 0 too, so that a scrape can rate any of them.
+        for outcome in Outcome::ALL {
+            drop(self.jobs.get_or_create(&outcome.label()));
+        }
+        let mut r = Registry::with_prefix("barge");
+        for (name, help, counter) in [
+            ("blocks_received", "Blocks received and verified", &self.blocks_received),
+            ("bytes_received", "Bytes received and verified", &self.bytes_received),
+            ("blocks_sent", "Blocks sent for pulls", &self.blocks_sent),
+            ("bytes_sent", "Bytes sent for pulls", &self.bytes_sent),
+            (
+                "blocks_failed_verification",
+                "Blocks that did not verify",
+                &self.blocks_failed,
+            ),
+            ("hook_runs", "Import hook runs", &self.hook_runs),
+            ("hook_failures", "Import hook runs that failed", &self.hook_failures),
+        ] {
+            r.register(name, help, counter.clone());
+        }
+        r.register("hook_seconds", "Time spent in import hooks", self.hook_seconds.clone());
+        r.register(
+            "after_commit_runs",
+            "Export after_commit commands run after committed pulls",
+            self.after_commit_runs.clone(),
+        );
+        r.register(
+            "after_commit_failures",
+            "Export after_commit commands that failed or timed out (the pull stays committed)",
+            self.after_commit_failures.clone(),
+        );
+        r.register("connections", "QUIC connections open", self.connections.clone());
+        r.register(
+            "connections",
+            "QUIC connections accepted",
+            self.connections_total.clone(),
+        );
+        self.register_state(&mut r, g);
+        r.register("jobs", "Jobs ended, by outcome", self.jobs.clone());
+        r.register(
+            "peer_received_bytes",
+            "Bytes received from each peer",
+            self.peer_received.clone(),
+        );
+        r.register("peer_sent_bytes", "Bytes sent to each peer", self.peer_sent.clone());
         let mut out = String::new();
-        let mut one = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
-        let c = |a: &AtomicU64| a.load(Relaxed).to_string();
-        one(
-            "barge_blocks_received_total",
-            "counter",
-            "Blocks received and verified.",
-            c(&self.blocks_received),
-        );
-        one(
-            "barge_bytes_received_total",
-            "counter",
-            "Bytes received and verified.",
-            c(&self.bytes_received),
-        );
-        one(
-            "barge_blocks_sent_total",
-            "counter",
-            "Blocks sent for pulls.",
-            c(&self.blocks_sent),
-        );
-        one(
-            "barge_bytes_sent_total",
-            "counter",
-            "Bytes sent for pulls.",
-            c(&self.bytes_sent),
-        );
-        one(
-            "barge_blocks_failed_verification_total",
-            "counter",
-            "Blocks that did not verify.",
-            c(&self.blocks_failed),
-        );
-        one(
-            "barge_hook_runs_total",
-            "counter",
-            "Import hook runs.",
-            c(&self.hook_runs),
-        );
-        one(
-            "barge_hook_failures_total",
-            "counter",
-            "Import hook runs that failed.",
-            c(&self.hook_failures),
-        );
-        let secs = self.hook_micros.load(Relaxed) as f64 / 1e6;
-        one(
-            "barge_hook_seconds_total",
-            "counter",
-            "Time spent in import hooks.",
-            format!("{secs:.6}"),
-        );
-        one(
-            "barge_after_commit_runs_total",
-            "counter",
-            "Export after_commit commands run after committed pulls.",
-            c(&self.after_commit_runs),
-        );
-        one(
-            "barge_after_commit_failures_total",
-            "counter",
-            "Export after_commit commands that failed or timed out (the pull stays committed).",
-            c(&self.after_commit_failures),
-        );
-        one(
-            "barge_connections",
-            "gauge",
-            "QUIC connections open.",
-            c(&self.connections),
-        );
-        one(
-            "barge_connections_total",
-            "counter",
-            "QUIC connections accepted.",
-            c(&self.connections_total),
-        );
-        one(
-            "barge_bytes_staged",
-            "gauge",
-            "Bytes verified and staged, not yet committed.",
-            g.bytes_staged.to_string(),
-        );
-        one(
-            "barge_draining",
-            "gauge",
-            "1 while the agent drains for shutdown.",
-            (g.draining as u8).to_string(),
-        );
-        self.render_jobs(&mut out, g);
-        self.render_peers(&mut out);
+        prometheus_text::encode(&mut out, &r).expect("a String takes any text");
         out
     }
 
-    fn render_jobs(&self, out: &mut String, g: Gauges) {
-        let _ = writeln!(
-            out,
-            "# HELP barge_jobs Jobs in progress by state.\n# TYPE barge_jobs gauge"
-        );
-        let _ = writeln!(out, "barge_jobs{{state=\"receiving\"}} {}", g.jobs_receiving);
-        let _ = writeln!(out, "barge_jobs{{state=\"held\"}} {}", g.jobs_held);
-        let _ = writeln!(
-            out,
-            "# HELP barge_jobs_total Jobs ended, by outcome.\n# TYPE barge_jobs_total counter"
-        );
-        for (o, n) in Outcome::ALL.iter().zip(&self.jobs) {
-            let _ = writeln!(out, "barge_jobs_total{{outcome=\"{}\"}} {}", o.name(), n.load(Relaxed));
-        }
-    }
-
-    fn render_peers(&self, out: &mut String) {
-        let peers = self.peers.lock().expect("peer metrics").clone();
-        for (dir, help) in [
-            ("received", "Bytes received from each peer."),
-            ("sent", "Bytes sent to each peer."),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP barge_peer_{dir}_bytes_total {help}\n# TYPE barge_peer_{dir}_bytes_total counter"
-            );
-            for (peer, b) in &peers {
-                let v = if dir == "received" { b.received } else { b.sent };
-                let _ = writeln!(out, "barge_peer_{dir}_bytes_total{{peer=\"{}\"}} {v}", escape(peer));
-            }
-        }
+    /// The gauges read from the agent's state for this scrape only.
+    fn register_state(&self, r: &mut Registry, g: Gauges) {
+        let staged = "Bytes verified and staged, not yet committed";
+        r.register("bytes_staged", staged, ConstGauge::new(g.bytes_staged));
+        let draining = "1 while the agent drains for shutdown";
+        r.register("draining", draining, ConstGauge::new(g.draining as u64));
+        let jobs = Family::<Label<&'static str>, Gauge<u64, AtomicU64>>::default();
+        jobs.get_or_create(&[("state", "receiving")]).set(g.jobs_receiving);
+        jobs.get_or_create(&[("state", "held")]).set(g.jobs_held);
+        r.register("jobs", "Jobs in progress by state", jobs);
     }
 }
 
 /// Counts and paces the blocks one peer sends into a job (the agent's side of a push).
 #[derive(Debug, Clone)]
 pub struct Meter {
+    /// Where the blocks are counted.
     pub metrics: std::sync::Arc<Metrics>,
+    /// The rate limits the blocks wait for.
     pub limits: std::sync::Arc<crate::metrics::ratelimit::RateLimits>,
+    /// Identity of the sending peer, for its rate limit and its byte counts.
     pub peer: String,
     /// Also counts verified bytes here (a client's progress bar).
     pub progress: Option<std::sync::Arc<AtomicU64>>,
@@ -286,6 +235,7 @@ impl Meter {
         self.limits.acquire(&self.peer, bytes).await;
     }
 
+    /// A block of `bytes` from the peer verified and written.
     pub fn received(&self, bytes: u64) {
         self.metrics.block_received(&self.peer, bytes);
         if let Some(p) = &self.progress {
@@ -293,14 +243,10 @@ impl Meter {
         }
     }
 
+    /// A block from the peer did not verify.
     pub fn failed(&self) {
         self.metrics.block_failed();
     }
-}
-
-/// Escapes a label value (peer identities are DNS names, but be safe).
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Scrapes served at once; more connections are closed at once.
@@ -311,8 +257,9 @@ const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 const REQUEST_LIMIT: usize = 1024;
 
 /// Serves `GET /metrics` on `listener` with what `render` returns, until dropped.
-/// Accept errors are backed off, not fatal; each request gets [`REQUEST_LIMIT`] bytes
-/// and [`REQUEST_DEADLINE`], and at most [`MAX_SCRAPES`] are served at once.
+/// Accept errors are backed off, not fatal; each request gets 1 KiB and 5 s
+/// (`REQUEST_LIMIT`, `REQUEST_DEADLINE`), and at most 16 (`MAX_SCRAPES`) are served at
+/// once.
 pub async fn serve(listener: tokio::net::TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
     let render = std::sync::Arc::new(render);
     let pending = crate::net::listen::Pending::new(crate::net::listen::PendingLimits {
@@ -350,7 +297,8 @@ async fn answer(mut sock: tokio::net::TcpStream, render: &(dyn Fn() -> String + 
         false => ("404 Not Found", "try GET /metrics\n".to_string()),
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        prometheus_text::CONTENT_TYPE,
         body.len()
     );
     let _ = sock.write_all(head.as_bytes()).await;
@@ -384,7 +332,7 @@ mod tests {
             "barge_jobs_total{outcome=\"failed\"} 0",
             "barge_jobs{state=\"receiving\"} 2",
             "barge_hook_failures_total 1",
-            "barge_hook_seconds_total 1.500000",
+            "barge_hook_seconds_total 1.5",
             "barge_connections 1",
             "barge_bytes_staged 77",
             "barge_peer_received_bytes_total{peer=\"store-a\"} 1048581",

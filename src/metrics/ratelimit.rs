@@ -53,7 +53,9 @@ impl TokenBucket {
 /// Rates in bytes per second; `None` is unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Rates {
+    /// Over all peers together (`limits.rate_mbit`).
     pub global: Option<u64>,
+    /// For each peer identity (`limits.peer_rate_mbit`).
     pub per_peer: Option<u64>,
 }
 
@@ -76,6 +78,7 @@ struct Inner {
 }
 
 impl RateLimits {
+    /// Limits at `rates`, with full buckets.
     pub fn new(rates: Rates) -> RateLimits {
         let limits = RateLimits::default();
         limits.set(rates);

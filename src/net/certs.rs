@@ -19,14 +19,29 @@ const VALID_DAYS: i64 = 5 * 365;
 /// Why a certificate could not be made or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// A certificate or key file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file to be made is already there.
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
+    /// An identity that is not a valid DNS name.
     #[error("{0:?} is not a valid DNS name for an identity")]
     BadName(String),
+    /// The CA's certificate or key can not sign.
     #[error("{path}: not a usable CA ({reason})")]
-    BadCa { path: PathBuf, reason: String },
+    BadCa {
+        /// The CA's file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rcgen could not make a key or certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
 }

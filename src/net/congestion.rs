@@ -72,6 +72,7 @@ pub struct LossBound {
 }
 
 impl LossBound {
+    /// A bound with no cap yet, for packets of `mtu` bytes.
     pub fn new(mtu: u16) -> LossBound {
         LossBound {
             mtu: mtu.into(),
@@ -113,11 +114,13 @@ impl LossBound {
         self.cap.map_or(window, |c| c.min(window))
     }
 
+    /// The in-flight cap learned so far, bytes; `None` until heavy loss set one.
     pub fn cap(&self) -> Option<u64> {
         self.cap
     }
 
-    pub fn on_mtu(&mut self, mtu: u16) {
+    /// The path's MTU changed to `mtu` bytes.
+    pub(crate) fn on_mtu(&mut self, mtu: u16) {
         self.mtu = mtu.into();
     }
 

@@ -47,6 +47,7 @@ impl Credit {
         Credit::new((bytes / PER_STREAM).max(MAX_STREAMS as u64) as u32)
     }
 
+    /// Credit for `total` data streams at once, agent-wide.
     pub fn new(total: u32) -> Credit {
         Credit {
             total,
@@ -66,6 +67,7 @@ impl Credit {
         self.share(&mut conns);
     }
 
+    /// A connection (by its `stable_id`) closed: its share goes to the others.
     pub fn remove(&self, id: usize) {
         let mut conns = self.conns.lock().expect("stream credit");
         conns.remove(&id);

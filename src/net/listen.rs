@@ -83,7 +83,9 @@ impl Backoff {
 /// How many connections may wait to authenticate at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingLimits {
+    /// Connections waiting at once, from all addresses.
     pub total: usize,
+    /// Connections waiting at once from one IP address.
     pub per_ip: usize,
 }
 

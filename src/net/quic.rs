@@ -43,6 +43,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
+    /// CUBIC, loss-based (Linux's default for TCP): it fell to about 1 MB/s at 0.5 % loss.
     Cubic,
     /// quinn's BBR as it is.
     Bbr,
@@ -50,6 +51,7 @@ pub enum Congestion {
     #[default]
     #[serde(rename = "bbr-bounded")]
     BbrBounded,
+    /// The classic loss-based controller.
     NewReno,
 }
 
@@ -69,9 +71,11 @@ impl std::str::FromStr for Congestion {
 /// Transport tuning shared by agents and clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tuning {
+    /// The congestion controller (`transport.congestion`).
     pub congestion: Congestion,
     /// Expected path bandwidth, Mbit/s, and round trip, ms: they size the windows.
     pub bandwidth_mbit: u64,
+    /// Expected round trip, ms.
     pub rtt_ms: u64,
     /// Largest UDP payload path-MTU discovery may try (1452 for Ethernet, up to 8952 for jumbo frames).
     pub max_mtu: u16,
@@ -181,8 +185,11 @@ impl Tuning {
 /// The buffer sizes a socket asked for and got, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Buffers {
+    /// Bytes asked for, for both buffers.
     pub asked: usize,
+    /// Receive buffer bytes the kernel gave.
     pub receive: usize,
+    /// Send buffer bytes the kernel gave.
     pub send: usize,
 }
 

@@ -31,16 +31,22 @@ pub trait LaneSink: Send + Sync + 'static {
 /// Why a lane connection was refused or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum LaneError {
+    /// The connection sent no token within the deadline.
     #[error("tcp lane: no token in time")]
     NoToken,
+    /// The token is no job's.
     #[error("tcp lane: unknown token")]
     UnknownToken,
+    /// The token came from another IP address than the job's QUIC connection.
     #[error("tcp lane: token presented from another address than the job's")]
     WrongPeer,
+    /// The job ended while the connection waited or sent.
     #[error("tcp lane: the job's token was revoked")]
     Revoked,
+    /// The socket failed.
     #[error("tcp lane: {0}")]
     Io(#[from] std::io::Error),
+    /// The job refused the connection's data.
     #[error("tcp lane: {0}")]
     Job(String),
 }
@@ -93,6 +99,7 @@ impl TcpLanes {
         Ok(lanes)
     }
 
+    /// The port the lane listens on (the real one when configured with 0).
     pub fn port(&self) -> u16 {
         self.port
     }

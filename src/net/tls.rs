@@ -16,22 +16,38 @@ use std::sync::Arc;
 /// Why TLS material could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A PEM file could not be read or parsed.
     #[error("{path}: cannot read {what}: {reason}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// What it should hold (`certificate`, `private key`).
         what: &'static str,
+        /// Why it could not be read.
         reason: String,
     },
+    /// A PEM file holds none of what it should.
     #[error("{path}: no {what} found in the file")]
-    Empty { path: PathBuf, what: &'static str },
+    Empty {
+        /// The file.
+        path: PathBuf,
+        /// What it should hold.
+        what: &'static str,
+    },
+    /// The private key is not the certificate's.
     #[error("{key}: the private key does not match the certificate {cert} ({reason})")]
     KeyMismatch {
+        /// The key file.
         key: PathBuf,
+        /// The certificate file.
         cert: PathBuf,
+        /// How they differ.
         reason: String,
     },
+    /// rustls refused the configuration.
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    /// quinn refused the TLS configuration.
     #[error("TLS setup: {0}")]
     Quic(String),
 }
@@ -39,8 +55,11 @@ pub enum TlsError {
 /// A CA, a certificate chain and its key: everything one end needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// The CA certificate that peers' certificates must chain to (PEM).
     pub ca: PathBuf,
+    /// This end's certificate chain (PEM).
     pub cert: PathBuf,
+    /// This end's private key (PEM).
     pub key: PathBuf,
 }
 

@@ -17,14 +17,35 @@ pub type Digest = [u8; 32];
 /// Why a block or a block list did not verify.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
+    /// The list does not have one chaining value per block of the file.
     #[error("block list has {got} entries, a file of {size} bytes needs {want}")]
-    BlockCount { size: u64, got: usize, want: usize },
+    BlockCount {
+        /// The file's size in bytes.
+        size: u64,
+        /// Chaining values listed.
+        got: usize,
+        /// Blocks the file has.
+        want: usize,
+    },
+    /// The chaining values do not merge into the file's root.
     #[error("block list does not merge to the file's root")]
     TreeMismatch,
+    /// A block's bytes do not hash to its chaining value.
     #[error("block {index} does not match its hash")]
-    BadBlock { index: u64 },
+    BadBlock {
+        /// The block's index in the file.
+        index: u64,
+    },
+    /// A block has the wrong length for its place in the file.
     #[error("block {index} has {got} bytes, expected {want}")]
-    BadLength { index: u64, got: usize, want: usize },
+    BadLength {
+        /// The block's index in the file.
+        index: u64,
+        /// Bytes received.
+        got: usize,
+        /// Bytes it should have.
+        want: usize,
+    },
 }
 
 /// Number of blocks a file of `size` bytes is cut into (0 for an empty file).
@@ -86,7 +107,9 @@ fn subtree(offset: u64, len: u64, blocks: &[Digest]) -> ChainingValue {
 /// The hashes an offer carries for one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileHashes {
+    /// The file's size in bytes.
     pub size: u64,
+    /// The file's blake3 hash, as `b3sum` prints it (in bytes).
     pub root: Digest,
     /// Empty for files of one block or less.
     pub blocks: Vec<Digest>,

@@ -17,20 +17,41 @@ use std::sync::Arc;
 /// Why a job was refused or failed, at the protocol level.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
+    /// A name is not a safe relative path.
     #[error("bad name: {0}")]
     BadName(#[from] PathError),
+    /// Two files of the job have the same name.
     #[error("name {0:?} appears twice in the job")]
     Duplicate(String),
+    /// A name is a file and also a folder of another file (`a` and `a/b`).
     #[error("name {0:?} is both a file and a folder")]
     FileIsFolder(String),
+    /// A file's block chaining values do not merge into its root.
     #[error("{path}: {err}")]
-    BadTree { path: String, err: VerifyError },
+    BadTree {
+        /// The file's name.
+        path: String,
+        /// How the tree failed.
+        err: VerifyError,
+    },
+    /// A block did not match its chaining value.
     #[error("{path}: {err}")]
-    BadBlock { path: String, err: VerifyError },
+    BadBlock {
+        /// The file's name.
+        path: String,
+        /// Which block and why.
+        err: VerifyError,
+    },
+    /// A block for a file index past the offer's files.
     #[error("block for file #{0}, which the job does not have")]
     UnknownFile(u32),
+    /// The sender committed while blocks were missing.
     #[error("commit with {missing} blocks missing")]
-    Incomplete { missing: u64 },
+    Incomplete {
+        /// Blocks not yet received.
+        missing: u64,
+    },
+    /// An accept's bitmaps do not fit the offer (count of files or of blocks).
     #[error("accept does not match the offer")]
     BadAccept,
 }
@@ -38,8 +59,11 @@ pub enum JobError {
 /// Receiver side of a job: validated names and the set of verified blocks.
 #[derive(Debug)]
 pub struct ReceiveJob {
+    /// The offer, as the sender sent it.
     pub offer: Arc<Offer>,
+    /// The job's id, derived from the offer.
     pub id: JobId,
+    /// The offer's names, checked, in the offer's order.
     pub paths: Vec<RelPath>,
     held: Vec<Vec<bool>>,
     missing: u64,
@@ -118,10 +142,12 @@ impl ReceiveJob {
         new
     }
 
+    /// Whether block `block` of file `file` is verified and held.
     pub fn is_held(&self, file: u32, block: u32) -> bool {
         self.held[file as usize][block as usize]
     }
 
+    /// Blocks not yet held.
     pub fn missing(&self) -> u64 {
         self.missing
     }
@@ -205,15 +231,20 @@ fn bit(map: &[u8], i: usize) -> bool {
 /// One block to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockRef {
+    /// Index of the file in the offer.
     pub file: u32,
+    /// Index of the block in the file.
     pub block: u32,
+    /// Offset of the block in the file, in bytes.
     pub offset: u64,
+    /// Length of the block in bytes (`BLOCK_SIZE`, less for a file's last block).
     pub len: u32,
 }
 
 /// Sender side: the blocks to send, spread over streams.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendPlan {
+    /// One list of blocks per data stream, sent in order.
     pub lanes: Vec<Vec<BlockRef>>,
     /// Blocks the receiver already held.
     pub held: u64,
@@ -253,6 +284,7 @@ impl SendPlan {
         })
     }
 
+    /// Blocks to send, over all streams.
     pub fn blocks(&self) -> u64 {
         self.lanes.iter().map(|l| l.len() as u64).sum()
     }

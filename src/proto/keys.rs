@@ -12,12 +12,20 @@ use std::fmt;
 /// Why a key or a range did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
+    /// A range without `..`.
     #[error("range {0:?} has no \"..\" (write START..END)")]
     NoDots(String),
+    /// A `0x` key that is not hex.
     #[error("key {0:?} is not valid hex after 0x")]
     BadHex(String),
+    /// A range whose end is not above its start.
     #[error("empty range: start {start} is not below end {end}")]
-    Empty { start: Key, end: Key },
+    Empty {
+        /// The range's start.
+        start: Key,
+        /// The range's end.
+        end: Key,
+    },
 }
 
 /// A user key: bytes, shown as UTF-8 when printable and as `0x…` hex otherwise.
@@ -62,7 +70,9 @@ fn unhex(h: &str) -> Option<Vec<u8>> {
 /// The smallest and largest user key of a file, both inclusive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySpan {
+    /// Smallest user key.
     pub smallest: Key,
+    /// Largest user key.
     pub largest: Key,
 }
 
@@ -75,14 +85,18 @@ impl fmt::Display for KeySpan {
 /// A region `[start, end)`; an empty start is the first key, no end is past the last.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KeyRange {
+    /// First key in the range; empty: the first key there is.
     pub start: Key,
+    /// First key past the range; `None`: past the last key.
     pub end: Option<Key>,
 }
 
 /// Where a file's keys lie relative to a range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
+    /// Every key is in the range.
     Inside,
+    /// No key is in the range.
     Outside,
     /// Keys on both sides of this boundary key.
     Straddles(Key),
@@ -106,6 +120,7 @@ impl KeyRange {
         Ok(KeyRange { start, end })
     }
 
+    /// Whether `key` is in the range.
     pub fn contains(&self, key: &Key) -> bool {
         *key >= self.start && self.end.as_ref().is_none_or(|e| key < e)
     }

@@ -14,22 +14,31 @@ pub const STAGING_DIR: &str = ".barge-staging";
 /// Why a relative name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
+    /// The name is empty.
     #[error("empty name")]
     Empty,
+    /// The name starts with `/`.
     #[error("absolute name {0:?}")]
     Absolute(String),
+    /// The name has `//` or ends with `/`.
     #[error("name {0:?} has an empty component")]
     EmptyComponent(String),
+    /// A component is `.` or `..`.
     #[error("name {0:?} has a `.` or `..` component")]
     DotComponent(String),
+    /// The name has a control character (a newline, say).
     #[error("name {0:?} has a control character")]
     ControlChar(String),
+    /// The name is longer than the protocol allows.
     #[error("name {0:?} is longer than {MAX_PATH_LEN} bytes")]
     TooLong(String),
+    /// One component is longer than the protocol allows.
     #[error("name {0:?} has a component longer than {MAX_COMPONENT_LEN} bytes")]
     ComponentTooLong(String),
+    /// The name has more folders than the protocol allows.
     #[error("name {0:?} is deeper than {MAX_DEPTH} folders")]
     TooDeep(String),
+    /// The name starts with [`STAGING_DIR`], the name of barge's own staging folder.
     #[error("name {0:?} is inside barge's staging folder")]
     Reserved(String),
 }
@@ -72,6 +81,7 @@ impl RelPath {
         Ok(RelPath(name.to_string()))
     }
 
+    /// The name as text, components joined by `/`.
     pub fn as_str(&self) -> &str {
         &self.0
     }

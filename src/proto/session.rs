@@ -83,7 +83,12 @@ pub enum SendAction {
     Send(Message),
     /// Send these lanes, over the TCP lane if `tcp` is granted, and report
     /// [`Sender::lanes_done`] or [`Sender::lanes_failed`].
-    Lanes { plan: SendPlan, tcp: Option<TcpGrant> },
+    Lanes {
+        /// The blocks to send, per stream.
+        plan: SendPlan,
+        /// The TCP lane to send them on, if the receiver granted it.
+        tcp: Option<TcpGrant>,
+    },
     /// The job is over; nothing more will be asked.
     Finish(SendEnd),
 }
@@ -135,6 +140,7 @@ impl Sender {
         }
     }
 
+    /// The offer this job sends.
     pub fn offer(&self) -> &Offer {
         &self.offer
     }
@@ -158,6 +164,7 @@ impl Sender {
         }
     }
 
+    /// Whether the job ended (a [`SendAction::Finish`] was given).
     pub fn is_done(&self) -> bool {
         self.state == SendState::Done
     }
@@ -263,6 +270,8 @@ impl Sender {
         }
     }
 
+    /// Ends the job with its own failure once the wait for the receiver's reason, or for
+    /// its answer to an abort, passed `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.poll_timeout().is_some_and(|t| now >= t) {
             self.finish(SendEnd::Own);
@@ -286,7 +295,9 @@ pub enum RecvEnd {
 /// What the import hook made of a sealed job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookEnd {
+    /// The hook committed the job; its report.
     Committed(String),
+    /// The job is held for a separate commit or abort.
     Held,
 }
 
@@ -379,6 +390,7 @@ impl Receiver {
         }
     }
 
+    /// The job's names and the blocks verified so far.
     pub fn job(&self) -> &ReceiveJob {
         &self.job
     }
@@ -412,6 +424,7 @@ impl Receiver {
         }
     }
 
+    /// Whether the job ended (a [`RecvAction::Finish`] was given).
     pub fn is_done(&self) -> bool {
         self.state == RecvState::Done
     }
@@ -655,8 +668,11 @@ pub enum Opening {
     Push(Offer),
     /// A pull: the agent sends a job out of an export.
     Pull {
+        /// The export to read from.
         export: String,
+        /// Names of files in the export; empty: all.
         files: Vec<String>,
+        /// For an SST export: only files whose keys lie in this range.
         range: Option<super::keys::KeyRange>,
     },
     /// A request with one answer: a listing, the jobs, a held job's commit or abort.
@@ -682,8 +698,11 @@ pub fn opening(msg: Message) -> Result<Opening, ProtocolError> {
 /// Why a request got no answer of the kind it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AnswerError {
+    /// The agent refused the request.
     Rejected(Refusal),
+    /// The request failed at the agent.
     Failed(Refusal),
+    /// The answer was not one the request can get.
     Protocol(ProtocolError),
 }
 

@@ -23,21 +23,41 @@ pub const ALPN: &[u8] = b"barge/1";
 
 /// Wire error codes carried by `Reject` and `Failed` (named, stable numbers).
 pub mod code {
+    /// The frame did not decode, or came where the protocol does not expect it.
     pub const BAD_MESSAGE: u16 = 1;
+    /// No such target on the agent (reserved: agents answer [`NOT_ALLOWED`], which does not
+    /// tell a stranger what exists).
     pub const UNKNOWN_TARGET: u16 = 2;
+    /// The peer's identity may not use this target, job or command.
     pub const NOT_ALLOWED: u16 = 3;
+    /// A file name is not a safe relative path, is listed twice, or would land outside the
+    /// target.
     pub const BAD_NAME: u16 = 4;
+    /// Over one of the protocol's limits (files, streams, sizes).
     pub const LIMIT: u16 = 5;
+    /// The receiver's file system can not hold the job beside what it already admitted.
     pub const NO_SPACE: u16 = 6;
+    /// A file of the job already exists in the target, with other content.
     pub const EXISTS: u16 = 7;
+    /// The agent is at a limit of jobs or connections, or shutting down; try again after
+    /// the refusal's `retry_after`.
     pub const BUSY: u16 = 8;
+    /// A file's block chaining values do not merge into its root.
     pub const BAD_TREE: u16 = 9;
+    /// A block did not match its chaining value.
     pub const BAD_BLOCK: u16 = 10;
+    /// The sender committed before every block arrived.
     pub const INCOMPLETE: u16 = 11;
+    /// The import hook failed; the job's files are not in the target.
     pub const HOOK_FAILED: u16 = 12;
+    /// A disk or other local error on the agent.
     pub const IO: u16 = 13;
+    /// No such held job, export or file.
     pub const NOT_FOUND: u16 = 14;
+    /// The job was aborted (by its sender, or because the sender went away).
     pub const ABORTED: u16 = 15;
+    /// A source file changed while it was sent (reserved: a sender stops on its own and
+    /// aborts).
     pub const SOURCE_CHANGED: u16 = 16;
     /// The import target is held by another job (a bulk load).
     pub const HELD: u16 = 17;
@@ -116,7 +136,9 @@ impl std::str::FromStr for JobId {
 /// One file of an offer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfferFile {
+    /// The file's name in the target, a relative path checked by [`super::path::RelPath`].
     pub path: String,
+    /// Size, blake3 root and block chaining values the receiver checks the data against.
     pub hashes: FileHashes,
     /// For an SST file: its smallest and largest user key, so the hook knows what it ingests.
     pub keys: Option<KeySpan>,
@@ -131,7 +153,9 @@ pub const MODE_BITS: u32 = 0o777;
 /// The sender's description of a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
+    /// The import target (or export, for a pull) the job is for.
     pub target: String,
+    /// The job's files, in the order data stream headers number them.
     pub files: Vec<OfferFile>,
     /// Engine metadata (for example a region's key range), passed to the import hook.
     pub meta: Vec<(String, String)>,
@@ -149,19 +173,25 @@ pub struct Offer {
 /// One replica of a relay chain: the agent (`NAME@ADDR:PORT`) and its import target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hop {
+    /// The replica's agent, as `NAME@ADDR:PORT`.
     pub peer: String,
+    /// The import target on that agent.
     pub target: String,
 }
 
 /// How a job ended on one replica of a relay chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaOutcome {
+    /// The job is in the replica's target.
     Committed = 1,
+    /// The job is staged on the replica and waits for a commit or abort.
     Held = 2,
+    /// The job did not reach the replica's target.
     Failed = 3,
 }
 
 impl ReplicaOutcome {
+    /// The lower-case name reports and the CLI show: `committed`, `held` or `failed`.
     pub fn as_str(self) -> &'static str {
         match self {
             ReplicaOutcome::Committed => "committed",
@@ -174,8 +204,11 @@ impl ReplicaOutcome {
 /// What a relay reports about one replica after it: how the job ended there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaResult {
+    /// The replica's agent, as `NAME@ADDR:PORT`.
     pub peer: String,
+    /// The import target on that replica.
     pub target: String,
+    /// How the job ended there.
     pub outcome: ReplicaOutcome,
     /// The job's id on that replica (what `commit` and `abort` take if it is held).
     pub job: JobId,
@@ -266,6 +299,7 @@ fn cut_to(mut text: String, max: usize) -> String {
 /// Where and how to open the TCP data lane of one job.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TcpGrant {
+    /// The receiver's TCP lane port, on the address the QUIC connection came to.
     pub port: u16,
     /// Sent first on every TCP connection of the job; valid while the job runs.
     pub token: [u8; 32],
@@ -284,7 +318,9 @@ impl std::fmt::Debug for TcpGrant {
 /// A refusal or failure with a wire code and a short reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// What went wrong, as one of the [`code`] constants.
     pub code: u16,
+    /// A short reason for people, at most [`MAX_REASON_LEN`] bytes.
     pub reason: String,
     /// Seconds after which the same job may be sent again and is likely to be taken
     /// (a busy or full receiver, one shutting down); 0: retrying will not help.
@@ -326,28 +362,52 @@ pub enum Message {
     /// Puller → exporter: which files of which export to send (empty: all), and for
     /// an SST export the key range they must lie in.
     Fetch {
+        /// The export to read from.
         export: String,
+        /// Names of files in the export; empty: all.
         files: Vec<String>,
+        /// For an SST export: only files whose keys lie in this range.
         range: Option<KeyRange>,
     },
     /// Receiver → sender: per file, a bitmap of the blocks already held verified, and
     /// the TCP lane to use if the sender asked for it and the receiver allows it.
-    Accept { have: Vec<Vec<u8>>, tcp: Option<TcpGrant> },
+    Accept {
+        /// Per file of the offer, a bitmap of blocks already held (block `i` is bit `i % 8`
+        /// of byte `i / 8`).
+        have: Vec<Vec<u8>>,
+        /// The TCP lane to send the data on, if asked for and allowed.
+        tcp: Option<TcpGrant>,
+    },
     /// Receiver → sender: the job is refused before any data moved.
     Reject(Refusal),
     /// Sender → receiver: all data is sent on `streams` data streams; commit.
-    Commit { streams: u32 },
+    Commit {
+        /// How many data streams the sender opened, so the receiver knows when it has them
+        /// all.
+        streams: u32,
+    },
     /// Sender → receiver: give up and remove what was staged.
     Abort,
     /// Receiver → sender: committed; the import hook's report.
-    Committed { report: String },
+    Committed {
+        /// What the import hook said it did.
+        report: String,
+    },
     /// Receiver → sender: the job failed after it was accepted.
     Failed(Refusal),
     /// Receiver → sender: a `hold` job is staged, verified and synced; it waits for
     /// a commit or abort.
-    Held { job: JobId },
+    Held {
+        /// The id that `JobOp` names the held job by.
+        job: JobId,
+    },
     /// Client → agent: commit or abort a held job.
-    JobOp { op: JobOp, job: JobId },
+    JobOp {
+        /// Commit or abort.
+        op: JobOp,
+        /// The held job.
+        job: JobId,
+    },
     /// Agent → client: the held job is aborted and its files removed.
     Aborted,
     /// Client → agent: list the jobs on targets the client may write to.
@@ -355,7 +415,12 @@ pub enum Message {
     /// Agent → client: the jobs.
     Jobs(Vec<JobInfo>),
     /// Client → agent: list an export's files (only those inside `range`, if given).
-    List { export: String, range: Option<KeyRange> },
+    List {
+        /// The export to list.
+        export: String,
+        /// For an SST export: only files whose keys lie in this range.
+        range: Option<KeyRange>,
+    },
     /// Agent → client: the listing.
     Listing(Vec<ListedFile>),
     /// Relay → its sender, before its last word: how the job ended on the replicas
@@ -366,70 +431,112 @@ pub enum Message {
     /// now and then, then `Replicas` and `Committed` (every replica has it) or `Failed`.
     Ship(Ship),
     /// Agent → operator: bytes of a ship sent so far, of `total`.
-    Progress { done: u64, total: u64 },
+    Progress {
+        /// Bytes sent so far.
+        done: u64,
+        /// Bytes of the whole ship.
+        total: u64,
+    },
 }
 
 /// What `barge ship` asks of an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ship {
+    /// The export to send from.
     pub export: String,
     /// Files of the export (all if empty); for an SST export, or those in `range`.
     pub files: Vec<String>,
+    /// For an SST export: only files whose keys lie in this range.
     pub range: Option<KeyRange>,
+    /// The replicas to send to, in chain order: the first gets it from this agent.
     pub to: Vec<Hop>,
+    /// Ask each replica to hold the job for a separate commit or abort.
     pub hold: bool,
 }
 
 /// What to do with a held job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobOp {
+    /// Hand the held job to the import hook.
     Commit = 1,
+    /// Remove the held job's staged files.
     Abort = 2,
 }
 
 /// One job as `barge jobs` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobInfo {
+    /// The job's id, what `commit` and `abort` take.
     pub id: JobId,
     /// `receiving` or `held`.
     pub state: String,
+    /// The import target the job is for.
     pub target: String,
+    /// The identity that sent the job.
     pub peer: String,
+    /// Files in the job.
     pub files: u64,
+    /// Bytes of all its files.
     pub bytes: u64,
     /// Bytes staged and verified so far.
     pub done: u64,
+    /// Seconds since the job started (or was held).
     pub age_secs: u64,
 }
 
 /// One file of an export listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedFile {
+    /// The file's relative path in the export.
     pub path: String,
+    /// Size in bytes.
     pub size: u64,
+    /// The file's blake3 hash (what `b3sum` prints).
     pub root: Digest,
+    /// For an SST file: its smallest and largest user key.
     pub keys: Option<KeySpan>,
 }
 
 /// Why bytes did not decode into a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// The frame ended inside a field.
     #[error("message truncated")]
     Truncated,
+    /// The frame's length is over [`MAX_MESSAGE`].
     #[error("message of {0} bytes is over the {MAX_MESSAGE}-byte limit")]
     TooLarge(u64),
+    /// A version byte this build does not read.
     #[error("unknown protocol version {0}")]
     Version(u8),
+    /// A type byte this version does not know.
     #[error("unknown message type {0}")]
     UnknownType(u8),
+    /// A string field is not UTF-8.
     #[error("string is not UTF-8")]
     BadUtf8,
+    /// A count or length over one of the protocol's limits.
     #[error("{what}: {got} is over the limit of {max}")]
-    Limit { what: &'static str, got: u64, max: u64 },
+    Limit {
+        /// Which count.
+        what: &'static str,
+        /// Its value.
+        got: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// Bytes left over after the message's last field.
     #[error("{0} trailing bytes after message")]
     Trailing(usize),
+    /// A file's list of block chaining values has the wrong length for its size.
     #[error("block list of {got} entries for a file of {size} bytes")]
-    BlockList { size: u64, got: u64 },
+    BlockList {
+        /// The file's size in bytes.
+        size: u64,
+        /// Chaining values listed.
+        got: u64,
+    },
+    /// A job id that is not 32 hex digits.
     #[error("job id {0:?} is not 32 hex digits")]
     BadJobId(String),
 }
@@ -1061,14 +1168,19 @@ pub fn parse_data_stream_header(h: &[u8; 17]) -> Result<JobId, WireError> {
 /// Header before each block on a data stream: file index, block index, length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockHeader {
+    /// Index of the file in the offer.
     pub file: u32,
+    /// Index of the block in the file (block `i` starts at byte `i * BLOCK_SIZE`).
     pub block: u32,
+    /// Bytes of the block that follow the header.
     pub len: u32,
 }
 
 impl BlockHeader {
+    /// Bytes of an encoded header.
     pub const LEN: usize = 12;
 
+    /// The header's bytes: three big-endian `u32`s.
     pub fn encode(&self) -> [u8; 12] {
         let mut b = [0u8; 12];
         b[..4].copy_from_slice(&self.file.to_be_bytes());
@@ -1077,6 +1189,8 @@ impl BlockHeader {
         b
     }
 
+    /// The header in [`BlockHeader::LEN`] bytes; any bytes are a header, the receiver
+    /// checks the numbers.
     pub fn decode(b: &[u8; 12]) -> BlockHeader {
         let word = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         BlockHeader {

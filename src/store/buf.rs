@@ -57,7 +57,8 @@ impl AlignedBuf {
         }
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+    /// The buffer's bytes, to fill.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr is valid for len bytes and uniquely borrowed.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
@@ -101,6 +102,7 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// An empty pool of buffers of `len` bytes each.
     pub fn new(len: usize) -> Arc<Pool> {
         Arc::new(Pool {
             len,

@@ -40,10 +40,23 @@ use std::time::Duration;
 /// Why the commit ledger could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
+    /// A ledger file or folder could not be read or written.
     #[error("commit ledger {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A ledger entry does not parse.
     #[error("commit ledger entry {path} is corrupt: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The entry's file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file could not be placed into the target (a name that exists, a disk error).
     #[error(transparent)]
     Place(#[from] StageError),
 }
@@ -85,12 +98,15 @@ pub enum Kind {
 /// A commit's plan, written durably before its first visible change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
+    /// The job's id, 32 hex digits.
     pub job: String,
     /// The import target's name and folder.
     pub target: String,
+    /// The import target's folder.
     pub target_dir: PathBuf,
     /// The job's staging folder (`<target>/.barge-staging/<job>`).
     pub job_dir: PathBuf,
+    /// Move beside what the target holds, or replace it.
     pub kind: Kind,
     /// Every file of the job, relative to the target.
     pub paths: Vec<String>,
@@ -101,6 +117,7 @@ pub struct Intent {
     /// Identity of the sender, and whether the job was held (its journal entry goes
     /// once the commit is done).
     pub peer: String,
+    /// The job was held (`push --hold`) before this commit.
     pub held: bool,
     /// The report the sender gets.
     pub report: String,
@@ -112,11 +129,17 @@ pub struct Intent {
 /// What an [`Intent`] needs to know about its job besides the files.
 #[derive(Debug, Clone)]
 pub struct JobRef<'a> {
+    /// The job's id, 32 hex digits.
     pub job: String,
+    /// The import target's name.
     pub target: &'a str,
+    /// The import target's folder.
     pub target_dir: &'a Path,
+    /// Identity of the sender.
     pub peer: &'a str,
+    /// The job was held before this commit (its journal entry goes once it is done).
     pub held: bool,
+    /// Mode of the folders the commit makes in the target, if the target sets one.
     pub dir_mode: Option<u32>,
 }
 
@@ -386,7 +409,9 @@ fn leaf(rel: &RelPath) -> &OsStr {
 /// placed worked (if not, the intent stays for the next attempt).
 #[derive(Debug)]
 pub struct Unplaced {
+    /// Why a file could not be placed.
     pub cause: StageError,
+    /// Whether the files already placed went back to staging.
     pub back: Result<(), StageError>,
 }
 
@@ -606,9 +631,13 @@ fn sync_parents(fd: &OwnedFd, target: &Path, paths: &[RelPath]) -> Result<(), St
 /// "committed".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Done {
+    /// The job's id, 32 hex digits.
     pub job: String,
+    /// The import target's name.
     pub target: String,
+    /// Identity of the sender.
     pub peer: String,
+    /// What the import hook reported.
     pub report: String,
     /// Seconds since the epoch.
     pub at: u64,
@@ -628,7 +657,8 @@ impl Done {
         }
     }
 
-    pub fn age(&self) -> Duration {
+    /// Time since the job committed.
+    pub(crate) fn age(&self) -> Duration {
         Duration::from_secs(crate::store::held::unix_now().saturating_sub(self.at))
     }
 }
@@ -656,6 +686,7 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// Opens the ledger in `dir`, making the folder if it is missing.
     pub fn open(dir: PathBuf) -> Result<Ledger, CommitError> {
         std::fs::create_dir_all(&dir).map_err(|source| CommitError::Io {
             path: dir.clone(),

@@ -29,9 +29,13 @@ use tokio::sync::{mpsc, oneshot};
 /// always `Beneath` their job's staging folder.
 #[derive(Clone, Debug)]
 pub enum Loc {
+    /// A path, its last component opened without following a symlink.
     Path(PathBuf),
+    /// A name below a folder held open.
     Beneath {
+        /// The folder.
         dir: safefs::Root,
+        /// The name below it.
         rel: PathBuf,
         /// The whole path, for messages.
         shown: PathBuf,
@@ -54,7 +58,8 @@ impl Loc {
     }
 
     /// Opens with `flags` (plus `O_NOFOLLOW | O_CLOEXEC`); with `O_CREAT`, a missing
-    /// folder on the way is made and the open tried again (see [`open_making_folder`]).
+    /// folder on the way is made and the open tried again (folders made as their first
+    /// file comes spread over ext4's inode groups: see `open_making_folder`).
     pub fn open(&self, flags: libc::c_int) -> io::Result<std::fs::File> {
         let create = flags & libc::O_CREAT != 0;
         match self {

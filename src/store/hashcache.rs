@@ -26,13 +26,18 @@ const KIND_KEYS: u8 = 2;
 /// Identity of one version of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileStamp {
+    /// Device the file is on.
     pub dev: u64,
+    /// Its inode.
     pub ino: u64,
+    /// Its size in bytes.
     pub size: u64,
+    /// Its modification time, ns since the epoch.
     pub mtime_ns: i64,
 }
 
 impl FileStamp {
+    /// The stamp of the file `meta` describes.
     pub fn of(meta: &std::fs::Metadata) -> FileStamp {
         FileStamp {
             dev: meta.dev(),

@@ -21,17 +21,32 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Why the journal could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum HeldError {
+    /// A journal file or folder could not be read or written.
     #[error("job journal {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A journal entry does not parse.
     #[error("job journal entry {path} is corrupt: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The entry's file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// A job that is staged and waits for commit or abort.
 #[derive(Debug, Clone)]
 pub struct HeldJob {
+    /// The job's id.
     pub id: JobId,
+    /// Identity of the sender.
     pub peer: String,
+    /// The job's offer, as it was verified.
     pub offer: Offer,
     /// The job's staging folder (`<target>/.barge-staging/<id>`).
     pub job_dir: PathBuf,
@@ -40,6 +55,7 @@ pub struct HeldJob {
 }
 
 impl HeldJob {
+    /// The job of `offer` from `peer`, staged in `job_dir`, held from now.
     pub fn new(offer: Offer, peer: &str, job_dir: PathBuf) -> HeldJob {
         HeldJob {
             id: offer.job_id(),
@@ -50,12 +66,14 @@ impl HeldJob {
         }
     }
 
-    pub fn age(&self) -> Duration {
+    /// Time since the job was held.
+    pub(crate) fn age(&self) -> Duration {
         Duration::from_secs(unix_now().saturating_sub(self.held_at))
     }
 }
 
-pub fn unix_now() -> u64 {
+/// Seconds since the Unix epoch now (0 if the clock is before it).
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -77,6 +95,7 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// Opens the journal in `<data_dir>/jobs`, making the folder if it is missing.
     pub fn open(data_dir: &Path) -> Result<Journal, HeldError> {
         let dir = data_dir.join("jobs");
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -177,7 +196,9 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> HeldError + '_ {
 /// Who holds an import target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
+    /// The held job.
     pub job: JobId,
+    /// Identity of its sender.
     pub peer: String,
 }
 
@@ -240,6 +261,7 @@ impl Holds {
         self.jobs.lock().expect("held jobs").insert(job.id, job);
     }
 
+    /// Every held job, in no particular order.
     pub fn list(&self) -> Vec<HeldJob> {
         self.jobs.lock().expect("held jobs").values().cloned().collect()
     }

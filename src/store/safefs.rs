@@ -248,7 +248,12 @@ pub enum Unsafe {
     /// It is a symlink, or not a folder at all.
     NotDir,
     /// It belongs to another user.
-    Owner { uid: u32, agent: u32 },
+    Owner {
+        /// The folder's owner.
+        uid: u32,
+        /// The agent's uid.
+        agent: u32,
+    },
     /// Others than the agent may write into it and it could not be tightened.
     Mode(u32),
 }
@@ -315,7 +320,9 @@ pub fn check_exported(meta: &std::fs::Metadata) -> Result<(), Exported> {
 /// What is wrong with a file of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exported {
+    /// Not a regular file (a symlink, a folder, a device).
     NotFile,
+    /// A regular file with this many hard links (more than one).
     Links(u64),
 }
 

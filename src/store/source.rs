@@ -18,31 +18,64 @@ use std::sync::Arc;
 /// Why the files to send could not be listed or hashed.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// A source file or folder could not be read.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// A symlink among the sources: barge never follows one.
     #[error("{0}: symlinks are not sent")]
     Symlink(PathBuf),
+    /// Neither a regular file nor a folder (a device, a socket, a FIFO).
     #[error("{0}: not a regular file or folder")]
     NotFile(PathBuf),
+    /// A pull named a file the export does not have.
     #[error("{0}: no such file in the export")]
     NotFound(String),
+    /// A name that is not UTF-8, which the wire can not carry.
     #[error("{0}: name is not UTF-8")]
     NotUtf8(PathBuf),
+    /// A name that is not a safe relative path.
     #[error(transparent)]
     BadName(#[from] PathError),
+    /// Two sources would have the same name in the job.
     #[error("two sources are both named {0:?}")]
     Duplicate(String),
+    /// More files than one job may have.
     #[error("{got} files is over the limit of {MAX_FILES} per job")]
-    TooMany { got: usize },
+    TooMany {
+        /// Files found.
+        got: usize,
+    },
+    /// An SST file whose key range could not be read.
     #[error("{path}: {err}")]
     Sst {
+        /// The file.
         path: PathBuf,
+        /// Why its keys could not be read.
         err: crate::engines::sst::SstError,
     },
+    /// An SST file has keys on both sides of a boundary of the range asked for.
     #[error("region not aligned: {name} holds keys {span}, across the range boundary {key}")]
-    NotAligned { name: String, span: KeySpan, key: Key },
+    NotAligned {
+        /// The file's name in the export.
+        name: String,
+        /// Its smallest and largest key.
+        span: KeySpan,
+        /// The boundary inside that span.
+        key: Key,
+    },
+    /// An export's file has more than one hard link, so another name could change it.
     #[error("{path}: has {links} hard links; an export sends only files with one")]
-    Links { path: PathBuf, links: u64 },
+    Links {
+        /// The file.
+        path: PathBuf,
+        /// Its link count.
+        links: u64,
+    },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
@@ -55,8 +88,11 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
 /// A file to send: its name in the job and where it is on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFile {
+    /// The file's name in the job.
     pub name: RelPath,
+    /// Where it is on disk.
     pub path: PathBuf,
+    /// Size in bytes when it was listed.
     pub size: u64,
     /// The version of the file that is offered; checked again once it has been read.
     pub stamp: FileStamp,
@@ -72,7 +108,9 @@ pub struct SourceFile {
 /// symlink swapped in after the listing or by a hard link to it.
 #[derive(Debug, Clone)]
 pub struct Within {
+    /// The export folder, held open.
     pub root: Root,
+    /// The file's path below it.
     pub rel: PathBuf,
 }
 

@@ -21,23 +21,42 @@ use std::sync::{Arc, Mutex};
 /// Why a job does not fit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpaceError {
+    /// Free space could not be read.
     #[error("{path}: {reason}")]
-    Io { path: PathBuf, reason: String },
+    Io {
+        /// The folder asked about.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The job does not fit beside the jobs already admitted and the reserve.
     #[error(
         "not enough free space: {need} bytes needed, {free} free, {promised} promised to jobs \
          in flight, {reserve} kept in reserve"
     )]
     NoSpace {
+        /// Bytes the job needs.
         need: u64,
+        /// Bytes free now.
         free: u64,
+        /// Bytes admitted jobs may still write.
         promised: u64,
+        /// Bytes kept free (`limits.reserve_mib`).
         reserve: u64,
     },
+    /// Something else filled the file system while the job ran.
     #[error(
         "the target's file system filled up while the job ran: {free} bytes free, {promised} \
          still to be written by jobs in flight, {reserve} kept in reserve"
     )]
-    Filled { free: u64, promised: u64, reserve: u64 },
+    Filled {
+        /// Bytes free now.
+        free: u64,
+        /// Bytes admitted jobs may still write.
+        promised: u64,
+        /// Bytes kept free.
+        reserve: u64,
+    },
 }
 
 /// Which mount `path` is on: its file system's device and, where the kernel tells
@@ -195,7 +214,7 @@ impl Reservation {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(l.saturating_sub(n)));
     }
 
-    /// Before writing `n` more bytes: every [`CHECK_EVERY`] bytes, checks that what all
+    /// Before writing `n` more bytes: every 4 MiB (`CHECK_EVERY`), checks that what all
     /// admitted jobs still have to write fits above the reserve.
     pub fn check(&self, n: u64) -> Result<(), SpaceError> {
         let h = &self.0;

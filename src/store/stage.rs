@@ -29,20 +29,44 @@ use std::time::{Duration, SystemTime};
 /// Why staging or placing files failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
+    /// A staging or target file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The target already holds a file of that name.
     #[error("{0} already exists in the target")]
     Exists(String),
+    /// The target already holds a file of that name with other content.
     #[error("{0} already exists in the target with other content")]
     Differs(String),
+    /// A name would resolve outside the target, through a symlink.
     #[error("{0} would resolve outside the target (symlink)")]
     Escape(String),
+    /// The staging folder belongs to another user.
     #[error("staging folder {path} is owned by uid {uid}, not the agent (uid {agent})")]
-    NotOwned { path: PathBuf, uid: u32, agent: u32 },
+    NotOwned {
+        /// The staging folder.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// The agent's uid.
+        agent: u32,
+    },
+    /// The staging folder is a symlink or not a folder.
     #[error("staging folder {0} is a symlink or not a folder")]
     NotDir(PathBuf),
+    /// The staging folder's mode lets others in, and can not be made 0700.
     #[error("staging folder {path} has mode {mode:o} and can not be made 0700")]
-    Loose { path: PathBuf, mode: u32 },
+    Loose {
+        /// The staging folder.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
 }
 
 /// Makes (if `make`) or opens the private folder `name` in `parent`: see
@@ -104,7 +128,9 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
 /// One job's staging folder.
 #[derive(Debug, Clone)]
 pub struct Stage {
+    /// The job's folder in staging.
     pub job_dir: PathBuf,
+    /// The folder of the job's files under their relative names (`<job_dir>/files`).
     pub files_dir: PathBuf,
     /// Made by this `open`: nothing can be staged in it yet, so there is nothing to scan.
     fresh: bool,
@@ -431,7 +457,8 @@ pub fn syncfs(dir: &Path) -> Result<(), StageError> {
     Ok(())
 }
 
-pub fn sync_dir(dir: &Path) -> Result<(), StageError> {
+/// Syncs the folder `dir` itself (fsync), so renames and new names in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StageError> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_at(dir))
 }
 

@@ -39,36 +39,68 @@ use std::sync::Arc;
 /// Why a transfer failed, on either side.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
+    /// The peer could not be reached, or the QUIC handshake failed.
     #[error("cannot connect to {peer}: {reason}")]
-    Connect { peer: String, reason: String },
+    Connect {
+        /// The peer, as given.
+        peer: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// This side's certificates could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::net::tls::TlsError),
+    /// The connection closed before the job was accepted.
     #[error("connection lost: {0}")]
     Connection(quinn::ConnectionError),
+    /// The connection closed after the job was accepted: the receiver may hold part of it.
     #[error("connection lost after the job was accepted: {0}; sending the job again resumes it")]
     Lost(quinn::ConnectionError),
+    /// A stream broke, or carried what its job does not expect.
     #[error("stream: {0}")]
     Stream(String),
+    /// The peer sent bytes that are not a message.
     #[error("bad message from peer: {0}")]
     Wire(#[from] WireError),
+    /// The peer sent a message out of the protocol's order.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// The peer refused the job before any data moved (or closed the connection as not
+    /// allowed or busy).
     #[error("refused by peer: {0}")]
     Rejected(Refusal),
+    /// The job failed at the peer after it was accepted.
     #[error("job failed at peer: {0}")]
     Failed(Refusal),
+    /// The offer, an accept or a block does not fit the job.
     #[error("{0}")]
     Job(#[from] JobError),
+    /// A file to send could not be listed or opened.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The staging folder could not be used.
     #[error(transparent)]
     Stage(#[from] StageError),
+    /// A local file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A source file changed while it was sent; the job was aborted.
     #[error("{0}: changed while it was sent; the job was aborted")]
     SourceChanged(PathBuf),
+    /// A relay's job ended before it forwarded every block to the next replica.
     #[error("the job this relay forwards ended upstream: {why}")]
-    Upstream { why: Refusal, aborted: bool },
+    Upstream {
+        /// How it ended upstream.
+        why: Refusal,
+        /// The upstream sender aborted it (rather than it failing).
+        aborted: bool,
+    },
+    /// Stopped on purpose after this many blocks, by a test's fault injection.
     #[error("interrupted on purpose after {0} blocks (fault injection)")]
     Interrupted(u64),
 }

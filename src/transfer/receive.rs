@@ -26,13 +26,18 @@ pub struct Incoming {
     session: Mutex<Receiver>,
     /// Wakes the control task when the machine has something for it to do.
     wake: tokio::sync::Notify,
+    /// The job's offer.
     pub offer: Arc<Offer>,
+    /// The offer's names, checked.
     pub paths: Vec<RelPath>,
     /// Files the target already holds: not staged, not sealed (see
     /// [`ReceiveJob::already_there`]).
     pub there: Vec<bool>,
+    /// The job's staging folder.
     pub stage: Stage,
+    /// The disk thread that writes its blocks.
     pub disk: Disk,
+    /// When the job was accepted.
     pub started: Instant,
     /// The agent's metrics and rate limits for this job's sender.
     pub meter: Option<crate::metrics::Meter>,
@@ -288,9 +293,11 @@ pub async fn confirm_committed(
 /// How a received job ended.
 #[derive(Debug)]
 pub enum Received {
+    /// The import hook committed it; its report.
     Committed(String),
     /// Staged, verified and synced; waiting for a commit or abort (a `hold` offer).
     Held,
+    /// The sender aborted it; its staging is removed.
     Aborted,
 }
 
@@ -299,6 +306,7 @@ pub enum Received {
 pub struct ReceiveAt<'a> {
     /// Identity of the sender.
     pub peer: &'a str,
+    /// The disk thread that writes the blocks.
     pub disk: &'a Disk,
     /// Routes this connection's QUIC data streams to their job.
     pub table: &'a JobTable,
@@ -320,6 +328,7 @@ pub struct ReceiveAt<'a> {
 
 /// A relay's forwarding of the job it receives (see [`super::relay`]).
 pub struct Relay {
+    /// Where verified blocks are handed to the forwarding task.
     pub tap: Arc<super::relay::Tap>,
     /// The forwarding task: how the job ended on the replicas after this one.
     pub done: Mutex<Option<tokio::task::JoinHandle<Vec<ReplicaResult>>>>,

@@ -33,6 +33,7 @@ pub struct Tap {
     locs: Vec<Loc>,
     /// Blocks forwarded from memory, and read back from disk.
     pub from_memory: std::sync::atomic::AtomicU64,
+    /// Blocks forwarded after reading them back from disk.
     pub from_disk: std::sync::atomic::AtomicU64,
 }
 

@@ -24,11 +24,17 @@ pub struct SendReport {
     pub job: JobId,
     /// Each file's name and blake3 root.
     pub hashes: Vec<(String, crate::proto::blocks::Digest)>,
+    /// Files in the job.
     pub files: usize,
+    /// Bytes of all the files.
     pub bytes_total: u64,
+    /// Blocks this side sent.
     pub blocks_sent: u64,
+    /// Bytes this side sent.
     pub bytes_sent: u64,
+    /// Blocks the receiver already held (from an interrupted send), so not sent.
     pub blocks_held: u64,
+    /// Data streams used.
     pub streams: usize,
     /// Whether the data went over the TCP lane (asked for and granted).
     pub tcp_lane: bool,
