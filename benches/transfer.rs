@@ -36,6 +36,9 @@ use std::time::Instant;
 
 const BARGE: &str = env!("CARGO_BIN_EXE_barge");
 
+#[path = "transfer/chart.rs"]
+mod chart;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__role") {
@@ -57,6 +60,7 @@ fn main() {
         work.display()
     );
     let certs = make_certs(&work);
+    let mut groups = Vec::new();
     let workloads = [
         ("W1", 1usize, ((2u64 << 30) as f64 * scale) as u64),
         ("W2", (4096.0 * scale).max(1.0) as usize, 256 << 10),
@@ -96,9 +100,39 @@ fn main() {
         }
         let order = ["tcp", "cp", "barge", "b-tcp", "quinn"];
         rows.sort_by_key(|(r, _)| order.iter().position(|o| o == r));
-        report(name, count, bytes, &rows);
+        groups.push(report(name, count, bytes, &rows));
     }
     let _ = std::fs::remove_dir_all(work.join("dst"));
+    write_chart(&groups, scale, rounds);
+}
+
+/// The table as a picture: `BARGE_BENCH_SVG`, or `target/bench-transfer.svg`.
+fn write_chart(groups: &[chart::Group], scale: f64, rounds: usize) {
+    let path = std::env::var("BARGE_BENCH_SVG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-transfer.svg"));
+    let date = Command::new("date").arg("+%Y-%m-%d").output().ok();
+    let date = date
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let caption = format!(
+        "cargo bench --bench transfer, {date}, scale {scale}, medians of {rounds} interleaved rounds, both ends on one 2-core VM"
+    );
+    match std::fs::write(&path, chart::svg(groups, &caption)) {
+        Ok(()) => println!("\nchart: {}", path.display()),
+        Err(e) => eprintln!("chart not written to {}: {e}", path.display()),
+    }
+}
+
+/// The name a row has in the table of benches/README.md.
+fn long_name(row: &str) -> &'static str {
+    match row {
+        "tcp" => "tcp (sendfile)",
+        "cp" => "cp -r + sync (file-creation floor)",
+        "barge" => "barge over QUIC",
+        "b-tcp" => "barge over the TCP lane",
+        _ => "quinn alone, memory to memory",
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -114,7 +148,8 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(name: &str, count: usize, bytes: u64, rows: &[(&str, Vec<Sample>)]) {
+/// Prints a workload's table and returns it as a group of the chart.
+fn report(name: &str, count: usize, bytes: u64, rows: &[(&str, Vec<Sample>)]) -> chart::Group {
     let med = |s: &[Sample], f: fn(&Sample) -> f64| median(&mut s.iter().map(f).collect::<Vec<_>>());
     let base = med(&rows[0].1, |s| s.secs);
     let gib = bytes as f64 / (1u64 << 30) as f64;
@@ -150,6 +185,23 @@ fn report(name: &str, count: usize, bytes: u64, rows: &[(&str, Vec<Sample>)]) {
     }
     if let (Some(b), Some(c)) = (secs("barge"), secs("cp")) {
         println!("  barge / cp floor: {:.2}x", c / b);
+    }
+    let bars = rows.iter().map(|(row, s)| {
+        let secs = med(s, |s| s.secs);
+        chart::Bar {
+            label: long_name(row),
+            ratio: base / secs,
+            mbps: bytes as f64 / secs / 1e6,
+        }
+    });
+    let mib = bytes as f64 / (1 << 20) as f64;
+    let title = match count {
+        1 => format!("{name}: 1 file of {mib:.0} MiB"),
+        _ => format!("{name}: {count} files, {mib:.0} MiB in all"),
+    };
+    chart::Group {
+        title,
+        bars: bars.collect(),
     }
 }
 
