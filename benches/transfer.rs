@@ -8,7 +8,8 @@
 //!   them (`syncfs`) before it answers; no encryption, no hashing. The baseline.
 //! - `cp`: local copy of the tree then `sync`: the file-creation floor.
 //! - `barge`: a real `barge agent` process and a real `barge push` process, over QUIC.
-//! - `b-tcp`: the same over the TCP data lane (`push --tcp-lane`).
+//! - `b-tls`: the same over the TCP data lane with TLS (`tcp_lane = "tls"`, `push --tcp-lane`).
+//! - `b-tcp`: the same over the clear-text TCP lane (`tcp_lane = "cleartext"`, sendfile).
 //!
 //! barge's hash cache persists between rounds (as it does between pushes in real use),
 //! so from the second round on the sender does not hash; the median reflects that.
@@ -72,8 +73,13 @@ fn main() {
         }
         let src = generate(&work, name, count, size);
         let bytes = count as u64 * size;
-        let mut rows: Vec<(&str, Vec<Sample>)> =
-            vec![("tcp", vec![]), ("cp", vec![]), ("barge", vec![]), ("b-tcp", vec![])];
+        let mut rows: Vec<(&str, Vec<Sample>)> = vec![
+            ("tcp", vec![]),
+            ("cp", vec![]),
+            ("barge", vec![]),
+            ("b-tls", vec![]),
+            ("b-tcp", vec![]),
+        ];
         if name == "W1" {
             rows.push(("quinn", vec![]));
         }
@@ -91,14 +97,15 @@ fn main() {
                 let s = match *row {
                     "tcp" => run_tcp(&src, &dst),
                     "cp" => run_cp(&src, &dst),
-                    "barge" => run_barge(&work, &certs, &src, &dst, false),
-                    "b-tcp" => run_barge(&work, &certs, &src, &dst, true),
+                    "barge" => run_barge(&work, &certs, &src, &dst, None),
+                    "b-tls" => run_barge(&work, &certs, &src, &dst, Some("tls")),
+                    "b-tcp" => run_barge(&work, &certs, &src, &dst, Some("cleartext")),
                     _ => run_quinn(&certs, bytes),
                 };
                 samples.push(s);
             }
         }
-        let order = ["tcp", "cp", "barge", "b-tcp", "quinn"];
+        let order = ["tcp", "cp", "barge", "b-tls", "b-tcp", "quinn"];
         rows.sort_by_key(|(r, _)| order.iter().position(|o| o == r));
         groups.push(report(name, count, bytes, &rows));
     }
@@ -130,7 +137,8 @@ fn long_name(row: &str) -> &'static str {
         "tcp" => "tcp (sendfile)",
         "cp" => "cp -r + sync (file-creation floor)",
         "barge" => "barge over QUIC",
-        "b-tcp" => "barge over the TCP lane",
+        "b-tls" => "barge over the TLS lane",
+        "b-tcp" => "barge over the clear-text lane",
         _ => "quinn alone, memory to memory",
     }
 }
@@ -180,8 +188,11 @@ fn report(name: &str, count: usize, bytes: u64, rows: &[(&str, Vec<Sample>)]) ->
     if let (Some(b), Some(q)) = (secs("barge"), secs("quinn")) {
         println!("  barge over QUIC / quinn ceiling: {:.2}x", q / b);
     }
+    if let (Some(b), Some(t)) = (secs("b-tls"), secs("tcp")) {
+        println!("  barge over the TLS lane / tcp: {:.2}x", t / b);
+    }
     if let (Some(b), Some(t)) = (secs("b-tcp"), secs("tcp")) {
-        println!("  barge over the TCP lane / tcp: {:.2}x", t / b);
+        println!("  barge over the clear-text lane / tcp: {:.2}x", t / b);
     }
     if let (Some(b), Some(c)) = (secs("barge"), secs("cp")) {
         println!("  barge / cp floor: {:.2}x", c / b);
@@ -369,16 +380,19 @@ fn bench_mtu() -> u16 {
     std::env::var("BARGE_BENCH_MTU").map_or(1452, |m| m.parse().expect("BARGE_BENCH_MTU is a number"))
 }
 
-fn run_barge(work: &Path, certs: &Path, src: &Path, dst: &Path, tcp_lane: bool) -> Sample {
+/// A push with the data on QUIC (`lane` None) or on the TCP lane, `"tls"` or
+/// `"cleartext"`.
+fn run_barge(work: &Path, certs: &Path, src: &Path, dst: &Path, lane: Option<&str>) -> Sample {
     let config = work.join("agent.toml");
     let text = format!(
         "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/agent.pem\"\nkey = \"{c}/agent.key\"\n\
          [transport]\nmax_mtu = {mtu}\n\
-         [[import]]\nname = \"bench\"\npath = \"{}\"\nallow = [\"client\"]\ntcp_lane = true\n",
+         [[import]]\nname = \"bench\"\npath = \"{}\"\nallow = [\"client\"]\ntcp_lane = \"{lane}\"\n",
         work.join("agent-data").display(),
         dst.display(),
         c = certs.display(),
-        mtu = bench_mtu()
+        mtu = bench_mtu(),
+        lane = lane.unwrap_or("off"),
     );
     std::fs::write(&config, text).unwrap();
     let mut agent = Command::new(BARGE)
@@ -403,7 +417,7 @@ fn run_barge(work: &Path, certs: &Path, src: &Path, dst: &Path, tcp_lane: bool) 
         .args(["--to", &format!("agent@{addr}"), "--import", "bench", "--certs"])
         .arg(certs)
         .args(["--identity", "client", "--max-mtu", &bench_mtu().to_string()])
-        .args(if tcp_lane { &["--tcp-lane"][..] } else { &[][..] })
+        .args(if lane.is_some() { &["--tcp-lane"][..] } else { &[][..] })
         .stdout(Stdio::null())
         .spawn()
         .unwrap();

@@ -117,6 +117,18 @@ mod seeds {
                     tcp: Some(TcpGrant {
                         port: 7070,
                         token: [3; 32],
+                        tls: false,
+                    }),
+                },
+            ),
+            (
+                "accept-tls",
+                Message::Accept {
+                    have: vec![],
+                    tcp: Some(TcpGrant {
+                        port: 7071,
+                        token: [4; 32],
+                        tls: true,
                     }),
                 },
             ),

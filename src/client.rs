@@ -245,6 +245,8 @@ pub struct Client {
     disk: Disk,
     cache: Arc<HashCache>,
     tally: Arc<Tally>,
+    /// The encrypted TCP lane's client side (same identity as on QUIC).
+    lane_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Client {
@@ -266,6 +268,7 @@ impl Client {
         tracing::debug!(?buffers, "udp socket");
         let mut endpoint = crate::net::quic::endpoint(sock, None, tuning).map_err(udp_err)?;
         endpoint.set_default_client_config(material.client_config(tuning)?);
+        let lane_tls = material.lane_client_config()?;
         let disk = Disk::start().map_err(|e| TransferError::Io {
             path: "io_uring".into(),
             source: e,
@@ -276,6 +279,7 @@ impl Client {
             disk,
             cache: Arc::new(HashCache::in_memory()),
             tally: Arc::default(),
+            lane_tls,
         })
     }
 
@@ -308,6 +312,15 @@ impl Client {
     pub async fn close(&self) {
         self.endpoint.close(quinn::VarInt::from_u32(0), b"done");
         let _ = tokio::time::timeout(std::time::Duration::from_millis(20), self.endpoint.wait_idle()).await;
+    }
+
+    /// What a TLS lane to `peer` needs: the lane's client side and `peer`'s name.
+    fn lane_tls_for(&self, peer: &Peer) -> Option<transfer::LaneTls> {
+        let server = rustls::pki_types::ServerName::try_from(peer.name.clone()).ok()?;
+        Some(transfer::LaneTls {
+            config: self.lane_tls.clone(),
+            server,
+        })
     }
 
     /// Opens an authenticated connection to `peer`.
@@ -380,6 +393,7 @@ impl Client {
         let ((offer, files), conns) = tokio::try_join!(prepared, connected)?;
         #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
         let mut flow = Flow::new(Some(self.tally.done.clone()), None);
+        flow.lane_tls = self.lane_tls_for(peer);
         #[cfg(feature = "faults")]
         {
             flow.fault = opts.fault.clone();

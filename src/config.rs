@@ -3,6 +3,7 @@
 //! targets do not overlap. Every refusal names the key and the problem.
 
 use crate::net::quic::{Congestion, Tuning};
+use crate::net::tcplane::LaneKind;
 use crate::net::tls::{TlsFiles, TlsMaterial};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -234,8 +235,8 @@ struct RawTarget {
     after_commit: Option<Vec<String>>,
     after_commit_env: Option<Vec<String>>,
     after_commit_timeout_secs: Option<u64>,
-    #[serde(default)]
-    tcp_lane: bool,
+    tcp_lane: Option<toml::Value>,
+    tcp_lane_peers: Option<Vec<String>>,
     kind: Option<ExportKind>,
     #[serde(default)]
     operators: Vec<String>,
@@ -263,6 +264,14 @@ pub enum ExportKind {
 /// Peer identities allowed on a target; `*` allows every peer the CA vouches for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowList(pub Vec<String>);
+
+impl Import {
+    /// The TCP lane this target grants `peer`, if any.
+    pub fn lane_for(&self, peer: &str) -> Option<LaneKind> {
+        let open = self.tcp_lane_peers.as_ref().is_none_or(|l| l.allows(peer));
+        self.tcp_lane.filter(|_| open)
+    }
+}
 
 impl AllowList {
     /// Whether `identity` is on the list, or the list has `*`.
@@ -346,8 +355,11 @@ pub struct Import {
     pub allow: AllowList,
     /// What hands a committed job's files to the engine.
     pub hook: HookSpec,
-    /// Whether senders may use the unencrypted TCP data lane for this target.
-    pub tcp_lane: bool,
+    /// The TCP data lane senders may use for this target, if any: TLS (`tcp_lane =
+    /// true` or `"tls"`) or clear text (`"cleartext"`).
+    pub tcp_lane: Option<LaneKind>,
+    /// `tcp_lane_peers`: the senders the lane is open to; `None`: every allowed sender.
+    pub tcp_lane_peers: Option<AllowList>,
     /// Identities that may list, commit and abort other senders' held jobs here.
     pub operators: AllowList,
     /// `relay_from`: senders whose jobs this target forwards to the next replica of a
@@ -588,6 +600,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 allow: t.allow,
                 hook,
                 tcp_lane: t.tcp_lane,
+                tcp_lane_peers: t.tcp_lane_peers,
                 operators: t.operators,
                 relay_from: t.relay_from,
                 on_exists: t.on_exists,
@@ -740,7 +753,8 @@ struct Target {
     name: String,
     path: PathBuf,
     allow: AllowList,
-    tcp_lane: bool,
+    tcp_lane: Option<LaneKind>,
+    tcp_lane_peers: Option<AllowList>,
     kind: ExportKind,
     operators: AllowList,
     relay_from: AllowList,
@@ -815,7 +829,7 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
         hook_spec(&key, t.hook.as_deref(), t.exec)?
     } else if t.hook.is_some() || t.exec.is_some() {
         return Err(invalid(format!("{key}.hook"), "exports have no hook"));
-    } else if t.tcp_lane {
+    } else if t.tcp_lane.is_some() || t.tcp_lane_peers.is_some() {
         return Err(invalid(
             format!("{key}.tcp_lane"),
             "the TCP lane serves pushes into imports only",
@@ -843,7 +857,8 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
             name: t.name,
             path,
             allow: AllowList(t.allow),
-            tcp_lane: t.tcp_lane,
+            tcp_lane: lane_kind(&key, t.tcp_lane.as_ref())?,
+            tcp_lane_peers: lane_peers(&key, t.tcp_lane.as_ref(), t.tcp_lane_peers)?,
             kind: t.kind.unwrap_or_default(),
             operators: AllowList(t.operators),
             relay_from: AllowList(t.relay_from),
@@ -898,6 +913,33 @@ fn staging_root(t: &Target, data_dir: &Path, base: &Path) -> Result<(PathBuf, bo
             ),
         )),
         Err(e) => Err(invalid(key, format!("{}: {e}", root.display()))),
+    }
+}
+
+/// `tcp_lane`: `true` or `"tls"` (the encrypted lane), `"cleartext"`, `false` or `"off"`.
+fn lane_kind(key: &str, value: Option<&toml::Value>) -> Result<Option<LaneKind>, ConfigError> {
+    match value {
+        None | Some(toml::Value::Boolean(false)) => Ok(None),
+        Some(toml::Value::Boolean(true)) => Ok(Some(LaneKind::Tls)),
+        Some(toml::Value::String(s)) if s == "tls" => Ok(Some(LaneKind::Tls)),
+        Some(toml::Value::String(s)) if s == "cleartext" => Ok(Some(LaneKind::Cleartext)),
+        Some(toml::Value::String(s)) if s == "off" => Ok(None),
+        Some(other) => Err(invalid(
+            format!("{key}.tcp_lane"),
+            format!("{other} is not true, false, \"tls\", \"cleartext\" or \"off\""),
+        )),
+    }
+}
+
+/// `tcp_lane_peers`: only with a lane.
+fn lane_peers(
+    key: &str,
+    lane: Option<&toml::Value>,
+    peers: Option<Vec<String>>,
+) -> Result<Option<AllowList>, ConfigError> {
+    match (lane_kind(key, lane)?, peers) {
+        (None, Some(_)) => Err(invalid(format!("{key}.tcp_lane_peers"), "only used with a tcp_lane")),
+        (_, peers) => Ok(peers.map(AllowList)),
     }
 }
 
@@ -1189,6 +1231,24 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn the_tcp_lane_is_tls_unless_a_target_says_cleartext_and_may_be_per_peer() {
+        let dir = setup();
+        let target = |lane: &str| format!("[[import]]\nname = \"x\"\npath = \"in1\"\nallow = [\"a\", \"b\"]\n{lane}");
+        let lane = |text: &str, peer: &str| parse(&dir, &target(text)).unwrap().imports[0].lane_for(peer);
+        assert_eq!(lane("", "a"), None);
+        assert_eq!(lane("tcp_lane = true\n", "a"), Some(LaneKind::Tls));
+        assert_eq!(lane("tcp_lane = \"tls\"\n", "a"), Some(LaneKind::Tls));
+        assert_eq!(lane("tcp_lane = \"cleartext\"\n", "a"), Some(LaneKind::Cleartext));
+        assert_eq!(lane("tcp_lane = \"off\"\n", "a"), None);
+        assert_eq!(lane("tcp_lane = false\n", "a"), None);
+        let peers = "tcp_lane = true\ntcp_lane_peers = [\"a\"]\n";
+        assert_eq!((lane(peers, "a"), lane(peers, "b")), (Some(LaneKind::Tls), None));
+        refused(&dir, &target("tcp_lane = \"fast\"\n"), "tcp_lane");
+        refused(&dir, &target("tcp_lane = 1\n"), "tcp_lane");
+        refused(&dir, &target("tcp_lane_peers = [\"a\"]\n"), "tcp_lane_peers");
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //!   identity is its DNS name), [`net::tls`] (mutual authentication), [`net::quic`] and
 //!   [`net::congestion`] (transport tuning, BBR bounded by loss), [`net::credit`] (data
 //!   streams shared out so memory stays bounded), [`net::listen`] (listeners anyone can
-//!   reach, bounded), [`net::tcplane`] (the opt-in unencrypted TCP data lane).
+//!   reach, bounded), [`net::tcplane`] (the TCP data lane: TLS, or clear text where a target says so).
 //! - [`store`]: the disk. [`store::disk`] (io_uring, O_DIRECT for whole blocks),
 //!   [`store::buf`] (aligned pooled buffers), [`store::source`] (the files a job sends),
 //!   [`store::hashcache`] (hash once), [`store::safefs`] (opening below a folder, never

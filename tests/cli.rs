@@ -368,8 +368,14 @@ fn json_results_and_status_for_scripts() {
     store_b_config(
         p,
         "",
-        "[[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\n[[export]]\nname = \"back\"\npath = \"in\"\nallow = [\"ops\"]\n",
+        "[[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\ntcp_lane = true\n\
+         [[import]]\nname = \"clear\"\npath = \"clear\"\nallow = [\"ops\"]\ntcp_lane = \"cleartext\"\n\
+         [[import]]\nname = \"quic\"\npath = \"quic\"\nallow = [\"ops\"]\n\
+         [[export]]\nname = \"back\"\npath = \"in\"\nallow = [\"ops\"]\n",
     );
+    for d in ["clear", "quic"] {
+        std::fs::create_dir_all(p.join(d)).unwrap();
+    }
     let (_agent, addr) = agent(&["--config", "b.toml"], p);
     let peer = format!("store-b@{addr}");
     let run = |args: &[&str]| {
@@ -377,9 +383,33 @@ fn json_results_and_status_for_scripts() {
         all.extend(["--certs", "certs", "--identity", "ops", "--hash-cache", "off"]);
         barge(&all, p)
     };
-    let out = ok(&run(&["push", "data", "--to", &peer, "--import", "ingest", "--json"]));
+    let out = ok(&run(&[
+        "push",
+        "data",
+        "--to",
+        &peer,
+        "--import",
+        "ingest",
+        "--json",
+        "--tcp-lane",
+    ]));
     assert_eq!(out.lines().count(), 1, "one JSON result: {out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["lane"], "tls", "tcp_lane = true is the TLS lane: {v}");
+    for (target, lane) in [("clear", "cleartext"), ("quic", "quic")] {
+        let out = ok(&run(&[
+            "push",
+            "data",
+            "--to",
+            &peer,
+            "--import",
+            target,
+            "--json",
+            "--tcp-lane",
+        ]));
+        let w: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(w["lane"], lane, "{target}: {w}");
+    }
     assert_eq!(
         (v["files"].as_u64(), v["bytes"].as_u64()),
         (Some(2), Some((1 << 20) + 17))
@@ -393,6 +423,7 @@ fn json_results_and_status_for_scripts() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["files"].as_u64(), Some(2));
     assert_eq!(v["hashes"]["data/a.sst"], want.as_str());
+    assert_eq!(v["lane"], "quic");
     common::assert_same_tree(&p.join("in"), &p.join("got"));
 
     let out = ok(&run(&["status", &peer]));

@@ -1,4 +1,5 @@
-//! The opt-in TCP data lane: sendfile on the sender, every block still verified.
+//! The TCP data lane: TLS 1.3 by default (mutual, the QUIC certificates, the job's
+//! identity), clear text with sendfile where a target says so; every block verified.
 
 mod common;
 
@@ -6,15 +7,17 @@ use barge::agent::Hooks;
 use barge::client::PushOptions;
 use barge::proto::wire::code;
 use barge::proto::wire::{BlockHeader, TcpGrant};
-use barge::transfer::{Fault, TransferError};
+use barge::transfer::{Fault, LaneUsed, TransferError};
 use common::proc::{make_certs, AgentProc};
 use common::*;
 use std::io::Write;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const TCP_TARGETS: &str = "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\"]\ntcp_lane = true\n\
-[[import]]\nname = \"quic-only\"\npath = \"outbox\"\nallow = [\"client\"]\n";
+const TCP_TARGETS: &str =
+    "[[import]]\nname = \"in\"\npath = \"inbox\"\nallow = [\"client\", \"stranger\"]\ntcp_lane = true\n\
+[[import]]\nname = \"quic-only\"\npath = \"outbox\"\nallow = [\"client\"]\n\
+[[import]]\nname = \"clear\"\npath = \"clear\"\nallow = [\"client\"]\ntcp_lane = \"cleartext\"\n";
 
 fn tcp() -> PushOptions {
     PushOptions {
@@ -39,6 +42,7 @@ async fn a_push_over_the_tcp_lane_arrives_verified() {
         .await
         .unwrap();
     assert!(r.tcp_lane, "the lane was granted and used");
+    assert_eq!(r.lane, LaneUsed::Tls, "tcp_lane = true is the TLS lane");
     assert!(r.streams > 1);
     assert_same_tree(&env.src(), &env.inbox());
     let done = client.tally().done.load(std::sync::atomic::Ordering::Relaxed);
@@ -59,7 +63,86 @@ async fn a_target_without_the_lane_keeps_the_data_on_quic() {
         .await
         .unwrap();
     assert!(!r.tcp_lane);
+    assert_eq!(r.lane, LaneUsed::Quic);
     assert_eq!(std::fs::read(env.outbox().join("q")).unwrap(), content(2, 3 << 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleartext_target_takes_the_lane_in_clear_text() {
+    let env = env_with(TCP_TARGETS, "", Hooks::new()).await;
+    write(&env.src().join("p/big"), &content(4, (5 << 20) + 3));
+    write(&env.src().join("p/small"), &content(5, 700));
+    let r = env
+        .client("client")
+        .push(&env.peer(), "clear", &[env.src().join("p")], &tcp())
+        .await
+        .unwrap();
+    assert_eq!(r.lane, LaneUsed::Cleartext);
+    assert_same_tree(&env.src(), &env.root().join("clear"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_lane_with_another_identitys_certificate_fails_the_job_by_name() {
+    use barge::proto::wire::Message;
+    let env = env_with(TCP_TARGETS, "", Hooks::new()).await;
+    let (_conn, _send, mut recv, grant) = raw_job(&env, "in").await;
+    assert!(grant.tls, "tcp_lane = true grants a TLS lane");
+    // `stranger` has a valid certificate of the same CA, but the job is `client`'s.
+    // (The agent closes that lane once it has read the token.)
+    let _ = tls_lane(&env.certs(), "stranger", grant.port, &grant.token).await;
+    let answer = barge::transfer::expect_msg(&mut recv, "an answer").await.unwrap();
+    match answer {
+        Message::Failed(r) => {
+            assert_eq!(r.code, code::NOT_ALLOWED, "{r:?}");
+            assert!(
+                r.reason.contains("certificate of stranger, but the job is client's"),
+                "{r:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(list(&env.inbox()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_lane_client_from_another_ca_is_refused_and_the_token_in_clear_text_fails_the_job() {
+    use barge::proto::wire::Message;
+    let env = env_with(TCP_TARGETS, "", Hooks::new()).await;
+    let other = env.root().join("other-ca");
+    barge::net::certs::init_ca(&other).unwrap();
+    barge::net::certs::issue(&other, "client", &[]).unwrap();
+    let (_conn, _send, mut recv, grant) = raw_job(&env, "in").await;
+    // Another CA's `client`: the agent does not finish the handshake.
+    let err = tls_lane(&other, "client", grant.port, &grant.token).await.unwrap_err();
+    assert!(
+        err.to_string().contains("alert") || err.to_string().contains("certificate"),
+        "{err}"
+    );
+    // The job is untouched by that; its token in clear text on its TLS lane fails it.
+    let _clear = lane_from("127.0.0.1", grant.port, &grant.token).await;
+    match barge::transfer::expect_msg(&mut recv, "an answer").await.unwrap() {
+        Message::Failed(r) => assert!(r.reason.contains("the job's lane is tls"), "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A TLS lane connection as `name` (certificates in `certs`), the token sent inside;
+/// an error if the agent refuses the handshake.
+async fn tls_lane(certs: &std::path::Path, name: &str, port: u16, token: &[u8; 32]) -> std::io::Result<()> {
+    let material = barge::net::tls::TlsMaterial::load(&barge::net::tls::TlsFiles::in_dir(certs, name)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(material.lane_client_config().unwrap());
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let server = rustls::pki_types::ServerName::try_from("agent").unwrap();
+    let mut tls = connector.connect(server, tcp).await?;
+    tls.write_all(token).await?;
+    tls.flush().await?;
+    // TLS 1.3: the server checks the client's certificate after the client is done;
+    // a refusal shows as an alert on the next read.
+    let mut buf = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(500), tls.read(&mut buf)).await {
+        Ok(Err(e)) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,12 +189,12 @@ async fn a_connection_without_a_valid_token_gets_nothing() {
 
 /// The TCP lane port, as granted to a job (read from a raw offer's Accept).
 async fn lane_port(env: &Env) -> u16 {
-    raw_job(env).await.3.port
+    raw_job(env, "clear").await.3.port
 }
 
-/// A job offered by hand (one file `y` of one byte) asking for the TCP lane: its
+/// A job offered by hand to `target` (one file `y` of one byte) asking for the TCP lane: its
 /// connection and control stream, and the lane's grant from `Accept`.
-async fn raw_job(env: &Env) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream, TcpGrant) {
+async fn raw_job(env: &Env, target: &str) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream, TcpGrant) {
     use barge::proto::blocks::FileHashes;
     use barge::proto::wire::{Message, Offer, OfferFile};
     let client = env.client("client");
@@ -119,7 +202,7 @@ async fn raw_job(env: &Env) -> (quinn::Connection, quinn::SendStream, quinn::Rec
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let hashes = FileHashes::from_reader(&b"y"[..], 1).unwrap();
     let offer = Offer {
-        target: "in".into(),
+        target: target.into(),
         files: vec![OfferFile {
             path: "y".into(),
             hashes,
@@ -158,7 +241,7 @@ async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lane_connection_from_another_address_is_refused_even_with_the_token() {
     let env = env_with(TCP_TARGETS, "", Hooks::new()).await;
-    let (_conn, _send, _recv, grant) = raw_job(&env).await;
+    let (_conn, _send, _recv, grant) = raw_job(&env, "clear").await;
     // The job came on a QUIC connection from 127.0.0.1; 127.0.0.2 is loopback too.
     let mut stranger = lane_from("127.0.0.2", grant.port, &grant.token).await;
     let head = BlockHeader {
@@ -181,7 +264,7 @@ async fn a_lane_connection_from_another_address_is_refused_even_with_the_token()
 async fn a_revoked_token_closes_the_jobs_open_lane_connections() {
     use barge::proto::wire::Message;
     let env = env_with(TCP_TARGETS, "", Hooks::new()).await;
-    let (_conn, mut send, mut recv, grant) = raw_job(&env).await;
+    let (_conn, mut send, mut recv, grant) = raw_job(&env, "clear").await;
     let mut lane = lane_from("127.0.0.1", grant.port, &grant.token).await;
     assert!(!closed_within(&mut lane, Duration::from_millis(300)).await, "taken");
     // The job ends (aborted by its sender): its token is revoked.

@@ -27,6 +27,7 @@ use crate::engines::hook::{
 };
 use crate::metrics::ratelimit::RateLimits;
 use crate::metrics::{Gauges, Metrics, Outcome};
+use crate::net::tcplane::LaneKind;
 use crate::net::tls::{peer_identity, TlsError, TlsMaterial};
 use crate::proto::job::ReceiveJob;
 use crate::proto::path::RelPath;
@@ -169,17 +170,20 @@ impl Agent {
         let commits = Arc::new(Ledger::open(config.data_dir.join("commits"))?);
         handover::recover(&config, &commits, &journal);
         let holds = handover::restore_held(&config, &journal, &commits);
-        let tcp = match config.imports.iter().any(|t| t.tcp_lane) {
+        let tcp = match config.imports.iter().any(|t| t.tcp_lane.is_some()) {
             false => None,
             true => {
                 let at = std::net::SocketAddr::new(addr.ip(), config.tcp_port);
-                let lanes = crate::net::tcplane::TcpLanes::start(at, config.limits.tcp_lane_pending)
+                let tls = TlsMaterial::load(&config.tls)?.lane_server_config()?;
+                let lanes = crate::net::tcplane::TcpLanes::start(at, config.limits.tcp_lane_pending, tls)
                     .await
                     .map_err(|source| AgentError::Bind { addr: at, source })?;
-                info!(
-                    port = lanes.port(),
-                    "tcp data lane open (unencrypted, for trusted networks)"
-                );
+                let clear = config
+                    .imports
+                    .iter()
+                    .filter(|t| t.tcp_lane == Some(LaneKind::Cleartext));
+                let clear: Vec<&str> = clear.map(|t| t.name.as_str()).collect();
+                info!(port = lanes.port(), cleartext = ?clear, "tcp data lane open (TLS, but clear text for the targets named)");
                 Some(lanes)
             }
         };

@@ -180,7 +180,7 @@ impl JobCtx {
         recv: &mut quinn::RecvStream,
     ) -> Result<Received, TransferError> {
         let peer = self.peer.clone();
-        let (tcp_allowed, dir_mode) = (target.tcp_lane, target.dir_mode);
+        let (lane, dir_mode) = (target.lane_for(&self.peer), target.dir_mode);
         let stage2 = stage.clone();
         let shared = self.shared.clone();
         // The commit's outcome is recorded once the sender has its answer (see
@@ -199,8 +199,12 @@ impl JobCtx {
         };
         let started = std::time::Instant::now();
         let tcp = (self.shared.tcp.as_ref())
-            .filter(|_| tcp_allowed)
-            .map(|lanes| (lanes, self.conn.remote_address().ip()));
+            .zip(lane)
+            .map(|(lanes, kind)| transfer::LaneAt {
+                lanes,
+                ip: self.conn.remote_address().ip(),
+                kind,
+            });
         let meter = crate::metrics::Meter {
             metrics: self.shared.metrics.clone(),
             limits: self.shared.limits.clone(),

@@ -169,8 +169,10 @@ pub struct PushArgs {
     /// Metadata for the import hook, KEY=VALUE (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     pub meta: Vec<String>,
-    /// Send the data over the unencrypted TCP lane (sendfile) if the target allows it;
-    /// control stays on QUIC and every block is still verified. Trusted networks only.
+    /// Send the data over the TCP lane if the target allows it to this identity: TLS 1.3
+    /// with the same certificates (or clear text with sendfile, where the target says
+    /// `tcp_lane = "cleartext"`); control stays on QUIC and every block is verified.
+    /// `--json` names the lane used ("quic", "tls", "cleartext").
     #[arg(long)]
     pub tcp_lane: bool,
     /// QUIC connections for the data of this push (1-4): more connections let both

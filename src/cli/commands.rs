@@ -390,6 +390,7 @@ async fn push(p: PushArgs) -> Result<()> {
             "sent_bytes": r.bytes_sent,
             "sent_blocks": r.blocks_sent,
             "held_blocks": r.blocks_held,
+            "lane": r.lane.as_str(),
         });
         print_json(r.job, r.files, r.bytes_total, secs, &r.hashes, extra);
         return Ok(());
@@ -566,6 +567,8 @@ async fn pull(p: PullArgs) -> Result<()> {
             "received_blocks": r.blocks_received,
             "files_there": r.files_there,
             "after_commit": after,
+            // Pulls run on QUIC (the TCP lane serves pushes).
+            "lane": barge::transfer::LaneUsed::Quic.as_str(),
         });
         print_json(r.job, r.files, r.bytes, secs, &r.hashes, extra);
         return Ok(());

@@ -1,13 +1,20 @@
-//! The opt-in TCP data lane for trusted networks: blocks leave the sender's page cache
-//! with `sendfile`, so no user-space copy and no encryption on the sending side.
+//! The TCP data lane: blocks of a job over TCP connections instead of QUIC streams,
+//! TLS 1.3 by default, clear text only where a target says so.
 //!
-//! QUIC encrypts in user space, which costs CPU per byte. Where the network is trusted,
-//! a job may ask for this lane in its offer; a receiver whose target allows it answers
-//! in `Accept` with a port and a 32-byte token, valid while the job runs. The sender
-//! opens one TCP connection per lane, sends the token, then block headers and bytes in
-//! the same framing as a QUIC data stream. Control (offer, commit, the hook's answer)
-//! stays on the authenticated QUIC stream, and every block is still verified against
-//! the offer before it is written. The data itself is NOT encrypted on this lane.
+//! QUIC encrypts in user space, packet by packet, which costs CPU per byte; TCP with
+//! TLS moves the same bytes in 16 KiB records over a kernel-paced stream. A job may ask
+//! for the lane in its offer; a receiver whose target allows it (to that sender) answers
+//! in `Accept` with a port, a 32-byte token valid while the job runs, and whether the
+//! lane is TLS. On a TLS lane the sender authenticates with the same certificate as on
+//! QUIC, and its identity must be the job's QUIC peer's; the token goes inside TLS. On a
+//! clear-text lane (trusted networks only) blocks leave the sender's page cache with
+//! `sendfile`. Either way the framing is that of a QUIC data stream, control (offer,
+//! commit, the hook's answer) stays on QUIC, and every block is verified against the
+//! offer before it is written.
+//!
+//! Kernel TLS (the `tls` ULP) would let a TLS lane go back to `sendfile`: it would slot
+//! in where [`LaneStream`] and the sender's lane writer are built, once a kernel offers it
+//! (this project's does not, so none is shipped).
 
 use crate::net::listen::{Pending, PendingLimits};
 use crate::proto::wire::TcpGrant;
@@ -16,16 +23,50 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The first byte of a TLS connection (a handshake record); a clear-text lane's token
+/// never starts with it, so one listener tells the two apart.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// How a target's lane carries data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaneKind {
+    /// TLS 1.3, mutual, with the QUIC certificates: the default.
+    Tls,
+    /// Clear text with `sendfile`: only where the target says so.
+    Cleartext,
+}
+
+/// One lane connection as the job reads it.
+pub enum LaneStream {
+    /// A clear-text lane.
+    Clear(TcpStream),
+    /// A TLS lane, its handshake done and its peer checked.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for LaneStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LaneStream::Clear(s) => Pin::new(s).poll_read(cx, buf),
+            LaneStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
 
 /// What a granted token opens: the receiving side of a job, which takes each lane
 /// connection that presents the token (`transfer` implements it; this module knows
 /// nothing of jobs).
 pub trait LaneSink: Send + Sync + 'static {
     /// Reads the lane `stream` to its end; an error names why it failed.
-    fn take(self: Arc<Self>, stream: tokio::net::TcpStream)
-        -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+    fn take(self: Arc<Self>, stream: LaneStream) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+    /// The job's token came on a connection that may not carry it (another identity,
+    /// or clear text on a TLS lane): the token leaked, so the job fails with `why`.
+    fn refuse(&self, why: String);
 }
 
 /// Why a lane connection was refused or ended.
@@ -40,6 +81,23 @@ pub enum LaneError {
     /// The token came from another IP address than the job's QUIC connection.
     #[error("tcp lane: token presented from another address than the job's")]
     WrongPeer,
+    /// The TLS handshake failed (a certificate from another CA, no certificate, ...).
+    #[error("tcp lane: tls handshake failed: {0}")]
+    Handshake(std::io::Error),
+    /// The lane's certificate names another identity than the job's QUIC peer.
+    #[error("tcp lane: certificate of {got}, but the job is {want}'s")]
+    WrongIdentity {
+        /// The lane connection's identity.
+        got: String,
+        /// The job's QUIC peer.
+        want: String,
+    },
+    /// A TLS lane's token came in clear text, or a clear-text lane's over TLS.
+    #[error("tcp lane: the job's lane is {want}, the connection is not")]
+    WrongKind {
+        /// What the job's lane is.
+        want: &'static str,
+    },
     /// The job ended while the connection waited or sent.
     #[error("tcp lane: the job's token was revoked")]
     Revoked,
@@ -66,11 +124,14 @@ pub const DEFAULT_LIMITS: PendingLimits = PendingLimits {
     per_ip: DEFAULT_PENDING_PER_IP,
 };
 
-/// A job's open lane: where its blocks go, who may bring them, and a channel whose
-/// sender is dropped when the token is revoked (the job's lane connections then close).
+/// A job's open lane: where its blocks go, who may bring them (address, and identity
+/// on TLS), and a channel whose sender is dropped when the token is revoked (the job's
+/// lane connections then close).
 struct Lane {
     sink: Arc<dyn LaneSink>,
     peer: IpAddr,
+    identity: String,
+    kind: LaneKind,
     revoked: tokio::sync::watch::Sender<()>,
 }
 
@@ -82,18 +143,25 @@ pub struct TcpLanes {
     port: u16,
     tokens: Tokens,
     pending: Pending,
+    tls: tokio_rustls::TlsAcceptor,
 }
 
 impl TcpLanes {
     /// Listens on `addr` (port 0 picks one) and accepts lane connections, at most
-    /// `limits` of them waiting for their token at once.
-    pub async fn start(addr: SocketAddr, limits: PendingLimits) -> std::io::Result<TcpLanes> {
+    /// `limits` of them waiting for their token at once; TLS lanes with `tls` (see
+    /// [`crate::net::tls::TlsMaterial::lane_server_config`]).
+    pub async fn start(
+        addr: SocketAddr,
+        limits: PendingLimits,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<TcpLanes> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let port = listener.local_addr()?.port();
         let lanes = TcpLanes {
             port,
             tokens: Tokens::default(),
             pending: Pending::new(limits),
+            tls: tokio_rustls::TlsAcceptor::from(tls),
         };
         tokio::spawn(accept_loop(listener, lanes.clone()));
         Ok(lanes)
@@ -109,18 +177,27 @@ impl TcpLanes {
         self.pending.set_limits(limits);
     }
 
-    /// Opens the lane for a job whose QUIC connection comes from `peer`: only lane
-    /// connections from that IP address may present the token. The grant goes to the
-    /// sender in `Accept`.
-    pub fn grant(&self, sink: Arc<dyn LaneSink>, peer: IpAddr) -> TcpGrant {
-        let token: [u8; 32] = rand::random();
+    /// Opens a `kind` lane for a job whose QUIC connection is `identity`'s, from `peer`:
+    /// only lane connections from that IP address (and, on TLS, with that identity's
+    /// certificate) may present the token. The grant goes to the sender in `Accept`.
+    pub fn grant(&self, sink: Arc<dyn LaneSink>, peer: IpAddr, identity: &str, kind: LaneKind) -> TcpGrant {
+        let mut token: [u8; 32] = rand::random();
+        while token[0] == TLS_HANDSHAKE {
+            token = rand::random();
+        }
         let lane = Lane {
             sink,
             peer: peer.to_canonical(),
+            identity: identity.to_string(),
+            kind,
             revoked: tokio::sync::watch::channel(()).0,
         };
         self.tokens.lock().expect("tcp tokens").insert(token, lane);
-        TcpGrant { port: self.port, token }
+        TcpGrant {
+            port: self.port,
+            token,
+            tls: kind == LaneKind::Tls,
+        }
     }
 
     /// Closes the lane of a job: its token is refused from now on, and its lane
@@ -137,16 +214,31 @@ impl TcpLanes {
         self.tokens.lock().expect("tcp tokens").values().any(|l| l.peer == ip)
     }
 
-    /// The job `token` opens, if the connection comes from the job's peer.
+    /// The job `token` opens, if the connection comes from the job's peer: its
+    /// address, and on a TLS lane its identity (`None`: the connection is clear text).
     fn admit(
         &self,
         token: &[u8; 32],
         from: IpAddr,
+        identity: Option<&str>,
     ) -> Result<(Arc<dyn LaneSink>, tokio::sync::watch::Receiver<()>), LaneError> {
         let tokens = self.tokens.lock().expect("tcp tokens");
         let lane = tokens.get(token).ok_or(LaneError::UnknownToken)?;
         if lane.peer != from.to_canonical() {
             return Err(LaneError::WrongPeer);
+        }
+        let wrong = match (lane.kind, identity) {
+            (LaneKind::Tls, Some(who)) if who != lane.identity => Some(LaneError::WrongIdentity {
+                got: who.to_string(),
+                want: lane.identity.clone(),
+            }),
+            (LaneKind::Tls, None) => Some(LaneError::WrongKind { want: "tls" }),
+            (LaneKind::Cleartext, Some(_)) => Some(LaneError::WrongKind { want: "clear text" }),
+            _ => None,
+        };
+        if let Some(e) = wrong {
+            lane.sink.refuse(e.to_string());
+            return Err(e);
         }
         Ok((lane.sink.clone(), lane.revoked.subscribe()))
     }
@@ -174,20 +266,43 @@ async fn accept_loop(listener: tokio::net::TcpListener, lanes: TcpLanes) {
 }
 
 async fn serve(
-    mut stream: tokio::net::TcpStream,
+    stream: TcpStream,
     from: IpAddr,
     slot: crate::net::listen::Slot,
     lanes: &TcpLanes,
 ) -> Result<(), LaneError> {
     let _ = stream.set_nodelay(true);
-    let mut token = [0u8; 32];
-    let read = tokio::time::timeout(TOKEN_TIMEOUT, stream.read_exact(&mut token)).await;
+    // The handshake and the token, within one deadline, while the slot is held.
+    let opened = tokio::time::timeout(TOKEN_TIMEOUT, open(stream, lanes)).await;
     drop(slot);
-    read.map_err(|_| LaneError::NoToken)??;
-    let (sink, mut revoked) = lanes.admit(&token, from)?;
+    let (stream, token, identity) = opened.map_err(|_| LaneError::NoToken)??;
+    let (sink, mut revoked) = lanes.admit(&token, from, identity.as_deref())?;
     tokio::select! {
         r = sink.take(stream) => r.map_err(LaneError::Job),
         // The job ended (its writes are its own business now: they are counted).
         _ = revoked.changed() => Err(LaneError::Revoked),
     }
+}
+
+/// A connection's TLS handshake (if it starts with one) and token: the stream, the
+/// token, and the certificate's identity on TLS.
+async fn open(stream: TcpStream, lanes: &TcpLanes) -> Result<(LaneStream, [u8; 32], Option<String>), LaneError> {
+    let mut first = [0u8; 1];
+    stream.peek(&mut first).await?;
+    let mut token = [0u8; 32];
+    if first[0] != TLS_HANDSHAKE {
+        let mut stream = stream;
+        stream.read_exact(&mut token).await?;
+        return Ok((LaneStream::Clear(stream), token, None));
+    }
+    let mut tls = lanes.tls.accept(stream).await.map_err(LaneError::Handshake)?;
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::net::tls::identity_of)
+        .ok_or_else(|| LaneError::Handshake(std::io::Error::other("no identity in the certificate")))?;
+    tls.read_exact(&mut token).await?;
+    Ok((LaneStream::Tls(Box::new(tls)), token, Some(identity)))
 }

@@ -121,6 +121,38 @@ impl TlsMaterial {
 
     /// QUIC server configuration that requires a client certificate from the CA.
     pub fn server_config(&self, tuning: &Tuning) -> Result<quinn::ServerConfig, TlsError> {
+        let tls = self.rustls_server(ALPN)?;
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        cfg.transport_config(tuning.transport());
+        Ok(cfg)
+    }
+
+    /// QUIC client configuration that presents our certificate and trusts only the CA.
+    pub fn client_config(&self, tuning: &Tuning) -> Result<quinn::ClientConfig, TlsError> {
+        let tls = self.rustls_client(ALPN)?;
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(tuning.transport());
+        Ok(cfg)
+    }
+
+    /// The encrypted TCP lane's server side: the same CA, certificate and mutual
+    /// authentication as QUIC, TLS 1.3 over TCP, ALPN [`LANE_ALPN`].
+    pub fn lane_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut tls = self.rustls_server(LANE_ALPN)?;
+        // No session tickets: a lane's client only writes, and bytes it never read
+        // would make its close a reset that loses the lane's last blocks.
+        tls.send_tls13_tickets = 0;
+        Ok(Arc::new(tls))
+    }
+
+    /// The encrypted TCP lane's client side (see [`TlsMaterial::lane_server_config`]).
+    pub fn lane_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        Ok(Arc::new(self.rustls_client(LANE_ALPN)?))
+    }
+
+    fn rustls_server(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let provider = provider();
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
@@ -130,26 +162,23 @@ impl TlsMaterial {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
-        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        cfg.transport_config(tuning.transport());
-        Ok(cfg)
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
     }
 
-    /// QUIC client configuration that presents our certificate and trusts only the CA.
-    pub fn client_config(&self, tuning: &Tuning) -> Result<quinn::ClientConfig, TlsError> {
+    fn rustls_client(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots.clone())
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
-        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-        cfg.transport_config(tuning.transport());
-        Ok(cfg)
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
     }
 }
+
+/// ALPN of the encrypted TCP data lane (QUIC's is [`ALPN`]): a lane connection can not
+/// be mistaken for anything else on the same certificates.
+pub const LANE_ALPN: &[u8] = b"barge-lane/1";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();

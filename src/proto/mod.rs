@@ -42,10 +42,15 @@
 //!   `u32`s) and the block's bytes. Blocks are spread over the streams by bytes
 //!   ([`job::SendPlan`]), so many small files share a few streams and a large file runs
 //!   on all of them; they may arrive in any order, on any stream.
-//! - **TCP lane.** Where a target allows the opt-in, unencrypted TCP lane and the offer
-//!   asks for it, [`Accept`](wire::Message::Accept) carries a port and a 32-byte token
-//!   ([`wire::TcpGrant`]). The sender opens one TCP connection per lane, sends the token,
-//!   then block headers and bytes as on a QUIC data stream. Control stays on QUIC.
+//! - **TCP lane.** Where a target allows the TCP lane to the sender and the offer asks
+//!   for it, [`Accept`](wire::Message::Accept) carries a port, a 32-byte token and
+//!   whether the lane is TLS ([`wire::TcpGrant`]). The sender opens one TCP connection
+//!   per lane; on a TLS lane it first completes a TLS 1.3 handshake with ALPN
+//!   `barge-lane/1` and the certificate it uses on QUIC (its identity must be the job's
+//!   QUIC peer's, or the job fails), then sends the token, then block headers and bytes
+//!   as on a QUIC data stream. A clear-text lane (only where a target says
+//!   `tcp_lane = "cleartext"`) sends the token first; its tokens never start with byte
+//!   0x16, so one listener tells the two kinds apart. Control stays on QUIC.
 //!
 //! # Messages
 //!
@@ -83,9 +88,10 @@
 //!
 //! # Versions
 //!
-//! The newest version is [`wire::VERSION`] (3); the oldest still read is
+//! The newest version is [`wire::VERSION`] (4); the oldest still read is
 //! [`wire::OLDEST_VERSION`] (1). A frame carries the oldest version that can say what
-//! it holds, so a peer of version 2 reads every message of a job without a relay.
+//! it holds, so a peer of version 2 reads every message of a job without a relay or a
+//! TLS lane.
 //!
 //! - Version 1: the first. Its offers carry no permission bits; their files get
 //!   [`wire::LEGACY_MODE`] (0644). Held-job journals written then are still read, and
@@ -95,6 +101,8 @@
 //! - Version 3: relays and ships. An offer may name the replicas after its receiver;
 //!   `Replicas`, `Ship` and `Progress` are new. Data streams did not change and keep
 //!   version 2 in their header.
+//! - Version 4: the encrypted TCP lane. An `Accept`'s lane byte may be 2 (a TLS lane);
+//!   it was 0 (none) or 1 (clear text, the only lane before).
 //!
 //! # Verification
 //!

@@ -11,9 +11,10 @@ use super::keys::{Key, KeyRange, KeySpan};
 use super::limits::*;
 
 /// The newest protocol version: 3 added relays (an offer's next hops, and the
-/// `Replicas` a relay reports back). A frame carries the oldest version that can say
-/// what it holds, so peers of version 2 still read every message of a job without a relay.
-pub const VERSION: u8 = 3;
+/// `Replicas` a relay reports back); 4 the encrypted TCP lane (a grant that says TLS).
+/// A frame carries the oldest version that can say what it holds, so peers of version 2
+/// still read every message of a job without a relay or a TLS lane.
+pub const VERSION: u8 = 4;
 /// The oldest version still read: 1 differs only in offers, which lacked file modes.
 pub const OLDEST_VERSION: u8 = 1;
 /// The mode of a file offered without one (by a version 1 peer).
@@ -159,7 +160,8 @@ pub struct Offer {
     pub files: Vec<OfferFile>,
     /// Engine metadata (for example a region's key range), passed to the import hook.
     pub meta: Vec<(String, String)>,
-    /// The sender asks for the unencrypted TCP data lane (see `tcplane`).
+    /// The sender asks for the TCP data lane (see `tcplane`); the receiver's target says
+    /// whether it is encrypted.
     pub tcp_lane: bool,
     /// Stage and verify everything, then wait for a separate commit or abort; the
     /// target is held by this job meanwhile.
@@ -303,6 +305,9 @@ pub struct TcpGrant {
     pub port: u16,
     /// Sent first on every TCP connection of the job; valid while the job runs.
     pub token: [u8; 32],
+    /// The lane speaks TLS 1.3 (mutual, the QUIC certificates; the token goes inside);
+    /// false: clear text, only where the target says `tcp_lane = "cleartext"`.
+    pub tls: bool,
 }
 
 /// The token is a secret: it never reaches a log through `{:?}`.
@@ -311,6 +316,7 @@ impl std::fmt::Debug for TcpGrant {
         f.debug_struct("TcpGrant")
             .field("port", &self.port)
             .field("token", &"<redacted>")
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -584,6 +590,7 @@ impl Message {
     /// [`VERSION`]).
     pub fn version(&self) -> u8 {
         match self {
+            Message::Accept { tcp: Some(g), .. } if g.tls => 4,
             Message::Offer(o) if !o.relay.is_empty() => 3,
             Message::Replicas(_) | Message::Ship(_) | Message::Progress { .. } => 3,
             _ => 2,
@@ -652,7 +659,7 @@ impl Message {
                 match tcp {
                     None => w.push(0),
                     Some(g) => {
-                        w.push(1);
+                        w.push(if g.tls { 2 } else { 1 });
                         w.extend_from_slice(&g.port.to_be_bytes());
                         w.extend_from_slice(&g.token);
                     }
@@ -724,7 +731,7 @@ impl Message {
         let msg = match r.u8()? {
             T_OFFER => Message::Offer(decode_offer(&mut r, version)?),
             T_FETCH => decode_fetch(&mut r)?,
-            T_ACCEPT => decode_accept(&mut r)?,
+            T_ACCEPT => decode_accept(&mut r, version)?,
             T_REJECT => Message::Reject(decode_refusal(&mut r)?),
             T_COMMIT => Message::Commit { streams: r.u32()? },
             T_ABORT => Message::Abort,
@@ -1020,18 +1027,32 @@ fn put_range(w: &mut Vec<u8>, range: &Option<KeyRange>) {
     }
 }
 
-fn decode_accept(r: &mut Reader) -> Result<Message, WireError> {
+fn decode_accept(r: &mut Reader, version: u8) -> Result<Message, WireError> {
     let n = r.count("files per job", MAX_FILES)?;
     let have = (0..n)
         .map(|_| r.bytes(MAX_MESSAGE as usize).map(<[u8]>::to_vec))
         .collect::<Result<_, _>>()?;
-    let tcp = match r.flag()? {
-        false => None,
-        true => {
+    // 0: no lane; 1: a clear-text lane; 2 (version 4 on): a TLS lane.
+    let tls = match r.u8()? {
+        0 => None,
+        1 => Some(false),
+        2 if version >= 4 => Some(true),
+        b => {
+            return Err(WireError::Limit {
+                what: "tcp lane kind",
+                got: b as u64,
+                max: if version >= 4 { 2 } else { 1 },
+            })
+        }
+    };
+    let tcp = match tls {
+        None => None,
+        Some(tls) => {
             let port = u16::from_be_bytes(r.take(2)?.try_into().expect("2 bytes"));
             Some(TcpGrant {
                 port,
                 token: r.digest()?,
+                tls,
             })
         }
     };
@@ -1340,6 +1361,15 @@ mod tests {
                 tcp: Some(TcpGrant {
                     port: 7000,
                     token: [5; 32],
+                    tls: false,
+                }),
+            },
+            Message::Accept {
+                have: vec![],
+                tcp: Some(TcpGrant {
+                    port: 7001,
+                    token: [6; 32],
+                    tls: true,
                 }),
             },
             Message::Reject(Refusal::new(2, "unknown")),
@@ -1364,7 +1394,7 @@ mod tests {
 
     #[test]
     fn unknown_version_type_and_trailing_bytes_are_named() {
-        assert_eq!(Message::decode(&[4, 5, 0, 0, 0, 1]), Err(WireError::Version(4)));
+        assert_eq!(Message::decode(&[5, 5, 0, 0, 0, 1]), Err(WireError::Version(5)));
         assert_eq!(Message::decode(&[1, 99]), Err(WireError::UnknownType(99)));
         assert_eq!(Message::decode(&[1, 6, 0]), Err(WireError::Trailing(1)));
         // Version 3's messages do not exist in a version 2 frame.
@@ -1501,6 +1531,7 @@ mod tests {
         let g = TcpGrant {
             port: 7,
             token: [0xab; 32],
+            tls: true,
         };
         let text = format!(
             "{:?}",
@@ -1510,6 +1541,31 @@ mod tests {
             }
         );
         assert!(text.contains("redacted") && !text.contains("171"), "{text}");
+    }
+
+    #[test]
+    fn a_tls_lane_grant_is_version_4_and_a_clear_one_stays_readable_by_version_2() {
+        let grant = |tls| Message::Accept {
+            have: vec![],
+            tcp: Some(TcpGrant {
+                port: 9,
+                token: [1; 32],
+                tls,
+            }),
+        };
+        assert_eq!(grant(true).version(), 4);
+        assert_eq!(grant(false).version(), 2);
+        // A version 3 frame can not say "TLS": the kind byte 2 is over its limit.
+        let mut frame = grant(true).encode().unwrap();
+        frame[4] = 3;
+        assert!(matches!(
+            Message::decode(&frame[4..]),
+            Err(WireError::Limit {
+                what: "tcp lane kind",
+                got: 2,
+                max: 1
+            })
+        ));
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl LaneRead for quinn::RecvStream {
     }
 }
 
-impl LaneRead for tokio::net::TcpStream {
+impl LaneRead for crate::net::tcplane::LaneStream {
     async fn head(&mut self, head: &mut [u8; BlockHeader::LEN]) -> Result<bool, TransferError> {
         if self.read(&mut head[..1]).await.map_err(stream_err)? == 0 {
             return Ok(false);
@@ -156,8 +156,13 @@ impl LaneRead for tokio::net::TcpStream {
 impl crate::net::tcplane::LaneSink for Incoming {
     fn take(
         self: Arc<Self>,
-        mut stream: tokio::net::TcpStream,
+        mut stream: crate::net::tcplane::LaneStream,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
         Box::pin(async move { receive(&mut stream, &self).await.map_err(|e| e.to_string()) })
+    }
+
+    fn refuse(&self, why: String) {
+        let refusal = crate::proto::wire::Refusal::new(crate::proto::wire::code::NOT_ALLOWED, why);
+        self.with(|s| s.stream_failed(refusal));
     }
 }

@@ -24,8 +24,10 @@ mod fault;
 pub use fault::Fault;
 
 pub use framing::{expect_msg, read_msg, write_msg};
-pub use receive::{confirm_committed, receive_job, spawn_data_router, Incoming, JobTable, ReceiveAt, Received, Relay};
-pub use send::{send_job, send_relayed, Blocks, SendReport};
+pub use receive::{
+    confirm_committed, receive_job, spawn_data_router, Incoming, JobTable, LaneAt, ReceiveAt, Received, Relay,
+};
+pub use send::{send_job, send_relayed, Blocks, LaneUsed, SendReport};
 
 use crate::proto::job::JobError;
 use crate::proto::session::ProtocolError;
@@ -152,6 +154,17 @@ pub const RETRY_SPACE: u32 = 60;
 
 pub use crate::proto::session::REPLY_GRACE;
 
+/// What a sender needs to open an encrypted TCP lane: its lane client configuration
+/// (the identity it uses on QUIC) and the receiver's name, which its certificate must
+/// carry, as on QUIC.
+#[derive(Debug, Clone)]
+pub struct LaneTls {
+    /// See [`crate::net::tls::TlsMaterial::lane_client_config`].
+    pub config: Arc<rustls::ClientConfig>,
+    /// The receiving agent's name.
+    pub server: rustls::pki_types::ServerName<'static>,
+}
+
 /// What happens around each block a sender sends, the same on every lane (QUIC or
 /// TCP): it waits for the rate limit, then adds the bytes to the progress count.
 #[derive(Debug, Clone, Default)]
@@ -161,6 +174,8 @@ pub struct Flow {
     pub progress: Option<Arc<AtomicU64>>,
     /// The rate limits of the peer sent to (an agent serving a pull).
     pub pacer: Option<crate::metrics::Meter>,
+    /// How to open a TLS lane, if the receiver grants one.
+    pub lane_tls: Option<LaneTls>,
     /// Test-only faults.
     #[cfg(feature = "faults")]
     pub fault: Fault,
@@ -172,6 +187,7 @@ impl Flow {
         Flow {
             progress,
             pacer,
+            lane_tls: None,
             #[cfg(feature = "faults")]
             fault: Fault::default(),
         }

@@ -53,7 +53,7 @@ impl Incoming {
     /// Runs `f` on the machine, and wakes the control task if that gave it work. The
     /// data path wakes it only then, not once per block: a job of 20,000 small files
     /// would wake it 60,000 times.
-    fn with<R>(&self, f: impl FnOnce(&mut Receiver) -> R) -> R {
+    pub(super) fn with<R>(&self, f: impl FnOnce(&mut Receiver) -> R) -> R {
         let mut s = self.session.lock().expect("job session");
         let r = f(&mut s);
         if s.has_action() {
@@ -312,9 +312,8 @@ pub struct ReceiveAt<'a> {
     pub table: &'a JobTable,
     /// Metrics and rate limits (the agent), or none (a pulling client).
     pub meter: Option<&'a crate::metrics::Meter>,
-    /// The TCP lane, if the job's target allows it, and the IP address of the QUIC
-    /// connection the job came on: only lane connections from there are taken.
-    pub tcp: Option<(&'a crate::net::tcplane::TcpLanes, std::net::IpAddr)>,
+    /// The TCP lane, if the job's target allows it to this sender.
+    pub tcp: Option<LaneAt<'a>>,
     /// The job's share of its file system's free space (an agent), if counted.
     pub space: Option<&'a crate::store::space::Reservation>,
     /// Give the job up if no block arrives for this long before its commit (an
@@ -324,6 +323,18 @@ pub struct ReceiveAt<'a> {
     pub dir_mode: Option<u32>,
     /// The job is relayed to more replicas: the hook runs once they are done.
     pub relay: Option<&'a Relay>,
+}
+
+/// The TCP lane a receiving job may grant (see [`crate::net::tcplane`]).
+#[derive(Clone, Copy)]
+pub struct LaneAt<'a> {
+    /// The agent's lane listener.
+    pub lanes: &'a crate::net::tcplane::TcpLanes,
+    /// The IP address of the QUIC connection the job came on: only lane connections
+    /// from there are taken.
+    pub ip: std::net::IpAddr,
+    /// TLS or clear text, as the target says.
+    pub kind: crate::net::tcplane::LaneKind,
 }
 
 /// A relay's forwarding of the job it receives (see [`super::relay`]).
@@ -377,13 +388,14 @@ where
         tap: at.relay.map(|r| r.tap.clone()),
     });
     at.table.lock().expect("job table").insert(id, inc.clone());
-    let grant = (at.tcp.filter(|_| want_tcp)).map(|(lanes, ip)| lanes.grant(inc.clone(), ip));
+    let lane = at.tcp.filter(|_| want_tcp);
+    let grant = lane.map(|l| l.lanes.grant(inc.clone(), l.ip, at.peer, l.kind));
     if let Some(g) = grant {
         inc.with(|s| s.grant_tcp(g));
     }
     let result = drive(send, recv, &inc, at.relay, hook).await;
-    if let (Some((lanes, _)), Some(g)) = (at.tcp, grant) {
-        lanes.revoke(&g.token);
+    if let (Some(l), Some(g)) = (lane, grant) {
+        l.lanes.revoke(&g.token);
     }
     at.table.lock().expect("job table").remove(&id);
     result

@@ -38,6 +38,8 @@ pub struct SendReport {
     pub streams: usize,
     /// Whether the data went over the TCP lane (asked for and granted).
     pub tcp_lane: bool,
+    /// Which lane the data went over.
+    pub lane: LaneUsed,
     /// The job is staged and held on the receiver, waiting for commit or abort.
     pub held: bool,
     /// QUIC connections the data streams were spread over.
@@ -46,6 +48,29 @@ pub struct SendReport {
     pub report: String,
     /// How the job ended on the replicas after the receiver (a relay chain).
     pub replicas: Vec<ReplicaResult>,
+}
+
+/// The lane a job's data went over, as `--json` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LaneUsed {
+    /// QUIC data streams.
+    #[default]
+    Quic,
+    /// The TCP lane with TLS.
+    Tls,
+    /// The clear-text TCP lane.
+    Cleartext,
+}
+
+impl LaneUsed {
+    /// `"quic"`, `"tls"` or `"cleartext"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaneUsed::Quic => "quic",
+            LaneUsed::Tls => "tls",
+            LaneUsed::Cleartext => "cleartext",
+        }
+    }
 }
 
 /// Where a sender's blocks come from.
@@ -142,6 +167,11 @@ async fn run_job(
     report.blocks_held = plan.held;
     report.streams = plan.lanes.len();
     report.tcp_lane = grant.is_some();
+    report.lane = match grant {
+        None => LaneUsed::Quic,
+        Some(g) if g.tls => LaneUsed::Tls,
+        Some(_) => LaneUsed::Cleartext,
+    };
     report.connections = if report.tcp_lane {
         0
     } else {

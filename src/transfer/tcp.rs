@@ -1,6 +1,8 @@
 //! Sending over the TCP lane (see [`crate::net::tcplane`]): one connection per lane,
-//! the grant's token first, then block headers and bytes, each block's bytes copied
-//! from the page cache to the socket by `sendfile`. Pacing and progress are the same
+//! on a TLS lane the handshake (the sender's QUIC identity), then the grant's token,
+//! then block headers and bytes. On a clear-text lane each block's bytes go from the
+//! page cache to the socket by `sendfile`; on TLS they are read into one reused buffer
+//! per lane and sealed by rustls (AES-128-GCM first). Pacing and progress are the same
 //! as on QUIC lanes ([`Flow`]).
 
 use super::send::take_budget;
@@ -24,6 +26,15 @@ pub(super) async fn send_lanes(
     flow: &Flow,
 ) -> Result<(u64, u64), TransferError> {
     let budget = Arc::new(AtomicU64::new(flow.budget()));
+    let tls = match (grant.tls, &flow.lane_tls) {
+        (false, _) => None,
+        (true, Some(t)) => Some(t.clone()),
+        (true, None) => {
+            return Err(TransferError::Stream(
+                "the receiver granted a TLS lane this sender can not open".into(),
+            ))
+        }
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for blocks in lanes {
         let lane = TcpLane {
@@ -33,6 +44,7 @@ pub(super) async fn send_lanes(
             budget: budget.clone(),
             flow: flow.clone(),
             rt: tokio::runtime::Handle::current(),
+            tls: tls.clone(),
         };
         tasks.spawn_blocking(move || lane.send(blocks));
     }
@@ -48,22 +60,15 @@ struct TcpLane {
     flow: Flow,
     /// To wait for the rate limit from the blocking thread.
     rt: tokio::runtime::Handle,
+    /// The TLS client side, on a TLS lane.
+    tls: Option<super::LaneTls>,
 }
 
 impl TcpLane {
-    /// Token, then for each block its header and `sendfile`.
+    /// Connects (and on TLS shakes hands), sends the token, then for each block its
+    /// header and bytes.
     fn send(self, lane: Vec<BlockRef>) -> Result<(u64, u64), TransferError> {
-        let peer = PathBuf::from(self.addr.to_string());
-        let net = |source| TransferError::Io {
-            path: peer.clone(),
-            source,
-        };
-        let mut sock = std::net::TcpStream::connect(self.addr).map_err(|e| TransferError::Connect {
-            peer: self.addr.to_string(),
-            reason: format!("tcp lane: {e}"),
-        })?;
-        sock.set_nodelay(true).map_err(net)?;
-        sock.write_all(&self.token).map_err(net)?;
+        let mut out = self.open()?;
         let (mut blocks, mut bytes) = (0u64, 0u64);
         let mut open: Option<(u32, std::fs::File)> = None;
         for b in lane {
@@ -75,46 +80,142 @@ impl TcpLane {
             }
             let file = &open.as_ref().expect("file opened above").1;
             self.rt.block_on(self.flow.pace(b.len as u64));
-            self.block(&mut sock, file, b)?;
+            self.block(&mut out, file, b)?;
             blocks += 1;
             bytes += b.len as u64;
             self.flow.sent(b.len as u64);
         }
-        sock.shutdown(std::net::Shutdown::Write).map_err(net)?;
-        // Wait until the receiver has read everything and closed its side.
-        let mut rest = [0u8; 1];
-        let _ = std::io::Read::read(&mut sock, &mut rest);
+        out.finish().map_err(|e| self.net(e))?;
         Ok((blocks, bytes))
+    }
+
+    fn net(&self, source: std::io::Error) -> TransferError {
+        TransferError::Io {
+            path: PathBuf::from(self.addr.to_string()),
+            source,
+        }
+    }
+
+    /// The lane's connection, the token sent.
+    fn open(&self) -> Result<LaneOut, TransferError> {
+        let failed = |reason: String| TransferError::Connect {
+            peer: self.addr.to_string(),
+            reason,
+        };
+        let sock = std::net::TcpStream::connect(self.addr).map_err(|e| failed(format!("tcp lane: {e}")))?;
+        sock.set_nodelay(true).map_err(|e| self.net(e))?;
+        let mut out = match self.tls.clone() {
+            None => LaneOut::Clear(sock),
+            Some(t) => {
+                let conn =
+                    rustls::ClientConnection::new(t.config, t.server).map_err(|e| failed(format!("tls lane: {e}")))?;
+                let mut tls = rustls::StreamOwned::new(conn, sock);
+                // The handshake, here, so that a refused certificate is named as such.
+                while tls.conn.is_handshaking() {
+                    tls.conn
+                        .complete_io(&mut tls.sock)
+                        .map_err(|e| failed(format!("tls lane handshake: {e}")))?;
+                }
+                LaneOut::Tls(Box::new(tls), Vec::new())
+            }
+        };
+        out.write_all(&self.token).map_err(|e| self.net(e))?;
+        Ok(out)
     }
 
     /// Sends one block, then checks that the file is still the offered version (see
     /// `send::SourceWatch`).
-    fn block(&self, sock: &mut std::net::TcpStream, file: &std::fs::File, b: BlockRef) -> Result<(), TransferError> {
+    fn block(&self, out: &mut LaneOut, file: &std::fs::File, b: BlockRef) -> Result<(), TransferError> {
         let source = &self.sources[b.file as usize];
-        let io = |path: &PathBuf| {
-            let path = path.clone();
-            move |source| TransferError::Io { path, source }
+        let disk = |source| TransferError::Io {
+            path: self.sources[b.file as usize].path.clone(),
+            source,
         };
-        let peer = PathBuf::from(self.addr.to_string());
         let head = BlockHeader {
             file: b.file,
             block: b.block,
             len: b.len,
         };
-        sock.write_all(&head.encode()).map_err(io(&peer))?;
-        if self.flow.corrupt() == Some((b.file, b.block)) {
-            let mut data = vec![0u8; b.len as usize];
-            std::os::unix::fs::FileExt::read_exact_at(file, &mut data, b.offset).map_err(io(&source.path))?;
-            data[0] ^= 1;
-            sock.write_all(&data).map_err(io(&peer))?;
-        } else {
-            sendfile_all(sock, file, b.offset, b.len as usize).map_err(io(&source.path))?;
-        }
-        let now = file.metadata().map_err(io(&source.path))?;
+        out.write_all(&head.encode()).map_err(|e| self.net(e))?;
+        let flip = self.flow.corrupt() == Some((b.file, b.block));
+        out.block(file, b.offset, b.len as usize, flip).map_err(|e| match e {
+            BlockError::Disk(e) => disk(e),
+            BlockError::Net(e) => self.net(e),
+        })?;
+        let now = file.metadata().map_err(disk)?;
         if crate::store::hashcache::FileStamp::of(&now) != source.stamp {
             return Err(TransferError::SourceChanged(source.path.clone()));
         }
         source.check(&now)?;
+        Ok(())
+    }
+}
+
+/// A lane connection as the sender writes it.
+enum LaneOut {
+    /// Clear text: blocks by `sendfile`.
+    Clear(std::net::TcpStream),
+    /// TLS: blocks read into the buffer, then sealed.
+    Tls(
+        Box<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>,
+        Vec<u8>,
+    ),
+}
+
+/// Where sending a block failed: reading the file, or the connection.
+enum BlockError {
+    Disk(std::io::Error),
+    Net(std::io::Error),
+}
+
+impl LaneOut {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            LaneOut::Clear(s) => s.write_all(bytes),
+            LaneOut::Tls(s, _) => s.write_all(bytes),
+        }
+    }
+
+    /// `len` bytes of `file` at `offset`; `flip` corrupts the first (a test fault).
+    fn block(&mut self, file: &std::fs::File, offset: u64, len: usize, flip: bool) -> Result<(), BlockError> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            LaneOut::Clear(s) if !flip => sendfile_all(s, file, offset, len).map_err(BlockError::Disk),
+            LaneOut::Clear(s) => {
+                let mut data = vec![0u8; len];
+                file.read_exact_at(&mut data, offset).map_err(BlockError::Disk)?;
+                data[0] ^= 1;
+                s.write_all(&data).map_err(BlockError::Net)
+            }
+            LaneOut::Tls(s, buf) => {
+                buf.resize(len, 0);
+                file.read_exact_at(buf, offset).map_err(BlockError::Disk)?;
+                if flip {
+                    buf[0] ^= 1;
+                }
+                s.write_all(buf).map_err(BlockError::Net)
+            }
+        }
+    }
+
+    /// Ends the lane (TLS: close_notify first) and waits until the receiver has read
+    /// everything and closed its side.
+    fn finish(self) -> std::io::Result<()> {
+        let mut sock = match self {
+            LaneOut::Clear(s) => s,
+            LaneOut::Tls(mut s, _) => {
+                s.conn.send_close_notify();
+                s.flush()?;
+                while s.conn.wants_write() {
+                    s.conn.write_tls(&mut s.sock)?;
+                }
+                s.sock
+            }
+        };
+        sock.shutdown(std::net::Shutdown::Write)?;
+        // Until the receiver closes: it has read everything then.
+        let mut rest = [0u8; 512];
+        while let Ok(1..) = std::io::Read::read(&mut sock, &mut rest) {}
         Ok(())
     }
 }

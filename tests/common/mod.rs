@@ -86,7 +86,7 @@ pub async fn env_with(targets: &str, extra: &str, hooks: Hooks) -> Env {
     for name in ["agent", "client", "stranger"] {
         barge::net::certs::issue(&certs, name, &[]).unwrap();
     }
-    for d in ["inbox", "outbox", "src"] {
+    for d in ["inbox", "outbox", "src", "clear"] {
         std::fs::create_dir_all(dir.path().join(d)).unwrap();
     }
     let text = format!(
