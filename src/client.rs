@@ -141,6 +141,19 @@ pub struct PullReport {
     /// What the exporter's `after_commit` command said, if the export has one: its
     /// report, or why it failed (the pull stays committed either way).
     pub after_commit: Option<Result<String, String>>,
+    /// The lane the data came over.
+    pub lane: transfer::LaneUsed,
+}
+
+/// How a pull runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullOptions {
+    /// What to do with a name `into` already has.
+    pub on_exists: OnExists,
+    /// Take the data over the TCP lane, with TLS, if the export offers it to this
+    /// identity: this client listens on a TCP port of its own for the job, and the
+    /// agent connects to it from its QUIC address with its own certificate.
+    pub tcp_lane: bool,
 }
 
 impl PullReport {
@@ -166,6 +179,7 @@ impl PullReport {
             blocks_resumed: blocks,
             files_there: 0,
             after_commit: None,
+            lane: transfer::LaneUsed::Quic,
         }
     }
 }
@@ -247,6 +261,10 @@ pub struct Client {
     tally: Arc<Tally>,
     /// The encrypted TCP lane's client side (same identity as on QUIC).
     lane_tls: Arc<rustls::ClientConfig>,
+    /// Its server side, for pulls on the lane.
+    lane_server: Arc<rustls::ServerConfig>,
+    /// The listener of pulls on the lane, opened by the first such pull.
+    pull_lanes: tokio::sync::OnceCell<crate::net::tcplane::TcpLanes>,
 }
 
 impl Client {
@@ -269,6 +287,7 @@ impl Client {
         let mut endpoint = crate::net::quic::endpoint(sock, None, tuning).map_err(udp_err)?;
         endpoint.set_default_client_config(material.client_config(tuning)?);
         let lane_tls = material.lane_client_config()?;
+        let lane_server = material.lane_server_config()?;
         let disk = Disk::start().map_err(|e| TransferError::Io {
             path: "io_uring".into(),
             source: e,
@@ -280,6 +299,8 @@ impl Client {
             cache: Arc::new(HashCache::in_memory()),
             tally: Arc::default(),
             lane_tls,
+            lane_server,
+            pull_lanes: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -312,6 +333,21 @@ impl Client {
     pub async fn close(&self) {
         self.endpoint.close(quinn::VarInt::from_u32(0), b"done");
         let _ = tokio::time::timeout(std::time::Duration::from_millis(20), self.endpoint.wait_idle()).await;
+    }
+
+    /// The listener pulls on the lane grant their tokens on (all addresses, a port of
+    /// its own), opened once.
+    async fn pull_lanes(&self) -> Result<&crate::net::tcplane::TcpLanes, TransferError> {
+        let open = || async {
+            let any: SocketAddr = ([0, 0, 0, 0], 0).into();
+            let limits = crate::net::tcplane::DEFAULT_LIMITS;
+            crate::net::tcplane::TcpLanes::start(any, limits, self.lane_server.clone()).await
+        };
+        let lanes = self.pull_lanes.get_or_try_init(open).await;
+        lanes.map_err(|source| TransferError::Io {
+            path: "tcp lane listener".into(),
+            source,
+        })
     }
 
     /// What a TLS lane to `peer` needs: the lane's client side and `peer`'s name.
@@ -439,7 +475,7 @@ impl Client {
         files: &[String],
         into: &Path,
     ) -> Result<PullReport, TransferError> {
-        self.pull_into(peer, export, (files, None), into, OnExists::Refuse)
+        self.pull_into(peer, export, (files, None), into, PullOptions::default())
             .await
     }
 
@@ -452,7 +488,7 @@ impl Client {
         range: &KeyRange,
         into: &Path,
     ) -> Result<PullReport, TransferError> {
-        self.pull_into(peer, export, (&[], Some(range.clone())), into, OnExists::Refuse)
+        self.pull_into(peer, export, (&[], Some(range.clone())), into, PullOptions::default())
             .await
     }
 
@@ -517,7 +553,7 @@ impl Client {
         export: &str,
         (files, range): (&[String], Option<KeyRange>),
         into: &Path,
-        on_exists: OnExists,
+        opts: PullOptions,
     ) -> Result<PullReport, TransferError> {
         std::fs::create_dir_all(into).map_err(|source| TransferError::Io {
             path: into.to_path_buf(),
@@ -537,8 +573,17 @@ impl Client {
             range,
         };
         transfer::write_msg(&mut send, &fetch).await?;
-        let pulling = (into.as_path(), &table, &fetch, on_exists);
-        let mut result = self.receive_pull(&peer.name, pulling, &mut send, &mut recv).await;
+        let lanes = match opts.tcp_lane {
+            true => Some(self.pull_lanes().await?),
+            false => None,
+        };
+        let lane = lanes.map(|lanes| transfer::LaneAt {
+            lanes,
+            ip: conn.remote_address().ip(),
+            kind: crate::net::tcplane::LaneKind::Tls,
+        });
+        let pulling = (into.as_path(), &table, &fetch, opts.on_exists);
+        let mut result = self.receive_pull(&peer.name, pulling, lane, &mut send, &mut recv).await;
         if let Ok(report) = &mut result {
             // Our last word (committed) is only queued: closing now would drop it, and
             // the exporter would count a pull that worked as failed. Wait until the
@@ -561,6 +606,7 @@ impl Client {
         &self,
         peer: &str,
         (into, table, fetch, on_exists): (&Path, &JobTable, &Message, OnExists),
+        lane: Option<transfer::LaneAt<'_>>,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<PullReport, TransferError> {
@@ -605,6 +651,10 @@ impl Client {
             blocks_resumed: 0,
             files_there: job.there().iter().filter(|t| **t).count(),
             after_commit: None,
+            lane: match lane.is_some() && job.offer.tcp_lane {
+                true => transfer::LaneUsed::Tls,
+                false => transfer::LaneUsed::Quic,
+            },
         };
         let total: u64 = job
             .offer
@@ -652,7 +702,7 @@ impl Client {
             disk: &self.disk,
             table,
             meter: Some(&meter),
-            tcp: None,
+            tcp: lane,
             space: None,
             stall: None,
             dir_mode: None,

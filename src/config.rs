@@ -327,6 +327,19 @@ pub struct Export {
     /// `ship`: identities that may order this agent to send the export's files to
     /// another agent (`barge ship`); separate from `allow`, which lets a peer pull.
     pub ship: AllowList,
+    /// The TCP data lane pulls may use: the puller listens, this agent connects and
+    /// sends (TLS unless `"cleartext"`).
+    pub tcp_lane: Option<LaneKind>,
+    /// `tcp_lane_peers`: the pullers the lane is open to; `None`: every allowed one.
+    pub tcp_lane_peers: Option<AllowList>,
+}
+
+impl Export {
+    /// The TCP lane this export sends a pull by `peer` on, if any.
+    pub fn lane_for(&self, peer: &str) -> Option<LaneKind> {
+        let open = self.tcp_lane_peers.as_ref().is_none_or(|l| l.allows(peer));
+        self.tcp_lane.filter(|_| open)
+    }
 }
 
 /// An export's `after_commit` command and how it runs: like an import's exec hook,
@@ -590,6 +603,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 kind: t.kind,
                 after_commit: t.after_commit,
                 ship: t.ship,
+                tcp_lane: t.tcp_lane,
+                tcp_lane_peers: t.tcp_lane_peers,
             })
             .collect(),
         imports: imports
@@ -829,11 +844,6 @@ fn target(key: &str, t: RawTarget, base: &Path, import: bool) -> Result<(Target,
         hook_spec(&key, t.hook.as_deref(), t.exec)?
     } else if t.hook.is_some() || t.exec.is_some() {
         return Err(invalid(format!("{key}.hook"), "exports have no hook"));
-    } else if t.tcp_lane.is_some() || t.tcp_lane_peers.is_some() {
-        return Err(invalid(
-            format!("{key}.tcp_lane"),
-            "the TCP lane serves pushes into imports only",
-        ));
     } else {
         HookSpec::Move
     };

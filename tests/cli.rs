@@ -371,7 +371,7 @@ fn json_results_and_status_for_scripts() {
         "[[import]]\nname = \"ingest\"\npath = \"in\"\nallow = [\"ops\"]\ntcp_lane = true\n\
          [[import]]\nname = \"clear\"\npath = \"clear\"\nallow = [\"ops\"]\ntcp_lane = \"cleartext\"\n\
          [[import]]\nname = \"quic\"\npath = \"quic\"\nallow = [\"ops\"]\n\
-         [[export]]\nname = \"back\"\npath = \"in\"\nallow = [\"ops\"]\n",
+         [[export]]\nname = \"back\"\npath = \"in\"\nallow = [\"ops\"]\ntcp_lane = true\n",
     );
     for d in ["clear", "quic"] {
         std::fs::create_dir_all(p.join(d)).unwrap();
@@ -425,6 +425,19 @@ fn json_results_and_status_for_scripts() {
     assert_eq!(v["hashes"]["data/a.sst"], want.as_str());
     assert_eq!(v["lane"], "quic");
     common::assert_same_tree(&p.join("in"), &p.join("got"));
+    let out = ok(&run(&[
+        "pull",
+        &peer,
+        "--export",
+        "back",
+        "--into",
+        "got2",
+        "--json",
+        "--tcp-lane",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["lane"], "tls", "{v}");
+    common::assert_same_tree(&p.join("in"), &p.join("got2"));
 
     let out = ok(&run(&["status", &peer]));
     assert!(out.contains("0 jobs receiving, 0 held"), "{out}");

@@ -90,7 +90,20 @@ async fn a_pull_run_again_with_skip_identical_moves_no_data() {
     let into = env.root().join("pulled");
     let pull = |on: OnExists| {
         let (client, peer, into) = (&client, env.peer(), into.clone());
-        async move { client.pull_into(&peer, "out", (&[], None), &into, on).await }
+        async move {
+            client
+                .pull_into(
+                    &peer,
+                    "out",
+                    (&[], None),
+                    &into,
+                    barge::client::PullOptions {
+                        on_exists: on,
+                        tcp_lane: false,
+                    },
+                )
+                .await
+        }
     };
     let first = pull(OnExists::SkipIdentical).await.unwrap();
     assert_eq!((first.blocks_received, first.files_there), (4, 0));
@@ -725,7 +738,9 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        // Lazily: the fleet's agent processes may still hold files there while they
+        // exit; a plain umount would fail "busy" and leave the mount behind.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

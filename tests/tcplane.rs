@@ -385,3 +385,70 @@ async fn a_tokenless_flood_neither_exhausts_descriptors_nor_stops_pushes_or_metr
     assert!(m.starts_with("HTTP/1.1 200"), "{m}");
     drop(flood);
 }
+
+const PULL_TARGETS: &str = "[[export]]\nname = \"out\"\npath = \"outbox\"\nallow = [\"client\"]\ntcp_lane = true\n\
+[[export]]\nname = \"clear\"\npath = \"clear\"\nallow = [\"client\"]\ntcp_lane = \"cleartext\"\n\
+[[export]]\nname = \"quic\"\npath = \"src\"\nallow = [\"client\"]\n";
+
+fn lane_pull() -> barge::client::PullOptions {
+    barge::client::PullOptions {
+        tcp_lane: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_over_the_tls_lane_arrives_verified() {
+    let env = env_with(PULL_TARGETS, "", Hooks::new()).await;
+    write(&env.outbox().join("d/big"), &content(21, (6 << 20) + 5));
+    for i in 0..50u64 {
+        write(
+            &env.outbox().join(format!("d/s/{i}")),
+            &content(200 + i, (i as usize * 31) % 5000),
+        );
+    }
+    let client = env.client("client");
+    let into = env.root().join("pulled");
+    let r = client
+        .pull_into(&env.peer(), "out", (&[], None), &into, lane_pull())
+        .await
+        .unwrap();
+    assert_eq!(
+        r.lane,
+        LaneUsed::Tls,
+        "the agent connected to this client's lane with TLS"
+    );
+    assert_same_tree(&env.outbox(), &into);
+    // Without asking, the same export sends on QUIC.
+    let again = env.root().join("pulled-quic");
+    let r = client
+        .pull_into(&env.peer(), "out", (&[], None), &again, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(r.lane, LaneUsed::Quic);
+    assert_same_tree(&env.outbox(), &again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_from_an_export_without_the_lane_stays_on_quic_and_a_client_grants_only_tls() {
+    let env = env_with(PULL_TARGETS, "", Hooks::new()).await;
+    write(&env.src().join("q"), &content(22, 2 << 20));
+    let into = env.root().join("pulled");
+    let r = env
+        .client("client")
+        .pull_into(&env.peer(), "quic", (&[], None), &into, lane_pull())
+        .await
+        .unwrap();
+    assert_eq!(r.lane, LaneUsed::Quic);
+    assert_eq!(std::fs::read(into.join("q")).unwrap(), content(22, 2 << 20));
+    // A clear-text export still sends over TLS to a client, which grants only TLS.
+    write(&env.root().join("clear/c"), &content(23, 70_000));
+    let into = env.root().join("pulled-clear");
+    let r = env
+        .client("client")
+        .pull_into(&env.peer(), "clear", (&[], None), &into, lane_pull())
+        .await
+        .unwrap();
+    assert_eq!(r.lane, LaneUsed::Tls);
+    assert_eq!(std::fs::read(into.join("c")).unwrap(), content(23, 70_000));
+}

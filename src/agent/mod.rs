@@ -102,6 +102,8 @@ struct Shared {
     limits: Arc<RateLimits>,
     cache: Arc<crate::store::hashcache::HashCache>,
     tcp: Option<crate::net::tcplane::TcpLanes>,
+    /// The client side of TLS lanes this agent opens to pullers (its own identity).
+    lane_client: Arc<rustls::ClientConfig>,
     /// The journal of held jobs.
     journal: Journal,
     /// Intents of commits under way and outcomes of finished ones.
@@ -170,6 +172,7 @@ impl Agent {
         let commits = Arc::new(Ledger::open(config.data_dir.join("commits"))?);
         handover::recover(&config, &commits, &journal);
         let holds = handover::restore_held(&config, &journal, &commits);
+        let lane_client = TlsMaterial::load(&config.tls)?.lane_client_config()?;
         let tcp = match config.imports.iter().any(|t| t.tcp_lane.is_some()) {
             false => None,
             true => {
@@ -200,6 +203,7 @@ impl Agent {
             limits,
             cache,
             tcp,
+            lane_client,
             journal,
             commits,
             space: Arc::default(),

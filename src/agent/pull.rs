@@ -4,6 +4,15 @@
 use super::*;
 
 impl JobCtx {
+    /// What a TLS lane to this puller needs: our lane client side and its name.
+    fn lane_tls(&self) -> Option<transfer::LaneTls> {
+        let server = rustls::pki_types::ServerName::try_from(self.peer.clone()).ok()?;
+        Some(transfer::LaneTls {
+            config: self.shared.lane_client.clone(),
+            server,
+        })
+    }
+
     /// A pull from one of our exports: we are the sender.
     pub(super) async fn pull(
         &self,
@@ -16,7 +25,10 @@ impl JobCtx {
         let live = self.shared.live();
         let ex = self.export_target(&live, &export)?;
         let _slot = JobSlot::claim(&self.shared, &live, &self.peer)?;
-        let (list, offer) = self.export_offer(&ex, &files, range.as_ref()).await?;
+        let (list, mut offer) = self.export_offer(&ex, &files, range.as_ref()).await?;
+        // The puller grants the lane if it wants it; this side connects and sends.
+        let lane = ex.lane_for(&self.peer);
+        offer.tcp_lane = lane.is_some();
         let span = info_span!("job", id = %offer.job_id(), export = %ex.name, files = list.len());
         let after = ex.after_commit.as_ref().map(|spec| {
             (
@@ -31,7 +43,9 @@ impl JobCtx {
             peer: self.peer.clone(),
             progress: None,
         };
-        let flow = transfer::Flow::new(Some(sent.clone()), Some(pacer));
+        let mut flow = transfer::Flow::new(Some(sent.clone()), Some(pacer));
+        flow.lane_tls = lane.and_then(|_| self.lane_tls());
+        flow.tls_only = lane == Some(crate::net::tcplane::LaneKind::Tls);
         let run = transfer::send_job(
             std::slice::from_ref(&self.conn),
             send,

@@ -250,6 +250,11 @@ pub struct PullArgs {
     /// the pull again moves no data; other content is refused), or `replace` it.
     #[arg(long, value_name = "WHAT", default_value = "refuse", value_parser = parse_on_exists)]
     pub on_exists: barge::config::OnExists,
+    /// Take the data over the TCP lane with TLS, if the export offers it to this
+    /// identity (`tcp_lane` on the export): this command listens on a TCP port of its
+    /// own and the agent connects to it. Otherwise the data comes over QUIC.
+    #[arg(long)]
+    pub tcp_lane: bool,
     /// Print one JSON object (job id, files, bytes, seconds, hashes) instead of text.
     #[arg(long)]
     pub json: bool,

@@ -7,7 +7,7 @@ use crate::cli::{
 use anyhow::{bail, Context, Result};
 use barge::agent::systemd::{self, NotifyState};
 use barge::agent::Agent;
-use barge::client::{Client, Peer, PushOptions, Replica};
+use barge::client::{Client, Peer, PullOptions, PushOptions, Replica};
 use barge::config::Config;
 use barge::net::tls::TlsFiles;
 use barge::proto::keys::KeyRange;
@@ -552,7 +552,11 @@ async fn pull(p: PullArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let range = parse_range(p.range.as_deref())?;
     let what = (p.files.as_slice(), range);
-    let r = with_progress(&client, client.pull_into(&peer, &p.export, what, &p.into, p.on_exists)).await;
+    let pull_opts = PullOptions {
+        on_exists: p.on_exists,
+        tcp_lane: p.tcp_lane,
+    };
+    let r = with_progress(&client, client.pull_into(&peer, &p.export, what, &p.into, pull_opts)).await;
     client.close().await;
     let r = r.with_context(|| format!("pull from {peer} ({})", p.export))?;
     if p.json {
@@ -567,8 +571,7 @@ async fn pull(p: PullArgs) -> Result<()> {
             "received_blocks": r.blocks_received,
             "files_there": r.files_there,
             "after_commit": after,
-            // Pulls run on QUIC (the TCP lane serves pushes).
-            "lane": barge::transfer::LaneUsed::Quic.as_str(),
+            "lane": r.lane.as_str(),
         });
         print_json(r.job, r.files, r.bytes, secs, &r.hashes, extra);
         return Ok(());

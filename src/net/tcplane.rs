@@ -12,6 +12,9 @@
 //! commit, the hook's answer) stays on QUIC, and every block is verified against the
 //! offer before it is written.
 //!
+//! The receiver always listens and grants: an agent for a push, a pulling client for a
+//! pull (the agent then connects to the client's address with its own certificate).
+//!
 //! Kernel TLS (the `tls` ULP) would let a TLS lane go back to `sendfile`: it would slot
 //! in where [`LaneStream`] and the sender's lane writer are built, once a kernel offers it
 //! (this project's does not, so none is shipped).

@@ -176,6 +176,10 @@ pub struct Flow {
     pub pacer: Option<crate::metrics::Meter>,
     /// How to open a TLS lane, if the receiver grants one.
     pub lane_tls: Option<LaneTls>,
+    /// A clear-text lane the receiver grants is refused (a pull from an export whose
+    /// lane is TLS: the puller may not choose clear text); a push leaves it to the
+    /// receiving target.
+    pub tls_only: bool,
     /// Test-only faults.
     #[cfg(feature = "faults")]
     pub fault: Fault,
@@ -188,6 +192,7 @@ impl Flow {
             progress,
             pacer,
             lane_tls: None,
+            tls_only: false,
             #[cfg(feature = "faults")]
             fault: Fault::default(),
         }

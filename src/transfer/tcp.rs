@@ -27,6 +27,11 @@ pub(super) async fn send_lanes(
 ) -> Result<(u64, u64), TransferError> {
     let budget = Arc::new(AtomicU64::new(flow.budget()));
     let tls = match (grant.tls, &flow.lane_tls) {
+        (false, _) if flow.tls_only => {
+            return Err(TransferError::Stream(
+                "the receiver granted a clear-text lane; this side sends over TLS only".into(),
+            ))
+        }
         (false, _) => None,
         (true, Some(t)) => Some(t.clone()),
         (true, None) => {
