@@ -452,3 +452,38 @@ async fn a_pull_from_an_export_without_the_lane_stays_on_quic_and_a_client_grant
     assert_eq!(r.lane, LaneUsed::Tls);
     assert_eq!(std::fs::read(into.join("c")).unwrap(), content(23, 70_000));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_with_a_tls_lane_refuses_a_clear_text_grant_from_its_puller() {
+    use barge::proto::wire::Message;
+    let env = env_with(PULL_TARGETS, "", Hooks::new()).await;
+    write(&env.outbox().join("secret"), &content(24, 3 << 20));
+    let conn = env.client("client").connect(&env.peer()).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let fetch = Message::Fetch {
+        export: "out".into(),
+        files: vec![],
+        range: None,
+    };
+    barge::transfer::write_msg(&mut send, &fetch).await.unwrap();
+    let Message::Offer(offer) = barge::transfer::expect_msg(&mut recv, "an offer").await.unwrap() else {
+        panic!("no offer")
+    };
+    assert!(offer.tcp_lane, "the export offers its lane");
+    // A puller that grants a clear-text lane, listening for the agent to connect.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let have = (offer.files.iter())
+        .map(|f| vec![0u8; barge::proto::blocks::block_count(f.hashes.size).div_ceil(8) as usize])
+        .collect();
+    let grant = TcpGrant {
+        port: listener.local_addr().unwrap().port(),
+        token: [7; 32],
+        tls: false,
+    };
+    let accept = Message::Accept { have, tcp: Some(grant) };
+    barge::transfer::write_msg(&mut send, &accept).await.unwrap();
+    let answer = barge::transfer::expect_msg(&mut recv, "the agent's answer").await;
+    assert!(matches!(answer, Ok(Message::Abort) | Err(_)), "{answer:?}");
+    let connected = tokio::time::timeout(Duration::from_millis(500), listener.accept()).await;
+    assert!(connected.is_err(), "the agent sent nothing in clear text");
+}
