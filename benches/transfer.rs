@@ -7,6 +7,13 @@
 //! - `tcp`: plain TCP copy, sender `sendfile`, receiver writes the files and syncs
 //!   them (`syncfs`) before it answers; no encryption, no hashing. The baseline.
 //! - `cp`: local copy of the tree then `sync`: the file-creation floor.
+//! - `tar`: `tar -cf - | socat` to a receiver that pipes the socket into `tar -xf -`
+//!   and syncs (`syncfs`): a plain pipeline, reading and creating in two processes.
+//!   Skipped with a message without `socat`.
+//! - `rsync`: `rsync -a --whole-file` over ssh (AES-128-GCM) to a private `sshd` on
+//!   loopback, then `sync`. Its CPU is the whole machine's busy time during the run
+//!   (`/proc/stat`: sshd's children are not ours to reap), its RSS the client's only.
+//!   Needs root, `rsync` and `openssh-server`; skipped with a message without them.
 //! - `barge`: a real `barge agent` process and a real `barge push` process, over QUIC.
 //! - `b-tls`: the same over the TCP data lane with TLS (`tcp_lane = "tls"`, `push --tcp-lane`).
 //! - `b-tcp`: the same over the clear-text TCP lane (`tcp_lane = "cleartext"`, sendfile).
@@ -61,6 +68,7 @@ fn main() {
         work.display()
     );
     let certs = make_certs(&work);
+    let sshd = Sshd::start(&work);
     let mut groups = Vec::new();
     let workloads = [
         ("W1", 1usize, ((2u64 << 30) as f64 * scale) as u64),
@@ -80,6 +88,14 @@ fn main() {
             ("b-tls", vec![]),
             ("b-tcp", vec![]),
         ];
+        if have("socat") {
+            rows.push(("tar", vec![]));
+        } else {
+            eprintln!("skipping the tar | socat row: socat is not installed (apt-get install socat)");
+        }
+        if sshd.is_some() {
+            rows.push(("rsync", vec![]));
+        }
         if name == "W1" {
             rows.push(("quinn", vec![]));
         }
@@ -97,6 +113,8 @@ fn main() {
                 let s = match *row {
                     "tcp" => run_tcp(&src, &dst),
                     "cp" => run_cp(&src, &dst),
+                    "tar" => run_tar(&src, &dst),
+                    "rsync" => run_rsync(&src, &dst, sshd.as_ref().expect("sshd")),
                     "barge" => run_barge(&work, &certs, &src, &dst, None),
                     "b-tls" => run_barge(&work, &certs, &src, &dst, Some("tls")),
                     "b-tcp" => run_barge(&work, &certs, &src, &dst, Some("cleartext")),
@@ -105,7 +123,7 @@ fn main() {
                 samples.push(s);
             }
         }
-        let order = ["tcp", "cp", "barge", "b-tls", "b-tcp", "quinn"];
+        let order = ["tcp", "cp", "tar", "rsync", "barge", "b-tls", "b-tcp", "quinn"];
         rows.sort_by_key(|(r, _)| order.iter().position(|o| o == r));
         groups.push(report(name, count, bytes, &rows));
     }
@@ -136,6 +154,8 @@ fn long_name(row: &str) -> &'static str {
     match row {
         "tcp" => "tcp (sendfile)",
         "cp" => "cp -r + sync (file-creation floor)",
+        "tar" => "tar | socat + sync",
+        "rsync" => "rsync over ssh + sync",
         "barge" => "barge over QUIC",
         "b-tls" => "barge over the TLS lane",
         "b-tcp" => "barge over the clear-text lane",
@@ -359,6 +379,140 @@ fn run_pair(mut recv: Command, send: impl FnOnce(&str) -> Command) -> Sample {
     }
 }
 
+/// `tar -cf - | socat` into the `tar-recv` role; timed until the receiver synced.
+fn run_tar(src: &Path, dst: &Path) -> Sample {
+    let mut recv = Command::new(me());
+    recv.args(["__role", "tar-recv"]).arg(dst);
+    let (mut recv, addr) = start_until(&mut recv, "listening ");
+    let t = Instant::now();
+    let pipeline = format!("tar -C '{}' -cf - . | socat -u - TCP:{addr}", src.display());
+    let mut send = Command::new("sh").arg("-c").arg(pipeline).spawn().unwrap();
+    let (send_cpu, send_rss) = reap(&mut send);
+    let (recv_cpu, recv_rss) = reap(&mut recv);
+    Sample {
+        secs: t.elapsed().as_secs_f64(),
+        cpu: send_cpu + recv_cpu,
+        send_rss_kb: send_rss,
+        recv_rss_kb: recv_rss,
+    }
+}
+
+/// A private sshd on a loopback port, for the rsync row; killed when dropped.
+struct Sshd {
+    child: Child,
+    port: u16,
+    key: PathBuf,
+}
+
+impl Sshd {
+    /// Starts one (keys and config in `work/ssh`), or says why the row is skipped.
+    /// The child is reaped by `Drop`, which clippy cannot see.
+    #[allow(clippy::zombie_processes)]
+    fn start(work: &Path) -> Option<Sshd> {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || !have("rsync") || !have("ssh-keygen") || !Path::new("/usr/sbin/sshd").exists() {
+            eprintln!("skipping the rsync row: needs root, rsync and openssh-server");
+            return None;
+        }
+        let dir = work.join("ssh");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        for key in ["host_key", "client_key"] {
+            let made = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", ""])
+                .arg("-f")
+                .arg(dir.join(key))
+                .status();
+            assert!(made.unwrap().success(), "ssh-keygen");
+        }
+        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             UsePAM no\nStrictModes no\nPidFile {d}/sshd.pid\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("sshd.conf"), conf).unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd.conf"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                let key = dir.join("client_key");
+                return Some(Sshd { child, port, key });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("sshd did not listen on {port}");
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The machine's busy CPU seconds so far (all cores, from `/proc/stat`).
+fn busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + cpu.get(7).copied().unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// rsync over ssh to the private sshd, then `sync`.
+fn run_rsync(src: &Path, dst: &Path, sshd: &Sshd) -> Sample {
+    let ssh = format!(
+        "ssh -F /dev/null -p {} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+         -o LogLevel=ERROR -o BatchMode=yes -c aes128-gcm@openssh.com",
+        sshd.port,
+        sshd.key.display()
+    );
+    let cmd = format!(
+        "rsync -a --whole-file -e '{ssh}' '{}/' 'root@127.0.0.1:{}/' && sync",
+        src.display(),
+        dst.display()
+    );
+    let (busy, t) = (busy_secs(), Instant::now());
+    let mut rsync = Command::new("sh").arg("-c").arg(cmd).spawn().unwrap();
+    let (_, rss) = reap(&mut rsync);
+    Sample {
+        secs: t.elapsed().as_secs_f64(),
+        cpu: busy_secs() - busy,
+        send_rss_kb: rss,
+        recv_rss_kb: 0,
+    }
+}
+
+/// Whether `tool` is on the PATH.
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool} >/dev/null"))
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn run_cp(src: &Path, dst: &Path) -> Sample {
     let t = Instant::now();
     let mut cp = Command::new("sh")
@@ -473,10 +627,33 @@ mod roles {
         match args[0].as_str() {
             "tcp-recv" => tcp_recv(Path::new(&args[1])),
             "tcp-send" => tcp_send(Path::new(&args[1]), &args[2]),
+            "tar-recv" => tar_recv(Path::new(&args[1])),
             "quinn-recv" => quinn_recv(Path::new(&args[1])),
             "quinn-send" => quinn_send(Path::new(&args[1]), &args[2], args[3].parse().unwrap()),
             other => panic!("unknown role {other}"),
         }
+    }
+
+    /// Pipes one connection into `tar -xf -` in `dst`, then makes the tree durable.
+    fn tar_recv(dst: &Path) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        println!("listening {}", l.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        std::fs::create_dir_all(dst).unwrap();
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(dst)
+            .arg("-xf")
+            .arg("-")
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::copy(&mut s, &mut tar.stdin.take().unwrap()).unwrap();
+        assert!(tar.wait().unwrap().success(), "tar -x failed");
+        let d = std::fs::File::open(dst).unwrap();
+        // SAFETY: d is an open descriptor.
+        assert_eq!(unsafe { libc::syncfs(d.as_raw_fd()) }, 0);
     }
 
     /// Frames: name length (u32), name, size (u64), bytes; a zero name length ends.
