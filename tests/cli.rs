@@ -383,20 +383,7 @@ fn json_results_and_status_for_scripts() {
         all.extend(["--certs", "certs", "--identity", "ops", "--hash-cache", "off"]);
         barge(&all, p)
     };
-    let out = ok(&run(&[
-        "push",
-        "data",
-        "--to",
-        &peer,
-        "--import",
-        "ingest",
-        "--json",
-        "--tcp-lane",
-    ]));
-    assert_eq!(out.lines().count(), 1, "one JSON result: {out}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["lane"], "tls", "tcp_lane = true is the TLS lane: {v}");
-    for (target, lane) in [("clear", "cleartext"), ("quic", "quic")] {
+    let push = |target: &str| {
         let out = ok(&run(&[
             "push",
             "data",
@@ -407,7 +394,13 @@ fn json_results_and_status_for_scripts() {
             "--json",
             "--tcp-lane",
         ]));
-        let w: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(out.lines().count(), 1, "one JSON result: {out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let v = push("ingest");
+    assert_eq!(v["lane"], "tls", "tcp_lane = true is the TLS lane: {v}");
+    for (target, lane) in [("clear", "cleartext"), ("quic", "quic")] {
+        let w = push(target);
         assert_eq!(w["lane"], lane, "{target}: {w}");
     }
     assert_eq!(
