@@ -99,8 +99,13 @@ impl std::fmt::Display for Peer {
 pub struct PushOptions {
     /// Engine metadata passed to the receiving import hook.
     pub meta: Vec<(String, String)>,
-    /// Ask for the unencrypted TCP data lane (used only if the target allows it).
+    /// Ask for the TCP data lane (used only if the target allows it; TLS or clear text
+    /// as the target grants).
     pub tcp_lane: bool,
+    /// A ship's TCP lane per replica, by certificate name (its export's `tcp_lane` for
+    /// that identity): `Tls` asks for the lane and takes only a TLS grant, `Cleartext`
+    /// takes either. Replicas not named follow `tcp_lane`. A relay forwards on QUIC.
+    pub hop_lanes: std::collections::BTreeMap<String, crate::net::tcplane::LaneKind>,
     /// QUIC connections for the data (1 to 4; 0 means 1): each connection is driven by
     /// its own task, so a large job can keep both ends' cores busy.
     pub connections: usize,
@@ -351,7 +356,7 @@ impl Client {
     }
 
     /// What a TLS lane to `peer` needs: the lane's client side and `peer`'s name.
-    fn lane_tls_for(&self, peer: &Peer) -> Option<transfer::LaneTls> {
+    pub(crate) fn lane_tls_for(&self, peer: &Peer) -> Option<transfer::LaneTls> {
         let server = rustls::pki_types::ServerName::try_from(peer.name.clone()).ok()?;
         Some(transfer::LaneTls {
             config: self.lane_tls.clone(),

@@ -137,6 +137,8 @@ struct Fleet {
     allow: fn(&str) -> Option<&'static str>,
     /// Agent-wide settings of each agent (before its tables).
     settings: fn(&str) -> &'static str,
+    /// More settings of each agent's export `out`.
+    export_extra: &'static str,
 }
 
 impl Fleet {
@@ -154,6 +156,16 @@ impl Fleet {
         allow: fn(&str) -> Option<&'static str>,
         settings: fn(&str) -> &'static str,
     ) -> Fleet {
+        Fleet::start_exporting(names, target_extra, allow, settings, "").await
+    }
+
+    async fn start_exporting(
+        names: &[&str],
+        target_extra: &str,
+        allow: fn(&str) -> Option<&'static str>,
+        settings: fn(&str) -> &'static str,
+        export_extra: &'static str,
+    ) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         barge::net::certs::init_ca(&certs).unwrap();
@@ -167,6 +179,7 @@ impl Fleet {
             names: names.iter().map(|n| n.to_string()).collect(),
             allow,
             settings,
+            export_extra,
         };
         for i in 0..names.len() {
             let agent = fleet.start_one(i, target_extra).await;
@@ -196,8 +209,9 @@ impl Fleet {
         let text = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{name}/data\"\n{}\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
              [[import]]\nname = \"in\"\npath = \"{name}/in\"\nallow = [{allow}]\nrelay_from = [{all}]\noperators = [\"client\"]\n{target_extra}\n\
-             [[export]]\nname = \"out\"\npath = \"{name}/out\"\nallow = [{all}]\nship = [\"operator\"]\n",
-            (self.settings)(name)
+             [[export]]\nname = \"out\"\npath = \"{name}/out\"\nallow = [{all}]\nship = [\"operator\"]\n{}\n",
+            (self.settings)(name),
+            self.export_extra,
         );
         std::fs::write(self.config_path(i), text).unwrap();
         let config = barge::config::Config::load(&self.config_path(i)).unwrap();
@@ -333,6 +347,52 @@ async fn a_ship_sends_an_export_from_one_agent_to_another_and_names_every_refusa
         "{line:?}"
     );
     assert!(list(&fleet.inbox(1)).is_empty(), "nothing reached b");
+}
+
+/// How many TCP lanes of `kind` agent `i` granted, from its metrics.
+fn lanes_granted(fleet: &Fleet, i: usize, kind: &str) -> u64 {
+    let text = fleet.agents[i].as_ref().unwrap().metrics();
+    let line = format!("barge_tcp_lane_grants_total{{kind=\"{kind}\"}} ");
+    let n = text.lines().find_map(|l| l.strip_prefix(line.as_str()));
+    n.map(|n| n.trim().parse().unwrap()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ship_goes_over_the_tls_lane_where_export_and_replica_allow_it() {
+    // a's export sends on the TLS lane to c only; b and c take the lane.
+    let export = "tcp_lane = true\ntcp_lane_peers = [\"c\"]";
+    let fleet = Fleet::start_exporting(&["a", "b", "c"], "tcp_lane = true", |_| None, |_| "", export).await;
+    let out = fleet.dir.path().join("a/out");
+    write(&out.join("x/one"), &content(9, (3 << 20) + 17));
+    write(&out.join("two"), &content(10, 4321));
+    let operator = fleet.client("operator");
+    let r = operator
+        .ship(&fleet.peer(0), ship_to(&fleet, "out", &[2], false))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.replicas[0].outcome,
+        barge::proto::wire::ReplicaOutcome::Committed,
+        "{r:?}"
+    );
+    assert_same_tree(&out, &fleet.inbox(2));
+    assert_eq!(
+        lanes_granted(&fleet, 2, "tls"),
+        1,
+        "c received the ship over the TLS lane"
+    );
+    // b is not on the export's lane list: its copy travels over QUIC.
+    let r = operator
+        .ship(&fleet.peer(0), ship_to(&fleet, "out", &[1], false))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.replicas[0].outcome,
+        barge::proto::wire::ReplicaOutcome::Committed,
+        "{r:?}"
+    );
+    assert_same_tree(&out, &fleet.inbox(1));
+    assert_eq!(lanes_granted(&fleet, 1, "tls"), 0, "b received over QUIC");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

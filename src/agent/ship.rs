@@ -103,6 +103,7 @@ impl JobCtx {
         let (shared, sent, hops) = (self.shared.clone(), run.sent.clone(), ship.to);
         let opts = PushOptions {
             hold: ship.hold,
+            hop_lanes: hop_lanes(ex, &hops),
             ..Default::default()
         };
         let span = info_span!("ship", export = %ex.name, operator = %self.peer, replicas = hops.len());
@@ -116,6 +117,14 @@ impl JobCtx {
         tokio::spawn(task.instrument(span));
         Ok(run)
     }
+}
+
+/// The TCP lane the export allows each replica (by its certificate name), for the
+/// replicas this agent sends to itself.
+fn hop_lanes(ex: &Export, hops: &[Hop]) -> std::collections::BTreeMap<String, LaneKind> {
+    let name = |h: &Hop| h.peer.parse::<crate::client::Peer>().ok().map(|p| p.name);
+    let lane = |n: String| ex.lane_for(&n).map(|k| (n, k));
+    hops.iter().filter_map(name).filter_map(lane).collect()
 }
 
 /// What identifies a ship: the export, the job it sends (names, roots, metadata),

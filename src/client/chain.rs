@@ -12,6 +12,7 @@
 //! each other, so each block crosses the slow links as few times as possible.
 
 use super::{Client, Peer, PushOptions};
+use crate::net::tcplane::LaneKind;
 use crate::proto::session::ProtocolError;
 use crate::proto::wire::{code, Hop, Message, Offer, ReplicaOutcome, ReplicaResult, Ship, WireCode};
 use crate::transfer::{self, Blocks, Flow, SendReport, TransferError};
@@ -224,15 +225,27 @@ impl Client {
             Ok(s) => s,
             Err(e) => return (Err(e.into()), vec![]),
         };
-        let flow = Flow::new(Some(progress.clone()), None);
+        let mut flow = Flow::new(Some(progress.clone()), None);
+        let mut offer = offer.clone();
+        if let (Blocks::Files(_), Some(kind)) = (blocks, lane_to(&peer, opts)) {
+            offer.tcp_lane = true;
+            flow.lane_tls = self.lane_tls_for(&peer);
+            flow.tls_only = kind == LaneKind::Tls;
+        }
         let streams = (&mut send, &mut recv);
-        let out = transfer::send_relayed(&conns, streams, offer.clone(), blocks.clone(), &self.disk, &flow).await;
+        let out = transfer::send_relayed(&conns, streams, offer, blocks.clone(), &self.disk, &flow).await;
         for c in &conns {
             super::log_path(c);
             c.close(quinn::VarInt::from_u32(0), b"done");
         }
         out
     }
+}
+
+/// The TCP lane to ask `peer` for, if any (see [`PushOptions::hop_lanes`]).
+fn lane_to(peer: &Peer, opts: &PushOptions) -> Option<LaneKind> {
+    let asked = opts.tcp_lane.then_some(LaneKind::Cleartext);
+    opts.hop_lanes.get(&peer.name).copied().or(asked)
 }
 
 /// A failure naming every replica that failed, with the first one's code; `None` if

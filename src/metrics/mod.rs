@@ -73,6 +73,7 @@ pub struct Metrics {
     after_commit_failures: Counter,
     connections: Gauge<u64, AtomicU64>,
     connections_total: Counter,
+    lanes_granted: Family<Label<&'static str>, Counter>,
     peer_received: Family<Label<String>, Counter>,
     peer_sent: Family<Label<String>, Counter>,
 }
@@ -103,6 +104,15 @@ impl Metrics {
         self.blocks_sent.inc_by(blocks);
         self.bytes_sent.inc_by(bytes);
         self.peer(peer, 0, bytes);
+    }
+
+    /// A receiving job granted its sender a TCP lane of `kind`.
+    pub fn lane_granted(&self, kind: crate::net::tcplane::LaneKind) {
+        let kind = match kind {
+            crate::net::tcplane::LaneKind::Tls => "tls",
+            crate::net::tcplane::LaneKind::Cleartext => "cleartext",
+        };
+        self.lanes_granted.get_or_create(&[("kind", kind)]).inc();
     }
 
     /// A block that did not verify.
@@ -192,6 +202,11 @@ impl Metrics {
         );
         self.register_state(&mut r, g);
         r.register("jobs", "Jobs ended, by outcome", self.jobs.clone());
+        r.register(
+            "tcp_lane_grants",
+            "TCP data lanes granted to senders, by kind (tls or cleartext)",
+            self.lanes_granted.clone(),
+        );
         r.register(
             "peer_received_bytes",
             "Bytes received from each peer",

@@ -393,6 +393,9 @@ where
     if let Some(g) = grant {
         inc.with(|s| s.grant_tcp(g));
     }
+    if let (Some(l), Some(m), Some(_)) = (lane, at.meter, grant) {
+        m.metrics.lane_granted(l.kind);
+    }
     let result = drive(send, recv, &inc, at.relay, hook).await;
     if let (Some(l), Some(g)) = (lane, grant) {
         l.lanes.revoke(&g.token);

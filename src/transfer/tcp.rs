@@ -1,8 +1,8 @@
 //! Sending over the TCP lane (see [`crate::net::tcplane`]): one connection per lane,
 //! on a TLS lane the handshake (the sender's QUIC identity), then the grant's token,
 //! then block headers and bytes. On a clear-text lane each block's bytes go from the
-//! page cache to the socket by `sendfile`; on TLS they are read into one reused buffer
-//! per lane and sealed by rustls (AES-128-GCM first). Pacing and progress are the same
+//! page cache to the socket by `sendfile`; on TLS they are read piece by piece into
+//! one reused buffer per lane and sealed by rustls (AES-128-GCM first). Pacing and progress are the same
 //! as on QUIC lanes ([`Flow`]).
 
 use super::send::take_budget;
@@ -156,6 +156,13 @@ impl TcpLane {
     }
 }
 
+/// How much of a block a TLS lane reads and seals at a time. Small enough that the
+/// plaintext, its sealed records and the socket copy stay in the core's cache: whole
+/// 1 MiB blocks went through memory three times and cost the sender 40 % more CPU on
+/// W1 (2026-12-07: 2.0 against 1.4 s of CPU for 2 GiB); 16 KiB pieces (one record)
+/// cost more again in per-write overhead.
+const TLS_PIECE: usize = 64 << 10;
+
 /// A lane connection as the sender writes it.
 enum LaneOut {
     /// Clear text: blocks by `sendfile`.
@@ -193,12 +200,18 @@ impl LaneOut {
                 s.write_all(&data).map_err(BlockError::Net)
             }
             LaneOut::Tls(s, buf) => {
-                buf.resize(len, 0);
-                file.read_exact_at(buf, offset).map_err(BlockError::Disk)?;
-                if flip {
-                    buf[0] ^= 1;
+                let mut done = 0;
+                while done < len {
+                    buf.resize(TLS_PIECE.min(len - done), 0);
+                    file.read_exact_at(buf, offset + done as u64)
+                        .map_err(BlockError::Disk)?;
+                    if flip && done == 0 {
+                        buf[0] ^= 1;
+                    }
+                    s.write_all(buf).map_err(BlockError::Net)?;
+                    done += buf.len();
                 }
-                s.write_all(buf).map_err(BlockError::Net)
+                Ok(())
             }
         }
     }
