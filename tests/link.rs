@@ -1,5 +1,5 @@
-//! Across an emulated lossy link between two network namespaces (shared/tools/linkem):
-//! the files still arrive, verified. Needs root, iproute2, iptables and the emulator's
+//! Across emulated lossy links between two network namespaces (shared/tools/linkem),
+//! short and long (100 ms): the files still arrive, verified. Needs root, iproute2, iptables and the emulator's
 //! build dependencies; skipped with a message without them, except under CI=true.
 
 mod common;
@@ -19,6 +19,9 @@ fn linkem() -> Option<PathBuf> {
         .all(|t| Command::new("which").arg(t).output().is_ok_and(|o| o.status.success()));
     (path.exists() && root && tools).then_some(path)
 }
+
+/// linkem makes one pair of namespaces: the tests take turns.
+static LINK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct Link(PathBuf);
 
@@ -56,13 +59,26 @@ impl Drop for Link {
 
 #[test]
 fn files_cross_a_lossy_link_verified() {
+    cross(&["--delay", "5", "--rate", "200", "--loss", "0.5"], 6 << 20);
+}
+
+/// 100 ms round trip, 2 % loss each way: delivery and verification, not speed.
+#[test]
+fn files_cross_a_long_link_with_two_percent_loss_verified() {
+    cross(&["--delay", "50", "--rate", "1000", "--loss", "2"], 8 << 20);
+}
+
+/// Pushes a large file of `big` bytes and 50 small ones across a link made with
+/// `link_args`; they must arrive whole and verified.
+fn cross(link_args: &[&str], big: usize) {
     let Some(linkem) = linkem() else {
         if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true: the lossy-link test needs root, linkem, iptables and gcc");
+            panic!("CI=true: the lossy-link tests need root, linkem, iptables and gcc");
         }
         eprintln!("skipping: needs root, ../shared/tools/linkem, iptables and gcc");
         return;
     };
+    let _one_link = LINK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let t = tempfile::tempdir().unwrap();
     let p = t.path();
     let barge = env!("CARGO_BIN_EXE_barge");
@@ -78,7 +94,7 @@ fn files_cross_a_lossy_link_verified() {
     run(&["certs", "issue", "b", "--dir", "c"]);
     run(&["certs", "issue", "a", "--dir", "c"]);
     std::fs::create_dir(p.join("in")).unwrap();
-    write(&p.join("src/big"), &content(1, 6 << 20));
+    write(&p.join("src/big"), &content(1, big));
     for i in 0..50u64 {
         write(
             &p.join(format!("src/small/{i}")),
@@ -91,7 +107,7 @@ fn files_cross_a_lossy_link_verified() {
          [[import]]\nname = \"in\"\npath = \"in\"\nallow = [\"a\"]\n",
     )
     .unwrap();
-    let link = Link::up(linkem, &["--delay", "5", "--rate", "200", "--loss", "0.5"]);
+    let link = Link::up(linkem, link_args);
     let mut agent = link
         .exec("b")
         .args([barge, "agent", "--config", "b.toml"])
