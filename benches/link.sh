@@ -2,17 +2,25 @@
 # Shaped-link benchmark (root): barge against a plain TCP copy over an emulated link
 # between two network namespaces, in one run.
 #
-#   sudo benches/link.sh            # 1 Gbit/s, 20 ms RTT, clean and with 0.5 % loss
-#   SIZE_MIB=256 ROUNDS=3 benches/link.sh
+#   sudo benches/link.sh            # 1 Gbit/s; 20 and 100 ms RTT; loss 0, 0.5, 2 and 5 %;
+#                                   # then the fairness case
+#   SIZE_MIB=256 ROUNDS=3 RTTS="20" LOSSES="0 0.5" benches/link.sh
 #   CONNS=2 LOSSES=0 benches/link.sh   # adds a row with 2 connections; clean link only
+#   FAIR=0 benches/link.sh             # without the fairness case
 #
 # The link is made by shared/tools/linkem (netem where the kernel has it, otherwise its
-# NFQUEUE emulator). Rows per link: tcp (the transfer bench's sendfile copy, receiver
-# syncs; TCP congestion control bbr), barge over QUIC with its default controller
-# (bbr-bounded), with quinn's plain bbr and (clean link only) cubic. Every row
-# writes to disk and is durable before it counts. Medians of ROUNDS: MB/s, ratio to tcp,
-# and for barge the share of its QUIC packets lost (the link's random loss plus what the
-# controller overflowed the link's queue with).
+# NFQUEUE emulator; its queue holds 20 ms, one bandwidth-delay product of the 20 ms
+# link). Rows per link: tcp (the transfer bench's sendfile copy, receiver syncs; TCP
+# congestion control bbr), barge over QUIC with its default controller (bbr-bounded),
+# with quinn's plain bbr and (clean links only) cubic. Every row writes to disk and is
+# durable before it counts. Medians of ROUNDS: MB/s, ratio to tcp, and for barge the
+# share of its QUIC packets lost (the link's random loss plus what the controller
+# overflowed the link's queue with).
+#
+# Fairness (clean 20 ms link): a barge push and a TCP copy of the same size start
+# together; each one's rate while both ran is printed (the one that ends first: its
+# size over its time; the other: what it moved in that time, its size less what it
+# moved alone afterwards at the link rate), with barge's lost share.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,6 +42,7 @@ trap 'pkill -f "barge agent --config $WORK" 2>/dev/null; bash "$LINKEM" down >/d
 "$BARGE" certs issue a --dir "$WORK/c" >/dev/null
 mkdir -p "$WORK/src" "$WORK/in"
 head -c $((SIZE_MIB << 20)) /dev/urandom >"$WORK/src/data"
+agent_config() {  # $1 = RTT in ms: the agent's windows follow it
 cat >"$WORK/agent.toml" <<TOML
 listen = "10.251.0.2:7878"
 data_dir = "$WORK/agent-data"
@@ -43,15 +52,19 @@ cert = "$WORK/c/b.pem"
 key = "$WORK/c/b.key"
 [transport]
 bandwidth_mbit = 1000
-rtt_ms = 20
+rtt_ms = $1
 [[import]]
 name = "in"
 path = "$WORK/in"
 allow = ["a"]
 TOML
+}
 
 now() { date +%s.%N; }
-reset() { rm -rf "$WORK/in"/* "$WORK/dst"; mkdir -p "$WORK/dst"; sync; cat "$WORK/src/data" >/dev/null; }
+reset() {  # NORESET=1: the fairness case, whose two runs share one reset
+  [ -n "${NORESET:-}" ] && return
+  rm -rf "$WORK/in"/* "$WORK/dst"; mkdir -p "$WORK/dst"; sync; cat "$WORK/src/data" >/dev/null
+}
 
 run_tcp() {
   reset
@@ -88,32 +101,72 @@ row() {  # $1 = row name, rest: run_barge's arguments; adds to T (seconds) and L
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-for loss in ${LOSSES:-0 0.5}; do
-  bash "$LINKEM" up --delay 10 --rate 1000 --loss "$loss" >/dev/null 2>&1 &
+# Brings the link up and checks that it is shaped (a plain veth would make every figure
+# meaningless): the measured round trip must be at least 80 % of the one asked for.
+link_up() {  # $1 = RTT ms, $2 = loss %
+  bash "$LINKEM" up --delay $(($1 / 2)) --rate 1000 --loss "$2" >/dev/null 2>&1 &
   sleep 3
-  for ns in lem-a lem-b; do ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control=bbr || true; done
-  declare -A T=() L=()
-  for _ in $(seq "$ROUNDS"); do
-    T[tcp]+="$(run_tcp) "
-    row bbr-bounded bbr-bounded
-    row bbr bbr
-    [ -n "${CONNS:-}" ] && row "bbr-bounded-x$CONNS" bbr-bounded "$CONNS"
-    # cubic under loss crawls at about 1 MB/s (measured once: 64 MiB in 59 s); clean link only.
-    [ "$loss" = 0 ] && row cubic cubic
+  local rtt; rtt=$(bash "$LINKEM" rtt | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
+  if [ -z "$rtt" ] || [ "$(echo "$rtt < $1 * 0.8" | bc)" = 1 ]; then
+    echo "link.sh: the link is not shaped (round trip ${rtt:-unknown} ms, $1 asked); see ../shared/tools/linkem/README.md" >&2
+    exit 1
+  fi
+  # TCP's autotuned windows may grow to 64 MiB, more than the 100 ms path's 12.5 MB
+  # bandwidth-delay product (the default 6 MiB would cap TCP, not the link).
+  for ns in lem-a lem-b; do
+    ip netns exec $ns sysctl -qw net.ipv4.tcp_congestion_control=bbr || true
+    ip netns exec $ns sysctl -qw net.ipv4.tcp_rmem="4096 131072 67108864" net.ipv4.tcp_wmem="4096 16384 67108864"
   done
-  echo "link: 1 Gbit/s, 20 ms RTT, loss ${loss}%, ${SIZE_MIB} MiB, median of $ROUNDS"
-  base=$(echo "${T[tcp]}" | tr ' ' '\n' | grep . | median)
-  for row in tcp bbr-bounded bbr ${CONNS:+bbr-bounded-x$CONNS} cubic; do
-    [ -n "${T[$row]:-}" ] || continue
-    s=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | median)
-    slow=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | sort -g | tail -1)
-    fast=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | sort -g | head -1)
-    lost=$(echo "${L[$row]:-}" | tr ' ' '\n' | { grep . || true; } | median)
-    printf '  %-18s %8.1f MB/s (%5.1f-%5.1f)  %5.2fx tcp  %s\n' \
-      "$([ $row = tcp ] && echo tcp-bbr || echo barge-$row)" "$(echo "$SIZE_MIB * 1.048576 / $s" | bc -l)" \
-      "$(echo "$SIZE_MIB * 1.048576 / $slow" | bc -l)" "$(echo "$SIZE_MIB * 1.048576 / $fast" | bc -l)" \
-      "$(echo "$base / $s" | bc -l)" "${lost:+packets lost ${lost}%}"
+}
+
+mbs() { echo "$SIZE_MIB * 1.048576 / $1" | bc -l; }
+
+for rtt in ${RTTS:-20 100}; do
+  agent_config "$rtt"
+  for loss in ${LOSSES:-0 0.5 2 5}; do
+    link_up "$rtt" "$loss"
+    declare -A T=() L=()
+    for _ in $(seq "$ROUNDS"); do
+      T[tcp]+="$(run_tcp) "
+      row bbr-bounded bbr-bounded
+      row bbr bbr
+      [ -n "${CONNS:-}" ] && row "bbr-bounded-x$CONNS" bbr-bounded "$CONNS"
+      # cubic under loss crawls at about 1 MB/s (measured once: 64 MiB in 59 s); clean links only.
+      [ "$loss" = 0 ] && row cubic cubic
+    done
+    echo "link: 1 Gbit/s, ${rtt} ms RTT, loss ${loss}%, ${SIZE_MIB} MiB, median of $ROUNDS"
+    base=$(echo "${T[tcp]}" | tr ' ' '\n' | grep . | median)
+    for row in tcp bbr-bounded bbr ${CONNS:+bbr-bounded-x$CONNS} cubic; do
+      [ -n "${T[$row]:-}" ] || continue
+      s=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | median)
+      slow=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | sort -g | tail -1)
+      fast=$(echo "${T[$row]}" | tr ' ' '\n' | grep . | sort -g | head -1)
+      lost=$(echo "${L[$row]:-}" | tr ' ' '\n' | { grep . || true; } | median)
+      printf '  %-18s %8.1f MB/s (%5.1f-%5.1f)  %5.2fx tcp  %4.2f of the link  %s\n' \
+        "$([ $row = tcp ] && echo tcp-bbr || echo barge-$row)" "$(mbs "$s")" "$(mbs "$slow")" "$(mbs "$fast")" \
+        "$(echo "$base / $s" | bc -l)" "$(echo "$(mbs "$s") / 125" | bc -l)" "${lost:+packets lost ${lost}%}"
+    done
+    unset T L
+    bash "$LINKEM" down >/dev/null 2>&1
   done
-  unset T L
-  bash "$LINKEM" down >/dev/null 2>&1
 done
+
+# Fairness: a barge push and a TCP copy at once on the clean 20 ms link.
+[ "${FAIR:-1}" = 0 ] && exit 0
+agent_config 20
+link_up 20 0
+LINK=119  # MB/s of payload a lone flow gets on this link (1 Gbit/s less headers)
+for _ in $(seq "$ROUNDS"); do
+  reset
+  (sleep 0.7; NORESET=1 run_tcp) >"$WORK/fair-tcp" &  # as barge waits for its agent
+  tcp=$!
+  r=$(NORESET=1 run_barge bbr-bounded 1)
+  wait $tcp
+  tb=${r% *} tt=$(cat "$WORK/fair-tcp")
+  # The one that ended first ran shared all along; the other moved, while both ran, its
+  # size less what it moved alone afterwards.
+  read -r fb ft <<<"$(echo "if ($tb < $tt) { $SIZE_MIB * 1.048576 / $tb; ($SIZE_MIB * 1.048576 - $LINK * ($tt - $tb)) / $tb } else { ($SIZE_MIB * 1.048576 - $LINK * ($tb - $tt)) / $tt; $SIZE_MIB * 1.048576 / $tt }" | bc -l | tr '\n' ' ')"
+  printf '  fairness, clean 20 ms: barge %6.1f MB/s, tcp %6.1f MB/s while both ran (%.2f / %.2f of the link), barge packets lost %s%%\n' \
+    "$fb" "$ft" "$(echo "$fb / 125" | bc -l)" "$(echo "$ft / 125" | bc -l)" "${r#* }"
+done
+bash "$LINKEM" down >/dev/null 2>&1
