@@ -192,7 +192,7 @@ impl Agent {
         };
         let metrics_at = config.metrics;
         let limits = Arc::new(RateLimits::new(config.limits.rates));
-        let credit = crate::net::credit::Credit::for_memory(config.limits.memory_bytes);
+        let credit = crate::net::credit::Credit::for_memory(config.limits.memory_bytes, config.tuning.stream_window());
         let shared = Arc::new(Shared {
             live: RwLock::new(Arc::new(Live { config, hooks })),
             custom,

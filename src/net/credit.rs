@@ -2,7 +2,7 @@
 //! stays bounded however many jobs run.
 //!
 //! What a push holds in the agent's memory grows with its open data streams: quinn
-//! buffers up to a stream's receive window (1.2 MB) of what the sender sent, the
+//! buffers up to a stream's receive window (1.2 MB, up to 2.4 MB on a long path) of what the sender sent, the
 //! stream's reader gathers the block it is on (1 MiB) and has up to 1 MiB more being
 //! written. 64 jobs of 8 streams each took the agent past 590 MiB resident. Sharing out
 //! receive windows and a budget for blocks instead did not work: a stream that held
@@ -23,9 +23,11 @@ use std::sync::Mutex;
 /// Data streams a connection may open while it carries none.
 pub const MIN_STREAMS: u32 = 1;
 
-/// Memory one open data stream may hold in the agent: its receive window in quinn, the
-/// block being read and the writes it has under way.
-pub const PER_STREAM: u64 = crate::net::quic::STREAM_WINDOW + (2 << 20);
+/// Memory one open data stream may hold in the agent, given its receive window in
+/// quinn: that window, the block being read and the writes it has under way.
+pub fn per_stream(window: u64) -> u64 {
+    window + (2 << 20)
+}
 
 /// The agent's connections and the data streams each may open.
 #[derive(Debug)]
@@ -42,9 +44,10 @@ struct Entry {
 }
 
 impl Credit {
-    /// As many streams agent-wide as `bytes` of memory hold (at least one job's 8).
-    pub fn for_memory(bytes: u64) -> Credit {
-        Credit::new((bytes / PER_STREAM).max(MAX_STREAMS as u64) as u32)
+    /// As many streams of receive window `window` agent-wide as `bytes` of memory hold
+    /// (at least one job's 8).
+    pub fn for_memory(bytes: u64, window: u64) -> Credit {
+        Credit::new((bytes / per_stream(window)).max(MAX_STREAMS as u64) as u32)
     }
 
     /// Credit for `total` data streams at once, agent-wide.
@@ -160,9 +163,16 @@ mod tests {
         let c = credit_with(60, &ids);
         ids.iter().for_each(|id| c.stream(*id, true));
         assert_eq!(c.limit(0), Some(1));
-        assert_eq!(Credit::for_memory(192 << 20).total(), 60);
+        let window = crate::net::quic::STREAM_WINDOW;
+        assert_eq!(Credit::for_memory(192 << 20, window).total(), 60);
+        let long = crate::net::quic::MAX_STREAM_WINDOW;
         assert_eq!(
-            Credit::for_memory(1 << 20).total(),
+            Credit::for_memory(192 << 20, long).total(),
+            44,
+            "wider windows, fewer streams"
+        );
+        assert_eq!(
+            Credit::for_memory(1 << 20, window).total(),
             8,
             "never fewer than one job's streams"
         );
