@@ -17,7 +17,7 @@
 //!   only a policer or a collapsing path explains it;
 //! - losses of packets sent before that cut do not cut again (one cut per overflow, as
 //!   in TCP's recovery);
-//! - after 32 clean round trips the cap rises by a step that doubles each round trip up
+//! - after 32 clean round trips (or 640 ms, if that is fewer, at least 4) the cap rises by a step that doubles each round trip up
 //!   to an eighth of the cap, so a path that got faster is found again and a long clean
 //!   stretch lifts the cap out of BBR's way;
 //! - random loss under 2 % never sets it, queue or not. The 8 packets keep it so in
@@ -69,6 +69,11 @@ const QUEUE_QUARTERS: u32 = 1;
 const QUEUE_MIN_EXTRA: Duration = Duration::from_millis(2);
 /// Clean round trips after a cut before the cap starts to rise.
 const HOLD_ROUNDS: u32 = 32;
+/// ...but no longer than this, on a long path (at 100 ms, 32 round trips were most of a
+/// push), and never fewer than [`MIN_HOLD_ROUNDS`].
+const HOLD_TIME: Duration = Duration::from_millis(640);
+/// Fewest clean round trips after a cut before the cap rises.
+const MIN_HOLD_ROUNDS: u32 = 4;
 /// How far back the inner BBR's first ProbeRTT is dated: more than its 200 ms length.
 const PROBE_RTT_BACKDATE: Duration = Duration::from_millis(250);
 
@@ -133,6 +138,13 @@ impl LossBound {
         round > base + extra
     }
 
+    /// Round trips to hold a new cap: [`HOLD_ROUNDS`], or as many as fit [`HOLD_TIME`].
+    fn hold_rounds(&self) -> u32 {
+        let rtt = self.min_rtt.unwrap_or_default().max(Duration::from_micros(100));
+        let fit = (HOLD_TIME.as_micros() / rtt.as_micros()).min(HOLD_ROUNDS as u128) as u32;
+        fit.max(MIN_HOLD_ROUNDS)
+    }
+
     /// Whether this round trip lost enough, in the way a queue overflow does, to cut.
     fn overflowed(&self) -> bool {
         let total = self.acked + self.lost;
@@ -177,7 +189,7 @@ impl LossBound {
             let seen = self.cap.map_or(seen, |c| c.min(seen));
             self.cap = Some((seen * CUT_PERCENT / 100).max(MIN_PACKETS * self.mtu));
             self.step = self.mtu;
-            self.hold = HOLD_ROUNDS;
+            self.hold = self.hold_rounds();
             self.cut_at = Some(now);
         } else if self.hold > 0 {
             self.hold -= 1;
@@ -326,7 +338,9 @@ mod tests {
         b.on_loss(t, lost * MTU);
         b.on_in_flight(in_flight);
         let next = t + rtt;
-        b.on_ack(next + rtt, next, MTU);
+        // Sent in the next round trip even when this one's was shorter than the last.
+        let sent = b.round_start.map_or(next, |start| start.max(next));
+        b.on_ack(sent + rtt, sent, MTU);
         next
     }
 
@@ -365,6 +379,22 @@ mod tests {
             t = round_at(&mut b, t, 2000, 50, 3_000_000, RTT);
         }
         assert!(b.cap().unwrap() > cut, "the cap rises again after the overflow");
+    }
+
+    #[test]
+    fn on_a_long_path_the_cap_is_held_for_a_time_not_32_round_trips() {
+        let mut b = LossBound::new(MTU as u16);
+        let long = Duration::from_millis(100);
+        let mut t = Instant::now() + long;
+        b.on_ack(t, t - long, 0);
+        t = round_at(&mut b, t, 8000, 400, 12_000_000, 2 * long);
+        let cut = b.cap().expect("an overflow of the 100 ms path");
+        for _ in 0..HOLD_TIME.as_millis() / 100 {
+            t = round_at(&mut b, t, 8000, 0, 9_000_000, long);
+        }
+        assert_eq!(b.cap(), Some(cut), "held for about 640 ms");
+        round_at(&mut b, t, 8000, 0, 9_000_000, long);
+        assert!(b.cap().unwrap() > cut, "then it rises, 7 round trips after the cut");
     }
 
     #[test]
