@@ -4,7 +4,9 @@
 #
 #   sudo benches/link.sh            # 1 Gbit/s; 20 and 100 ms RTT; loss 0, 0.5, 2 and 5 %;
 #                                   # then the fairness case
-#   SIZE_MIB=256 ROUNDS=3 RTTS="20" LOSSES="0 0.5" benches/link.sh
+#   SIZE_MIB=256 LONG_MIB=1024 ROUNDS=3 RTTS="20" LOSSES="0 0.5" benches/link.sh
+#   (the file is SIZE_MIB on paths under 100 ms, LONG_MIB from 100 ms: at 100 ms a
+#   256 MiB push is half start-up, and TCP reached only 0.6 of the link with it)
 #   CONNS=2 LOSSES=0 benches/link.sh   # adds a row with 2 connections; clean link only
 #   FAIR=0 benches/link.sh             # without the fairness case
 #
@@ -26,6 +28,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 LINKEM=${LINKEM:-$ROOT/../shared/tools/linkem/linkem}
 SIZE_MIB=${SIZE_MIB:-256}
+LONG_MIB=${LONG_MIB:-1024}
+SIZE=$SIZE_MIB  # of the file now in $WORK/src/data
 ROUNDS=${ROUNDS:-3}
 [ "$(id -u)" = 0 ] || { echo "link.sh: needs root (network namespaces)"; exit 1; }
 [ -x "$LINKEM" ] || [ -f "$LINKEM" ] || { echo "link.sh: linkem not found at $LINKEM"; exit 1; }
@@ -35,13 +39,17 @@ cargo bench --bench transfer --no-run --quiet 2>/dev/null
 BARGE=$ROOT/target/release/barge
 BENCH=$(ls -t "$ROOT"/target/release/deps/transfer-* | grep -v '\.d$' | head -1)
 WORK=$(mktemp -d /tmp/barge-link.XXXXXX)
-trap 'pkill -f "barge agent --config $WORK" 2>/dev/null; bash "$LINKEM" down >/dev/null 2>&1; rm -rf "$WORK"' EXIT
+trap 'pkill -f "barge agent --config $WORK" 2>/dev/null || true; bash "$LINKEM" down >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 
 "$BARGE" certs init --dir "$WORK/c" >/dev/null
 "$BARGE" certs issue b --dir "$WORK/c" >/dev/null
 "$BARGE" certs issue a --dir "$WORK/c" >/dev/null
 mkdir -p "$WORK/src" "$WORK/in"
-head -c $((SIZE_MIB << 20)) /dev/urandom >"$WORK/src/data"
+data_file() {  # $1 = MiB
+  SIZE=$1
+  head -c $(($1 << 20)) /dev/urandom >"$WORK/src/data"
+}
+data_file "$SIZE_MIB"
 agent_config() {  # $1 = RTT in ms: the agent's windows follow it
 cat >"$WORK/agent.toml" <<TOML
 listen = "10.251.0.2:7878"
@@ -119,10 +127,12 @@ link_up() {  # $1 = RTT ms, $2 = loss %
   done
 }
 
-mbs() { echo "$SIZE_MIB * 1.048576 / $1" | bc -l; }
+mbs() { echo "$SIZE * 1.048576 / $1" | bc -l; }
 
 for rtt in ${RTTS-20 100}; do
   agent_config "$rtt"
+  want=$SIZE_MIB; [ "$rtt" -ge 100 ] && want=$LONG_MIB
+  [ "$SIZE" = "$want" ] || data_file "$want"
   for loss in ${LOSSES:-0 0.5 2 5}; do
     link_up "$rtt" "$loss"
     declare -A T=() L=()
@@ -134,7 +144,7 @@ for rtt in ${RTTS-20 100}; do
       # cubic under loss crawls at about 1 MB/s (measured once: 64 MiB in 59 s); clean links only.
       [ "$loss" = 0 ] && row cubic cubic
     done
-    echo "link: 1 Gbit/s, ${rtt} ms RTT, loss ${loss}%, ${SIZE_MIB} MiB, median of $ROUNDS"
+    echo "link: 1 Gbit/s, ${rtt} ms RTT, loss ${loss}%, ${SIZE} MiB, median of $ROUNDS"
     base=$(echo "${T[tcp]}" | tr ' ' '\n' | grep . | median)
     for row in tcp bbr-bounded bbr ${CONNS:+bbr-bounded-x$CONNS} cubic; do
       [ -n "${T[$row]:-}" ] || continue
@@ -154,6 +164,7 @@ done
 # Fairness: a barge push and a TCP copy at once on the clean 20 ms link.
 [ "${FAIR:-1}" = 0 ] && exit 0
 agent_config 20
+[ "$SIZE" = "$SIZE_MIB" ] || data_file "$SIZE_MIB"
 link_up 20 0
 for _ in $(seq "$ROUNDS"); do
   reset
