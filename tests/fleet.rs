@@ -366,32 +366,24 @@ async fn a_ship_goes_over_the_tls_lane_where_export_and_replica_allow_it() {
     write(&out.join("x/one"), &content(9, (3 << 20) + 17));
     write(&out.join("two"), &content(10, 4321));
     let operator = fleet.client("operator");
-    let r = operator
-        .ship(&fleet.peer(0), ship_to(&fleet, "out", &[2], false))
-        .await
-        .unwrap();
-    assert_eq!(
-        r.replicas[0].outcome,
-        barge::proto::wire::ReplicaOutcome::Committed,
-        "{r:?}"
-    );
-    assert_same_tree(&out, &fleet.inbox(2));
+    let ship_to_replica = |i: usize| {
+        let (operator, fleet, out) = (&operator, &fleet, &out);
+        async move {
+            let r = operator.ship(&fleet.peer(0), ship_to(fleet, "out", &[i], false)).await;
+            let r = r.unwrap();
+            let committed = barge::proto::wire::ReplicaOutcome::Committed;
+            assert_eq!(r.replicas[0].outcome, committed, "{r:?}");
+            assert_same_tree(out, &fleet.inbox(i));
+        }
+    };
+    ship_to_replica(2).await;
     assert_eq!(
         lanes_granted(&fleet, 2, "tls"),
         1,
         "c received the ship over the TLS lane"
     );
     // b is not on the export's lane list: its copy travels over QUIC.
-    let r = operator
-        .ship(&fleet.peer(0), ship_to(&fleet, "out", &[1], false))
-        .await
-        .unwrap();
-    assert_eq!(
-        r.replicas[0].outcome,
-        barge::proto::wire::ReplicaOutcome::Committed,
-        "{r:?}"
-    );
-    assert_same_tree(&out, &fleet.inbox(1));
+    ship_to_replica(1).await;
     assert_eq!(lanes_granted(&fleet, 1, "tls"), 0, "b received over QUIC");
 }
 
