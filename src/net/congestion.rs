@@ -17,9 +17,9 @@
 //!   only a policer or a collapsing path explains it;
 //! - losses of packets sent before that cut do not cut again (one cut per overflow, as
 //!   in TCP's recovery);
-//! - after 32 clean round trips (or 640 ms, if that is fewer, at least 4) the cap rises by a step that doubles each round trip up
-//!   to an eighth of the cap, so a path that got faster is found again and a long clean
-//!   stretch lifts the cap out of BBR's way;
+//! - after 32 clean round trips (or 640 ms, if that is fewer, at least 4) the cap rises
+//!   by a step that doubles each round trip up to an eighth of the cap, so a path that
+//!   got faster is found again and a long clean stretch lifts the cap out of BBR's way;
 //! - random loss under 2 % never sets it, queue or not. The 8 packets keep it so in
 //!   small round trips too: one random loss among 16 packets is 6 %, and a cap cut from
 //!   such a round sits at its floor, where the next stray loss cuts it again.

@@ -2,9 +2,9 @@
 //! stays bounded however many jobs run.
 //!
 //! What a push holds in the agent's memory grows with its open data streams: quinn
-//! buffers up to a stream's receive window (1.2 MB, up to 2.4 MB on a long path) of what the sender sent, the
-//! stream's reader gathers the block it is on (1 MiB) and has up to 1 MiB more being
-//! written. 64 jobs of 8 streams each took the agent past 590 MiB resident. Sharing out
+//! buffers up to a stream's receive window (1.2 MB, up to 2.4 MB on a long path) of
+//! what the sender sent, the stream's reader gathers the block it is on (1 MiB) and has
+//! up to 1 MiB more being written. 64 jobs of 8 streams each took the agent past 590 MiB resident. Sharing out
 //! receive windows and a budget for blocks instead did not work: a stream that held
 //! budget for a half-read block waited for bytes its connection had no credit left to
 //! carry, credit held by streams that waited for budget, and the agent stalled. A

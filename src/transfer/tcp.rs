@@ -2,8 +2,8 @@
 //! on a TLS lane the handshake (the sender's QUIC identity), then the grant's token,
 //! then block headers and bytes. On a clear-text lane each block's bytes go from the
 //! page cache to the socket by `sendfile`; on TLS they are read piece by piece into
-//! one reused buffer per lane and sealed by rustls (AES-128-GCM first). Pacing and progress are the same
-//! as on QUIC lanes ([`Flow`]).
+//! one reused buffer per lane and sealed by rustls (AES-128-GCM first). Pacing and
+//! progress are the same as on QUIC lanes ([`Flow`]).
 
 use super::send::take_budget;
 use super::{Flow, TransferError};
