@@ -280,7 +280,11 @@ impl Client {
 
     /// Like [`Client::new`], with explicit QUIC tuning.
     pub fn with_tuning(tls: &TlsFiles, tuning: &Tuning) -> Result<Client, TransferError> {
-        let material = TlsMaterial::load(tls)?;
+        Client::with_material(&TlsMaterial::load(tls)?, tuning)
+    }
+
+    /// Like [`Client::with_tuning`], with certificates already loaded.
+    pub fn with_material(material: &TlsMaterial, tuning: &Tuning) -> Result<Client, TransferError> {
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
         let udp_err = |e| TransferError::Io {
             path: "udp socket".into(),
@@ -364,6 +368,14 @@ impl Client {
         })
     }
 
+    /// The certificate `peer` presents (a new connection, closed again).
+    pub async fn peer_certificate(&self, peer: &Peer) -> Result<crate::net::tls::CertInfo, TransferError> {
+        let conn = self.connect(peer).await?;
+        let cert = crate::net::tls::peer_cert(&conn);
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        cert.ok_or_else(|| connect_err(peer, "its certificate does not parse"))
+    }
+
     /// Opens an authenticated connection to `peer`.
     pub async fn connect(&self, peer: &Peer) -> Result<quinn::Connection, TransferError> {
         let addr = tokio::net::lookup_host(&peer.addr)
@@ -377,7 +389,7 @@ impl Client {
             .map_err(|e| connect_err(peer, e))?;
         let limit = self.connect_timeout;
         match tokio::time::timeout(limit, connecting).await {
-            Ok(r) => r.map_err(|e| connect_err(peer, e)),
+            Ok(r) => r.map_err(|e| transfer::revoked(&e).unwrap_or_else(|| connect_err(peer, e))),
             Err(_) => Err(connect_err(peer, format!("no answer within {}s", limit.as_secs()))),
         }
     }

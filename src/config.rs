@@ -94,6 +94,10 @@ pub(crate) struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    #[serde(default)]
+    crl: Vec<PathBuf>,
+    #[serde(default)]
+    watch: bool,
 }
 
 impl RawTls {
@@ -103,6 +107,7 @@ impl RawTls {
             ca: base.join(self.ca),
             cert: base.join(self.cert),
             key: base.join(self.key),
+            crl: self.crl.iter().map(|p| base.join(p)).collect(),
         }
     }
 }
@@ -437,8 +442,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The agent's own state: held-job journal, commit intents, staging (`data_dir`).
     pub data_dir: PathBuf,
-    /// CA, certificate and key of this agent.
+    /// CA, certificate, key and revocation lists of this agent (`[tls]`); read again
+    /// on every reload.
     pub tls: TlsFiles,
+    /// Reload `tls` by itself when its files change (`[tls] watch`).
+    pub tls_watch: bool,
     /// Folders peers may pull from.
     pub exports: Vec<Export>,
     /// Folders peers may push to.
@@ -547,11 +555,17 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     };
     let data_dir = base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("barge-data")));
     std::fs::create_dir_all(&data_dir).map_err(|e| invalid("data_dir", format!("{}: {e}", data_dir.display())))?;
+    let tls_watch = raw.tls.watch;
     let tls = raw.tls.under(base);
     let tls = TlsFiles {
         ca: existing_file("tls.ca", &tls.ca)?,
         cert: existing_file("tls.cert", &tls.cert)?,
         key: existing_file("tls.key", &tls.key)?,
+        crl: tls
+            .crl
+            .iter()
+            .map(|p| existing_file("tls.crl", p))
+            .collect::<Result<_, _>>()?,
     };
     TlsMaterial::load(&tls).map_err(|e| invalid(tls_key(&tls, &e), e.to_string()))?;
     let exports = raw
@@ -594,6 +608,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         listen,
         data_dir,
         tls,
+        tls_watch,
         exports: exports
             .into_iter()
             .map(|(t, _)| Export {
@@ -759,6 +774,8 @@ fn tls_key(tls: &TlsFiles, e: &crate::net::tls::TlsError) -> &'static str {
         "tls.key"
     } else if msg.contains(&*tls.ca.to_string_lossy()) {
         "tls.ca"
+    } else if tls.crl.iter().any(|p| msg.contains(&*p.to_string_lossy())) {
+        "tls.crl"
     } else {
         "tls.cert"
     }

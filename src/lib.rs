@@ -14,8 +14,9 @@
 //!   [`proto::path`] checks relative names; [`proto::job`] tracks verified blocks and
 //!   plans which stream sends what; [`proto::session`] is the job protocol's order as a
 //!   sender and a receiver state machine; [`proto::keys`] names key ranges.
-//! - [`net`]: the network. [`net::certs`] (a private CA, host certificates; a host's
-//!   identity is its DNS name), [`net::tls`] (mutual authentication), [`net::quic`] and
+//! - [`net`]: the network. [`net::certs`] (a private CA, host certificates and their
+//!   revocation; a host's identity is its DNS name), [`net::tls`] (mutual
+//!   authentication, revocation lists checked on both sides), [`net::quic`] and
 //!   [`net::congestion`] (transport tuning, BBR bounded by loss), [`net::credit`] (data
 //!   streams shared out so memory stays bounded), [`net::listen`] (listeners anyone can
 //!   reach, bounded), [`net::tcplane`] (the TCP data lane: TLS, or clear text where a target says so).

@@ -506,6 +506,37 @@ async fn a_target_relays_only_for_the_senders_it_names() {
     assert_same_tree(&fleet.src(), &fleet.inbox(1));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refuses_a_next_replica_whose_certificate_is_revoked() {
+    let fleet = Fleet::start(&["b", "c"], "").await;
+    let certs = fleet.dir.path().join("certs");
+    barge::net::certs::revoke(&certs, "c", 30).unwrap();
+    // b checks the agents it sends to against the CA's list once it has it.
+    let text = std::fs::read_to_string(fleet.config_path(0)).unwrap();
+    let text = text.replacen(
+        "key = \"certs/b.key\"\n",
+        "key = \"certs/b.key\"\ncrl = [\"certs/ca.crl.pem\"]\n",
+        1,
+    );
+    assert!(text.contains("crl = "), "{text}");
+    std::fs::write(fleet.config_path(0), text).unwrap();
+    let b = fleet.agents[0].as_ref().unwrap();
+    b.reload(barge::config::Config::load(&fleet.config_path(0)).unwrap())
+        .unwrap();
+    let set = data_set(&fleet, 1, 1000);
+    let chain: Vec<_> = (0..2).map(|i| fleet.replica(i)).collect();
+    let client = fleet.client("client");
+    let r = client
+        .push_chain(&chain, std::slice::from_ref(&set), &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.replicas[0].outcome, barge::proto::wire::ReplicaOutcome::Committed);
+    let c = &r.replicas[1];
+    assert_ne!(c.outcome, barge::proto::wire::ReplicaOutcome::Committed, "{c:?}");
+    assert!(c.text.contains("revoked"), "{c:?}");
+    assert!(emptied(&fleet.inbox(1)), "c got nothing");
+}
+
 /// A replica agent as a process of its own (so it can be killed), from `barge agent`.
 fn replica_proc(p: &std::path::Path, name: &str) -> common::proc::AgentProc {
     let conf = p.join(format!("{name}.toml"));

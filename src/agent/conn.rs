@@ -11,7 +11,10 @@ pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
         tokio::spawn(async move {
             match incoming.await {
                 Ok(conn) => serve_conn(conn, shared).await,
-                Err(e) => warn!(%remote, error = %e, "handshake failed"),
+                Err(e) => match transfer::revoked(&e) {
+                    Some(_) => warn!(%remote, "refused a client whose certificate is revoked (tls.crl)"),
+                    None => warn!(%remote, error = %e, "handshake failed"),
+                },
             }
         });
     }

@@ -44,6 +44,7 @@ impl Jobs {
             jobs_held: held.len() as u64,
             bytes_staged: receiving + held.iter().map(|h| h.offer.total_bytes()).sum::<u64>(),
             draining,
+            ..Default::default()
         }
     }
 

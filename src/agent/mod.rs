@@ -7,9 +7,11 @@
 //!
 //! The targets, allow lists, hooks and limits live behind one lock and are swapped
 //! whole on [`Agent::reload`]; a job takes what it needs when it starts, so a reload
-//! never changes a job in flight. [`Agent::drain`] refuses new jobs (with a retry-after)
+//! never changes a job in flight. A reload also reads the certificates again (see
+//! `certs`): rotation needs no restart. [`Agent::drain`] refuses new jobs (with a retry-after)
 //! and waits for running ones before the endpoint closes.
 
+mod certs;
 mod conn;
 mod control;
 mod gate;
@@ -79,6 +81,14 @@ pub enum AgentError {
     /// A reload changed a setting that needs a restart (named).
     #[error("{0} can not change on reload; restart the agent for it")]
     NeedsRestart(&'static str),
+    /// A rotated certificate names another identity than the running one.
+    #[error("the new certificate is for {now:?}, the agent is {was:?}; an identity changes only with a restart")]
+    IdentityChanged {
+        /// The running identity.
+        was: String,
+        /// The new certificate's.
+        now: String,
+    },
 }
 
 /// Import hooks registered by a program that embeds the agent, by target name.
@@ -102,8 +112,10 @@ struct Shared {
     limits: Arc<RateLimits>,
     cache: Arc<crate::store::hashcache::HashCache>,
     tcp: Option<crate::net::tcplane::TcpLanes>,
-    /// The client side of TLS lanes this agent opens to pullers (its own identity).
-    lane_client: Arc<rustls::ClientConfig>,
+    /// The QUIC endpoint, whose server side a rotation replaces.
+    endpoint: quinn::Endpoint,
+    /// The certificates now (swapped whole by a rotation).
+    tls: RwLock<Arc<certs::TlsNow>>,
     /// The journal of held jobs.
     journal: Journal,
     /// Intents of commits under way and outcomes of finished ones.
@@ -161,7 +173,8 @@ impl Agent {
         socket: Option<std::net::UdpSocket>,
     ) -> Result<Agent, AgentError> {
         let hooks = resolve_hooks(&config, &custom)?;
-        let endpoint = bind(&config, socket)?;
+        let tls = certs::TlsNow::load(&config.tls)?;
+        let endpoint = bind(&config, &tls.material, socket)?;
         let addr = endpoint.local_addr().map_err(|source| AgentError::Bind {
             addr: config.listen,
             source,
@@ -172,13 +185,12 @@ impl Agent {
         let commits = Arc::new(Ledger::open(config.data_dir.join("commits"))?);
         handover::recover(&config, &commits, &journal);
         let holds = handover::restore_held(&config, &journal, &commits);
-        let lane_client = TlsMaterial::load(&config.tls)?.lane_client_config()?;
         let tcp = match config.imports.iter().any(|t| t.tcp_lane.is_some()) {
             false => None,
             true => {
                 let at = std::net::SocketAddr::new(addr.ip(), config.tcp_port);
-                let tls = TlsMaterial::load(&config.tls)?.lane_server_config()?;
-                let lanes = crate::net::tcplane::TcpLanes::start(at, config.limits.tcp_lane_pending, tls)
+                let lane_tls = tls.material.lane_server_config()?;
+                let lanes = crate::net::tcplane::TcpLanes::start(at, config.limits.tcp_lane_pending, lane_tls)
                     .await
                     .map_err(|source| AgentError::Bind { addr: at, source })?;
                 let clear = config
@@ -203,7 +215,8 @@ impl Agent {
             limits,
             cache,
             tcp,
-            lane_client,
+            endpoint: endpoint.clone(),
+            tls: RwLock::new(Arc::new(tls)),
             journal,
             commits,
             space: Arc::default(),
@@ -232,6 +245,7 @@ impl Agent {
         info!(%addr, imports = live.config.imports.len(), exports = live.config.exports.len(), "agent listening");
         tasks.push(tokio::spawn(accept_loop(endpoint.clone(), shared.clone())));
         tasks.push(tokio::spawn(sweep_loop(shared.clone())));
+        tasks.push(tokio::spawn(certs::cert_loop(shared.clone())));
         Ok(Agent {
             endpoint,
             addr,
@@ -253,21 +267,25 @@ impl Agent {
 
     /// The agent's counters (what the metrics endpoint shows).
     pub fn metrics(&self) -> String {
-        self.shared
-            .metrics
-            .render(self.shared.jobs.gauges(self.shared.draining.load(Ordering::Relaxed)))
+        self.shared.metrics.render(self.shared.gauges())
     }
 
-    /// Applies a new configuration: targets, allow lists, hooks, limits and timeouts.
-    /// Jobs in flight keep the settings they started with. `listen`, `tls`, `data_dir`,
-    /// `tcp_port` and `metrics` need a restart; a config that changes them is refused
-    /// and the old one stays.
+    /// The agent's own certificate, as it serves it now.
+    pub fn certificate(&self) -> crate::net::tls::CertInfo {
+        self.shared.tls().own.clone()
+    }
+
+    /// Applies a new configuration: targets, allow lists, hooks, limits and timeouts,
+    /// and the certificates, key and revocation lists of `[tls]`, read again (a
+    /// rotation: new connections use them, open ones keep theirs). Jobs in flight keep
+    /// the settings they started with. `listen`, `data_dir`, `tcp_port` and `metrics`
+    /// need a restart, and so does a certificate for another identity; a config that
+    /// changes them, or certificates that do not load, are refused and the old stay.
     pub fn reload(&self, config: Config) -> Result<(), AgentError> {
         let old = self.shared.live();
         let same = |a: &Config, b: &Config| -> Result<(), AgentError> {
-            let checks: [(&'static str, bool); 5] = [
+            let checks: [(&'static str, bool); 4] = [
                 ("listen", a.listen == b.listen),
-                ("tls", a.tls == b.tls),
                 ("data_dir", a.data_dir == b.data_dir),
                 ("tcp_port", a.tcp_port == b.tcp_port),
                 ("metrics", a.metrics == b.metrics),
@@ -279,6 +297,7 @@ impl Agent {
         };
         same(&old.config, &config)?;
         let hooks = resolve_hooks(&config, &self.shared.custom)?;
+        self.shared.rotate(&config.tls, &config.tuning)?;
         self.shared.limits.set(config.limits.rates);
         if let Some(lanes) = &self.shared.tcp {
             lanes.set_limits(config.limits.tcp_lane_pending);
@@ -331,15 +350,12 @@ fn open_cache(data_dir: &std::path::Path) -> crate::store::hashcache::HashCache 
 }
 
 /// The QUIC endpoint, on the given socket or on `config.listen`.
-fn bind(config: &Config, socket: Option<std::net::UdpSocket>) -> Result<quinn::Endpoint, AgentError> {
-    let mut server = TlsMaterial::load(&config.tls)?.server_config(&config.tuning)?;
-    // A connection may open more data streams only once it carries data (see `credit`):
-    // credit given in the handshake could not be taken back.
-    server.transport_config(
-        config
-            .tuning
-            .transport_with_uni_streams(crate::net::credit::MIN_STREAMS),
-    );
+fn bind(
+    config: &Config,
+    tls: &TlsMaterial,
+    socket: Option<std::net::UdpSocket>,
+) -> Result<quinn::Endpoint, AgentError> {
+    let server = certs::quic_server(tls, &config.tuning)?;
     let addr = config.listen;
     let bind_err = |source| AgentError::Bind { addr, source };
     let (sock, buffers) = match socket {
@@ -370,11 +386,7 @@ async fn start_metrics(
         .map_err(|source| AgentError::Bind { addr: at, source })?;
     let addr = listener.local_addr().unwrap_or(at);
     info!(%addr, "metrics endpoint on http://{addr}/metrics");
-    let render = move || {
-        shared
-            .metrics
-            .render(shared.jobs.gauges(shared.draining.load(Ordering::Relaxed)))
-    };
+    let render = move || shared.metrics.render(shared.gauges());
     Ok((tokio::spawn(crate::metrics::serve(listener, render)), addr))
 }
 

@@ -8,7 +8,7 @@ impl JobCtx {
     fn lane_tls(&self) -> Option<transfer::LaneTls> {
         let server = rustls::pki_types::ServerName::try_from(self.peer.clone()).ok()?;
         Some(transfer::LaneTls {
-            config: self.shared.lane_client.clone(),
+            config: self.shared.tls().lane_client.clone(),
             server,
         })
     }

@@ -15,7 +15,7 @@ impl Shared {
             return Ok(c.clone());
         }
         let config = self.config();
-        let client = Client::with_tuning(&config.tls, &config.tuning).map_err(|e| e.refusal())?;
+        let client = Client::with_material(&self.tls().material, &config.tuning).map_err(|e| e.refusal())?;
         Ok(slot.insert(Arc::new(client)).clone())
     }
 }

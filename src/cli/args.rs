@@ -96,6 +96,25 @@ pub enum CertsCommand {
         /// Extra DNS name or IP address the certificate is valid for (repeatable).
         #[arg(long = "san", value_name = "DNS_OR_IP")]
         sans: Vec<String>,
+        /// Days the certificate is valid for.
+        #[arg(long, value_name = "N", default_value_t = barge::net::certs::VALID_DAYS)]
+        days: u32,
+        /// Replace NAME's existing certificate and key (rotation); the new files are
+        /// renamed over the old ones. Then reload the agent that uses them (SIGHUP).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Revoke NAME's certificate: add it to the CA's revocation list DIR/ca.crl.pem
+    /// (made if missing). Agents with it in `[tls] crl`, once reloaded, and clients
+    /// using DIR then refuse that certificate.
+    Revoke {
+        /// The identity whose certificate (DIR/NAME.pem) is revoked.
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days until the list's next update (its validity as a current list).
+        #[arg(long, value_name = "N", default_value_t = barge::net::certs::CRL_DAYS)]
+        days: u32,
     },
 }
 
@@ -122,8 +141,8 @@ pub enum LogFormat {
 /// The client's own identity.
 #[derive(Debug, Args)]
 pub struct IdentityArgs {
-    /// Folder with ca.pem and IDENTITY.pem/.key [default: barge-data/certs, as made by
-    /// `barge agent` without --config]
+    /// Folder with ca.pem and IDENTITY.pem/.key, and ca.crl.pem if certificates were
+    /// revoked [default: barge-data/certs, as made by `barge agent` without --config]
     #[arg(long, env = "BARGE_CERTS", value_name = "DIR")]
     pub certs: Option<PathBuf>,
     /// This host's identity (its certificate's name) [default: client]

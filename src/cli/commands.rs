@@ -118,7 +118,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn transfer_code(t: &TransferError) -> u8 {
     match t {
-        TransferError::Connect { .. } | TransferError::Connection(_) => 4,
+        TransferError::Connect { .. } | TransferError::Connection(_) | TransferError::Revoked { .. } => 4,
         TransferError::Rejected(_) => 5,
         TransferError::Failed(_) | TransferError::Job(_) | TransferError::Interrupted(_) | TransferError::Lost(_) => 6,
         TransferError::Source(_) | TransferError::Io { .. } | TransferError::SourceChanged(_) => 1,
@@ -137,10 +137,28 @@ fn certs(c: CertsCommand) -> Result<()> {
                 dir.join("ca.key").display()
             );
         }
-        CertsCommand::Issue { name, dir, sans } => {
-            barge::net::certs::issue(&dir, &name, &sans)?;
+        CertsCommand::Issue {
+            name,
+            dir,
+            sans,
+            days,
+            replace,
+        } => {
+            let opts = barge::net::certs::IssueOptions { days, replace };
+            barge::net::certs::issue_with(&dir, &name, &sans, opts)?;
             let (cert, key) = barge::net::certs::host_paths(&dir, &name);
-            say!("issued {} and {} for identity {name}", cert.display(), key.display());
+            say!(
+                "issued {} and {} for identity {name}, valid {days} days",
+                cert.display(),
+                key.display()
+            );
+        }
+        CertsCommand::Revoke { name, dir, days } => {
+            let serial = barge::net::certs::revoke(&dir, &name, days)?;
+            say!(
+                "revoked {name} (serial {serial}) in {}; reload the agents that use it",
+                barge::net::certs::crl_path(&dir).display()
+            );
         }
     }
     Ok(())
@@ -755,12 +773,21 @@ async fn zdb_clone(z: ZdbCloneArgs) -> Result<()> {
 async fn status(j: PeerArgs) -> Result<()> {
     let peer: Peer = j.peer.parse().map_err(usage)?;
     let client = client(&j.id)?;
+    let cert = client.peer_certificate(&peer).await;
     let jobs = client.jobs(&peer).await;
     client.close().await;
+    let cert = cert.with_context(|| format!("status of {peer}"))?;
     let jobs = jobs.with_context(|| format!("status of {peer}"))?;
     let receiving: Vec<_> = jobs.iter().filter(|j| j.state == "receiving").collect();
     let held = jobs.len() - receiving.len();
     say!("{peer}: {} jobs receiving, {held} held", receiving.len());
+    say!(
+        "certificate: {}, serial {}, expires {} (in {} days)",
+        cert.identity.as_deref().unwrap_or("?"),
+        cert.serial,
+        cert.expiry(),
+        cert.expires_in().div_euclid(86_400)
+    );
     for j in receiving {
         let pct = if j.bytes == 0 {
             100.0

@@ -89,6 +89,10 @@ pub struct Gauges {
     pub bytes_staged: u64,
     /// The agent is draining for shutdown.
     pub draining: bool,
+    /// Seconds until the agent's certificate expires (negative once it has).
+    pub agent_cert_expiry: Option<i64>,
+    /// Seconds until the CA's certificate expires.
+    pub ca_cert_expiry: Option<i64>,
 }
 
 impl Metrics {
@@ -228,6 +232,14 @@ impl Metrics {
         jobs.get_or_create(&[("state", "receiving")]).set(g.jobs_receiving);
         jobs.get_or_create(&[("state", "held")]).set(g.jobs_held);
         r.register("jobs", "Jobs in progress by state", jobs);
+        let expiry = Family::<Label<&'static str>, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
+        for (which, secs) in [("agent", g.agent_cert_expiry), ("ca", g.ca_cert_expiry)] {
+            if let Some(secs) = secs {
+                expiry.get_or_create(&[("which", which)]).set(secs);
+            }
+        }
+        let help = "Seconds until the certificate expires (agent: its own; ca: the CA it trusts)";
+        r.register("cert_expiry_seconds", help, expiry);
     }
 }
 
@@ -337,6 +349,7 @@ mod tests {
         let text = m.render(Gauges {
             jobs_receiving: 2,
             bytes_staged: 77,
+            agent_cert_expiry: Some(259_000),
             ..Default::default()
         });
         for want in [
@@ -346,6 +359,7 @@ mod tests {
             "barge_jobs_total{outcome=\"committed\"} 1",
             "barge_jobs_total{outcome=\"failed\"} 0",
             "barge_jobs{state=\"receiving\"} 2",
+            "barge_cert_expiry_seconds{which=\"agent\"} 259000",
             "barge_hook_failures_total 1",
             "barge_hook_seconds_total 1.5",
             "barge_connections 1",

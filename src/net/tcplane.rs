@@ -146,7 +146,8 @@ pub struct TcpLanes {
     port: u16,
     tokens: Tokens,
     pending: Pending,
-    tls: tokio_rustls::TlsAcceptor,
+    /// Swapped whole when the agent's certificates are rotated (see [`TcpLanes::set_tls`]).
+    tls: Arc<std::sync::RwLock<tokio_rustls::TlsAcceptor>>,
 }
 
 impl TcpLanes {
@@ -164,7 +165,7 @@ impl TcpLanes {
             port,
             tokens: Tokens::default(),
             pending: Pending::new(limits),
-            tls: tokio_rustls::TlsAcceptor::from(tls),
+            tls: Arc::new(std::sync::RwLock::new(tokio_rustls::TlsAcceptor::from(tls))),
         };
         tokio::spawn(accept_loop(listener, lanes.clone()));
         Ok(lanes)
@@ -173,6 +174,12 @@ impl TcpLanes {
     /// The port the lane listens on (the real one when configured with 0).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// New certificates (a rotation): lane connections from now on are accepted with
+    /// `tls`; those open keep the session they have.
+    pub fn set_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        *self.tls.write().expect("lane tls") = tokio_rustls::TlsAcceptor::from(tls);
     }
 
     /// New bounds on connections waiting for their token (a reload).
@@ -298,7 +305,8 @@ async fn open(stream: TcpStream, lanes: &TcpLanes) -> Result<(LaneStream, [u8; 3
         stream.read_exact(&mut token).await?;
         return Ok((LaneStream::Clear(stream), token, None));
     }
-    let mut tls = lanes.tls.accept(stream).await.map_err(LaneError::Handshake)?;
+    let acceptor = lanes.tls.read().expect("lane tls").clone();
+    let mut tls = acceptor.accept(stream).await.map_err(LaneError::Handshake)?;
     let identity = tls
         .get_ref()
         .1

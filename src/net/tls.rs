@@ -2,14 +2,16 @@
 //!
 //! Both ends present a certificate signed by the configured CA, always: there is no
 //! anonymous mode. The identity of a peer is the first DNS name in its certificate;
-//! allow lists are checked against it by the agent.
+//! allow lists are checked against it by the agent. Certificate revocation lists, when
+//! configured, are checked for every peer on both sides: a host shut out of the fleet
+//! must be refused by agents and clients alike, not only by whoever remembers it.
 
-use crate::net::certs::{ca_paths, host_paths};
+use crate::net::certs::{ca_paths, crl_path, host_paths};
 use crate::net::quic::Tuning;
 use crate::proto::wire::ALPN;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,34 +63,91 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This end's private key (PEM).
     pub key: PathBuf,
+    /// Certificate revocation lists (PEM) that peers' certificates are checked against.
+    pub crl: Vec<PathBuf>,
 }
 
 impl TlsFiles {
-    /// The files of identity `name` in a folder made by `barge certs`.
+    /// The files of identity `name` in a folder made by `barge certs`, with the CA's
+    /// revocation list (`ca.crl.pem`, made by `barge certs revoke`) if there is one.
     pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
         let (cert, key) = host_paths(dir, name);
+        let crl = crl_path(dir);
         TlsFiles {
             ca: ca_paths(dir).0,
             cert,
             key,
+            crl: if crl.exists() { vec![crl] } else { vec![] },
         }
     }
+
+    /// Every file, for noticing a change.
+    pub fn all(&self) -> impl Iterator<Item = &Path> {
+        [&self.ca, &self.cert, &self.key]
+            .into_iter()
+            .chain(&self.crl)
+            .map(PathBuf::as_path)
+    }
+}
+
+/// What a certificate says about itself, for logs, status and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertInfo {
+    /// Its identity (first DNS name), if it has one.
+    pub identity: Option<String>,
+    /// Its serial number in hex.
+    pub serial: String,
+    /// The end of its validity, in seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    /// Reads a DER certificate; `None` if it does not parse.
+    pub fn of(cert: &CertificateDer<'_>) -> Option<CertInfo> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+        Some(CertInfo {
+            identity: identity_of(cert),
+            serial: hex_serial(parsed.raw_serial()),
+            not_after: parsed.validity().not_after.timestamp(),
+        })
+    }
+
+    /// Seconds from now until it expires (negative once it has).
+    pub fn expires_in(&self) -> i64 {
+        self.not_after - time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    /// Its expiry as a UTC date and time, RFC 3339.
+    pub fn expiry(&self) -> String {
+        time::OffsetDateTime::from_unix_timestamp(self.not_after)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| self.not_after.to_string())
+    }
+}
+
+fn hex_serial(raw: &[u8]) -> String {
+    raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Loaded TLS material.
 #[derive(Debug)]
 pub struct TlsMaterial {
     roots: Arc<rustls::RootCertStore>,
+    ca: CertificateDer<'static>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl Clone for TlsMaterial {
     fn clone(&self) -> Self {
         TlsMaterial {
             roots: self.roots.clone(),
+            ca: self.ca.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
+            crls: self.crls.clone(),
         }
     }
 }
@@ -97,6 +156,7 @@ impl TlsMaterial {
     /// Reads and checks the CA, the certificate chain and the private key.
     pub fn load(files: &TlsFiles) -> Result<TlsMaterial, TlsError> {
         let roots = read_certs(&files.ca, "CA certificate")?;
+        let ca = roots[0].clone();
         let mut store = rustls::RootCertStore::empty();
         for c in roots {
             store.add(c).map_err(|e| read_err(&files.ca, "CA certificate", e))?;
@@ -112,11 +172,27 @@ impl TlsMaterial {
                 reason: e.to_string(),
             }
         })?;
+        let mut crls = vec![];
+        for path in &files.crl {
+            crls.extend(read_crls(path, &ca)?);
+        }
         Ok(TlsMaterial {
             roots: Arc::new(store),
+            ca,
             chain,
             key,
+            crls,
         })
+    }
+
+    /// This end's own certificate.
+    pub fn own(&self) -> Option<CertInfo> {
+        CertInfo::of(&self.chain[0])
+    }
+
+    /// The (first) CA certificate peers must chain to.
+    pub fn ca(&self) -> Option<CertInfo> {
+        CertInfo::of(&self.ca)
     }
 
     /// QUIC server configuration that requires a client certificate from the CA.
@@ -154,10 +230,12 @@ impl TlsMaterial {
 
     fn rustls_server(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let provider = provider();
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone());
+        if !self.crls.is_empty() {
+            verifier = verifier.with_crls(self.crls.clone()).only_check_end_entity_revocation();
+        }
+        let verifier = verifier.build().map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -167,9 +245,16 @@ impl TlsMaterial {
     }
 
     fn rustls_client(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        let provider = provider();
+        let mut verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider.clone());
+        if !self.crls.is_empty() {
+            verifier = verifier.with_crls(self.crls.clone()).only_check_end_entity_revocation();
+        }
+        let verifier = verifier.build().map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(self.roots.clone())
+            .with_webpki_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         tls.alpn_protocols = vec![alpn.to_vec()];
         Ok(tls)
@@ -211,6 +296,36 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
+/// Reads the revocation lists in `path`; each must be signed by the CA `ca`, since a
+/// list of another issuer would leave every peer's status unknown, and so refused.
+fn read_crls(path: &Path, ca: &CertificateDer<'_>) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let what = "certificate revocation list";
+    let pem = std::fs::read(path).map_err(|e| read_err(path, what, e))?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read_err(path, what, e))?;
+    if crls.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.to_path_buf(),
+            what,
+        });
+    }
+    let (_, ca) = x509_parser::parse_x509_certificate(ca).map_err(|e| read_err(path, what, e))?;
+    for crl in &crls {
+        let (_, list) = x509_parser::parse_x509_crl(crl).map_err(|e| read_err(path, what, e))?;
+        if list.verify_signature(ca.public_key()).is_err() {
+            return Err(read_err(path, what, "not signed by the configured CA"));
+        }
+    }
+    Ok(crls)
+}
+
+/// The certificate the peer of an authenticated connection presented.
+pub fn peer_cert(conn: &quinn::Connection) -> Option<CertInfo> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    CertInfo::of(certs.first()?)
+}
+
 /// The identity (first DNS name) of the peer of an authenticated connection.
 pub fn peer_identity(conn: &quinn::Connection) -> Option<String> {
     let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
@@ -249,6 +364,27 @@ mod tests {
         assert_eq!(identity_of(&m.chain[0]).as_deref(), Some("store-7.example"));
         m.server_config(&Tuning::default()).unwrap();
         m.client_config(&Tuning::default()).unwrap();
+    }
+
+    #[test]
+    fn a_revocation_list_loads_and_one_of_another_ca_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        for d in [dir.path(), other.path()] {
+            crate::net::certs::init_ca(d).unwrap();
+            crate::net::certs::issue(d, "a", &[]).unwrap();
+            crate::net::certs::revoke(d, "a", 30).unwrap();
+        }
+        let files = TlsFiles::in_dir(dir.path(), "a");
+        assert_eq!(files.crl, vec![crl_path(dir.path())], "the folder's list is used");
+        let m = TlsMaterial::load(&files).unwrap();
+        assert_eq!(m.crls.len(), 1);
+        m.server_config(&Tuning::default()).unwrap();
+        m.client_config(&Tuning::default()).unwrap();
+        let mut wrong = files.clone();
+        wrong.crl = vec![crl_path(other.path())];
+        let err = TlsMaterial::load(&wrong).unwrap_err().to_string();
+        assert!(err.contains("not signed by the configured CA"), "{err}");
     }
 
     #[test]

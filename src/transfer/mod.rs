@@ -105,6 +105,31 @@ pub enum TransferError {
     /// Stopped on purpose after this many blocks, by a test's fault injection.
     #[error("interrupted on purpose after {0} blocks (fault injection)")]
     Interrupted(u64),
+    /// A certificate on a revocation list ended the handshake: ours, which the peer
+    /// refused, or the peer's, which we refused.
+    #[error("{}", match .ours {
+        true => "the peer refused our certificate: it is revoked (on the peer's revocation list)",
+        false => "refused the peer: its certificate is revoked (on our revocation list)",
+    })]
+    Revoked {
+        /// Our certificate is the revoked one.
+        ours: bool,
+    },
+}
+
+/// The TLS alert `certificate_revoked` (RFC 8446), as a QUIC crypto error.
+const REVOKED_ALERT: u8 = 44;
+
+/// The revocation a closed handshake was ended by, if that is what ended it.
+pub(crate) fn revoked(c: &quinn::ConnectionError) -> Option<TransferError> {
+    let revoked = quinn::TransportErrorCode::crypto(REVOKED_ALERT);
+    match c {
+        quinn::ConnectionError::ConnectionClosed(close) if close.error_code == revoked => {
+            Some(TransferError::Revoked { ours: true })
+        }
+        quinn::ConnectionError::TransportError(e) if e.code == revoked => Some(TransferError::Revoked { ours: false }),
+        _ => None,
+    }
 }
 
 impl From<crate::proto::session::AnswerError> for TransferError {
@@ -123,6 +148,9 @@ impl From<crate::proto::session::AnswerError> for TransferError {
 /// connection.
 impl From<quinn::ConnectionError> for TransferError {
     fn from(c: quinn::ConnectionError) -> TransferError {
+        if let Some(r) = revoked(&c) {
+            return r;
+        }
         if let quinn::ConnectionError::ApplicationClosed(close) = &c {
             let n = close.error_code.into_inner();
             if n == code::NOT_ALLOWED as u64 || n == code::BUSY as u64 {
