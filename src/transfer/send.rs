@@ -391,6 +391,35 @@ impl SourceWatch {
         Ok(data)
     }
 
+    /// Reads the small blocks `group` (see [`small_run`]) in one disk request, each
+    /// checked as [`SourceWatch::read`] checks one.
+    async fn read_many(
+        &self,
+        disk: &Disk,
+        files: &[SourceFile],
+        group: &[BlockRef],
+        flow: &Flow,
+    ) -> Vec<Result<Bytes, TransferError>> {
+        if group.iter().any(|b| b.file == 0) {
+            flow.before_read(&files[0].path, &self.changed);
+        }
+        let reads = group
+            .iter()
+            .map(|b| (files[b.file as usize].loc(), b.offset, b.len as usize));
+        let results = disk.read_many_and_stat(reads.collect()).await;
+        let check = |b: &BlockRef, r: std::io::Result<(Bytes, std::fs::Metadata)>| {
+            let (i, source) = (b.file as usize, &files[b.file as usize]);
+            let (data, meta) = r.map_err(|e| source_read_error(source.path.clone(), e))?;
+            source.check(&meta)?;
+            if FileStamp::of(&meta) != self.stamps[i] {
+                return Err(TransferError::SourceChanged(source.path.clone()));
+            }
+            self.checked[i].store(true, Ordering::Release);
+            Ok(data)
+        };
+        group.iter().zip(results).map(|(b, r)| check(b, r)).collect()
+    }
+
     /// Checks, by path, every file not checked as it was read.
     fn check_rest(&self, sources: &[SourceFile]) -> Result<(), TransferError> {
         let unchecked = sources
@@ -467,6 +496,50 @@ pub(crate) fn take_budget(budget: &AtomicU64) -> bool {
         .is_ok()
 }
 
+/// Small blocks read in one disk request, and written to a stream in one call, at most.
+const BATCH_BLOCKS: usize = 32;
+/// Bytes of small blocks read or written together, at most.
+const BATCH_BYTES: u64 = 256 << 10;
+
+/// How many of the blocks at the start of `lane` are small enough to read together:
+/// many small files cost a round trip to the disk thread each, read one by one.
+fn small_run(lane: &[BlockRef]) -> usize {
+    let mut bytes = 0u64;
+    lane.iter()
+        .take(BATCH_BLOCKS)
+        .take_while(|b| {
+            bytes += b.len as u64;
+            (b.len as usize) < crate::store::disk::PLAIN_MAX && bytes <= BATCH_BYTES
+        })
+        .count()
+}
+
+/// Reads a lane's blocks from its files, small ones in batches, into `tx`.
+async fn read_lane(
+    lane: Vec<BlockRef>,
+    files: &[SourceFile],
+    watch: &SourceWatch,
+    disk: &Disk,
+    flow: &Flow,
+    tx: mpsc::Sender<Result<(BlockRef, Bytes), TransferError>>,
+) {
+    let mut rest = &lane[..];
+    while !rest.is_empty() {
+        let n = small_run(rest).max(1);
+        let group = &rest[..n];
+        rest = &rest[n..];
+        let results = match n {
+            1 => vec![watch.read(disk, &files[group[0].file as usize], &group[0], flow).await],
+            _ => watch.read_many(disk, files, group, flow).await,
+        };
+        for (b, r) in group.iter().zip(results) {
+            if tx.send(r.map(|d| (*b, d))).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// Sends one lane: reads run ahead of the network by a few blocks.
 async fn send_lane(
     mut stream: quinn::SendStream,
@@ -486,14 +559,7 @@ async fn send_lane(
     );
     let reader = tokio::spawn(async move {
         match &*sources {
-            Blocks::Files(files) => {
-                for b in lane {
-                    let r = watch.read(&disk, &files[b.file as usize], &b, &flow).await;
-                    if tx.send(r.map(|d| (b, d))).await.is_err() {
-                        return;
-                    }
-                }
-            }
+            Blocks::Files(files) => read_lane(lane, files, &watch, &disk, &flow, tx).await,
             Blocks::Relayed(tap) => {
                 while let Some(r) = tap.next(&disk).await.transpose() {
                     if tx.send(r).await.is_err() {
@@ -504,26 +570,42 @@ async fn send_lane(
         }
     });
     let (mut blocks, mut bytes) = (0u64, 0u64);
+    let mut chunks = Vec::with_capacity(2 * BATCH_BLOCKS);
+    let mut spent = false;
     while let Some(item) = rx.recv().await {
-        let (b, data) = item?;
-        if !take_budget(&ctx.budget) {
+        // Blocks read already go out together, in one write to the stream.
+        let mut batch = vec![item?];
+        let mut size = batch[0].0.len as u64;
+        while batch.len() < BATCH_BLOCKS && size < BATCH_BYTES {
+            let Ok(item) = rx.try_recv() else { break };
+            let item = item?;
+            size += item.0.len as u64;
+            batch.push(item);
+        }
+        let mut sent = 0u64;
+        for (b, data) in batch {
+            if !take_budget(&ctx.budget) {
+                spent = true;
+                break;
+            }
+            ctx.flow.pace(b.len as u64).await;
+            let head = BlockHeader {
+                file: b.file,
+                block: b.block,
+                len: b.len,
+            };
+            chunks.push(Bytes::copy_from_slice(&head.encode()));
+            chunks.push(ctx.flow.on_wire(b.file, b.block, data));
+            blocks += 1;
+            sent += b.len as u64;
+        }
+        stream.write_all_chunks(&mut chunks).await.map_err(write_error)?;
+        chunks.clear();
+        bytes += sent;
+        ctx.flow.sent(sent);
+        if spent {
             break;
         }
-        ctx.flow.pace(b.len as u64).await;
-        let data = ctx.flow.on_wire(b.file, b.block, data);
-        let head = BlockHeader {
-            file: b.file,
-            block: b.block,
-            len: b.len,
-        };
-        stream
-            .write_chunk(Bytes::copy_from_slice(&head.encode()))
-            .await
-            .map_err(write_error)?;
-        stream.write_chunk(data).await.map_err(write_error)?;
-        blocks += 1;
-        bytes += b.len as u64;
-        ctx.flow.sent(b.len as u64);
     }
     reader.abort();
     stream.finish().map_err(stream_err)?;
@@ -541,4 +623,32 @@ fn source_read_error(path: PathBuf, e: std::io::Error) -> TransferError {
         return TransferError::Io { path, source };
     }
     TransferError::Io { path, source: e }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocks(lens: &[u32]) -> Vec<BlockRef> {
+        let at = |(i, len): (usize, &u32)| BlockRef {
+            file: i as u32,
+            block: 0,
+            offset: 0,
+            len: *len,
+        };
+        lens.iter().enumerate().map(at).collect()
+    }
+
+    #[test]
+    fn small_blocks_are_read_in_batches_bounded_in_count_and_bytes() {
+        assert_eq!(small_run(&blocks(&[4096; 40])), BATCH_BLOCKS);
+        assert_eq!(
+            small_run(&blocks(&[4096, 4096, 1 << 20, 4096])),
+            2,
+            "a whole block ends a run"
+        );
+        assert_eq!(small_run(&blocks(&[1 << 20])), 0, "read alone");
+        assert_eq!(small_run(&blocks(&[200 << 10, 200 << 10])), 1, "bytes bound the batch");
+        assert_eq!(small_run(&[]), 0);
+    }
 }
