@@ -309,25 +309,52 @@ async fn handle(req: Request) {
 
 /// Requests the plain thread takes at once when they queue up.
 const PLAIN_BATCH: usize = 64;
+/// Bytes written after which the plain thread reports the writes it holds: a batch of
+/// larger writes (256 KiB blocks) must not hold its first ones back from the lanes
+/// that wait for them.
+const REPORT_BYTES: usize = 64 << 10;
+
+/// Writes done but not yet reported, and their bytes.
+#[derive(Default)]
+struct Written {
+    done: Vec<(Done, io::Result<()>)>,
+    bytes: usize,
+}
+
+impl Written {
+    fn push(&mut self, done: Done, len: usize, r: io::Result<()>) {
+        self.done.push((done, r));
+        self.bytes += len;
+        if self.bytes >= REPORT_BYTES {
+            self.report();
+        }
+    }
+
+    fn report(&mut self) {
+        for (done, r) in self.done.drain(..) {
+            done(r);
+        }
+        self.bytes = 0;
+    }
+}
 
 /// The plain thread: small reads and writes with ordinary system calls, in order.
-/// Requests that queued up are taken together and their writes reported together at
-/// the end: a receiver of many small files then wakes up once per batch, not per file.
+/// Requests that queued up are taken together and their writes reported together
+/// (every [`REPORT_BYTES`], and at the end): a receiver of many small files then
+/// wakes up once per few dozen files, not per file.
 fn plain_io(rx: std::sync::mpsc::Receiver<Request>) {
-    let mut written: Vec<(Done, io::Result<()>)> = Vec::with_capacity(PLAIN_BATCH);
+    let mut written = Written::default();
     while let Ok(first) = rx.recv() {
         let more = std::iter::from_fn(|| rx.try_recv().ok()).take(PLAIN_BATCH - 1);
         for req in std::iter::once(first).chain(more) {
             plain_request(req, &mut written);
         }
-        for (done, r) in written.drain(..) {
-            done(r);
-        }
+        written.report();
     }
 }
 
 /// Runs one request on the plain thread; a write's outcome is kept in `written`.
-fn plain_request(req: Request, written: &mut Vec<(Done, io::Result<()>)>) {
+fn plain_request(req: Request, written: &mut Written) {
     match req {
         Request::Read {
             path,
@@ -343,7 +370,7 @@ fn plain_request(req: Request, written: &mut Vec<(Done, io::Result<()>)>) {
             offset,
             data,
             done,
-        } => written.push((done, write_plain(&path, offset, &data))),
+        } => written.push(done, data.len(), write_plain(&path, offset, &data)),
         Request::Finish { reply, .. } => {
             let _ = reply.send(Err(io::Error::other("finish is not a plain request")));
         }
