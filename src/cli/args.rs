@@ -84,6 +84,7 @@ pub enum Command {
 pub enum CertsCommand {
     /// Create ca.pem and ca.key (mode 0600) in DIR.
     Init {
+        /// Folder for the CA's files (made if missing).
         #[arg(long)]
         dir: PathBuf,
     },
@@ -91,6 +92,7 @@ pub enum CertsCommand {
     Issue {
         /// The identity: a DNS name, used in allow lists and to reach the host.
         name: String,
+        /// Folder with the CA (ca.pem, ca.key); the new files are written there.
         #[arg(long)]
         dir: PathBuf,
         /// Extra DNS name or IP address the certificate is valid for (repeatable).
@@ -110,6 +112,7 @@ pub enum CertsCommand {
     Revoke {
         /// The identity whose certificate (DIR/NAME.pem) is revoked.
         name: String,
+        /// Folder with the CA (ca.pem, ca.key) and NAME.pem.
         #[arg(long)]
         dir: PathBuf,
         /// Days until the list's next update (its validity as a current list).
